@@ -1,0 +1,116 @@
+"""YAML configuration loading with validation (``yaml.safe_load`` only; clear errors naming the key and file)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the file, the key path and what is expected."""
+
+
+def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    data.setdefault("_source", str(path))
+    return data
+
+
+class Section:
+    """Typed access to one mapping of a config with key-path aware errors.
+
+    >>> s = Section({"a": 1}, "model.rpn", "cfg.yaml"); s.int("a", min=0)
+    1
+    Unknown keys are reported by :meth:`finish` so typos never pass silently.
+    """
+
+    def __init__(self, data: Optional[Mapping[str, Any]], path: str, source: str = "<config>"):
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: '{path}' must be a mapping, got {type(data).__name__}")
+        self.data, self.path, self.source, self._used = dict(data), path, source, set()
+
+    def _err(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}: '{self.path}.{key}' {msg}" if self.path else f"{self.source}: '{key}' {msg}")
+
+    def _get(self, key, default, required):
+        self._used.add(key)
+        if key not in self.data:
+            if required:
+                raise self._err(key, "is required")
+            return default
+        return self.data[key]
+
+    def sub(self, key: str, required: bool = False) -> "Section":
+        v = self._get(key, {}, required)
+        return Section(v, f"{self.path}.{key}" if self.path else key, self.source)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def float(self, key, default=None, *, min=None, max=None, required=False) -> float:
+        v = self._get(key, default, required and default is None)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self._err(key, f"must be a number, got {v!r}")
+        v = float(v)
+        if (min is not None and v < min) or (max is not None and v > max):
+            raise self._err(key, f"must be in [{min}, {max}], got {v}")
+        return v
+
+    def int(self, key, default=None, *, min=None, max=None, required=False) -> int:
+        v = self._get(key, default, required and default is None)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self._err(key, f"must be an integer, got {v!r}")
+        if (min is not None and v < min) or (max is not None and v > max):
+            raise self._err(key, f"must be in [{min}, {max}], got {v}")
+        return v
+
+    def bool(self, key, default=None, required=False) -> bool:
+        v = self._get(key, default, required and default is None)
+        if not isinstance(v, bool):
+            raise self._err(key, f"must be true or false, got {v!r}")
+        return v
+
+    def str(self, key, default=None, *, choices: Optional[Iterable[str]] = None, required=False) -> str:
+        v = self._get(key, default, required and default is None)
+        if not isinstance(v, str):
+            raise self._err(key, f"must be a string, got {v!r}")
+        if choices is not None and v not in tuple(choices):
+            raise self._err(key, f"must be one of {sorted(choices)}, got {v!r}")
+        return v
+
+    def floats(self, key, default=None, *, length=None, required=False) -> list:
+        v = self._get(key, default, required and default is None)
+        if not isinstance(v, Sequence) or isinstance(v, str) or \
+                not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            raise self._err(key, f"must be a list of numbers, got {v!r}")
+        if length is not None and len(v) != length:
+            raise self._err(key, f"must have {length} entries, got {len(v)}")
+        return [float(x) for x in v]
+
+    def ints(self, key, default=None, *, length=None, required=False) -> list:
+        v = self._get(key, default, required and default is None)
+        if not isinstance(v, Sequence) or isinstance(v, str) or \
+                not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise self._err(key, f"must be a list of integers, got {v!r}")
+        if length is not None and len(v) != length:
+            raise self._err(key, f"must have {length} entries, got {len(v)}")
+        return [int(x) for x in v]
+
+    def raw(self, key, default=None, required=False):
+        return self._get(key, default, required)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self._used - {"_source"})
+        if unknown:
+            raise ConfigError(f"{self.source}: unknown key(s) under '{self.path or '<top>'}': {', '.join(unknown)}")
