@@ -1,0 +1,596 @@
+"""ROS message <-> numpy / cmfiou_core types. No rclpy node code here; importable without a running ROS graph.
+
+- PointCloud2 <-> numpy for any field layout (offsets, INT8..FLOAT64, padding, endianness, organised clouds),
+  through numpy structured dtypes and ``np.frombuffer`` (zero-copy views where the layout allows).
+- Image -> RGB uint8 (rgb8, bgr8, rgba8, bgra8, mono8, mono16, 32FC1; row padding; big-endian), RGB -> Image.
+- CameraInfo (+ LiDAR->camera extrinsic) -> :class:`cmfiou_core.calib.Calibration`, and the inverse for replay.
+- :class:`cmfiou_core.types.Detections` -> vision_msgs/Detection3DArray, the per-detection scores message,
+  visualization_msgs/MarkerArray, the per-frame timings message.
+
+Every validation failure raises :class:`MessageError` (a ``ValueError``) whose text names the field and the problem.
+"""
+from __future__ import annotations
+
+import array
+import math
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from cmfiou_core.calib import Calibration, CalibrationError
+
+__all__ = [
+    "MessageError", "POINTFIELD_DTYPES", "cloud_dtype", "pointcloud2_to_structured", "pointcloud2_to_xyzi",
+    "array_to_pointcloud2", "xyzi_to_pointcloud2", "image_to_rgb", "rgb_to_image", "extrinsic_matrix",
+    "camera_info_to_calibration", "calibration_to_camera_info", "yaw_to_quaternion", "quaternion_to_yaw",
+    "detections_to_detection3d_array", "detections_to_markers", "detections_to_scores_msg",
+    "timings_to_msg", "stamp_to_ns", "ns_to_stamp", "box_corners",
+]
+
+
+class MessageError(ValueError):
+    """A malformed or unsupported ROS message; the text names the field and the problem."""
+
+
+# sensor_msgs/PointField datatype constants -> numpy base types (little endian; swapped for big-endian clouds)
+POINTFIELD_DTYPES: Dict[int, np.dtype] = {
+    1: np.dtype("i1"), 2: np.dtype("u1"), 3: np.dtype("<i2"), 4: np.dtype("<u2"),
+    5: np.dtype("<i4"), 6: np.dtype("<u4"), 7: np.dtype("<f4"), 8: np.dtype("<f8"),
+}
+_NP_TO_POINTFIELD = {np.dtype(v).newbyteorder("<").str: k for k, v in POINTFIELD_DTYPES.items()}
+_NP_TO_POINTFIELD.update({"|i1": 1, "|u1": 2})
+INTENSITY_NAMES = ("intensity", "i", "reflectance", "reflectivity")
+
+
+# ------------------------------------------------------------------------------------------------ stamps
+def stamp_to_ns(stamp) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def ns_to_stamp(ns: int):
+    from builtin_interfaces.msg import Time
+
+    ns = int(ns)
+    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+def _as_bytes_view(data) -> memoryview:
+    """A zero-copy byte view of a message ``data`` field (array.array('B'), bytes, list, numpy)."""
+    if isinstance(data, (bytes, bytearray, memoryview, array.array)):
+        mv = memoryview(data)
+        return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+    if isinstance(data, np.ndarray):
+        return memoryview(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+    return memoryview(bytes(bytearray(data)))  # list of ints (rare: hand-built messages)
+
+
+def _set_bytes(msg, attr: str, buf) -> None:
+    """Fast assignment of a uint8[] field (the array.array path of the generated setter)."""
+    if isinstance(buf, np.ndarray):
+        buf = np.ascontiguousarray(buf).view(np.uint8).reshape(-1)
+        a = array.array("B")
+        a.frombytes(buf.data)
+    else:
+        a = array.array("B", bytes(buf))
+    setattr(msg, attr, a)
+
+
+# ------------------------------------------------------------------------------------------------ PointCloud2
+def cloud_dtype(fields: Sequence, point_step: int, is_bigendian: bool = False) -> np.dtype:
+    """Structured numpy dtype (itemsize = point_step) for a list of sensor_msgs/PointField.
+
+    Fields with ``count > 1`` become sub-arrays; gaps between fields are padding. Raises MessageError for unknown
+    datatypes, overlapping fields or fields that do not fit in ``point_step``.
+    """
+    if point_step <= 0:
+        raise MessageError(f"point_step must be > 0, got {point_step}")
+    names, formats, offsets = [], [], []
+    spans: List[Tuple[int, int, str]] = []
+    for f in fields:
+        name = str(f.name)
+        if not name:
+            raise MessageError("a PointField has an empty name")
+        if name in names:
+            raise MessageError(f"PointField {name!r} appears twice")
+        if int(f.datatype) not in POINTFIELD_DTYPES:
+            raise MessageError(f"PointField {name!r}: unknown datatype {int(f.datatype)} (valid: 1..8)")
+        base = POINTFIELD_DTYPES[int(f.datatype)]
+        if is_bigendian:
+            base = base.newbyteorder(">")
+        count = int(f.count)
+        if count < 1:
+            raise MessageError(f"PointField {name!r}: count must be >= 1, got {count}")
+        off = int(f.offset)
+        end = off + base.itemsize * count
+        if off < 0 or end > point_step:
+            raise MessageError(f"PointField {name!r} (offset {off}, {base.itemsize * count} bytes) does not fit in "
+                               f"point_step {point_step}")
+        for s, e, other in spans:
+            if off < e and s < end:
+                raise MessageError(f"PointFields {other!r} and {name!r} overlap")
+        spans.append((off, end, name))
+        names.append(name)
+        formats.append(base if count == 1 else (base, (count,)))
+        offsets.append(off)
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": int(point_step)})
+
+
+def pointcloud2_to_structured(msg) -> np.ndarray:
+    """(height*width,) structured array over the message bytes (zero-copy when rows are unpadded).
+
+    Validates width/height/point_step/row_step/data length. Organised clouds (height > 1) are flattened row-major.
+    """
+    h, w = int(msg.height), int(msg.width)
+    ps, rs = int(msg.point_step), int(msg.row_step)
+    if h < 0 or w < 0:
+        raise MessageError(f"negative cloud size {w}x{h}")
+    if not msg.fields:
+        raise MessageError("PointCloud2 has no fields")
+    dt = cloud_dtype(msg.fields, ps, bool(msg.is_bigendian))
+    buf = _as_bytes_view(msg.data)
+    n = h * w
+    if n == 0:
+        if len(buf) != 0 and rs * h != len(buf):
+            raise MessageError(f"cloud is {w}x{h} (empty) but data has {len(buf)} bytes")
+        return np.zeros((0,), dt)
+    if rs < w * ps:
+        raise MessageError(f"row_step {rs} < width*point_step = {w}*{ps} = {w * ps}")
+    if len(buf) != rs * h:
+        raise MessageError(f"data has {len(buf)} bytes but row_step*height = {rs}*{h} = {rs * h}")
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    if rs == w * ps:
+        return raw.view(dt)  # zero copy
+    rows = raw.reshape(h, rs)[:, : w * ps]  # strip row padding (one copy)
+    return np.ascontiguousarray(rows).reshape(-1).view(dt)
+
+
+def _field_as_float(arr: np.ndarray, name: str) -> np.ndarray:
+    col = arr[name]
+    if col.ndim > 1:
+        col = col[:, 0]
+    return col.astype(np.float32, copy=False)
+
+
+def pointcloud2_to_xyzi(msg, intensity_scale: float = 0.0, skip_nans: bool = True,
+                        allow_empty: bool = False) -> Tuple[np.ndarray, int]:
+    """PointCloud2 -> ((N, 4) float32 x, y, z, intensity; number of dropped non-finite points).
+
+    ``x``, ``y``, ``z`` are required (any numeric datatype). Intensity is the first of ``intensity``, ``i``,
+    ``reflectance``, ``reflectivity``; 0 when absent. ``intensity_scale``: multiply intensity by it; 0 = auto
+    (float fields as they are, integer fields divided by their type maximum, e.g. uint8 / 255 -> [0, 1]).
+    Non-finite x/y/z rows are always dropped (and counted): NaN is how ``is_dense=false`` clouds mark invalid
+    returns, and the model cannot use them. ``skip_nans=False`` raises MessageError instead.
+    A zero-size cloud (width*height = 0) raises MessageError unless ``allow_empty``.
+    """
+    arr = pointcloud2_to_structured(msg)
+    if arr.shape[0] == 0 and not allow_empty:
+        raise MessageError(f"cloud is empty (width*height = {int(msg.width)}*{int(msg.height)} = 0)")
+    names = arr.dtype.names or ()
+    missing = [c for c in ("x", "y", "z") if c not in names]
+    if missing:
+        raise MessageError(f"PointCloud2 lacks field(s) {', '.join(missing)} (has: {', '.join(names) or 'none'})")
+    out = np.empty((arr.shape[0], 4), np.float32)
+    for j, c in enumerate(("x", "y", "z")):
+        out[:, j] = _field_as_float(arr, c)
+    iname = next((c for c in INTENSITY_NAMES if c in names), None)
+    if iname is None:
+        out[:, 3] = 0.0
+    else:
+        base = arr.dtype.fields[iname][0]
+        base = base.base if base.subdtype else base
+        col = _field_as_float(arr, iname)
+        if intensity_scale and intensity_scale > 0:
+            out[:, 3] = col * np.float32(intensity_scale)
+        elif base.kind in "iu":
+            out[:, 3] = col / np.float32(np.iinfo(base).max)
+        else:
+            out[:, 3] = col
+    finite = np.isfinite(out).all(axis=1)
+    dropped = int(finite.size - np.count_nonzero(finite))
+    if dropped:
+        if not skip_nans:
+            raise MessageError(f"{dropped} of {finite.size} points have non-finite values")
+        out = out[finite]
+    return out, dropped
+
+
+def array_to_pointcloud2(arr: np.ndarray, stamp_ns: int = 0, frame_id: str = "", height: int = 1):
+    """Structured numpy array -> PointCloud2 (little endian, dense layout, the array's own field offsets)."""
+    from sensor_msgs.msg import PointCloud2, PointField
+
+    if arr.dtype.names is None:
+        raise MessageError("array_to_pointcloud2 needs a structured array")
+    n = arr.shape[0] if arr.ndim else 0
+    if height < 1 or n % height:
+        raise MessageError(f"{n} points do not form {height} rows")
+    fields = []
+    for name in arr.dtype.names:
+        dt, off = arr.dtype.fields[name][:2]
+        count = 1
+        if dt.subdtype:
+            dt, shape = dt.subdtype
+            count = int(np.prod(shape))
+        key = dt.newbyteorder("<").str if dt.byteorder not in ("|",) else dt.str
+        if key not in _NP_TO_POINTFIELD:
+            raise MessageError(f"field {name!r}: dtype {dt} has no PointField datatype")
+        fields.append(PointField(name=name, offset=int(off), datatype=_NP_TO_POINTFIELD[key], count=count))
+    le = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    msg = PointCloud2()
+    msg.header.stamp = ns_to_stamp(stamp_ns)
+    msg.header.frame_id = frame_id
+    msg.height = int(height)
+    msg.width = n // height
+    msg.fields = fields
+    msg.is_bigendian = False
+    msg.point_step = int(arr.dtype.itemsize)
+    msg.row_step = msg.point_step * msg.width
+    msg.is_dense = bool(n == 0 or all(np.isfinite(le[c]).all() for c in ("x", "y", "z") if c in arr.dtype.names))
+    _set_bytes(msg, "data", np.ascontiguousarray(le).view(np.uint8).reshape(-1))
+    return msg
+
+
+XYZI_DTYPE = np.dtype({"names": ["x", "y", "z", "intensity"], "formats": ["<f4"] * 4,
+                       "offsets": [0, 4, 8, 12], "itemsize": 16})
+
+
+def xyzi_to_pointcloud2(points: np.ndarray, stamp_ns: int = 0, frame_id: str = "velodyne"):
+    """(N, >=4) float array x, y, z, intensity -> PointCloud2 with four float32 fields (16 bytes per point)."""
+    pts = np.asarray(points)
+    if pts.ndim != 2 or pts.shape[1] < 4:
+        raise MessageError(f"points must be (N, 4), got {pts.shape}")
+    pts = np.ascontiguousarray(pts[:, :4], dtype="<f4")
+    return array_to_pointcloud2(pts.view(XYZI_DTYPE).reshape(-1), stamp_ns, frame_id)
+
+
+# ------------------------------------------------------------------------------------------------ Image
+# encoding -> (channels, numpy dtype, channel order to RGB)
+_ENCODINGS = {
+    "rgb8": (3, np.uint8, (0, 1, 2)), "bgr8": (3, np.uint8, (2, 1, 0)),
+    "rgba8": (4, np.uint8, (0, 1, 2)), "bgra8": (4, np.uint8, (2, 1, 0)),
+    "mono8": (1, np.uint8, None), "8uc1": (1, np.uint8, None),
+    "mono16": (1, np.uint16, None), "16uc1": (1, np.uint16, None),
+    "32fc1": (1, np.float32, None),
+    "8uc3": (3, np.uint8, (2, 1, 0)),  # OpenCV default order is BGR
+}
+SUPPORTED_ENCODINGS = tuple(sorted(_ENCODINGS))
+
+
+def image_to_rgb(msg) -> np.ndarray:
+    """sensor_msgs/Image -> (H, W, 3) uint8 RGB.
+
+    mono16 is scaled by 1/256; 32FC1 is taken as intensity in [0, 1] (clipped) and scaled to 0..255.
+    Row padding (``step`` > width * bytes per pixel) and ``is_bigendian`` are honoured.
+    """
+    enc = str(msg.encoding).lower()
+    if enc not in _ENCODINGS:
+        raise MessageError(f"unsupported image encoding {msg.encoding!r} (supported: {', '.join(SUPPORTED_ENCODINGS)})")
+    ch, dt, order = _ENCODINGS[enc]
+    dt = np.dtype(dt)
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if h <= 0 or w <= 0:
+        raise MessageError(f"image size must be positive, got {w}x{h}")
+    row = w * ch * dt.itemsize
+    if step < row:
+        raise MessageError(f"step {step} < width*bytes_per_pixel = {w}*{ch * dt.itemsize} = {row}")
+    buf = _as_bytes_view(msg.data)
+    if len(buf) != step * h:
+        raise MessageError(f"data has {len(buf)} bytes but step*height = {step}*{h} = {step * h}")
+    raw = np.frombuffer(buf, dtype=np.uint8).reshape(h, step)[:, :row]
+    if dt.itemsize > 1:
+        dt = dt.newbyteorder(">" if msg.is_bigendian else "<")
+    px = np.ascontiguousarray(raw).view(dt).reshape(h, w, ch) if step != row or dt.itemsize > 1 \
+        else raw.reshape(h, w, ch)
+    if ch == 1:
+        m = px[:, :, 0]
+        if enc in ("mono16", "16uc1"):
+            m = (m >> 8).astype(np.uint8)
+        elif enc == "32fc1":
+            m = np.nan_to_num(m.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+            m = (np.clip(m, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return np.repeat(m[:, :, None], 3, axis=2)
+    if order == (0, 1, 2):
+        return np.ascontiguousarray(px[:, :, :3])
+    return np.ascontiguousarray(px[:, :, list(order)])
+
+
+def rgb_to_image(rgb: np.ndarray, stamp_ns: int = 0, frame_id: str = "camera", encoding: str = "rgb8"):
+    """(H, W, 3) uint8 RGB -> sensor_msgs/Image (rgb8 or bgr8, no padding)."""
+    from sensor_msgs.msg import Image
+
+    img = np.asarray(rgb)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise MessageError(f"expected (H, W, 3) uint8, got {img.shape} {img.dtype}")
+    if encoding == "bgr8":
+        img = img[:, :, ::-1]
+    elif encoding != "rgb8":
+        raise MessageError(f"rgb_to_image writes rgb8 or bgr8, not {encoding!r}")
+    msg = Image()
+    msg.header.stamp = ns_to_stamp(stamp_ns)
+    msg.header.frame_id = frame_id
+    msg.height, msg.width = int(img.shape[0]), int(img.shape[1])
+    msg.encoding = encoding
+    msg.is_bigendian = 0
+    msg.step = msg.width * 3
+    _set_bytes(msg, "data", np.ascontiguousarray(img))
+    return msg
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def quaternion_to_matrix(qx, qy, qz, qw) -> np.ndarray:
+    q = np.array([qx, qy, qz, qw], np.float64)
+    n = np.linalg.norm(q)
+    if not np.isfinite(n) or n < 1e-9:
+        raise MessageError(f"quaternion {q.tolist()} has zero or non-finite norm")
+    x, y, z, w = q / n
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+
+
+def matrix_to_quaternion(R: np.ndarray) -> Tuple[float, float, float, float]:
+    R = np.asarray(R, np.float64)
+    t = np.trace(R)
+    if t > 0:
+        s = math.sqrt(t + 1.0) * 2
+        w, x, y, z = 0.25 * s, (R[2, 1] - R[1, 2]) / s, (R[0, 2] - R[2, 0]) / s, (R[1, 0] - R[0, 1]) / s
+    elif R[0, 0] > R[1, 1] and R[0, 0] > R[2, 2]:
+        s = math.sqrt(1.0 + R[0, 0] - R[1, 1] - R[2, 2]) * 2
+        w, x, y, z = (R[2, 1] - R[1, 2]) / s, 0.25 * s, (R[0, 1] + R[1, 0]) / s, (R[0, 2] + R[2, 0]) / s
+    elif R[1, 1] > R[2, 2]:
+        s = math.sqrt(1.0 + R[1, 1] - R[0, 0] - R[2, 2]) * 2
+        w, x, y, z = (R[0, 2] - R[2, 0]) / s, (R[0, 1] + R[1, 0]) / s, 0.25 * s, (R[1, 2] + R[2, 1]) / s
+    else:
+        s = math.sqrt(1.0 + R[2, 2] - R[0, 0] - R[1, 1]) * 2
+        w, x, y, z = (R[1, 0] - R[0, 1]) / s, (R[0, 2] + R[2, 0]) / s, (R[1, 2] + R[2, 1]) / s, 0.25 * s
+    return float(x), float(y), float(z), float(w)
+
+
+def extrinsic_matrix(values) -> np.ndarray:
+    """LiDAR->camera-optical extrinsic from a parameter: 16 numbers (row-major 4x4), 12 (3x4), or 7 numbers
+    ``x, y, z, qx, qy, qz, qw`` (the transform that maps LiDAR points into the camera frame). Returns 4x4."""
+    v = np.asarray(list(values), np.float64).reshape(-1)
+    if not np.all(np.isfinite(v)):
+        raise MessageError("extrinsic contains NaN or inf")
+    T = np.eye(4)
+    if v.size == 16:
+        T = v.reshape(4, 4).copy()
+        if not np.allclose(T[3], [0, 0, 0, 1], atol=1e-6):
+            raise MessageError(f"4x4 extrinsic: last row must be [0, 0, 0, 1], got {T[3].tolist()}")
+    elif v.size == 12:
+        T[:3] = v.reshape(3, 4)
+    elif v.size == 7:
+        T[:3, :3] = quaternion_to_matrix(*v[3:])
+        T[:3, 3] = v[:3]
+    else:
+        raise MessageError(f"extrinsic must have 16 (4x4), 12 (3x4) or 7 (xyz + quaternion) numbers, got {v.size}")
+    err = np.abs(T[:3, :3] @ T[:3, :3].T - np.eye(3)).max()
+    if err > 1e-3:
+        raise MessageError(f"extrinsic rotation is not orthonormal (|R R^T - I| = {err:.3g})")
+    return T
+
+
+def transform_msg_to_matrix(tf) -> np.ndarray:
+    """geometry_msgs/Transform (or TransformStamped) -> 4x4."""
+    t = getattr(tf, "transform", tf)
+    return extrinsic_matrix([t.translation.x, t.translation.y, t.translation.z,
+                             t.rotation.x, t.rotation.y, t.rotation.z, t.rotation.w])
+
+
+def matrix_to_transform_msg(T: np.ndarray, stamp_ns: int, parent: str, child: str):
+    """4x4 -> geometry_msgs/TransformStamped (header.frame_id = parent, child_frame_id = child)."""
+    from geometry_msgs.msg import TransformStamped
+
+    T = np.asarray(T, np.float64)
+    m = TransformStamped()
+    m.header.stamp = ns_to_stamp(stamp_ns)
+    m.header.frame_id = parent
+    m.child_frame_id = child
+    m.transform.translation.x, m.transform.translation.y, m.transform.translation.z = (float(x) for x in T[:3, 3])
+    q = matrix_to_quaternion(T[:3, :3])
+    m.transform.rotation.x, m.transform.rotation.y, m.transform.rotation.z, m.transform.rotation.w = q
+    return m
+
+
+def camera_info_to_calibration(msg, T_lidar_to_cam) -> Calibration:
+    """CameraInfo (P, R, width, height) + 4x4/3x4 LiDAR->camera-optical extrinsic -> Calibration.
+
+    Raises MessageError when the CameraInfo is unusable (zero size, wrong P/R length, zero or non-finite P, ...).
+    """
+    w, h = int(msg.width), int(msg.height)
+    if w <= 0 or h <= 0:
+        raise MessageError(f"CameraInfo size must be positive, got {w}x{h}")
+    P = np.asarray(msg.p, np.float64).reshape(-1)
+    if P.size != 12:
+        raise MessageError(f"CameraInfo.p must have 12 entries, got {P.size}")
+    if not np.all(np.isfinite(P)) or np.allclose(P, 0):
+        raise MessageError("CameraInfo.p is all zero or non-finite (uncalibrated camera?)")
+    R = np.asarray(msg.r, np.float64).reshape(-1)
+    if R.size != 9:
+        raise MessageError(f"CameraInfo.r must have 9 entries, got {R.size}")
+    try:
+        return Calibration.from_camera_info(P.reshape(3, 4), w, h, T_lidar_to_cam, R_rect=R.reshape(3, 3))
+    except CalibrationError as e:
+        raise MessageError(f"CameraInfo: {e}") from None
+
+
+def calibration_to_camera_info(calib: Calibration, stamp_ns: int = 0, frame_id: str = "camera",
+                               width: Optional[int] = None, height: Optional[int] = None):
+    """Calibration -> CameraInfo (P = P2, R = R0_rect, K = P2[:3, :3], no distortion: images are rectified)."""
+    from sensor_msgs.msg import CameraInfo
+
+    w = width if width is not None else calib.image_width
+    h = height if height is not None else calib.image_height
+    if w is None or h is None:
+        raise MessageError("calibration_to_camera_info needs the image size")
+    m = CameraInfo()
+    m.header.stamp = ns_to_stamp(stamp_ns)
+    m.header.frame_id = frame_id
+    m.width, m.height = int(w), int(h)
+    m.distortion_model = "plumb_bob"
+    m.d = [0.0] * 5
+    m.k = [float(x) for x in calib.P2[:, :3].reshape(-1)]
+    m.r = [float(x) for x in calib.R0_rect.reshape(-1)]
+    m.p = [float(x) for x in calib.P2.reshape(-1)]
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ detections
+def yaw_to_quaternion(yaw: float) -> Tuple[float, float, float, float]:
+    """Rotation of ``yaw`` radians about +z (REP-103, counter-clockwise) as (x, y, z, w)."""
+    return 0.0, 0.0, math.sin(yaw / 2.0), math.cos(yaw / 2.0)
+
+
+def quaternion_to_yaw(q) -> float:
+    x, y, z, w = (q.x, q.y, q.z, q.w) if hasattr(q, "w") else q
+    return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
+
+
+def box_corners(boxes: np.ndarray) -> np.ndarray:
+    """(M, 7) LiDAR boxes -> (M, 8, 3) corners; 0-3 bottom face, 4-7 top face, counter-clockwise from (+x, +y)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 7)
+    sx = np.array([1, -1, -1, 1, 1, -1, -1, 1]) * 0.5
+    sy = np.array([1, 1, -1, -1, 1, 1, -1, -1]) * 0.5
+    sz = np.array([-1, -1, -1, -1, 1, 1, 1, 1]) * 0.5
+    local = np.stack([sx[None] * b[:, 3:4], sy[None] * b[:, 4:5], sz[None] * b[:, 5:6]], axis=-1)
+    c, s = np.cos(b[:, 6])[:, None], np.sin(b[:, 6])[:, None]
+    x = local[..., 0] * c - local[..., 1] * s + b[:, 0:1]
+    y = local[..., 0] * s + local[..., 1] * c + b[:, 1:2]
+    z = local[..., 2] + b[:, 2:3]
+    return np.stack([x, y, z], axis=-1)
+
+
+_EDGES = np.array([[0, 1], [1, 2], [2, 3], [3, 0], [4, 5], [5, 6], [6, 7], [7, 4],
+                   [0, 4], [1, 5], [2, 6], [3, 7]])
+# colours as RViz' vision_msgs plugin: car orange, pedestrian blue, cyclist yellow, other grey
+CLASS_COLORS = {"Car": (1.0, 0.5, 0.0), "Pedestrian": (0.0, 0.4, 1.0), "Cyclist": (1.0, 0.9, 0.0)}
+
+
+def _header(stamp_ns: int, frame_id: str):
+    from std_msgs.msg import Header
+
+    return Header(stamp=ns_to_stamp(stamp_ns), frame_id=frame_id)
+
+
+def detections_to_detection3d_array(det, header=None):
+    """Detections -> vision_msgs/Detection3DArray.
+
+    header: the input LiDAR header (stamp and frame_id unchanged); default built from ``det.stamp_ns/frame_id``.
+    Per detection: ``results[0].hypothesis.class_id`` = class name, ``score`` = the rectified score,
+    ``results[0].pose.pose`` = ``bbox.center`` (box centre, yaw quaternion about +z), ``bbox.size`` = (dx, dy, dz),
+    ``id`` = "" (no tracking).
+    """
+    from vision_msgs.msg import Detection3D, Detection3DArray, ObjectHypothesisWithPose
+
+    if header is None:
+        header = _header(det.stamp_ns, det.frame_id)
+    out = Detection3DArray()
+    out.header = header
+    names = det.names
+    boxes = det.boxes.astype(np.float64)
+    scores = det.scores.astype(np.float64)
+    dets = []
+    for k in range(len(det)):
+        x, y, z, dx, dy, dz, yaw = (float(v) for v in boxes[k])
+        d = Detection3D()
+        d.header = header
+        d.bbox.center.position.x, d.bbox.center.position.y, d.bbox.center.position.z = x, y, z
+        q = yaw_to_quaternion(yaw)
+        o = d.bbox.center.orientation
+        o.x, o.y, o.z, o.w = q
+        d.bbox.size.x, d.bbox.size.y, d.bbox.size.z = dx, dy, dz
+        h = ObjectHypothesisWithPose()
+        h.hypothesis.class_id = names[k]
+        h.hypothesis.score = float(scores[k])
+        h.pose.pose = d.bbox.center
+        d.results = [h]
+        dets.append(d)
+    out.detections = dets
+    return out
+
+
+def detections_to_scores_msg(det, header=None, score_mode: Optional[str] = None):
+    """Detections -> cmfiou_ros/DetectionScores, index-aligned with Detection3DArray.detections (same header).
+
+    ``score_mode``: how ``score`` was computed ("cls", "rectified", "iou"); default ``det.score_mode`` when the
+    Detections carry one, else "rectified" (the CMF-IOU default). iou_score stays NaN when the model has no IoU branch.
+    """
+    from cmfiou_ros.msg import DetectionScores
+
+    if header is None:
+        header = _header(det.stamp_ns, det.frame_id)
+    m = DetectionScores()
+    m.header = header
+    m.class_id = list(det.names)
+    m.cls_score = det.cls_scores.astype(np.float32).tolist()
+    m.iou_score = det.iou_scores.astype(np.float32).tolist()
+    m.score = det.scores.astype(np.float32).tolist()
+    m.score_mode = str(score_mode or getattr(det, "score_mode", None) or DetectionScores.SCORE_MODE_RECTIFIED)
+    m.lidar_only = bool(det.lidar_only)
+    return m
+
+
+def timings_to_msg(timings_ms: Dict[str, float], header=None, total_ms: float = 0.0, input_age_ms: float = 0.0,
+                   dropped_frames: int = 0):
+    """Per-stage timings (ordered dict name -> ms) -> cmfiou_ros/FrameTimings."""
+    from cmfiou_ros.msg import FrameTimings, StageTiming
+
+    m = FrameTimings()
+    if header is not None:
+        m.header = header
+    m.stages = [StageTiming(stage=str(k), ms=float(v)) for k, v in timings_ms.items()]
+    m.total_ms = float(total_ms)
+    m.input_age_ms = float(input_age_ms)
+    m.dropped_frames = int(max(0, min(dropped_frames, 2**32 - 1)))
+    return m
+
+
+def detections_to_markers(det, header=None, ns: str = "cmfiou", line_width: float = 0.08, text_size: float = 0.8,
+                          lifetime_s: float = 0.0):
+    """Detections -> MarkerArray: DELETEALL first (stale boxes vanish), then per detection a LINE_LIST box
+    (12 edges) and a TEXT_VIEW_FACING label ``"<class> <score>"`` above it. Marker ids: 2k box, 2k+1 text."""
+    from builtin_interfaces.msg import Duration
+    from geometry_msgs.msg import Point
+    from visualization_msgs.msg import Marker, MarkerArray
+
+    if header is None:
+        header = _header(det.stamp_ns, det.frame_id)
+    out = MarkerArray()
+    clear = Marker()
+    clear.header = header
+    clear.ns = ns
+    clear.action = Marker.DELETEALL
+    markers = [clear]
+    if len(det):
+        corners = box_corners(det.boxes)
+        names = det.names
+        life = Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1) * 1e9))
+        for k in range(len(det)):
+            color = CLASS_COLORS.get(names[k], (0.6, 0.6, 0.6))
+            m = Marker()
+            m.header = header
+            m.ns = ns
+            m.id = 2 * k
+            m.type = Marker.LINE_LIST
+            m.action = Marker.ADD
+            m.pose.orientation.w = 1.0
+            m.scale.x = float(line_width)
+            m.color.r, m.color.g, m.color.b, m.color.a = color[0], color[1], color[2], 1.0
+            m.lifetime = life
+            m.points = [Point(x=float(p[0]), y=float(p[1]), z=float(p[2])) for p in corners[k][_EDGES.reshape(-1)]]
+            t = Marker()
+            t.header = header
+            t.ns = ns
+            t.id = 2 * k + 1
+            t.type = Marker.TEXT_VIEW_FACING
+            t.action = Marker.ADD
+            t.pose.position.x = float(det.boxes[k, 0])
+            t.pose.position.y = float(det.boxes[k, 1])
+            t.pose.position.z = float(det.boxes[k, 2] + det.boxes[k, 5] / 2 + 0.5)
+            t.pose.orientation.w = 1.0
+            t.scale.z = float(text_size)
+            t.color.r, t.color.g, t.color.b, t.color.a = color[0], color[1], color[2], 1.0
+            t.lifetime = life
+            t.text = f"{names[k]} {float(det.scores[k]):.2f}"
+            markers += [m, t]
+    out.markers = markers
+    return out
