@@ -158,7 +158,7 @@ build_iface cmfiou_ros "$ROOT" -DCMFIOU_INTERFACES_ONLY=ON
 
 # ---- 3. the project itself, editable (console scripts cmfiou-*) ----------------------------------------------------
 PROJ_HASH=$(hash_of "$ROOT/setup.py")
-if ! stamp_ok project "$PROJ_HASH" || ! ls "$SITE"/__editable__*cmfiou* "$SITE"/cmfiou.egg-link >/dev/null 2>&1; then
+if ! stamp_ok project "$PROJ_HASH" || ! compgen -G "$SITE/__editable__*cmfiou*.pth" >/dev/null; then
   log "installing cmfiou (editable, console scripts)"
   # compat mode = a plain .pth with the repo root, so cmfiou_ros is one package merged from the repo and the venv.
   pipi --no-deps --no-build-isolation -e "$ROOT" --config-settings editable_mode=compat
