@@ -1,0 +1,149 @@
+"""Pseudo-point branch (spec §3.2): ResConvBlock ("ResNR") with the 3D -> 2D image-plane SubMConv2d.
+
+The image-plane projection reproduces the official float32 arithmetic exactly (``index2points`` ->
+``X_TRANS.backward_with_param`` -> ``Calibration.lidar_to_rect_cuda`` -> ``rect_to_img_cuda`` -> int truncation):
+- voxel centre = ``idx * (vs * s) + (pc_min + vs * s / 2)`` in float32, the two constants rounded from float64;
+- inverse view: ``/ scale``, then negate y if flip, then rotate by ``-rot`` (``points @ R``);
+- ``rect = [p, 1] @ (V2C^T @ R0^T)``, ``img = ([rect, 1] @ P2^T)[:, :2] / rect_z`` (divided by the rect depth, not the
+  homogeneous one), all float32 with the calibration matrices rounded to float32, same matmul operand layouts;
+- ``u, v`` truncated toward zero, clamped to ``[0, 1400 - s]`` / ``[0, 400 - s]``, integer-divided by ``s``.
+Several voxels may land on the same (u', v') cell; the 2D SubM convs then see duplicate indices, exactly as the
+official code (spconv decides which row represents a duplicated site).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+import spconv.pytorch as spconv
+import torch
+from torch import nn
+
+from ..geometry.boxes import rotate_points_along_z
+from .s2d import BN1D, sparse_block
+
+IMAGE_GRID_W, IMAGE_GRID_H = 1400, 400   # official hard-coded image-plane extent (pixels) of the 2D sparse tensor
+
+
+def voxel_centers(indices: torch.Tensor, stride: int, pc_range: Sequence[float], voxel_size: Sequence[float]):
+    """(N, 4) int (b, z, y, x) voxel indices at ``stride`` -> (N, 3) float32 xyz voxel centres (official rounding)."""
+    f = indices.float()
+    vs = [float(v) * stride for v in voxel_size]
+    mins = [float(pc_range[i]) + vs[i] / 2 for i in range(3)]
+    x = f[:, 3] * vs[0] + mins[0]
+    y = f[:, 2] * vs[1] + mins[1]
+    z = f[:, 1] * vs[2] + mins[2]
+    return torch.stack([x, y, z], dim=1)
+
+
+def inverse_view_transform(points: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Undo a [rot, flip, scale] view/augmentation on (N, 3) points (X_TRANS.backward_with_param order)."""
+    param = param.to(points.dtype)
+    pts = points / param[2]
+    y = torch.where(param[1] != 0, -pts[:, 1], pts[:, 1])
+    pts = torch.stack([pts[:, 0], y, pts[:, 2]], dim=1)
+    return rotate_points_along_z(pts[None], -param[0:1])[0]
+
+
+class ImageProjector:
+    """Official float32 lidar -> image projection for one calibration (matrices cached per device)."""
+
+    def __init__(self, calib):
+        P2 = np.asarray(calib.P2, dtype=np.float32)
+        R0 = np.asarray(calib.R0_rect, dtype=np.float32)
+        V2C = np.asarray(calib.Tr_velo_to_cam, dtype=np.float32)
+        # same operand layouts as the official (transposed float32 views)
+        self._v2c_t = V2C.T.astype(np.float32)
+        self._r0_t = R0.T.astype(np.float32)
+        self._p2_t = P2.T
+        self._cache = {}
+
+    def _mats(self, device):
+        key = str(device)
+        if key not in self._cache:
+            v2c = torch.from_numpy(self._v2c_t).to(device)
+            r0 = torch.from_numpy(self._r0_t).to(device)
+            self._cache[key] = (torch.matmul(v2c, r0), torch.from_numpy(self._p2_t).to(device))
+        return self._cache[key]
+
+    def __call__(self, pts: torch.Tensor) -> torch.Tensor:
+        """(N, 3) float32 lidar xyz -> (N, 2) float32 pixel (u, v)."""
+        m_rect, p2_t = self._mats(pts.device)
+        ones = torch.ones((pts.shape[0], 1), dtype=pts.dtype, device=pts.device)
+        rect = torch.matmul(torch.cat([pts, ones], -1), m_rect)
+        rect_hom = torch.cat([rect, ones], -1)
+        img_hom = torch.matmul(rect_hom, p2_t)
+        return (img_hom[:, 0:2].T / rect_hom[:, 2]).T
+
+
+def _projector(calib) -> ImageProjector:
+    p = getattr(calib, "_cmfiou_projector", None)
+    if p is None:
+        p = ImageProjector(calib)
+        try:  # frozen dataclass: cache through object.__setattr__
+            object.__setattr__(calib, "_cmfiou_projector", p)
+        except (AttributeError, TypeError):
+            pass
+    return p
+
+
+def voxels_to_image_indices(indices: torch.Tensor, batch_size: int, calibs: List, stride: int,
+                            trans_param: Optional[torch.Tensor], pc_range, voxel_size) -> torch.Tensor:
+    """(N, 4) voxel indices at ``stride`` -> (N, 3) int32 (b, u', v') image-plane indices (official ``index2uv``)."""
+    uv = torch.zeros((indices.shape[0], 2), dtype=torch.int32, device=indices.device)
+    for b in range(batch_size):
+        m = indices[:, 0] == b
+        pts = voxel_centers(indices[m], stride, pc_range, voxel_size)
+        if trans_param is not None:
+            pts = inverse_view_transform(pts, trans_param[b])
+        img = _projector(calibs[b])(pts)
+        # finite, in-int32-range values convert exactly as the official .int(); inf/nan made deterministic
+        img = torch.nan_to_num(img, nan=0.0).clamp(-2.0 ** 30, 2.0 ** 30)
+        uv[m] = img.int()
+    u = torch.clamp(uv[:, 0], min=0, max=IMAGE_GRID_W - stride) // stride
+    v = torch.clamp(uv[:, 1], min=0, max=IMAGE_GRID_H - stride) // stride
+    return torch.stack([indices[:, 0].int(), u, v], dim=1)
+
+
+class ResConvBlock(nn.Module):
+    """ResVC block (c = channels, h = c/2): optional strided ``down_layer``; D = d3_conv2(d3_conv1(X)) (+ resnet_layer(X));
+    G = d2_conv2(d2_conv1(D on the image plane)); D = d3_conv3(mid_norm(D + G)); out = output_norm(d3_conv4(D) + X)."""
+
+    def __init__(self, cin: int = 64, cout: int = 64, stride: int = 1, res_enable: bool = True, padding=1,
+                 indice_key: str = "vir1", pc_range=(0, -40, -3, 70.4, 40, 1), voxel_size=(0.05, 0.05, 0.05)):
+        super().__init__()
+        self.stride = stride
+        self.residual = res_enable
+        self.pc_range = tuple(float(v) for v in pc_range)
+        self.voxel_size = tuple(float(v) for v in voxel_size)
+        h = cout // 2
+        self.down_layer = sparse_block(cin, cout, 3, "spconv_down" + indice_key, stride=stride, padding=padding,
+                                       conv_type="spconv")
+        if res_enable:
+            self.resnet_layer = sparse_block(cin, h, 3, "res" + indice_key, stride=2, padding=1, conv_type="spconv")
+        self.d3_conv1 = sparse_block(cin, h, 3, "3dspconv" + indice_key, stride=2, padding=1, conv_type="spconv")
+        self.d3_conv2 = sparse_block(h, h, 3, "3dsubm1" + indice_key)
+        self.d2_conv1 = sparse_block(h, h, 3, "2dsubm1" + indice_key, ndim=2)
+        self.d2_conv2 = sparse_block(h, h, 3, "2dsubm2" + indice_key, ndim=2)
+        self.d3_conv3 = sparse_block(h, h, 3, "3dsubm2" + indice_key)
+        self.d3_conv4 = sparse_block(h, cout, 3, "3dspconv" + indice_key, conv_type="inverseconv")
+        self.mid_norm_fn = BN1D(h)
+        self.output_norm_fn = BN1D(cout)
+
+    def forward(self, x, batch_size: int, calibs: List, img_stride: int, trans_param: Optional[torch.Tensor]):
+        if self.stride > 1:
+            x = self.down_layer(x)
+        d3 = self.d3_conv2(self.d3_conv1(x))
+        if self.residual:
+            res = self.resnet_layer(x)
+            d3 = d3.replace_feature(d3.features + res.features)
+        uv = voxels_to_image_indices(d3.indices, batch_size, calibs, img_stride, trans_param, self.pc_range,
+                                     self.voxel_size)
+        d2 = spconv.SparseConvTensor(features=d3.features, indices=uv,
+                                     spatial_shape=[IMAGE_GRID_W // img_stride, IMAGE_GRID_H // img_stride],
+                                     batch_size=batch_size)
+        d2 = self.d2_conv2(self.d2_conv1(d2))
+        d3 = d3.replace_feature(self.mid_norm_fn(d3.features + d2.features))
+        d3 = self.d3_conv3(d3)
+        out = self.d3_conv4(d3)
+        return out.replace_feature(self.output_norm_fn(out.features + x.features))
