@@ -32,6 +32,48 @@ def _as_matrix(name: str, values, shape) -> np.ndarray:
     return arr
 
 
+def quaternion_to_matrix(q_xyzw) -> np.ndarray:
+    """ROS/TF quaternion (x, y, z, w) -> 3x3 rotation matrix. The quaternion must be (close to) unit length."""
+    q = np.asarray(q_xyzw, dtype=np.float64).reshape(-1)
+    if q.size != 4 or not np.all(np.isfinite(q)):
+        raise CalibrationError(f"quaternion must be 4 finite numbers (x, y, z, w), got {q_xyzw!r}")
+    n = float(np.linalg.norm(q))
+    if abs(n - 1.0) > 1e-3:
+        raise CalibrationError(f"quaternion {q.tolist()} is not unit length (|q| = {n:.6g}); TF rotations are unit "
+                               "quaternions in (x, y, z, w) order")
+    x, y, z, w = q / n
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def transform_from_tf(translation, rotation_xyzw) -> np.ndarray:
+    """TF translation (x, y, z) + rotation (x, y, z, w) -> 4x4 homogeneous transform."""
+    t = np.asarray(translation, dtype=np.float64).reshape(-1)
+    if t.size != 3 or not np.all(np.isfinite(t)):
+        raise CalibrationError(f"translation must be 3 finite numbers, got {translation!r}")
+    T = np.eye(4)
+    T[:3, :3] = quaternion_to_matrix(rotation_xyzw)
+    T[:3, 3] = t
+    return T
+
+
+def _extrinsic_3x4(T, name: str) -> np.ndarray:
+    arr = np.asarray(T, dtype=np.float64)
+    if arr.shape == (4, 4):
+        if not np.all(np.isfinite(arr)):
+            raise CalibrationError(f"{name}: contains NaN or inf")
+        if np.abs(arr[3] - np.array([0.0, 0.0, 0.0, 1.0])).max() > 1e-6:
+            raise CalibrationError(f"{name}: the last row of a 4x4 rigid transform must be [0, 0, 0, 1], "
+                                   f"got {arr[3].tolist()}")
+        arr = arr[:3]
+    if arr.shape != (3, 4):
+        raise CalibrationError(f"{name} must be 3x4 or 4x4, got shape {arr.shape}")
+    return arr
+
+
 @dataclass(frozen=True)
 class Calibration:
     P2: np.ndarray  # (3, 4) rectified camera -> image
@@ -111,27 +153,47 @@ class Calibration:
         return cls(kc[pk], kc[rk], Tr, w, h)
 
     @classmethod
-    def from_camera_info(cls, P, width: int, height: int, T_lidar_to_cam, R_rect=None) -> "Calibration":
+    def from_camera_info(cls, P, width: int, height: int, T_lidar_to_cam, R_rect=None, K=None) -> "Calibration":
         """ROS ``sensor_msgs/CameraInfo`` (its 3x4 ``P``, width, height) plus a LiDAR->camera-optical extrinsic.
 
         ``T_lidar_to_cam``: 3x4 or 4x4 transform from the LiDAR frame to the camera optical frame (z forward,
         x right, y down). ``R_rect``: the CameraInfo ``R`` (rectification); identity when omitted.
+        ``K``: the CameraInfo ``K`` (3x3); used as ``P = [K | 0]`` when ``P`` is None or all zero (drivers that
+        publish only K). The image is then assumed rectified (no distortion handling here).
         """
-        T = np.asarray(T_lidar_to_cam, dtype=np.float64)
-        if T.shape == (4, 4):
-            T = T[:3]
-        if T.shape != (3, 4):
-            raise CalibrationError(f"T_lidar_to_cam must be 3x4 or 4x4, got {T.shape}")
+        P_arr = None if P is None else np.asarray(P, dtype=np.float64)
+        if P_arr is None or (P_arr.size == 12 and np.allclose(P_arr, 0)):
+            if K is None:
+                raise CalibrationError("CameraInfo: P is missing/all zero and no K was given")
+            Km = _as_matrix("CameraInfo.K", K, (3, 3))
+            P_arr = np.concatenate([Km, np.zeros((3, 1))], axis=1)
+        T = _extrinsic_3x4(T_lidar_to_cam, "T_lidar_to_cam")
         R0 = np.eye(3) if R_rect is None else _as_matrix("CameraInfo.R", R_rect, (3, 3))
         if np.allclose(R0, 0):
             R0 = np.eye(3)  # CameraInfo leaves R all-zero for uncalibrated/monocular cameras
-        return cls(P, R0, T, int(width), int(height))
+        for n, v in (("width", width), ("height", height)):
+            if isinstance(v, bool) or int(v) != v or int(v) <= 0:
+                raise CalibrationError(f"CameraInfo.{n} must be a positive integer, got {v!r} (uncalibrated camera?)")
+        return cls(P_arr, R0, T, int(width), int(height))
+
+    @classmethod
+    def from_camera_info_tf(cls, P, width: int, height: int, translation, rotation_xyzw, R_rect=None,
+                            K=None) -> "Calibration":
+        """CameraInfo plus the TF ``lookupTransform(camera_optical_frame, lidar_frame)`` result.
+
+        ``translation`` (x, y, z) and ``rotation_xyzw`` (x, y, z, w; ROS order) describe the pose of the LiDAR
+        frame in the camera optical frame, i.e. the transform mapping LiDAR coordinates into camera coordinates.
+        """
+        return cls.from_camera_info(P, width, height, transform_from_tf(translation, rotation_xyzw), R_rect, K)
 
     def with_image_size(self, width: int, height: int) -> "Calibration":
         return Calibration(self.P2, self.R0_rect, self.Tr_velo_to_cam, int(width), int(height))
 
     def check_image_size(self, width: int, height: int) -> None:
-        if self.image_width is not None and (self.image_width, self.image_height) != (width, height):
+        """Raise :class:`CalibrationError` when the calibration records an image size different from (width, height)."""
+        known = (self.image_width is not None) or (self.image_height is not None)
+        if known and ((self.image_width is not None and self.image_width != width)
+                      or (self.image_height is not None and self.image_height != height)):
             raise CalibrationError(
                 f"image is {width}x{height} but the calibration is for {self.image_width}x{self.image_height}: "
                 "the camera_info and image topics do not belong together (or the image was resized)")
