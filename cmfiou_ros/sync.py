@@ -10,7 +10,7 @@
 2. :class:`LatestImagePolicy`: LiDAR-triggered (the Autoware BEVFusion / fusion-collector lesson). Images are kept in
    a small ring buffer; a LiDAR cloud takes the image closest in time whose age ``lidar_stamp - image_stamp`` lies in
    ``[-match_tol, max_age]``. If no image within ``match_tol`` is there yet, the cloud may wait ``wait_s`` (wall
-   time) for one; after that (or at once with ``wait_s = 0``) it goes with the best candidate, or alone: a LiDAR-only
+   time) for one (only while the camera looks alive: newest image within ``2 * max_age`` of the cloud); after that (or at once with ``wait_s = 0``) it goes with the best candidate, or alone: a LiDAR-only
    frame with the reason recorded. A camera that stopped never blocks the LiDAR.
 """
 from __future__ import annotations
@@ -199,7 +199,9 @@ class LatestImagePolicy:
             if self.pending is not None:
                 out.append(self._resolve(self.pending[0], self.pending[1], final=True))
                 self.pending = None
-            p = self._resolve(int(stamp_ns), cloud, final=self.wait_ns == 0)
+            # wait only while the camera looks alive: its newest image is within 2 * max_age of this cloud
+            alive = bool(self.images) and int(stamp_ns) - self.images[-1][0] <= 2 * self.max_age_ns + self.tol_ns
+            p = self._resolve(int(stamp_ns), cloud, final=self.wait_ns == 0 or not alive)
             if p is None:
                 self.pending = (int(stamp_ns), cloud, int(now_ns) + self.wait_ns)
             else:
