@@ -61,6 +61,24 @@ class PostProcessConfig:
         return c
 
 
+    @classmethod
+    def from_any(cls, cfg: Any) -> "PostProcessConfig":
+        """None (defaults), a PostProcessConfig, a mapping (validated), or ``model_config.PostProcessConfig``
+        (attributes score_mode, rectifier_alpha, score_thresh, nms_type, nms_thresh, nms_pre_maxsize, nms_post_maxsize)."""
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, cls):
+            return cfg
+        if isinstance(cfg, Mapping):
+            return cls.from_mapping(cfg)
+        if hasattr(cfg, "nms_type"):
+            m = {"score_mode": cfg.score_mode, "alpha": list(cfg.rectifier_alpha), "score_thresh": float(cfg.score_thresh),
+                 "class_agnostic_nms": cfg.nms_type == "class_agnostic", "nms_thresh": list(cfg.nms_thresh),
+                 "nms_pre_maxsize": list(cfg.nms_pre_maxsize), "nms_post_maxsize": list(cfg.nms_post_maxsize)}
+            return cls.from_mapping(m, "<model_config.PostProcessConfig>")
+        raise TypeError(f"post_process: unsupported config type {type(cfg).__name__}")
+
+
 class FrameDetections(NamedTuple):
     boxes: torch.Tensor   # (K, 7)
     labels: torch.Tensor  # (K,) int64 1..3
@@ -72,10 +90,7 @@ class FrameDetections(NamedTuple):
 def post_process(batch_dict: Dict[str, Any], cfg: Optional[Union[PostProcessConfig, Mapping]] = None) -> List[FrameDetections]:
     """Reads ``batch_box_preds`` (B, N, 7), ``batch_cls_preds`` (B, N, 1) logits (or probabilities with
     ``cls_preds_normalized``), ``roi_labels`` (B, N), optional ``batch_iou_preds`` (B, N, 1) in [0, 1]."""
-    if cfg is None:
-        cfg = PostProcessConfig()
-    elif not isinstance(cfg, PostProcessConfig):
-        cfg = PostProcessConfig.from_mapping(cfg)
+    cfg = PostProcessConfig.from_any(cfg)
     B = int(batch_dict["batch_size"])
     out: List[FrameDetections] = []
     for b in range(B):
