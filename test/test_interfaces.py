@@ -57,12 +57,11 @@ def ros_env() -> dict:
 
 def rosbags_hashes(msg_dir: Path, package: str, names: list) -> dict:
     """RIHS01 hashes computed by rosbags (independent of rosidl) from .msg files."""
-    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
-
-    store = get_typestore(Stores.ROS2_KILTED)
+    typesys = pytest.importorskip("rosbags.typesys", reason="rosbags not installed (pip install rosbags)")
+    store = typesys.get_typestore(typesys.Stores.ROS2_KILTED)
     types = {}
     for path in sorted(msg_dir.glob("*.msg")):
-        types.update(get_types_from_msg(path.read_text(), f"{package}/msg/{path.stem}"))
+        types.update(typesys.get_types_from_msg(path.read_text(), f"{package}/msg/{path.stem}"))
     store.register(types)
     return {name: store.hash_rihs01(f"{package}/msg/{name}") for name in names}
 
