@@ -402,13 +402,17 @@ def camera_info_to_calibration(msg, T_lidar_to_cam) -> Calibration:
     P = np.asarray(msg.p, np.float64).reshape(-1)
     if P.size != 12:
         raise MessageError(f"CameraInfo.p must have 12 entries, got {P.size}")
-    if not np.all(np.isfinite(P)) or np.allclose(P, 0):
-        raise MessageError("CameraInfo.p is all zero or non-finite (uncalibrated camera?)")
+    K = np.asarray(msg.k, np.float64).reshape(-1)
+    if not np.all(np.isfinite(P)) or not np.all(np.isfinite(K)):
+        raise MessageError("CameraInfo.p or .k contains NaN or inf")
+    if np.allclose(P, 0) and (K.size != 9 or np.allclose(K, 0)):
+        raise MessageError("CameraInfo.p and .k are all zero (uncalibrated camera?)")
     R = np.asarray(msg.r, np.float64).reshape(-1)
     if R.size != 9:
         raise MessageError(f"CameraInfo.r must have 9 entries, got {R.size}")
-    try:
-        return Calibration.from_camera_info(P.reshape(3, 4), w, h, T_lidar_to_cam, R_rect=R.reshape(3, 3))
+    try:  # P all zero: drivers that publish only K (rectified images assumed) -> P = [K | 0]
+        return Calibration.from_camera_info(P.reshape(3, 4), w, h, T_lidar_to_cam, R_rect=R.reshape(3, 3),
+                                            K=K.reshape(3, 3) if K.size == 9 else None)
     except CalibrationError as e:
         raise MessageError(f"CameraInfo: {e}") from None
 

@@ -237,7 +237,8 @@ def test_calibration_roundtrip_through_camera_info(kitti_samples):
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda m: setattr(m, "width", 0), "positive"),
-    (lambda m: setattr(m, "p", [0.0] * 12), "all zero"),
+    (lambda m: (setattr(m, "p", [0.0] * 12), setattr(m, "k", [0.0] * 9)), "all zero"),
+    (lambda m: setattr(m, "p", [float("nan")] * 12), "NaN"),
     (lambda m: setattr(m, "p", [1.0] * 12), "CameraInfo"),
     (lambda m: setattr(m, "r", [2.0] + [0.0] * 8), "rotation"),
 ])
@@ -247,6 +248,13 @@ def test_camera_info_validation(mutate, match):
     mutate(m)
     with pytest.raises(C.MessageError, match=match):
         C.camera_info_to_calibration(m, np.eye(4))
+
+
+def test_k_only_camera_info():
+    calib = Calibration(np.array([[700, 0, 600, 0], [0, 700, 180, 0], [0, 0, 1, 0]]), np.eye(3), np.eye(4)[:3])
+    m = C.calibration_to_camera_info(calib, 0, "c", 1242, 375)
+    m.p = [0.0] * 12
+    np.testing.assert_allclose(C.camera_info_to_calibration(m, np.eye(4)).P2, calib.P2)
 
 
 @pytest.mark.parametrize("vals,match", [([1, 2, 3], "16"), ([0] * 7, "norm"), ([np.nan] * 16, "NaN"),

@@ -1,0 +1,273 @@
+"""Fuzzing the converters and the detector node's callbacks with malformed messages (hypothesis, >= 10 000 cases).
+
+Every malformed message must produce a warning (counted per topic, logged throttled, naming the topic and the
+problem), never an exception out of a callback; the node keeps publishing on the next valid frame. Callbacks are
+called in-process for bulk fuzzing; test_node.py's cross-process run also injects malformed messages.
+"""
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+rclpy = pytest.importorskip("rclpy")
+pytest.importorskip("vision_msgs.msg")
+pytest.importorskip("cmfiou_ros.msg")
+
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rosutil import fresh_domain, kitti_frame_msgs, make_detector, wait_until  # noqa: E402
+from tiny_pipeline import TinyPipeline  # noqa: E402
+
+from cmfiou_ros import convert as C  # noqa: E402
+from cmfiou_ros.detector_node import TransitionCallbackReturn  # noqa: E402
+
+S = 1_000_000_000
+FUZZ = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+CASES = {"cloud": 4000, "image": 2500, "camera_info": 2000, "random": 1500}  # 10 000 in all
+
+
+class RecordingLogger:
+    def __init__(self, inner):
+        self.inner, self.lines = inner, []
+
+    def warning(self, text):
+        self.lines.append(text)
+        self.inner.warning(text)
+
+
+class Rig(dict):
+    def __repr__(self):  # hypothesis prints the arguments of failing cases: keep it short
+        return "<rig>"
+
+
+@pytest.fixture(scope="module")
+def rig(kitti_samples):
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=fresh_domain())
+    node = make_detector(ctx, TinyPipeline(), image_wait=0.0, warn_throttle=2.0)
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    node.warn.logger = RecordingLogger(node.get_logger())
+    cloud, img, info, T, _ = kitti_frame_msgs(kitti_samples, 3, S)
+    node._param_T = T
+    small = C.xyzi_to_pointcloud2(np.random.default_rng(0).uniform(-5, 5, (64, 4)).astype(np.float32), S, "velo")
+    yield Rig(node=node, cloud=cloud, img=img, info=info, small=small, stamp=[1000 * S])
+    node._teardown()
+    node.destroy_node()
+    rclpy.shutdown(context=ctx)
+
+
+def valid_frame_still_works(rig):
+    """The next valid camera+LiDAR frame is processed and published (with the camera)."""
+    node = rig["node"]
+    rig["stamp"][0] += S
+    stamp = C.ns_to_stamp(rig["stamp"][0])
+    for m in (rig["info"], rig["img"], rig["cloud"]):
+        m.header.stamp = stamp
+    node.on_camera_info(rig["info"])
+    node.on_image(rig["img"])
+    before = node.frames_out
+    cams = node.camera_frames
+    node.on_cloud(rig["cloud"])
+    assert wait_until(lambda: node.frames_out > before, 10), "node stopped publishing after malformed input"
+    assert node.camera_frames == cams + 1
+    assert all(s.name for s in node.diagnostics_statuses())
+
+
+def _clone_cloud(m):
+    c = PointCloud2()
+    c.header.stamp, c.header.frame_id = C.ns_to_stamp(2 * S), m.header.frame_id
+    c.height, c.width, c.point_step, c.row_step = m.height, m.width, m.point_step, m.row_step
+    c.fields = [PointField(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in m.fields]
+    c.is_bigendian, c.is_dense = m.is_bigendian, m.is_dense
+    c.data = bytes(m.data)
+    return c
+
+
+@st.composite
+def bad_clouds(draw):
+    kind = draw(st.sampled_from(["point_step", "row_step", "data_len", "missing_xyz", "datatype", "count",
+                                 "width", "zero_size", "all_nan", "overlap", "zero_stamp", "offset"]))
+    m = draw(st.just(None))  # placeholder; the base message is supplied by the test
+    return kind, draw(st.integers(1, 10**6)), draw(st.integers(0, 3)), m
+
+
+def mutate_cloud(base, kind, n, j):
+    c = _clone_cloud(base)
+    if kind == "point_step":
+        c.point_step = n % 12  # smaller than the x,y,z,intensity layout
+        c.row_step = c.point_step * c.width
+    elif kind == "row_step":
+        c.row_step = base.row_step + (n % 50 + 1) * (1 if n % 2 else -1)
+    elif kind == "data_len":
+        c.data = bytes(base.data)[: max(0, len(base.data) - (n % 63 + 1))] if n % 2 else bytes(base.data) + bytes(
+            n % 63 + 1)
+    elif kind == "missing_xyz":
+        drop = "xyz"[j % 3]
+        c.fields = [f for f in c.fields if f.name != drop]
+    elif kind == "datatype":
+        c.fields[j].datatype = [0, 9, 10, 200, 255][n % 5]
+    elif kind == "count":
+        c.fields[j].count = 0 if n % 2 else 100
+    elif kind == "width":
+        c.width = base.width + n % 1000 + 1
+    elif kind == "zero_size":
+        c.width = 0 if n % 2 else c.width
+        c.height = c.height if n % 2 else 0
+        c.row_step = c.point_step * c.width
+        c.data = b""
+    elif kind == "all_nan":
+        arr = np.full((16, 4), np.nan, np.float32)
+        arr[:, 3] = 1
+        c = C.xyzi_to_pointcloud2(arr, 2 * S, "velo")
+    elif kind == "overlap":
+        c.fields[j].offset = (c.fields[j].offset + 2 + n % 2) % 16
+    elif kind == "zero_stamp":
+        c.header.stamp = C.ns_to_stamp(0)
+    elif kind == "offset":
+        c.fields[j].offset = c.point_step + n % 100
+    return c
+
+
+@settings(max_examples=CASES["cloud"], **FUZZ)
+@given(bad_clouds())
+def test_fuzz_malformed_clouds(rig, case):
+    kind, n, j, _ = case
+    node = rig["node"]
+    msg = mutate_cloud(rig["small"], kind, n, j)
+    before = node.warn.count.get(node._lidar_topic, 0)
+    node.on_cloud(msg)  # must not raise
+    assert node.warn.count.get(node._lidar_topic, 0) == before + 1, kind
+    assert node.warn.last_problem[node._lidar_topic]
+
+
+def test_clouds_then_valid_frame(rig):
+    valid_frame_still_works(rig)
+    assert any("[/kitti/velo/pointcloud]" in line for line in rig["node"].warn.logger.lines)
+
+
+@st.composite
+def bad_images(draw):
+    kind = draw(st.sampled_from(["encoding", "step", "data_len", "zero", "zero_stamp"]))
+    return kind, draw(st.integers(1, 10**6)), draw(st.text(max_size=12))
+
+
+@settings(max_examples=CASES["image"], **FUZZ)
+@given(bad_images())
+def test_fuzz_malformed_images(rig, case):
+    kind, n, text = case
+    node = rig["node"]
+    h, w = 6 + n % 5, 7 + n % 3
+    enc = ["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "32FC1"][n % 7]
+    bpp = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "mono16": 2, "32FC1": 4}[enc]
+    m = Image(height=h, width=w, encoding=enc, step=w * bpp)
+    m.header.stamp = C.ns_to_stamp(3 * S + n)
+    m.data = bytes(h * w * bpp)
+    if kind == "encoding":
+        m.encoding = text if text.lower() not in C.SUPPORTED_ENCODINGS else "bayer_rggb8"
+    elif kind == "step":
+        m.step = w * bpp - 1 - n % (w * bpp)
+    elif kind == "data_len":
+        m.data = bytes(h * w * bpp + (n % 17 + 1) * (1 if n % 2 else -1))
+    elif kind == "zero":
+        m.height = 0
+        m.data = b""
+    else:
+        m.header.stamp = C.ns_to_stamp(0)
+    before = node.warn.count.get(node._image_topic, 0)
+    node.on_image(m)
+    assert node.warn.count.get(node._image_topic, 0) == before + 1, kind
+
+
+def test_images_then_valid_frame(rig):
+    valid_frame_still_works(rig)
+
+
+@st.composite
+def bad_infos(draw):
+    kind = draw(st.sampled_from(["size0", "p_zero", "p_nan", "r_bad", "focal_neg", "size_mismatch"]))
+    return kind, draw(st.integers(1, 10**6)), draw(st.floats(allow_nan=True, allow_infinity=True))
+
+
+@settings(max_examples=CASES["camera_info"], **FUZZ)
+@given(bad_infos())
+def test_fuzz_malformed_camera_info(rig, case):
+    kind, n, x = case
+    node = rig["node"]
+    good = rig["info"]
+    m = CameraInfo()
+    m.header.stamp = C.ns_to_stamp(rig["stamp"][0] + S // 2 + n)
+    m.header.frame_id = "cam"
+    m.width, m.height = good.width, good.height
+    m.k, m.r, m.p = list(good.k), list(good.r), list(good.p)
+    if kind == "size0":
+        m.width = 0 if n % 2 else m.width
+        m.height = m.height if n % 2 else 0
+    elif kind == "p_zero":
+        m.p, m.k = [0.0] * 12, [0.0] * 9
+    elif kind == "p_nan":
+        p = list(m.p)
+        p[n % 12] = x if (x != x or abs(x) == float("inf")) else float("nan")
+        m.p = p
+    elif kind == "r_bad":
+        m.r = [1.0 + (n % 7)] * 9
+    elif kind == "focal_neg":
+        p = list(m.p)
+        p[0] = -abs(p[0]) - 1
+        m.p = p
+    topic = node._info_topic
+    before = node.warn.count.get(topic, 0)
+    if kind != "size_mismatch":
+        node.on_camera_info(m)
+        assert node.warn.count.get(topic, 0) == before + 1, kind
+        return
+    # structurally valid CameraInfo whose size does not match the image: warning at frame assembly, LiDAR-only
+    m.width = good.width + 1 + n % 100
+    stamp = m.header.stamp
+    img, cloud = rig["img"], rig["small"]
+    img.header.stamp = stamp
+    cloud.header.stamp = stamp
+    node.on_camera_info(m)
+    node.on_image(img)
+    lo = node.lidar_only_frames
+    node.on_cloud(cloud)
+    assert node.warn.count.get(topic, 0) == before + 1
+    assert node.lidar_only_frames == lo + 1 and "camera_info is" in node.last_lidar_only_reason
+
+
+def test_camera_infos_then_valid_frame(rig):
+    time.sleep(0.2)
+    valid_frame_still_works(rig)
+
+
+@settings(max_examples=CASES["random"], **FUZZ)
+@given(st.integers(0, 40), st.integers(0, 40), st.integers(0, 64), st.integers(-10, 2000), st.booleans(),
+       st.lists(st.tuples(st.sampled_from(["x", "y", "z", "intensity", "q", ""]), st.integers(0, 70),
+                          st.integers(0, 9), st.integers(0, 3)), max_size=6), st.binary(max_size=2048))
+def test_fuzz_random_clouds_never_crash(rig, h, w, ps, rs, be, fields, data):
+    """Fully random headers + bytes: whatever it is, a callback never raises and the node stays usable."""
+    node = rig["node"]
+    m = PointCloud2(height=h, width=w, point_step=ps, row_step=max(rs, 0), is_bigendian=be)
+    m.header.stamp = C.ns_to_stamp(4 * S + h * 1000 + w)
+    m.fields = [PointField(name=n_, offset=o, datatype=d, count=c) for n_, o, d, c in fields]
+    m.data = data
+    node.on_cloud(m)
+    try:  # the converter itself: a result or a MessageError, nothing else
+        C.pointcloud2_to_xyzi(m, allow_empty=True)
+    except C.MessageError:
+        pass
+
+
+def test_random_then_valid_frame(rig):
+    time.sleep(0.3)
+    valid_frame_still_works(rig)
+    node = rig["node"]
+    assert node.pipeline_errors == 0
+    assert node.warn.total >= CASES["cloud"] + CASES["image"] + CASES["camera_info"]
+    # throttled: far fewer log lines than warnings
+    assert len(node.warn.logger.lines) < node.warn.total / 10
