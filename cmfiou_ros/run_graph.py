@@ -147,6 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     g.start()
+    for name, p in g.procs.items():
+        print(f"[run_graph] started {name} pid {p.pid}", file=sys.stderr, flush=True)
     rc = 0
     t0 = time.monotonic()
     try:
