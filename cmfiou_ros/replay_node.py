@@ -208,6 +208,12 @@ class ReplayNode(Node):
                 self._finish()
                 return
             self.cursor = 0
+        try:
+            index, cloud, img, info, T = self._load(self.cursor)
+        except Exception as e:  # noqa: BLE001 - a broken file is skipped with a warning
+            self.get_logger().warning(f"frame {self.source.frames[self.cursor].index}: {type(e).__name__}: {e}")
+            self.cursor += 1
+            return
         if self.clock_pub is not None:
             from rosgraph_msgs.msg import Clock
 
@@ -215,12 +221,6 @@ class ReplayNode(Node):
             self.clock_pub.publish(Clock(clock=C.ns_to_stamp(stamp_ns)))
         else:
             stamp_ns = self.get_clock().now().nanoseconds
-        try:
-            index, cloud, img, info, T = self._load(self.cursor)
-        except Exception as e:  # noqa: BLE001 - a broken file is skipped with a warning
-            self.get_logger().warning(f"frame {self.source.frames[self.cursor].index}: {type(e).__name__}: {e}")
-            self.cursor += 1
-            return
         stamp = C.ns_to_stamp(stamp_ns)
         camera_on = p["publish_image"] and (p["stop_camera_after"] < 0 or self.seq < p["stop_camera_after"])
         if T is not None:

@@ -1,0 +1,143 @@
+"""Soak test: replay in a loop through the detector for N minutes; sample the RSS of every node and the detector's
+queue/drop counters (from /diagnostics); report the RSS slope (MB/min, least squares after a warm-up) and totals.
+
+    python bench/bench_soak.py --minutes 10 --data ../shared/kitti_samples/object --rate 10 \
+        --pipeline-factory cmfiou_core.pipeline:Pipeline.from_config --json soak.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return float("nan")
+
+
+def slope_mb_per_min(t_s, mb) -> float:
+    t, m = np.asarray(t_s, float), np.asarray(mb, float)
+    ok = np.isfinite(m)
+    if ok.sum() < 3:
+        return float("nan")
+    return float(np.polyfit(t[ok] / 60.0, m[ok], 1)[0])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--data", default=None, help="dataset (default: generated demo scenes)")
+    ap.add_argument("--rate", type=float, default=10.0)
+    ap.add_argument("--pipeline-factory", default="cmfiou_core.pipeline:Pipeline.from_config")
+    ap.add_argument("--config", default="")
+    ap.add_argument("--checkpoint", default="")
+    ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS samples")
+    ap.add_argument("--warmup", type=float, default=30.0, help="seconds excluded from the slope")
+    ap.add_argument("--json", default=None, help="write the report here")
+    ns = ap.parse_args(argv)
+
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, qos_profile_sensor_data
+    from sensor_msgs.msg import PointCloud2
+    from vision_msgs.msg import Detection3DArray
+
+    from cmfiou_ros.graph import TOPICS, replay_graph
+    from cmfiou_ros.run_graph import Graph
+
+    if ns.data is None:
+        from cmfiou_core.data.synthetic import ensure_demo_scenes
+
+        ns.data = str(ensure_demo_scenes())
+    domain = int(os.environ.get("ROS_DOMAIN_ID", "0")) or random.randint(120, 220)
+    specs = replay_graph({"data": ns.data, "rate": str(ns.rate), "loop": "true",
+                          "pipeline_factory": ns.pipeline_factory, "config": ns.config, "checkpoint": ns.checkpoint})
+    specs[0].parameters.update(wait_for_subscribers=2, wait_timeout=600.0)
+    log_dir = tempfile.mkdtemp(prefix="cmfiou_soak_")
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=domain)
+    node = rclpy.create_node("cmfiou_soak", context=ctx)
+    state = {"outputs": 0, "diag": {}}
+
+    def on_diag(msg):
+        for st in msg.status:
+            state["diag"][st.name] = {kv.key: kv.value for kv in st.values}
+
+    node.create_subscription(Detection3DArray, TOPICS["detections"],
+                             lambda m: state.__setitem__("outputs", state["outputs"] + 1), QoSProfile(depth=50))
+    node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, QoSProfile(depth=10))
+    ex = SingleThreadedExecutor(context=ctx)
+    ex.add_node(node)
+    g = Graph(specs, env={"ROS_DOMAIN_ID": str(domain)}, log_dir=log_dir).start()
+    samples = {name: [] for name in g.procs}
+    times, queue_samples = [], []
+    started = None
+    t_sample = 0.0
+    try:
+        t_up = time.monotonic()
+        while node.count_publishers(TOPICS["detections"]) < 1:
+            ex.spin_once(timeout_sec=0.1)
+            if g.poll() is not None or time.monotonic() - t_up > 600:
+                print(f"graph did not come up; logs in {log_dir}", file=sys.stderr)
+                return 1
+        node.create_subscription(PointCloud2, TOPICS["lidar"], lambda m: None, qos_profile_sensor_data)
+        started = time.monotonic()
+        while time.monotonic() - started < ns.minutes * 60:
+            ex.spin_once(timeout_sec=0.1)
+            if g.poll() is not None:
+                print(f"node exited: {g.poll()}; logs in {log_dir}", file=sys.stderr)
+                return 1
+            now = time.monotonic() - started
+            if now >= t_sample:
+                t_sample = now + ns.sample_every
+                times.append(now)
+                for name, p in g.procs.items():
+                    samples[name].append(rss_mb(p.pid))
+                sync = next((v for k, v in state["diag"].items() if k.endswith(": sync")), {})
+                inf = next((v for k, v in state["diag"].items() if k.endswith(": inference")), {})
+                queue_samples.append({"t": round(now, 1), "sync_queue_sizes": sync.get("sync_queue_sizes"),
+                                      "frames_dropped": inf.get("frames_dropped"), "outputs": state["outputs"]})
+    finally:
+        g.stop()
+        ex.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+    t = np.asarray(times)
+    keep = t >= min(ns.warmup, t.max() / 2 if len(t) else 0)
+    inf = next((v for k, v in state["diag"].items() if k.endswith(": inference")), {})
+    report = {
+        "minutes": ns.minutes, "rate_hz": ns.rate, "data": ns.data, "pipeline_factory": ns.pipeline_factory,
+        "outputs": state["outputs"], "frames_in": inf.get("frames_in"), "frames_dropped": inf.get("frames_dropped"),
+        "pipeline_errors": inf.get("pipeline_errors"), "latency_ms_p50": inf.get("latency_ms_p50"),
+        "latency_ms_p95": inf.get("latency_ms_p95"), "processing_ms_p95": inf.get("processing_ms_p95"),
+        "rss_mb": {n: {"first": s[0] if s else None, "last": s[-1] if s else None, "max": max(s) if s else None,
+                       "slope_mb_per_min": slope_mb_per_min(t[keep], np.asarray(s)[keep])} for n, s in
+                   samples.items()},
+        "queue_samples": queue_samples[-20:], "logs": log_dir,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if ns.json:
+        Path(ns.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
