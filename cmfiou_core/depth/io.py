@@ -20,7 +20,8 @@ def write_velodyne_depth(path: Union[str, Path], rows) -> Path:
         raise VelodyneDepthError(f"{path}: rows must be (N, 8), got {arr.shape}")
     if not np.all(np.isfinite(arr)):
         raise VelodyneDepthError(f"{path}: rows contain NaN/inf")
-    a16 = arr.astype(np.float16)
+    with np.errstate(over="ignore"):
+        a16 = arr.astype(np.float16)
     if not np.all(np.isfinite(a16)):
         raise VelodyneDepthError(f"{path}: values overflow float16 (|v| > 65504)")
     path = Path(path)
@@ -59,8 +60,8 @@ def input_point_discard(points: torch.Tensor, rate: float = 0.8, bin_num: int = 
     dropped, as in the official code). Walking from the far slab inwards, the far slabs are kept whole while the
     running estimate stays under ``1 - rate`` of all points; each remaining near slab is randomly capped to
     ``int((int(N (1 - rate)) - kept_far) / (pos + 1e-4))`` points. Output order follows the official concatenation
-    (far slab first; capped slabs in random order). ``generator`` (a CPU ``torch.Generator``) makes it reproducible.
-    One host sync (the 10 slab counts).
+    (far slab first; capped slabs in random order). ``generator`` (a ``torch.Generator`` on the points' device, or a
+    CPU one) makes it reproducible. Host syncs: the 10 slab counts and the output size.
     """
     N = points.shape[0]
     if N == 0:
@@ -80,7 +81,10 @@ def input_point_discard(points: torch.Tensor, rate: float = 0.8, bin_num: int = 
             pos, dist_acc = i, acc
     pos = max(pos, 0)
     per_bin = int((int(N * retain) - dist_acc) / (pos + 0.0001))
-    rnd = torch.rand(N, generator=generator).to(dev)
+    if generator is not None and generator.device != dev:
+        rnd = torch.rand(N, generator=generator, device=generator.device).to(dev)
+    else:
+        rnd = torch.rand(N, generator=generator, device=dev)
     # rank of each point inside its slab in random order
     key = (b + 1).to(torch.float64) * 2.0 + rnd.to(torch.float64)  # slab-major, random inside
     order = torch.argsort(key)

@@ -366,6 +366,7 @@ class PENetCompleter:
         self.model = model.eval()
         self.pad = int(pad_multiple)
         self._device = None
+        self._K = {}  # cached per calibration/device: a blocking H2D copy per frame would sync the stream
 
     def __call__(self, sparse: torch.Tensor, image: torch.Tensor, calib) -> torch.Tensor:
         dev = sparse.device
@@ -376,7 +377,10 @@ class PENetCompleter:
         Hp, Wp = -(-H // self.pad) * self.pad, -(-W // self.pad) * self.pad
         d = F.pad(sparse.view(1, 1, H, W).float(), (0, Wp - W, 0, Hp - H))
         rgb = F.pad(image.permute(2, 0, 1).unsqueeze(0).float(), (0, Wp - W, 0, Hp - H))
-        K = torch.as_tensor(calib.P2[:, :3], dtype=torch.float32, device=dev).unsqueeze(0)
+        key = (calib.P2.tobytes(), str(dev))
+        if key not in self._K:
+            self._K = {key: torch.as_tensor(calib.P2[:, :3], dtype=torch.float32, device=dev).unsqueeze(0)}
+        K = self._K[key]
         with torch.inference_mode():
             out = self.model(rgb, d, position_grid(Hp, Wp, dev), K)
         return out[0, 0, :H, :W].clamp_min(0)

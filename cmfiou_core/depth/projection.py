@@ -40,8 +40,8 @@ def sparse_depth_map(uv: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor,
     ui = uv[:, 0].clamp(0, width - 1).to(torch.int64)  # floor for the valid (non-negative) ones
     vi = uv[:, 1].clamp(0, height - 1).to(torch.int64)
     idx = torch.where(valid, vi * width + ui, torch.full_like(ui, hw))
-    inf = torch.tensor(float("inf"), dtype=depth.dtype, device=depth.device)
+    # NB: no torch.tensor(..., device=cuda) here: a blocking H2D copy would synchronise the stream
     buf = torch.full((hw + 1,), float("inf"), dtype=depth.dtype, device=depth.device)
-    buf.scatter_reduce_(0, idx, torch.where(valid, depth, inf), reduce="amin", include_self=True)
+    buf.scatter_reduce_(0, idx, depth.masked_fill(~valid, float("inf")), reduce="amin", include_self=True)
     buf = buf[:hw]
-    return torch.where(torch.isinf(buf), torch.zeros_like(buf), buf).view(height, width)
+    return buf.masked_fill(torch.isinf(buf), 0.0).view(height, width)

@@ -87,14 +87,15 @@ def la_sampling2_order(xyz: torch.Tensor, valid: torch.Tensor, cfg: ThinningConf
     r = torch.linalg.vector_norm(xyz, dim=1)
     theta = torch.arccos(z / r)
     phi = torch.atan(y / x)
-    sph = torch.stack([r, theta, phi], 1)
-    vmin = torch.tensor(cfg.voxel_range[:3], dtype=torch.float32, device=dev)
-    vsize = torch.tensor(cfg.voxel_size, dtype=torch.float32, device=dev)
     grid = [int(round((cfg.voxel_range[i + 3] - cfg.voxel_range[i]) / cfg.voxel_size[i])) for i in range(3)]
-    c = torch.floor((sph - vmin) / vsize)
-    gmax = torch.tensor(grid, dtype=torch.float32, device=dev)
-    ok = valid & (theta > cfg.theta_min) & ((c >= 0) & (c < gmax)).all(1)  # NaN compares False
-    c = torch.where(ok[:, None], c, torch.zeros_like(c)).to(torch.int64)
+    ok = valid & (theta > cfg.theta_min)  # NaN compares False
+    cs = []
+    for i, comp in enumerate((r, theta, phi)):  # python-scalar arithmetic: no H2D copies (they would sync)
+        ci = torch.floor((comp - cfg.voxel_range[i]) / cfg.voxel_size[i])
+        ok = ok & (ci >= 0) & (ci < grid[i])
+        cs.append(ci)
+    c = torch.stack(cs, 1)
+    c = c.masked_fill(~ok[:, None], 0.0).to(torch.int64)
     sentinel = grid[0] * grid[1] * grid[2]
     key = torch.where(ok, (c[:, 0] * grid[1] + c[:, 1]) * grid[2] + c[:, 2], torch.full_like(c[:, 0], sentinel))
 
@@ -107,7 +108,7 @@ def la_sampling2_order(xyz: torch.Tensor, valid: torch.Tensor, cfg: ThinningConf
     start = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), 0).values
     rank = pos - start
     compete = (rank < cfg.max_points_per_voxel) & (skey != sentinel)
-    zs = torch.where(compete, z[perm], torch.full_like(z[perm], float("inf")))
+    zs = z[perm].masked_fill(~compete, float("inf"))
     seg_min = torch.full((N,), float("inf"), dtype=zs.dtype, device=dev).scatter_reduce(
         0, seg, zs, reduce="amin", include_self=True)
     cand = compete & (zs == seg_min[seg])
