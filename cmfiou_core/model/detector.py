@@ -77,6 +77,15 @@ class CMFIOU(nn.Module):
             return loss, tb
         return batch
 
+    def post_process(self, batch: Dict[str, Any]):
+        """Final detections per frame (``postprocess.post_process`` with ``model.post_processing``): list of
+        ``FrameDetections(boxes, labels, cls, iou, score)``. Needs the RoI head outputs."""
+        from .postprocess import post_process
+
+        if "rois" not in batch:
+            raise ValueError("post_process needs the RoI head outputs (model built without roi_head?)")
+        return post_process(batch, self.cfg.post_processing)
+
 
 def build_model(cfg: Union[FullConfig, ModelConfig], with_roi_head: bool = True) -> CMFIOU:
     """Build the detector from a loaded config (``model_config.load_config``). ``with_roi_head=False`` builds the
