@@ -58,6 +58,14 @@ def voxel_query(new_coords: torch.Tensor, new_xyz: torch.Tensor, voxel_xyz: torc
     empty_out = torch.ones((M,), dtype=torch.bool, device=dev)
     if M == 0 or v2p_flat.numel() == 0:
         return idx_out, empty_out
+    size = v2p_flat.numel()
+    # flat neighbour index built separably; an out-of-range coordinate adds a negative sentinel larger than any
+    # valid index, so "flat < 0" <=> out of bounds; index -1 of the extended map reads the appended -1 (empty)
+    if size < (1 << 29):
+        itype, sent = torch.int32, -(1 << 29)
+    else:
+        itype, sent = torch.int64, -4 * (size + 1)
+    v2p_ext = torch.cat([v2p_flat, v2p_flat.new_full((1,), -1)])
     oz = torch.arange(-rz, rz + 1, device=dev)
     oy = torch.arange(-ry, ry + 1, device=dev)
     ox = torch.arange(-rx, rx + 1, device=dev)
@@ -71,16 +79,12 @@ def voxel_query(new_coords: torch.Tensor, new_xyz: torch.Tensor, voxel_xyz: torc
         z = c[:, 1:2] + oz
         y = c[:, 2:3] + oy
         x = c[:, 3:4] + ox
-        vz = (z >= 0) & (z < Z) & (b >= 0) & (b < B)
-        vy = (y >= 0) & (y < Y)
-        vx = (x >= 0) & (x < X)
-        fz = (b.clamp(0, B - 1) * Z + z.clamp(0, Z - 1)) * (Y * X)
-        fy = y.clamp(0, Y - 1) * X
-        fx = x.clamp(0, X - 1)
-        valid = vz[:, :, None, None] & vy[:, None, :, None] & vx[:, None, None, :]
-        flat = fz[:, :, None, None] + fy[:, None, :, None] + fx[:, None, None, :]
-        nb = v2p_flat[flat.view(m, K)]
-        occ = valid.view(m, K) & (nb >= 0)
+        fz = torch.where((z >= 0) & (z < Z) & (b >= 0) & (b < B), (b * Z + z) * (Y * X), sent).to(itype)
+        fy = torch.where((y >= 0) & (y < Y), y * X, sent).to(itype)
+        fx = torch.where((x >= 0) & (x < X), x, sent).to(itype)
+        flat = (fz[:, :, None, None] + fy[:, None, :, None]) + fx[:, None, None, :]
+        nb = v2p_ext[flat.view(m, K).clamp_min(-1)]
+        occ = nb >= 0
         r_i, k_i = occ.nonzero(as_tuple=True)           # row-major = scan order within each row
         cand = nb[r_i, k_i]
         d = vxyz[cand] - q[r_i]

@@ -1,0 +1,298 @@
+"""RoI head: official key layout, official_roi reference per stage, targets on constructed cases, training on CPU."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cmfiou_core.config import ConfigError, load_yaml
+from cmfiou_core.model.proposal import TEST_DEFAULT, proposal_layer
+from cmfiou_core.model.roi_head import RoIHead, RoIHeadConfig, x_trans_backward, x_trans_forward
+from cmfiou_core.model.roi_targets import (ProposalTargetLayer, TargetConfig, bb_loss, canonical_targets,
+                                           corner_loss_lidar, max_iou_same_class)
+
+spconv = pytest.importorskip("spconv.pytorch")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def official_keys(shared: Path):
+    out = {}
+    for line in (shared / "cmfiou_mm_state_dict_keys.txt").read_text().splitlines():
+        if line.startswith("roi_head."):
+            k, rest = line.split(None, 1)
+            out[k[len("roi_head."):]] = rest.strip()
+    return out
+
+
+def _fmt(v):
+    shape = "(%d,)" % v.shape[0] if v.dim() == 1 else str(tuple(v.shape))
+    return f"{shape} {str(v.dtype).replace('torch.', '')}"
+
+
+def test_state_dict_matches_official(shared_dir):
+    ref = official_keys(shared_dir)
+    assert len(ref) == 275
+    sd = RoIHead().state_dict()
+    assert set(sd) == set(ref)
+    assert {k: _fmt(v) for k, v in sd.items()} == ref
+    sd_iou = RoIHead({"iou_branch": {"enabled": True}}).state_dict()
+    extra = set(sd_iou) - set(ref)
+    assert set(ref) <= set(sd_iou) and extra and all(k.startswith("iou_layers.0.") for k in extra)
+    assert sd_iou["iou_layers.0.0.weight"].shape == (256, 1024) and sd_iou["iou_layers.0.7.weight"].shape == (1, 256)
+
+
+def test_config_validation():
+    for name in ("cmfiou_kitti.yaml", "cmfiou_kitti_official.yaml"):
+        p = REPO / "config" / name
+        if p.is_file():
+            roi = load_yaml(p)["model"]["roi_head"]
+            c = RoIHeadConfig.from_mapping(roi, str(p))
+            assert c.num_stages == 3 and c.grid_pool.grid_size == 6 and c.grid_pool_mm.grid_size == 4
+    with pytest.raises(ConfigError, match="unknown key"):
+        RoIHeadConfig.from_mapping({"num_stage": 3})
+    with pytest.raises(ConfigError):
+        RoIHeadConfig.from_mapping({"part": {"size": "7"}})
+    d = RoIHeadConfig()
+    assert d.nms_test.post_max_size == 50 and d.nms_train.post_max_size == 512 and d.target.roi_per_image == 160
+
+
+# ------------------------------------------------------------------------------------------------ reference
+@pytest.fixture(scope="module")
+def reference(shared_dir):
+    torch.set_num_threads(1)
+    sd = np.load(shared_dir / "official_roi" / "state_dict.npz")
+    out = dict(np.load(shared_dir / "official_roi" / "outputs.npz"))
+    inp = dict(np.load(shared_dir / "official_roi" / "inputs.npz"))
+    dense = np.load(shared_dir / "official_dense" / "outputs.npz")
+    head = RoIHead()
+    msd = head.state_dict()
+    head.load_state_dict({k[9:]: torch.from_numpy(sd[k]).to(msd[k[9:]].dtype) for k in sd.files}, strict=True)
+    head.conv_part[1].eps = 1e-3  # README: BN eps 1e-3 for conv_part.1 (the official module's value)
+    head.eval()
+
+    def sp(p):
+        return spconv.SparseConvTensor(torch.from_numpy(dense[p + "_features"]), torch.from_numpy(dense[p + "_indices"]),
+                                       [int(x) for x in dense[p + "_spatial_shape"]], 1)
+
+    def batch():
+        return {"batch_size": 1,
+                "multi_scale_3d_features": {"x_conv3": sp("raw_x_conv3"), "x_conv4": sp("raw_x_conv4")},
+                "multi_scale_3d_features_mm": {"x_conv3": sp("mm_x_conv3"), "x_conv4": sp("mm_x_conv4")},
+                "st_features_2d": torch.from_numpy(dense["st_features_2d"]),
+                "batch_box_preds": torch.from_numpy(inp["proposal_batch_box_preds"]),
+                "batch_cls_preds": torch.from_numpy(inp["proposal_batch_cls_preds"])}
+
+    bd = batch()
+    head.record = {}
+    with torch.no_grad():
+        head(bd)  # proposal layer + 3 stages
+    rec, head.record = head.record, None
+    return head, bd, rec, out, batch
+
+
+def test_proposals_exact(reference):
+    _, bd, _, out, _ = reference
+    assert np.array_equal(bd["rois"].numpy(), out["rois"])
+    assert np.array_equal(bd["roi_scores"].numpy(), out["roi_scores"])
+    assert np.array_equal(bd["roi_labels"].numpy(), out["roi_labels"])
+
+
+def _box_err(a, r):
+    # boxes of the random-weight reference reach 1e13 m: absolute 1e-3 plus fp32 relative noise
+    return float((np.abs(a - r) / (1e-3 + 1e-6 * np.abs(r))).max())
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_stage_matches_official(reference, stage):
+    _, _, rec, out, _ = reference
+    names = [n for n in out if n.startswith(f"s{stage}_")]
+    assert len(names) >= 15
+    for n in names:
+        got = rec[n].numpy().reshape(out[n].shape)
+        if n.endswith(("rois_in", "box_preds")):
+            assert _box_err(got, out[n]) <= 1.0, n
+        else:
+            assert np.abs(got - out[n]).max() <= 1e-3, (n, np.abs(got - out[n]).max())
+    assert np.abs(rec["parts_feat"].numpy() - out["parts_feat"]).max() <= 1e-3
+
+
+def test_final_matches_official(reference):
+    _, bd, _, out, _ = reference
+    assert _box_err(bd["batch_box_preds"].numpy(), out["final_batch_box_preds"]) <= 1.0
+    assert np.abs(bd["batch_cls_preds"].numpy() - out["final_batch_cls_preds"]).max() <= 1e-3
+    assert bd["cls_preds_normalized"] is False and "batch_iou_preds" not in bd
+
+
+def test_three_identity_views_equal_single_view(reference):
+    head, bd, _, _, batch = reference
+    b3 = batch()
+    for k in ("multi_scale_3d_features", "multi_scale_3d_features_mm"):
+        b3[k + "1"] = b3[k]
+        b3[k + "2"] = b3[k]
+    b3["transform_param"] = torch.tensor([[[0.0, 0.0, 1.0]] * 3])
+    with torch.no_grad():
+        head(b3)
+    assert torch.allclose(b3["batch_box_preds"], bd["batch_box_preds"], rtol=1e-6, atol=1e-4)
+    assert torch.allclose(b3["batch_cls_preds"], bd["batch_cls_preds"], atol=1e-5)
+
+
+def test_x_trans_roundtrip():
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.rand(2, 10, 7, generator=g, dtype=torch.float64) * 10
+    for p in ([0.3, 0, 0.98], [0.3, 1, 1.02], [0.0, 1, 1.0]):
+        param = torch.tensor([p, p], dtype=torch.float64)
+        fwd = x_trans_forward(boxes, param)
+        assert torch.allclose(x_trans_backward(fwd, param), boxes, atol=1e-9)
+        # explicit formula for one box: rotate, flip y, scale
+        x, y = boxes[0, 0, 0], boxes[0, 0, 1]
+        c, s = math.cos(p[0]), math.sin(p[0])
+        xr, yr = x * c - y * s, x * s + y * c
+        if p[1]:
+            yr = -yr
+        assert torch.allclose(fwd[0, 0, :2], torch.stack([xr, yr]) * p[2])
+        h = boxes[0, 0, 6] + p[0]
+        assert torch.allclose(fwd[0, 0, 6], -h if p[1] else h)
+
+
+# ------------------------------------------------------------------------------------------------ targets
+def test_targets_constructed_cases():
+    gt = torch.tensor([[[10.0, 0.0, -1.0, 4.0, 1.8, 1.5, 0.3, 1], [20.0, 5.0, -1.0, 0.8, 0.6, 1.7, 1.0, 2],
+                        [0, 0, 0, 0, 0, 0, 0, 0]]])
+    rois = torch.tensor([[[10.0, 0.0, -1.0, 4.0, 1.8, 1.5, 0.3],           # = car GT
+                          [10.0, 0.0, -1.0, 4.0, 1.8, 1.5, 0.3 + math.pi],  # car GT, opposite heading
+                          [10.0 + 0.6 * math.cos(0.3), 0.6 * math.sin(0.3), -1.0, 4.0, 1.8, 1.5, 0.3],  # shifted 0.6 m along its length
+                          [40.0, 0.0, -1.0, 4.0, 1.8, 1.5, 0.0],            # nothing
+                          [20.0, 5.0, -1.0, 0.8, 0.6, 1.7, 1.0],            # = ped GT but labelled Car
+                          [20.0, 5.0, -1.0, 0.8, 0.6, 1.7, 1.0]]])          # = ped GT, Ped
+    labels = torch.tensor([[1, 1, 1, 1, 1, 2]])
+    mo, asg = max_iou_same_class(rois[0], labels[0], gt[0, :2])
+    assert torch.allclose(mo[[0, 1, 5]], torch.ones(3), atol=1e-5)
+    assert mo[3] == 0 and mo[4] == 0 and asg[5] == 1 and asg[0] == 0
+    shifted_iou = float(mo[2])
+    assert abs(shifted_iou - (4.0 - 0.6) / (4.0 + 0.6)) < 1e-4  # same box shifted by 0.6 along x of the box
+    cfg = TargetConfig(roi_per_image=64)
+    layer = ProposalTargetLayer(cfg)
+    t = layer.sample(rois, torch.zeros(1, 6), labels, gt, stage=0, generator=torch.Generator().manual_seed(0))
+    iou, lab, reg = t["gt_iou_of_rois"][0], t["rcnn_cls_labels"][0], t["reg_valid_mask"][0]
+    assert t["rois"].shape == (1, 64, 7)
+    for i in range(64):
+        cls_id = int(t["gt_of_rois"][0, i, 7]) if iou[i] > 0 else int(t["roi_labels"][0, i])
+        fg, bg = cfg.cls_fg_thresh[cls_id - 1], cfg.cls_bg_thresh[cls_id - 1]
+        exp = 1.0 if iou[i] > fg else 0.0 if iou[i] < bg else (float(iou[i]) - bg) / (fg - bg)
+        assert abs(float(lab[i]) - exp) < 1e-6
+        assert int(reg[i]) == int(float(iou[i]) > cfg.reg_fg_thresh[0][cls_id - 1])
+    # 3 fg rois (IoU 1, 1, 1) + shifted (0.74 >= min(0.5, 0.75)) -> fg; at most 32 fg (fg_ratio 0.5), sampled
+    # without replacement: exactly the 4 fg rois, then 60 background (rois 3, 4, with replacement)
+    assert int((iou >= 0.5).sum()) == 4 and int((iou == 0).sum()) == 60
+    # the soft label of the shifted roi: (0.739 - 0.25) / 0.5
+    k = int(torch.nonzero((iou - shifted_iou).abs() < 1e-6)[0, 0])
+    assert abs(float(lab[k]) - (shifted_iou - 0.25) / 0.5) < 1e-5
+    c = canonical_targets(t)
+    for i in range(64):
+        if iou[i] > 0.99:
+            assert torch.allclose(c["gt_of_rois"][0, i, [0, 1, 2, 6]], torch.zeros(4), atol=1e-5)  # flip handled
+            assert torch.allclose(c["gt_of_rois"][0, i, 3:6], c["gt_of_rois_src"][0, i, 3:6])
+    assert torch.all(c["gt_of_rois"][..., 6].abs() <= math.pi / 2 + 1e-6)
+
+
+def test_losses_zero_for_perfect_prediction():
+    gt = torch.tensor([[10.0, 0.0, -1.0, 4.0, 1.8, 1.5, 0.3]])
+    assert float(corner_loss_lidar(gt, gt)[0]) == 0.0
+    flipped = gt.clone()
+    flipped[0, 6] += math.pi
+    assert float(corner_loss_lidar(flipped, gt)[0]) < 1e-6
+    assert float(bb_loss(gt, gt)[0]) < 1e-6
+    assert float(bb_loss(gt + torch.tensor([[1.0, 0, 0, 0, 0, 0, 0]]), gt)[0]) > 1.0
+
+
+# ------------------------------------------------------------------------------------------------ training on CPU
+def _synthetic_batch(B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gts, feats = [], {}
+    for b in range(B):
+        n = 3
+        gb = torch.zeros(4, 8)
+        gb[:n, 0] = 10 + torch.rand(n, generator=g) * 40
+        gb[:n, 1] = torch.rand(n, generator=g) * 30 - 15
+        gb[:n, 2] = -1.0
+        gb[:n, 3:6] = torch.tensor([3.9, 1.6, 1.56])
+        gb[:n, 6] = torch.rand(n, generator=g) * 6 - 3
+        gb[:n, 7] = torch.tensor([1, 1, 2]).float()
+        gb[2, 3:6] = torch.tensor([0.8, 0.6, 1.73])
+        gts.append(gb)
+    gt = torch.stack(gts)
+    for mod in ("", "_mm"):
+        d = {}
+        for name, stride, shape in (("x_conv3", 4, (21, 400, 352)), ("x_conv4", 8, (10, 200, 176))):
+            idx = []
+            for b in range(B):
+                for box in gt[b][gt[b, :, 3] > 0]:
+                    cx = int(box[0] / (0.05 * stride))
+                    cy = int((box[1] + 40) / (0.05 * stride))
+                    cz = int((box[2] + 3) / (0.05 * stride))
+                    r = torch.arange(-4, 5)
+                    zz, yy, xx = torch.meshgrid(r[::3] + cz, r + cy, r + cx, indexing="ij")
+                    idx.append(torch.stack([torch.full_like(zz.reshape(-1), b), zz.reshape(-1), yy.reshape(-1),
+                                            xx.reshape(-1)], 1))
+            ind = torch.unique(torch.cat(idx), dim=0).int()
+            ind = ind[(ind[:, 1] >= 0) & (ind[:, 1] < shape[0])]
+            f = torch.randn(ind.shape[0], 64, generator=g, requires_grad=True)
+            d[name] = spconv.SparseConvTensor(f, ind, list(shape), B)
+        feats["multi_scale_3d_features" + mod] = d
+    # proposals: jittered GT + random boxes
+    A = 60
+    boxes = torch.zeros(B, A, 7)
+    for b in range(B):
+        src = gt[b, torch.randint(0, 3, (A,), generator=g), :7]
+        boxes[b] = src + torch.randn(A, 7, generator=g) * torch.tensor([0.4, 0.4, 0.1, 0.2, 0.1, 0.1, 0.2])
+        boxes[b, 40:, 0] += 15
+    boxes[..., 3:6] = boxes[..., 3:6].abs() + 0.1
+    batch = {"batch_size": B, "gt_boxes": gt, "batch_box_preds": boxes,
+             "batch_cls_preds": torch.randn(B, A, 3, generator=g),
+             "st_features_2d": torch.randn(B, 256, 50, 44, generator=g) * 0.1}  # 1.6 m BEV cells (speed)
+    batch.update(feats)
+    return batch
+
+
+@pytest.mark.parametrize("iou_branch", [False, True])
+def test_training_forward_backward_cpu(iou_branch):
+    torch.manual_seed(0)
+    cfg = {"iou_branch": {"enabled": iou_branch}, "target": {"roi_per_image": 32},
+           "nms_train": {"nms_thresh": 0.8, "pre_maxsize": 200, "post_max_size": 48}, "train_aux_heads": True,
+           "part": {"featmap_stride": 1.6}}
+    head = RoIHead(cfg)
+    head.train()
+    batch = _synthetic_batch()
+    head(batch)
+    loss, tb = head.get_loss()
+    assert torch.isfinite(loss) and loss.item() > 0
+    for t in range(3):
+        for k in ("cls", "reg", "corner", "bb", "aux_p", "aux_pi"):
+            assert np.isfinite(tb[f"rcnn_{k}_{t}"]), (k, t)
+        assert ("rcnn_iou_%d" % t in tb) == iou_branch
+    loss.backward()
+    grads = {n: p.grad for n, p in head.named_parameters()}
+    for n in ("shared_fc_layers.0.0.weight", "shared_fc_layers_mm.0.0.weight", "cls_layers.0.7.weight",
+              "reg_layers.0.7.weight", "cross_attention_layers.0.Q_linear.weight", "conv_part.0.weight",
+              "roi_grid_pool_layers.0.mlps_in.0.0.weight", "roi_grid_pool_layers_mm.1.mlps_pos.1.0.weight",
+              "cls_layers_P.0.7.weight", "reg_layers_PI.0.7.weight"):
+        assert grads[n] is not None and torch.isfinite(grads[n]).all() and grads[n].abs().sum() > 0, n
+    if iou_branch:
+        assert grads["iou_layers.0.7.weight"].abs().sum() > 0
+    f = batch["multi_scale_3d_features"]["x_conv3"].features
+    assert f.grad is not None and f.grad.abs().sum() > 0  # gradient reaches the sparse features
+    # eval output contract
+    head.eval()
+    eb = _synthetic_batch()
+    with torch.no_grad():
+        head(eb)
+    assert eb["batch_box_preds"].shape == (2, 50, 7) and eb["batch_cls_preds"].shape == (2, 50, 1)
+    if iou_branch:
+        ip = eb["batch_iou_preds"]
+        assert ip.shape == (2, 50, 1) and ip.min() >= 0 and ip.max() <= 1
+
+
+def test_get_loss_without_training_forward_raises():
+    with pytest.raises(RuntimeError):
+        RoIHead().get_loss()
