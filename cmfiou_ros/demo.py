@@ -33,6 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--config", default="")
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--use-sim-time", action="store_true", help="replay publishes /clock; nodes use sim time")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     ap.add_argument("--log-dir", default=None, help="node logs (default: a temporary folder, shown on failure)")
     ns = ap.parse_args(argv)
@@ -55,7 +56,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log_dir = ns.log_dir or tempfile.mkdtemp(prefix="cmfiou_demo_")
     specs = replay_graph({"data": data, "rate": str(ns.rate), "max_frames": str(ns.max_frames),
                           "pipeline_factory": ns.pipeline_factory, "config": ns.config,
-                          "checkpoint": ns.checkpoint, "device": ns.device})
+                          "checkpoint": ns.checkpoint, "device": ns.device,
+                          "use_sim_time": str(ns.use_sim_time).lower()})
     specs[0].parameters.update(wait_for_subscribers=2, wait_timeout=ns.timeout)
 
     ctx = rclpy.Context()

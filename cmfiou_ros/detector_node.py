@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 
 import rclpy
+import rclpy.time
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
 
@@ -172,6 +173,7 @@ class DetectorNode(LifecycleNode):
         self.last_pipeline_error = ""
         self.points_dropped_nonfinite = 0
         self.empty_clouds = 0
+        self.unmatched_clouds = 0  # approx policy: clouds the synchroniser never paired
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def on_configure(self, state: State) -> TransitionCallbackReturn:
@@ -340,6 +342,9 @@ class DetectorNode(LifecycleNode):
                 self._submit(Pairing(lidar, stamp, None, None, reason))
             else:
                 self._lidar_arrival[stamp] = t_arrival
+                while len(self._lidar_arrival) > 4 * self.params["queue_size"]:  # evicted by the synchroniser too
+                    del self._lidar_arrival[min(self._lidar_arrival)]
+                    self.unmatched_clouds += 1
                 self.approx.add(0, _Stamped(msg.header, lidar))
 
     def on_image(self, msg) -> None:
@@ -390,6 +395,7 @@ class DetectorNode(LifecycleNode):
         # clouds left unmatched (older than this one) are gone from the synchroniser's point of view
         for s in [s for s in self._lidar_arrival if s < stamp]:
             del self._lidar_arrival[s]
+            self.unmatched_clouds += 1
 
     def _poll_policy(self) -> None:
         if self.policy is None:
@@ -578,6 +584,16 @@ class DetectorNode(LifecycleNode):
         sync.add("sync_queue_sizes", q)
         if self.last_lidar_only:
             sync.raise_level(D.WARN, f"LiDAR-only detections: {self.last_lidar_only_reason}")
+        if self.approx is not None:
+            try:
+                waiting = [t for t in list(self._lidar_arrival.values()) if now - t > 1.0]
+            except RuntimeError:  # mutated by a callback thread meanwhile: next period
+                waiting = []
+            sync.add("unmatched_clouds", self.unmatched_clouds)
+            sync.add("clouds_waiting_over_1s", len(waiting))
+            if waiting:
+                sync.raise_level(D.WARN, f"{len(waiting)} cloud(s) unmatched for > 1 s by the approx synchroniser "
+                                         "(image stamps outside slop?)")
 
         inf = D.Status(f"{name}: inference", name)
         inf.add("pipeline_loaded", self.pipeline is not None)

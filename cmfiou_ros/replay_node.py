@@ -7,8 +7,8 @@ PointCloud2 (x, y, z, intensity float32) + Image rgb8 + CameraInfo + the LiDAR->
   out as a latched geometry_msgs/TransformStamped on ``extrinsic_topic`` and, when tf2_msgs is importable, on
   /tf_static. CameraInfo carries P = P2, R = R0_rect, so ``Calibration.from_camera_info`` reproduces the KITTI
   calibration exactly.
-- ``wait_for_subscribers``: the cloud topic must have that many subscribers before playback starts (discovery can
-  take ~3 s). ``frame_map_topic`` (latched std_msgs/String JSON) maps sequence number <-> dataset index <-> stamp so
+- ``wait_for_subscribers``: the cloud topic must have that many subscribers (and image, camera_info and extrinsic
+  topics at least one each) before playback starts (discovery can take ~3 s); after ``wait_timeout`` it starts anyway. ``frame_map_topic`` (latched std_msgs/String JSON) maps sequence number <-> dataset index <-> stamp so
   outputs can be mapped back for evaluation; ``"done": true`` after the last frame.
 
 Run: ``python -m cmfiou_ros.replay_node --ros-args --params-file config/replay_node.yaml -p data_dir:=...``.
@@ -164,8 +164,9 @@ class ReplayNode(Node):
         n = self.p["wait_for_subscribers"]
         waited = time.monotonic() - self._wait_t0
         need_cam = n > 0 and self.p["publish_image"]  # camera topics matched too, else frame 0 is LiDAR-only
-        ok = self.cloud_pub.get_subscription_count() >= n and (not need_cam or (
-            self.image_pub.get_subscription_count() >= 1 and self.info_pub.get_subscription_count() >= 1))
+        cam_pubs = [self.image_pub, self.info_pub] + ([self.ext_pub] if self.ext_pub is not None else [])
+        ok = self.cloud_pub.get_subscription_count() >= n and (
+            not need_cam or all(pub.get_subscription_count() >= 1 for pub in cam_pubs))
         if not ok:
             if waited < self.p["wait_timeout"]:
                 return False
