@@ -1,0 +1,252 @@
+"""Frame -> Detections: the single inference path used by the ROS node, the bag evaluation and the benchmarks.
+
+Stages (each timed; CUDA events on the GPU, so timing adds no host sync until the frame's single sync at the end):
+``h2d`` (host -> device copies) -> ``depth.*`` (projection, completion, lifting, thinning; skipped when the camera is
+missing) -> ``preprocess`` (range mask, test-time pseudo subsampling, test views) -> ``voxelize`` -> ``vfe`` ->
+``backbone_3d`` -> ``bev`` (height compression + BEV backbone) -> ``rpn`` (dense head + proposal decode) ->
+``roi_head`` (proposal NMS + 3 refinement stages + IoU branch) -> ``postprocess`` (rectified scores + NMS) -> ``d2h``.
+
+LiDAR-only operation: when ``frame.image`` is None the pseudo branch receives no points (the flag ``lidar_only`` is
+set on the result). With a calibration that knows the image size the raw points are still restricted to the camera
+field of view, as in training (``FOV_POINTS_ONLY``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+import torch
+
+from .calib import Calibration
+from .config import ConfigError
+from .depth.config import DepthConfig
+from .depth.io import input_point_discard
+from .depth.projection import fov_flag, project_points
+from .depth.pseudo import PseudoPointGenerator, raw_rows_from_points
+from .model.detector import build_model, prepare_batch
+from .model.model_config import FullConfig, load_config
+from .model.voxelize import Voxelizer
+from .types import Detections, Frame
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "config" / "cmfiou_kitti.yaml"
+
+
+class StageTimer:
+    """Named stage boundaries. On CUDA it records events (no sync); :meth:`result` synchronises once."""
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.cuda = device.type == "cuda"
+        self.enabled = enabled
+        self.marks: List = []
+
+    def mark(self, name: str) -> None:
+        if not self.enabled:
+            return
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((name, ev))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def result(self) -> Dict[str, float]:
+        if not self.enabled or len(self.marks) < 2:
+            return {}
+        out: Dict[str, float] = {}
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+            for (_, a), (n, b) in zip(self.marks[:-1], self.marks[1:]):
+                out[n] = out.get(n, 0.0) + float(a.elapsed_time(b))
+        else:
+            for (_, a), (n, b) in zip(self.marks[:-1], self.marks[1:]):
+                out[n] = out.get(n, 0.0) + (b - a) * 1e3
+        return out
+
+
+def view_transform_points(rows: torch.Tensor, param) -> torch.Tensor:
+    """Apply one test view [rot, flip, scale] (X_TRANS order: rotate about z, flip y, scale) to (N, 8) rows."""
+    rot, flip, scale = float(param[0]), float(param[1]), float(param[2])
+    if rot == 0.0 and flip < 0.5 and scale == 1.0:
+        return rows
+    out = rows.clone()
+    c, s = math.cos(rot), math.sin(rot)
+    x, y = rows[:, 0], rows[:, 1]
+    out[:, 0] = x * c - y * s
+    out[:, 1] = x * s + y * c
+    if flip > 0.5:
+        out[:, 1] = -out[:, 1]
+    out[:, :3] *= scale
+    return out
+
+
+class Pipeline:
+    """``Pipeline.from_config(config, checkpoint, device)``; ``pipeline(frame) -> Detections``."""
+
+    def __init__(self, cfg: FullConfig, model: torch.nn.Module, device: Union[str, torch.device] = "cpu",
+                 timing: bool = True, seed: int = 0, weights_loaded: bool = True):
+        self.cfg = cfg
+        self.mcfg = cfg.model
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.depth_cfg = DepthConfig.from_dict(cfg.depth, cfg.source)
+        self.depth = PseudoPointGenerator(self.depth_cfg)
+        self.timing = timing
+        self.weights_loaded = weights_loaded
+        self.voxelizer = Voxelizer(self.mcfg.voxel_size, self.mcfg.point_cloud_range, self.mcfg.max_points_per_voxel,
+                                   self.mcfg.max_voxels(False))
+        self.views = self.mcfg.test_views.params()
+        self._gen = torch.Generator(device=self.device)
+        self._gen.manual_seed(seed)
+        r = self.mcfg.point_cloud_range
+        self._range_lo = torch.tensor(r[:3], dtype=torch.float32, device=self.device)
+        self._range_hi = torch.tensor(r[3:], dtype=torch.float32, device=self.device)
+        self.class_names = tuple(self.mcfg.class_names)
+        self._use_pinned = self.device.type == "cuda"
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: Union[str, Path, None] = None, checkpoint: Union[str, Path, None] = None,
+                    device: Union[str, torch.device] = "cpu", timing: bool = True, seed: int = 0) -> "Pipeline":
+        """Build from a YAML config and a checkpoint (OpenPCDet-style official file or ours; ``weights_only``).
+
+        Without a checkpoint the network has random weights: it runs, but its detections are meaningless (logged
+        as an error so it is never mistaken for a working detector)."""
+        from .model.checkpoint import load_checkpoint
+
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine; use 'cpu'")
+        if dev.type == "cpu":
+            # spconv's multithreaded CPU convolution was measured wrong and non-deterministic with >1 thread
+            torch.set_num_threads(1)
+        cfg = load_config(config or DEFAULT_CONFIG)
+        model = build_model(cfg)
+        loaded = False
+        if checkpoint:
+            _, report = load_checkpoint(checkpoint, model, strict=True)
+            loaded = True
+            missing = getattr(report, "missing_iou_keys", None)
+            if missing:
+                log.warning("checkpoint %s has no IoU-branch weights (%d keys): the IoU branch is untrained",
+                            checkpoint, len(missing))
+        else:
+            log.error("no checkpoint given: the detector runs with RANDOM weights and its detections are meaningless")
+        return cls(cfg, model, dev, timing=timing, seed=seed, weights_loaded=loaded)
+
+    # ------------------------------------------------------------------ helpers
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self._use_pinned:
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    def _fov_raw(self, pts: torch.Tensor, calib: Optional[Calibration]) -> torch.Tensor:
+        if calib is None or calib.image_width is None or not self.depth_cfg.fov_filter_raw:
+            return raw_rows_from_points(pts)
+        V2R, P2, _ = self.depth._mats(calib, pts.device)
+        uv, d = project_points(pts[:, :3], V2R, P2)
+        keep = fov_flag(uv, d, int(calib.image_height), int(calib.image_width))
+        return raw_rows_from_points(pts[keep])
+
+    def _range_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        xyz = rows[:, :3]
+        keep = ((xyz >= self._range_lo) & (xyz <= self._range_hi)).all(dim=1)
+        return rows[keep]
+
+    def warmup(self, iterations: int = 2) -> None:
+        """Run synthetic frames through every stage (allocator, cuDNN/spconv algorithm selection)."""
+        rng = np.random.default_rng(0)
+        n = 20000
+        pts = np.stack([rng.uniform(2, 60, n), rng.uniform(-20, 20, n), rng.uniform(-2, 0.5, n),
+                        rng.uniform(0, 1, n)], 1).astype(np.float32)
+        P2 = np.array([[721.5, 0, 609.6, 44.9], [0, 721.5, 172.9, 0.2], [0, 0, 1, 0.003]])
+        Tr = np.array([[0, -1, 0, 0], [0, 0, -1, -0.08], [1, 0, 0, -0.27]], dtype=np.float64)
+        calib = Calibration(P2, np.eye(3), Tr, 1242, 375)
+        img = rng.integers(0, 255, (375, 1242, 3), dtype=np.uint8)
+        for _ in range(iterations):
+            self(Frame(pts, img, calib))
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def __call__(self, frame: Frame) -> Detections:
+        if not isinstance(frame, Frame):
+            raise TypeError(f"Pipeline expects a cmfiou_core.types.Frame, got {type(frame).__name__}")
+        timer = StageTimer(self.device, self.timing)
+        wall0 = time.perf_counter()
+        timer.mark("start")
+        pts = self._to_device(frame.points)
+        img = self._to_device(frame.image) if frame.image is not None else None
+        timer.mark("h2d")
+        lidar_only = img is None
+        depth_ms: Dict[str, float] = {}
+        if lidar_only:
+            raw = self._fov_raw(pts, frame.calib)
+            pseudo = torch.zeros((0, 8), dtype=torch.float32, device=self.device)
+        else:
+            res = self.depth(pts, img, frame.calib)
+            raw, pseudo = res.raw_rows, res.pseudo_rows
+            depth_ms = {f"depth.{k}": v for k, v in res.timings_ms.items() if k != "total"}
+        timer.mark("depth")
+        raw = self._range_mask(raw)
+        pseudo = self._range_mask(pseudo)
+        rate = float(self.cfg.data.get("input_discard_rate", self.depth_cfg.discard.rate)) \
+            if isinstance(self.cfg.data, dict) else self.depth_cfg.discard.rate
+        if pseudo.shape[0] and rate > 0:
+            pseudo = input_point_discard(pseudo, rate=rate, bin_num=self.depth_cfg.discard.bin_num,
+                                         max_dis=self.depth_cfg.discard.max_dis, generator=self._gen)
+        if len(self.views) == 1 and self.views[0] == [0.0, 0.0, 1.0]:
+            raws, pseudos, tparams = [raw], [pseudo], None
+        else:
+            raws = [[view_transform_points(raw, v) for v in self.views]]
+            pseudos = [[view_transform_points(pseudo, v) for v in self.views]]
+            tparams = [self.views]
+            raws, pseudos = raws, pseudos
+        calib = frame.calib if frame.calib is not None else _identity_calib()
+        h = calib.image_height or 375
+        w = calib.image_width or 1242
+        timer.mark("preprocess")
+        batch = prepare_batch(raws, pseudos, [calib], self.mcfg, image_shapes=[(h, w)], training=False,
+                              transform_params=tparams, device=self.device, voxelizer=self.voxelizer)
+        timer.mark("voxelize")
+        m = self.model
+        batch = m.vfe(batch)
+        timer.mark("vfe")
+        batch = m.backbone_3d(batch)
+        timer.mark("backbone_3d")
+        batch = m.map_to_bev_module(batch)
+        batch = m.backbone_2d(batch)
+        timer.mark("bev")
+        batch = m.dense_head(batch)
+        timer.mark("rpn")
+        batch = m.roi_head(batch)
+        timer.mark("roi_head")
+        det = m.post_process(batch)[0]
+        timer.mark("postprocess")
+        out = torch.cat([det.boxes.float(), det.labels.float()[:, None], det.cls.float()[:, None],
+                         det.iou.float()[:, None], det.score.float()[:, None]], 1).cpu()
+        timer.mark("d2h")
+        o = out.numpy()
+        timings = timer.result()
+        if depth_ms:
+            timings.pop("depth", None)
+            timings = {**{k: v for k, v in timings.items() if k == "h2d"}, **depth_ms,
+                       **{k: v for k, v in timings.items() if k != "h2d"}}
+        timings["total"] = (time.perf_counter() - wall0) * 1e3
+        return Detections(o[:, :7], o[:, 7].astype(np.int64), o[:, 8], o[:, 9], o[:, 10], stamp_ns=frame.stamp_ns,
+                          frame_id=frame.frame_id, lidar_only=lidar_only, timings_ms=timings,
+                          class_names=self.class_names)
+
+
+def _identity_calib() -> Calibration:
+    """Placeholder calibration for LiDAR-only frames without any camera model (the pseudo branch is empty, so the
+    image-plane projection of ResVC never runs on real data)."""
+    P2 = np.array([[700.0, 0, 620, 0], [0, 700.0, 187, 0], [0, 0, 1, 0]])
+    Tr = np.array([[0, -1, 0, 0], [0, 0, -1, 0], [1, 0, 0, 0]], dtype=np.float64)
+    return Calibration(P2, np.eye(3), Tr, 1242, 375)
