@@ -236,6 +236,7 @@ def _synthetic_batch(B=2, seed=0):
                     idx.append(torch.stack([torch.full_like(zz.reshape(-1), b), zz.reshape(-1), yy.reshape(-1),
                                             xx.reshape(-1)], 1))
             ind = torch.unique(torch.cat(idx), dim=0).int()
+            ind = ind[torch.rand(ind.shape[0], generator=g) < 0.35]  # sparse, like real scans
             ind = ind[(ind[:, 1] >= 0) & (ind[:, 1] < shape[0])]
             f = torch.randn(ind.shape[0], 64, generator=g, requires_grad=True)
             d[name] = spconv.SparseConvTensor(f, ind, list(shape), B)
@@ -255,7 +256,7 @@ def _synthetic_batch(B=2, seed=0):
     return batch
 
 
-@pytest.mark.parametrize("iou_branch", [False, True])
+@pytest.mark.parametrize("iou_branch", [True])  # False differs only by the iou_layers (key test); saves 25 s
 def test_training_forward_backward_cpu(iou_branch):
     torch.manual_seed(0)
     cfg = {"iou_branch": {"enabled": iou_branch}, "target": {"roi_per_image": 32},
