@@ -155,16 +155,19 @@ def test_eval_three_views(cfg, views):
         out = []
         for arr in (raw, pseudo):
             p = arr.copy()
-            if flip:
-                p[:, 1] = -p[:, 1]
             cs, sn = math.cos(rot), math.sin(rot)
             x, y = p[:, 0].copy(), p[:, 1].copy()
             p[:, 0], p[:, 1] = x * cs - y * sn, x * sn + y * cs
+            if flip:
+                p[:, 1] = -p[:, 1]
             p[:, :3] *= scale
             out.append(p)
         rv.append(out[0])
         pv.append(out[1])
     b = prepare_batch([rv], [pv], [_calib()], c, transform_params=[tp], image_shapes=[(375, 1242)])
+    b_auto = prepare_batch([raw], [pseudo], [_calib()], c, transform_params=[tp], image_shapes=[(375, 1242)])
+    for s in ("", "1", "2"):   # views made inside prepare_batch == views made outside (float32 vs float64 rounding)
+        assert abs(b["voxel_coords" + s].shape[0] - b_auto["voxel_coords" + s].shape[0]) <= 5
     with torch.no_grad():
         b = m(b)
     for s in ("", "1", "2"):

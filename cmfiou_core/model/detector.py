@@ -17,6 +17,7 @@ from torch import nn
 from .backbone3d import VCEConv8x
 from .bev import BaseBEVBackbone, HeightCompression
 from .model_config import FullConfig, ModelConfig
+from .resvc import view_transform_points
 from .rpn import AnchorHeadSingle
 from .vfe import MeanVFE
 from .voxelize import Voxelizer
@@ -109,12 +110,14 @@ def prepare_batch(raw_points: Sequence, pseudo_points: Sequence, calibs: Sequenc
                   voxelizer: Optional[Voxelizer] = None) -> Dict[str, Any]:
     """Voxelize and collate B samples into the model's batch dict.
 
-    raw_points[b], pseudo_points[b]: (N, 8) ``[x, y, z, i*10|0, R/3, G/3, B/3, flag]`` arrays/tensors of sample b, one
-    entry per view when ``transform_params`` is given (list of V arrays per sample; view v already transformed).
-    calibs: list of ``Calibration``; image_shapes: list of (H, W). transform_params: (B, V, 3) test views;
-    aug_params: (B, 3) training augmentation [rot, flip, scale]; gt_boxes: list of (M_b, 8) (box + class id).
-    Points must already be range-filtered as the official data processor does (out-of-range points are dropped by the
-    voxelizer anyway). Everything is put on ``device`` (default: the device of the first raw point tensor).
+    raw_points[b], pseudo_points[b]: (N, 8) ``[x, y, z, i*10|0, R/3, G/3, B/3, flag]`` arrays/tensors of sample b.
+    With ``transform_params`` (B, V, 3) test views [rot, flip, scale]: either a list of V already transformed arrays
+    per sample, or one array that is transformed here (X_TRANS forward: rotate, flip y, scale).
+    calibs: list of ``Calibration``; image_shapes: list of (H, W); aug_params: (B, 3) training augmentation
+    [rot, flip, scale] (the points are already augmented); gt_boxes: list of (M_b, 8) (box + class id).
+    Each view's points are masked to the x/y range (official ``mask_points_by_range``, inclusive) - ``points`` feeds
+    the anchor mask - then voxelized (``Voxelizer``, cap = max_voxels train/test per modality). Everything is put on
+    ``device`` (default: the device of the first raw point tensor).
     """
     B = len(raw_points)
     if len(pseudo_points) != B or len(calibs) != B:
@@ -132,10 +135,18 @@ def prepare_batch(raw_points: Sequence, pseudo_points: Sequence, calibs: Sequenc
         for mod, src in (("", raw_points), ("_mm", pseudo_points)):
             vs, cs, ns, pts = [], [], [], []
             for b in range(B):
-                p = src[b][v] if transform_params is not None else src[b]
-                p = _as_tensor(p, device)
+                per_view = isinstance(src[b], (list, tuple))
+                if per_view and (transform_params is None or len(src[b]) != V):
+                    raise ValueError(f"prepare_batch: sample {b}: got a list of {len(src[b])} views but "
+                                     f"{V} transform_params")
+                p = _as_tensor(src[b][v] if per_view else src[b], device)
                 if p.dim() != 2 or p.shape[1] != NUM_POINT_FEATURES:
                     raise ValueError(f"prepare_batch: sample {b} points must be (N, 8), got {tuple(p.shape)}")
+                if transform_params is not None and not per_view:
+                    p = view_transform_points(p, transform_params[b][v])
+                r = cfg.point_cloud_range
+                keep = (p[:, 0] >= r[0]) & (p[:, 0] <= r[3]) & (p[:, 1] >= r[1]) & (p[:, 1] <= r[4])
+                p = p[keep]
                 voxels, coords, num = vox(p)
                 vs.append(voxels)
                 cs.append(torch.cat([torch.full((coords.shape[0], 1), b, dtype=torch.int32, device=device), coords],

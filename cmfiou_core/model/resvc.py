@@ -36,6 +36,16 @@ def voxel_centers(indices: torch.Tensor, stride: int, pc_range: Sequence[float],
     return torch.stack([x, y, z], dim=1)
 
 
+def view_transform_points(points: torch.Tensor, param) -> torch.Tensor:
+    """Apply a [rot, flip, scale] test view (X_TRANS forward order: rotate about z by ``rot``, negate y if ``flip``,
+    scale xyz) to (N, 3+C) points; extra columns pass through."""
+    param = torch.as_tensor(param, dtype=points.dtype, device=points.device)
+    pts = rotate_points_along_z(points[None, :, :3], param[0:1])[0]
+    y = torch.where(param[1] != 0, -pts[:, 1], pts[:, 1])
+    pts = torch.stack([pts[:, 0], y, pts[:, 2]], dim=1) * param[2]
+    return torch.cat([pts, points[:, 3:]], dim=1)
+
+
 def inverse_view_transform(points: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """Undo a [rot, flip, scale] view/augmentation on (N, 3) points (X_TRANS.backward_with_param order)."""
     param = param.to(points.dtype)
