@@ -563,3 +563,17 @@ def test_ipbasic_matches_opencv_pipeline(frames):
             ref = cv_fast(sp.numpy().astype(np.float32), ex, bl)
             ours = ipbasic_complete(sp, IPBasicConfig(extrapolate=ex, blur=bl)).numpy()
             assert np.abs(ours - ref).max() < 2e-4, (name, ex, bl)
+
+
+def test_masked_thinning_path_equals_compacted(frames, gen):
+    """The GPU path thins the full fixed-size pixel grid with a mask (no sync); the CPU path compacts first. Both
+    must give identical pseudo rows."""
+    from cmfiou_core.depth.pseudo import lift_depth
+
+    name, vp, ip, cal = frames[8]
+    pts, img = _load(vp, ip)
+    res = gen(pts, img, cal, keep_maps=True)
+    rows, valid = lift_depth(res.dense_depth, img, cal, 0.01)
+    valid &= rows[:, 2] < 1.0
+    order, n = la_sampling2_order(rows[:, :3], valid)
+    assert torch.equal(rows[order[: int(n)]], res.pseudo_rows)
