@@ -58,7 +58,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "pipeline_factory": ns.pipeline_factory, "config": ns.config,
                           "checkpoint": ns.checkpoint, "device": ns.device,
                           "use_sim_time": str(ns.use_sim_time).lower()})
-    specs[0].parameters.update(wait_for_subscribers=2, wait_timeout=ns.timeout)
+    # lockstep: every frame is shown whatever the pipeline's speed (bench/bench_soak.py measures drops instead)
+    specs[0].parameters.update(wait_for_subscribers=2, wait_timeout=ns.timeout, lockstep_topic=TOPICS["detections"],
+                               lockstep_timeout=ns.timeout)
 
     ctx = rclpy.Context()
     rclpy.init(context=ctx, domain_id=domain)

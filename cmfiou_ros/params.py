@@ -130,6 +130,11 @@ REPLAY_PARAMS: List[P] = [
     P("frame_map_topic", str, "~/frame_map", "Latched std_msgs/String JSON frame index <-> stamp map", True, _topic),
     P("lidar_frame", str, "velo_link", "LiDAR frame_id", True),
     P("camera_frame", str, "camera_color_left_optical", "Camera optical frame_id", True),
+    P("lockstep_topic", str, "", "Detection3DArray topic: publish the next frame only after the output for the "
+      "previous one arrived (or lockstep_timeout): no drops with a detector slower than rate ('' = off)", True,
+      _opt_topic),
+    P("lockstep_timeout", float, 60.0, "Seconds to wait for an output in lockstep mode before moving on", True,
+      _rng(0.0, 3600.0, lo_open=True)),
     P("publish_image", bool, True, "Publish images (false: simulate a dead camera from the start)", False),
     P("stop_camera_after", int, -1, "Stop publishing image/camera_info after this many frames (-1 = never)", False,
       _rng(-1, 10**9)),

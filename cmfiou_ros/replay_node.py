@@ -10,6 +10,8 @@ PointCloud2 (x, y, z, intensity float32) + Image rgb8 + CameraInfo + the LiDAR->
 - ``wait_for_subscribers``: the cloud topic must have that many subscribers (and image, camera_info and extrinsic
   topics at least one each) before playback starts (discovery can take ~3 s); after ``wait_timeout`` it starts anyway. ``frame_map_topic`` (latched std_msgs/String JSON) maps sequence number <-> dataset index <-> stamp so
   outputs can be mapped back for evaluation; ``"done": true`` after the last frame.
+- ``lockstep_topic``: publish the next frame only once the detector's output for the previous one arrived (or after
+  ``lockstep_timeout``), so evaluation/tests lose no frame whatever the detector's speed; ``rate`` stays the maximum.
 
 Run: ``python -m cmfiou_ros.replay_node --ros-args --params-file config/replay_node.yaml -p data_dir:=...``.
 """
@@ -144,6 +146,14 @@ class ReplayNode(Node):
             from rosgraph_msgs.msg import Clock
 
             self.clock_pub = self.create_publisher(Clock, "/clock", QoSProfile(depth=10))
+        self._awaiting: Optional[int] = None  # lockstep: stamp whose output we wait for
+        self._await_t0 = 0.0
+        self.lockstep_timeouts = 0
+        if p["lockstep_topic"]:
+            from vision_msgs.msg import Detection3DArray
+
+            self.create_subscription(Detection3DArray, p["lockstep_topic"], self._on_output,
+                                     QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
         self.period_ns = int(round(1e9 / p["rate"]))
         self.seq = 0
         self.cursor = 0
@@ -200,10 +210,21 @@ class ReplayNode(Node):
             self._cache[k] = item
         return item
 
+    def _on_output(self, msg) -> None:
+        if self._awaiting is not None and C.stamp_to_ns(msg.header.stamp) == self._awaiting:
+            self._awaiting = None
+
     def _tick(self) -> None:
         if self.done or not self._ready():
             return
         p = self.p
+        if self._awaiting is not None:  # lockstep: the detector has not answered the previous frame yet
+            if time.monotonic() - self._await_t0 < p["lockstep_timeout"]:
+                return
+            self.lockstep_timeouts += 1
+            self.get_logger().warning(f"lockstep: no output for stamp {self._awaiting} after "
+                                      f"{p['lockstep_timeout']} s: moving on")
+            self._awaiting = None
         if self.cursor >= len(self.source):
             if not p["loop"]:
                 self._finish()
@@ -239,6 +260,8 @@ class ReplayNode(Node):
             img.header.stamp = stamp
             self.image_pub.publish(img)
         cloud.header.stamp = stamp
+        if p["lockstep_topic"]:
+            self._awaiting, self._await_t0 = stamp_ns, time.monotonic()
         self.cloud_pub.publish(cloud)
         self.frame_map.append([self.seq, index, stamp_ns, bool(camera_on and img is not None)])
         del self.frame_map[: max(0, len(self.frame_map) - FRAME_MAP_MAX)]
@@ -251,6 +274,7 @@ class ReplayNode(Node):
 
         doc = {"source": str(self.source.root), "dataset": self.source.dataset, "rate": self.p["rate"],
                "n_frames": len(self.source), "published": self.seq, "done": self.done,
+               "lockstep_timeouts": self.lockstep_timeouts,
                "columns": ["seq", "index", "stamp_ns", "camera"], "frames": self.frame_map}
         self.map_pub.publish(String(data=json.dumps(doc)))
 
