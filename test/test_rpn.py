@@ -174,3 +174,24 @@ def test_eval_three_views(cfg, views):
         assert b["multi_scale_3d_features" + s]["x_conv4"].spatial_shape == [10, 200, 176]
         assert b["multi_scale_3d_features_mm" + s]["x_conv3"].features.shape[1] == 64
     assert b["batch_box_preds"].shape[-1] == 7 and torch.isfinite(b["batch_box_preds"]).all()
+
+
+def test_losses_against_direct_formulas():
+    from cmfiou_core.model.rpn import direction_targets, sigmoid_focal_loss, weighted_smooth_l1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 50, 3), generator=g) * 3
+    t = (torch.rand((2, 50, 3), generator=g) > 0.7).float()
+    w = torch.rand((2, 50), generator=g)
+    p = torch.sigmoid(x)
+    pt = torch.where(t > 0, p, 1 - p)
+    at = torch.where(t > 0, torch.full_like(p, 0.25), torch.full_like(p, 0.75))
+    ref = -at * (1 - pt) ** 2 * torch.log(pt) * w[..., None]
+    assert torch.allclose(sigmoid_focal_loss(x, t, w), ref, rtol=1e-4, atol=1e-6)
+    a, b = torch.randn((2, 50, 7), generator=g), torch.randn((2, 50, 7), generator=g)
+    d = (a - b).abs()
+    ref = torch.where(d < 1 / 9, 4.5 * d ** 2, d - 1 / 18) * w[..., None]
+    assert torch.allclose(weighted_smooth_l1(a, b, w, torch.ones(7)), ref, atol=1e-6)
+    anchors = torch.zeros((1, 4, 7))
+    reg = torch.zeros((1, 4, 7))
+    reg[0, :, 6] = torch.tensor([0.0, 1.0, 3.0, -1.0])       # heading - 0.785 wrapped to [0, 2pi), bins of pi
+    assert direction_targets(anchors, reg, 0.78539, 2).tolist() == [[1, 0, 0, 1]]
