@@ -341,3 +341,14 @@ def test_rotated_iou_touching_and_collinear_edges():
                             got = float(boxes_iou_bev(torch.tensor([a], dtype=dt), torch.tensor([b], dtype=dt))[0, 0])
                             worst[dt] = max(worst[dt], abs(got - ref))
     assert worst[torch.float64] < 1e-12 and worst[torch.float32] < 1e-5
+
+
+def test_nms_lazy_equals_matrix():
+    from cmfiou_core.geometry.nms import nms_sorted
+    g = torch.Generator().manual_seed(7)
+    boxes = rand_boxes(300, g, spread=10.0).float()
+    for thr in (0.1, 0.5, 0.8):
+        a = nms_sorted(boxes, thr, mode="lazy")
+        b = nms_sorted(boxes, thr, mode="matrix")
+        assert a.tolist() == b.tolist()
+        assert nms_sorted(boxes, thr, 20, mode="matrix").tolist() == a[:20].tolist()

@@ -9,22 +9,52 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .iou import bev_intersection_aligned, bev_intersection_pairwise
 
 
+_MATRIX_MIN_KEEP = 64
+
+
+def _nms_matrix(boxes: torch.Tensor, thresh: float, limit: int, iou_dtype) -> torch.Tensor:
+    """Greedy walk over a precomputed suppression matrix (one vectorised IoU pass, one device->host copy)."""
+    sup = suppression_matrix(boxes, thresh, iou_dtype).cpu().numpy()
+    n = sup.shape[0]
+    removed = np.zeros(n, dtype=bool)
+    keep = []
+    pos = 0
+    while pos < n and len(keep) < limit:
+        alive = np.flatnonzero(~removed[pos:])
+        if alive.size == 0:
+            break
+        i = pos + int(alive[0])
+        keep.append(i)
+        removed |= sup[i]
+        pos = i + 1
+    return torch.tensor(keep, dtype=torch.long, device=boxes.device)
+
+
 def nms_sorted(boxes: torch.Tensor, thresh: float, max_keep: Optional[int] = None,
-               iou_dtype: Optional[torch.dtype] = torch.float64) -> torch.Tensor:
+               iou_dtype: Optional[torch.dtype] = torch.float64, mode: str = "auto") -> torch.Tensor:
     """Greedy NMS over boxes already sorted by descending score -> (K,) kept positions (ascending).
 
-    Loops over kept boxes; each step computes the IoU of the kept box with all later, not yet suppressed boxes
-    (vectorised, circle-overlap pre-filter) and suppresses those with IoU > thresh.
+    ``mode='lazy'``: loop over kept boxes; each step computes the IoU of the kept box with all later, not yet
+    suppressed boxes (vectorised, circle-overlap pre-filter) -- best when few boxes are kept (test proposals: 50).
+    ``mode='matrix'``: all pairwise IoUs at once, then the greedy walk on the host (training proposals: 512 kept).
+    ``auto`` picks matrix on CUDA when more than 64 boxes may be kept (avoids one sync per kept box), lazy otherwise
+    (on CPU lazy is ~2x faster for 4000 -> 512). Both give identical results.
     """
     n = boxes.shape[0]
     dev = boxes.device
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=dev)
+    if mode not in ("auto", "lazy", "matrix"):
+        raise ValueError(f"nms_sorted: mode must be auto, lazy or matrix, got {mode!r}")
+    lim = n if max_keep is None else int(max_keep)
+    if mode == "matrix" or (mode == "auto" and boxes.is_cuda and lim > _MATRIX_MIN_KEEP and n > _MATRIX_MIN_KEEP):
+        return _nms_matrix(boxes, thresh, lim, iou_dtype)
     b = boxes[:, :7].to(iou_dtype) if iou_dtype is not None else boxes[:, :7]
     area = b[:, 3] * b[:, 4]
     rad = torch.sqrt(b[:, 3] ** 2 + b[:, 4] ** 2) / 2
