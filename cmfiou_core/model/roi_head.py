@@ -14,6 +14,18 @@ Test views: with no ``transform_param`` (or V == 1) all stages pool from the sin
 outputs are mapped back with the inverse of that view. With V == num_stages, stage t pools view t: RoIs go from the
 view t-1 frame to view t (inverse X_TRANS of t-1, then X_TRANS of t), the PART score uses the RoIs mapped to the
 view-0 frame, outputs are mapped to the original frame with the inverse of view t.
+
+Training (``self.training``): proposal layer with ``nms_train``; per stage the ``ProposalTargetLayer`` re-samples
+``target.roi_per_image`` RoIs (stage thresholds), the stage's decoded boxes (detached) become the next stage's RoIs.
+``get_loss()`` -> (loss, tb_dict): per stage BCE cls + smooth-L1 reg + corner + bb_loss, the aux heads and the IoU
+branch (see ``iou_joint.py`` for its target/loss).
+
+Aux heads (``cls/reg_layers_P`` on the raw 512-d feature, ``_PI`` on the pseudo one): trained by default with weight
+``loss.aux`` = 0.5 (``train_aux_heads: true``), as VirConv does. Reasons: CMF-IOU not training them is a key-name
+bookkeeping bug of its loss template (spec §0 defect 4), not a design choice -- the heads are built, evaluated and
+given the PART score; they add deep supervision to each modality branch so neither the raw nor the pseudo feature can
+be ignored by the fused head (robustness when the camera is missing or the pseudo cloud is poor), at negligible cost.
+``train_aux_heads: false`` reproduces the released behaviour (the heads then get no gradient and are skipped).
 """
 from __future__ import annotations
 
