@@ -271,10 +271,12 @@ class DetectorNode(LifecycleNode):
         self.timings_pub = self.create_publisher(FrameTimings, p["timings_topic"], out_qos) if p["timings_topic"] \
             else None
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", out_qos)
+        # camera subscriptions first: when a frame's messages are ready together, rclpy's executor serves entities in
+        # creation order, so the image is stored before the cloud that triggers the frame
         subs = [
-            self.create_subscription(PointCloud2, self._lidar_topic, self.on_cloud, sensor_qos),
-            self.create_subscription(Image, self._image_topic, self.on_image, sensor_qos),
             self.create_subscription(CameraInfo, self._info_topic, self.on_camera_info, sensor_qos),
+            self.create_subscription(Image, self._image_topic, self.on_image, sensor_qos),
+            self.create_subscription(PointCloud2, self._lidar_topic, self.on_cloud, sensor_qos),
         ]
         if p["extrinsic_topic"]:
             subs.append(self.create_subscription(TransformStamped, p["extrinsic_topic"], self.on_extrinsic, latched))

@@ -10,7 +10,7 @@
 2. :class:`LatestImagePolicy`: LiDAR-triggered (the Autoware BEVFusion / fusion-collector lesson). Images are kept in
    a small ring buffer; a LiDAR cloud takes the image closest in time whose age ``lidar_stamp - image_stamp`` lies in
    ``[-match_tol, max_age]``. If no image within ``match_tol`` is there yet, the cloud may wait ``wait_s`` (wall
-   time) for one (only while the camera looks alive: newest image within ``2 * max_age`` of the cloud); after that (or at once with ``wait_s = 0``) it goes with the best candidate, or alone: a LiDAR-only
+   time) for one (only while the camera looks alive: newest image within ``max(2 * max_age, 1.5 camera periods)`` of the cloud); after that (or at once with ``wait_s = 0``) it goes with the best candidate, or alone: a LiDAR-only
    frame with the reason recorded. A camera that stopped never blocks the LiDAR.
 """
 from __future__ import annotations
@@ -152,6 +152,7 @@ class LatestImagePolicy:
         self.buffer = int(buffer)
         self.images: List[tuple] = []  # (stamp_ns, img), ascending stamps
         self.pending: Optional[tuple] = None  # (stamp_ns, cloud, deadline_ns)
+        self._periods: List[int] = []  # recent image stamp differences
         self.lock = threading.Lock()
 
     # -- internals (lock held)
@@ -179,9 +180,16 @@ class LatestImagePolicy:
         return Pairing(cloud, stamp, None, None, reason)
 
     # -- API
+    def _camera_period_ns(self) -> float:
+        d = sorted(self._periods)
+        return float(d[len(d) // 2]) if d else 0.0
+
     def add_image(self, stamp_ns: int, img, now_ns: int = 0) -> List[Pairing]:
         out = []
         with self.lock:
+            if self.images and stamp_ns > self.images[-1][0]:
+                self._periods.append(int(stamp_ns) - self.images[-1][0])
+                del self._periods[:-5]
             self.images = [(s, m) for s, m in self.images if s != stamp_ns]
             self.images.append((int(stamp_ns), img))
             self.images.sort(key=lambda x: x[0])
@@ -199,8 +207,10 @@ class LatestImagePolicy:
             if self.pending is not None:
                 out.append(self._resolve(self.pending[0], self.pending[1], final=True))
                 self.pending = None
-            # wait only while the camera looks alive: its newest image is within 2 * max_age of this cloud
-            alive = bool(self.images) and int(stamp_ns) - self.images[-1][0] <= 2 * self.max_age_ns + self.tol_ns
+            # wait only while the camera looks alive: its newest image is within 2 * max_age (or 1.5 camera periods,
+            # for slow/lock-stepped streams) of this cloud
+            alive_ns = max(2 * self.max_age_ns, int(1.5 * self._camera_period_ns())) + self.tol_ns
+            alive = bool(self.images) and int(stamp_ns) - self.images[-1][0] <= alive_ns
             p = self._resolve(int(stamp_ns), cloud, final=self.wait_ns == 0 or not alive)
             if p is None:
                 self.pending = (int(stamp_ns), cloud, int(now_ns) + self.wait_ns)

@@ -156,3 +156,21 @@ def test_latest_image_invariants(events, max_age, tol, wait):
             assert -round(tol * 1e9) <= age <= round(max_age * 1e9)
         else:
             assert o.reason
+
+
+def test_latest_image_slow_stream_still_waits_for_its_image():
+    """A 1 Hz (or lock-stepped) stream: the newest image is 1 s old when the next cloud arrives first; the camera
+    is alive (period-aware), so the cloud waits for its image instead of going LiDAR-only."""
+    p = LatestImagePolicy(max_age_s=0.15, match_tol_s=0.01, wait_s=0.05)
+    for k in range(3):
+        p.add_image(k * 1000 * MS, f"i{k}", now_ns=k * 1000 * MS)
+        out = p.add_lidar(k * 1000 * MS, f"c{k}", now_ns=k * 1000 * MS)
+        assert out[0].image == f"i{k}"
+    assert p.add_lidar(3000 * MS, "c3", now_ns=3000 * MS) == []  # image 3 not there yet: wait
+    out = p.add_image(3000 * MS, "i3", now_ns=3001 * MS)
+    assert out[0].lidar == "c3" and out[0].image == "i3"
+    # camera really stopped: after ~1.5 periods without images clouds no longer wait
+    assert p.add_lidar(4000 * MS, "c4", now_ns=4000 * MS) == []
+    assert p.poll(4100 * MS)[0].image is None
+    out = p.add_lidar(5000 * MS, "c5", now_ns=5000 * MS)
+    assert out and out[0].image is None
