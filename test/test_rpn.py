@@ -195,3 +195,18 @@ def test_losses_against_direct_formulas():
     reg = torch.zeros((1, 4, 7))
     reg[0, :, 6] = torch.tensor([0.0, 1.0, 3.0, -1.0])       # heading - 0.785 wrapped to [0, 2pi), bins of pi
     assert direction_targets(anchors, reg, 0.78539, 2).tolist() == [[1, 0, 0, 1]]
+
+
+def test_lidar_only_frame_dense_path(cfg):
+    """No pseudo points at all (no image): the ResVC branch yields empty tensors of the right shapes."""
+    torch.manual_seed(0)
+    m = build_model(cfg, with_roi_head=False).eval()
+    raw, _ = _scene(3, GT)
+    b = prepare_batch([raw], [np.zeros((0, 8), np.float32)], [_calib()], cfg)
+    with torch.no_grad():
+        b = m(b)
+    mm = b["multi_scale_3d_features_mm"]
+    assert mm["x_conv3"].features.shape == (0, 64) and list(mm["x_conv4"].spatial_shape) == [10, 200, 176]
+    assert torch.isfinite(b["batch_box_preds"]).all()
+    with pytest.raises(ValueError, match="no raw LiDAR voxels"):
+        m(prepare_batch([np.zeros((0, 8), np.float32)], [raw], [_calib()], cfg))

@@ -91,6 +91,9 @@ class VCEConv8x(nn.Module):
 
     def forward(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         num_views = batch["transform_param"].shape[1] if "transform_param" in batch else 1
+        for i in range(num_views):
+            if batch["voxel_features" + ("" if i == 0 else str(i))].shape[0] == 0:
+                raise ValueError("VCEConv8x: no raw LiDAR voxels in the batch (empty or fully out-of-range cloud)")
         B = int(batch["batch_size"])
         sfx = ["" if i == 0 else str(i) for i in range(num_views)]
         strides = {"x_conv1": 1, "x_conv2": 2, "x_conv3": 4, "x_conv4": 8}
@@ -126,10 +129,30 @@ class VCEConv8x(nn.Module):
         return batch
 
     # ------------------------------------------------------------------ pseudo branch
+    def _level_shapes(self):
+        z, y, x = self.sparse_shape
+        shapes = [[z, y, x]]
+        for pz in (1, 1, 0):   # vir_conv2..4 down layers: k3 s2, padding (1,1,1), (1,1,1), (0,1,1)
+            z, y, x = (z + 2 * pz - 3) // 2 + 1, (y - 1) // 2 + 1, (x - 1) // 2 + 1
+            shapes.append([z, y, x])
+        return shapes
+
+    def _empty_pseudo(self, ref: torch.Tensor, B: int):
+        """No pseudo voxels in the whole batch (LiDAR-only frame): empty tensors with the right shapes (spconv
+        cannot convolve an empty tensor)."""
+        c = self.cfg.num_filters
+        return {f"x_conv{i + 1}": spconv.SparseConvTensor(
+            features=ref.new_zeros((0, c[i])), indices=torch.zeros((0, 4), dtype=torch.int32, device=ref.device),
+            spatial_shape=shp, batch_size=B) for i, shp in enumerate(self._level_shapes())}
+
     def _pseudo(self, batch, sfx, B):
         calibs = batch["calib"]
         rate = self.cfg.layer_discard_rate if self.training else 0.0
         for i, s in enumerate(sfx):
+            if batch["voxel_features_mm" + s].shape[0] == 0:
+                batch["encoded_spconv_tensor_stride_mm" + s] = 8
+                batch["multi_scale_3d_features_mm" + s] = self._empty_pseudo(batch["voxel_features_mm" + s], B)
+                continue
             if "transform_param" in batch:
                 tp = batch["transform_param"][:, i, :]
             else:
