@@ -95,7 +95,7 @@ def build_model(cfg: Union[FullConfig, ModelConfig], with_roi_head: bool = True)
     return CMFIOU(mc, with_roi_head=with_roi_head)
 
 
-def test_transform_params(cfg: ModelConfig, batch_size: int) -> List[List[List[float]]]:
+def view_transform_params(cfg: ModelConfig, batch_size: int) -> List[List[List[float]]]:
     """(B, V, 3) ``transform_params`` for :func:`prepare_batch` from ``model.test_views`` (identity: one view)."""
     return [cfg.test_views.params() for _ in range(batch_size)]
 
