@@ -8,7 +8,7 @@ with the first hit, and no hit -> all-zero indices + ``empty`` mask.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,8 +38,10 @@ def voxel2pinds(indices: torch.Tensor, spatial_shape: Sequence[int], batch_size:
 
 
 def voxel_query(new_coords: torch.Tensor, new_xyz: torch.Tensor, voxel_xyz: torch.Tensor, v2p: torch.Tensor,
-                query_range: Sequence[int], radius: float, nsample: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                query_range: Sequence[int], radius: float, nsample: int,
+                v2p_ext: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """new_coords (M, 4) int [b, z, y, x]; new_xyz (M, 3); voxel_xyz (Nv, 3) voxel centres; v2p (B, Z, Y, X).
+    ``v2p_ext`` (optional cache): ``v2p`` flattened with one trailing -1.
 
     Returns idx (M, nsample) long rows into ``voxel_xyz`` (0 for empty queries) and empty (M,) bool.
     The (M, K) neighbour table is built separably (per-axis bounds and flat offsets broadcast over the
@@ -65,7 +67,8 @@ def voxel_query(new_coords: torch.Tensor, new_xyz: torch.Tensor, voxel_xyz: torc
         itype, sent = torch.int32, -(1 << 29)
     else:
         itype, sent = torch.int64, -4 * (size + 1)
-    v2p_ext = torch.cat([v2p_flat, v2p_flat.new_full((1,), -1)])
+    if v2p_ext is None:
+        v2p_ext = torch.cat([v2p_flat, v2p_flat.new_full((1,), -1)])
     oz = torch.arange(-rz, rz + 1, device=dev)
     oy = torch.arange(-ry, ry + 1, device=dev)
     ox = torch.arange(-rx, rx + 1, device=dev)
@@ -139,14 +142,14 @@ class NeighborVoxelSAModuleMSG(nn.Module):
                 nn.init.constant_(m.bias, 0.0)
 
     def forward(self, voxel_xyz: torch.Tensor, new_xyz: torch.Tensor, new_coords_bxyz: torch.Tensor,
-                features: torch.Tensor, v2p: torch.Tensor) -> torch.Tensor:
+                features: torch.Tensor, v2p: torch.Tensor, v2p_ext: Optional[torch.Tensor] = None) -> torch.Tensor:
         """voxel_xyz (Nv, 3), new_xyz (M, 3), new_coords_bxyz (M, 4) [b, x, y, z], features (Nv, C) -> (M, sum Cout)."""
         new_coords = new_coords_bxyz[:, [0, 3, 2, 1]]
         outs = []
         for k in range(len(self.mlps_in)):
             f_in = self.mlps_in[k](features.t().unsqueeze(0))[0].t()  # (Nv, C')
             idx, empty = voxel_query(new_coords, new_xyz, voxel_xyz, v2p, self.query_ranges[k], self.radii[k],
-                                     self.nsamples[k])
+                                     self.nsamples[k], v2p_ext)
             keep = (~empty).to(f_in.dtype)[:, None, None]
             gf = f_in[idx] * keep                                   # (M, ns, C')
             gx = (voxel_xyz[idx] - new_xyz[:, None, :]) * keep      # (M, ns, 3)
@@ -194,7 +197,7 @@ def build_pool_layers(sources: Sequence[str], input_channels: Dict[str, int], qu
 
 def roi_grid_pool(layers: nn.ModuleList, sources: Sequence[str], strides: Dict[str, int], grid_size: int,
                   voxel_size: Sequence[float], pc_range: Sequence[float], rois: torch.Tensor,
-                  sp_tensors: Dict[str, object], batch_size: int) -> torch.Tensor:
+                  sp_tensors: Dict[str, object], batch_size: int, cache: Optional[dict] = None) -> torch.Tensor:
     """rois (B, N, 7); sp_tensors: source -> spconv SparseConvTensor -> pooled (B*N, G^3, C) (grid index (ix*G+iy)*G+iz)."""
     B, N = rois.shape[0], rois.shape[1]
     G3 = grid_size ** 3
@@ -209,9 +212,16 @@ def roi_grid_pool(layers: nn.ModuleList, sources: Sequence[str], strides: Dict[s
     for i, src in enumerate(sources):
         sp = sp_tensors[src]
         stride = int(strides[src])
-        vxyz = get_voxel_centers(sp.indices[:, 1:4], stride, voxel_size, pc_range)
-        v2p = voxel2pinds(sp.indices, sp.spatial_shape, batch_size)
+        key = (id(sp), stride)
+        if cache is not None and key in cache and cache[key][0] is sp:
+            _, vxyz, v2p, v2p_ext = cache[key]
+        else:
+            vxyz = get_voxel_centers(sp.indices[:, 1:4], stride, voxel_size, pc_range)
+            v2p = voxel2pinds(sp.indices, sp.spatial_shape, batch_size)
+            v2p_ext = torch.cat([v2p.reshape(-1), v2p.new_full((1,), -1)])
+            if cache is not None:
+                cache[key] = (sp, vxyz, v2p, v2p_ext)
         cur = torch.cat([bidx, coords // stride], dim=-1).int().view(-1, 4)
-        f = layers[i](vxyz, new_xyz, cur, sp.features, v2p)
+        f = layers[i](vxyz, new_xyz, cur, sp.features, v2p, v2p_ext)
         pooled.append(f.view(B * N, G3, -1))
     return torch.cat(pooled, dim=-1)

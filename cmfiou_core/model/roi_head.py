@@ -301,7 +301,7 @@ class RoIHead(nn.Module):
                 nn.init.constant_(seq[-1].bias, 0)
 
     # --------------------------------------------------------------------------------------------- pieces
-    def _pool(self, batch_dict, rois: torch.Tensor, view: int, mm: bool) -> torch.Tensor:
+    def _pool(self, batch_dict, rois: torch.Tensor, view: int, mm: bool, cache: Optional[dict] = None) -> torch.Tensor:
         c = self.cfg
         gp = c.grid_pool_mm if mm else c.grid_pool
         key = "multi_scale_3d_features" + ("_mm" if mm else "") + ("" if view == 0 else str(view))
@@ -309,7 +309,7 @@ class RoIHead(nn.Module):
             raise KeyError(f"RoIHead: batch_dict has no {key!r} (needed for view {view})")
         layers = self.roi_grid_pool_layers_mm if mm else self.roi_grid_pool_layers
         return roi_grid_pool(layers, gp.sources, dict(zip(gp.sources, gp.strides)), gp.grid_size, c.voxel_size,
-                             c.point_cloud_range, rois, batch_dict[key], int(batch_dict["batch_size"]))
+                             c.point_cloud_range, rois, batch_dict[key], int(batch_dict["batch_size"]), cache)
 
     def part_scores(self, parts_feat: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """parts_feat (B, S^2, H, W), rois (B, N, 7) in the BEV frame -> (B*N, 1) mean position-sensitive score."""
@@ -356,6 +356,7 @@ class RoIHead(nn.Module):
         roi_labels = batch_dict["roi_labels"]
         shared, shared_mm = [], []
         preds, scores, ious = [], [], []
+        pool_cache: Dict = {}  # voxel centres / dense voxel->row maps, reused by the stages
         self.forward_ret_dict = {}
         for t in range(S):
             view = t if V == S else 0
@@ -372,8 +373,8 @@ class RoIHead(nn.Module):
             rois0 = rois if (V == 1 or view == 0) else x_trans_forward(x_trans_backward(rois, tp[:, view]), tp[:, 0])
             self._rec(f"s{t}_rois_in", rois)
             R = rois.shape[0] * rois.shape[1]
-            pooled = self._pool(batch_dict, rois, view, mm=False)
-            pooled_mm = self._pool(batch_dict, rois, view, mm=True)
+            pooled = self._pool(batch_dict, rois, view, mm=False, cache=pool_cache)
+            pooled_mm = self._pool(batch_dict, rois, view, mm=True, cache=pool_cache)
             self._rec(f"s{t}_pooled_raw", pooled)
             self._rec(f"s{t}_pooled_mm", pooled_mm)
             sh = self.shared_fc_layers[0](pooled.reshape(R, -1)).unsqueeze(0)
