@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from cmfiou_core.config import ConfigError, load_yaml
-from cmfiou_core.model.proposal import TEST_DEFAULT, proposal_layer
 from cmfiou_core.model.roi_head import RoIHead, RoIHeadConfig, x_trans_backward, x_trans_forward
 from cmfiou_core.model.roi_targets import (ProposalTargetLayer, TargetConfig, bb_loss, canonical_targets,
                                            corner_loss_lidar, max_iou_same_class)

@@ -8,7 +8,7 @@ with the first hit, and no hit -> all-zero indices + ``empty`` mask.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn

@@ -7,7 +7,7 @@ score threshold (the official proposal layer ignores SCORE_THRESH).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict
 
 import torch
 

@@ -29,7 +29,6 @@ be ignored by the fused head (robustness when the camera is missing or the pseud
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
