@@ -109,3 +109,14 @@ def test_our_format_roundtrip(tmp_path, models):
     assert rep.source_format == "cmfiou" and not rep.missing_iou_branch and rep.meta["meta"]["git"] == "abc"
     for k, v in ours.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_trainer_checkpoint_is_recognised(tmp_path, models):
+    tc = pytest.importorskip("cmfiou_core.train.checkpoint")
+    _, ours = models
+    cfg = load_config(REPO / "config/cmfiou_kitti.yaml")
+    p = tc.save_checkpoint(tmp_path / "trainer.pth", ours, epoch=2, it=10, config=cfg.raw)
+    fresh = build_model(cfg)
+    _, rep = load_checkpoint(p, fresh)
+    assert rep.source_format == "cmfiou" and rep.meta["epoch"] == 2
+    assert torch.equal(fresh.state_dict()["roi_head.iou_layers.0.0.weight"], ours.state_dict()["roi_head.iou_layers.0.0.weight"])

@@ -4,8 +4,9 @@ Formats read (always with ``torch.load(..., weights_only=True)``; files that nee
 - OpenPCDet / official CMF-IOU: ``{'epoch', 'it', 'model_state', 'optimizer_state', 'version'}`` (legacy or zip
   serialization); ``model_state`` is the unwrapped ``state_dict`` (a ``module.`` prefix from DDP is stripped);
 - a bare ``state_dict`` (mapping key -> tensor);
-- ours (:func:`save_checkpoint`): ``{'format': 'cmfiou-ckpt-v1', 'model_state', 'config', 'meta', ...}``, where
-  ``config`` is the parsed YAML (plain types) and ``meta`` plain types.
+- ours (:func:`save_checkpoint` here and ``cmfiou_core.train.checkpoint.save_checkpoint``, same layout):
+  ``{'model_state', 'optimizer_state', 'epoch', 'it', 'config', 'meta': {'format': 'cmfiou-ckpt-v1', ...}}``, where
+  ``config`` is the parsed YAML (plain types) and ``meta`` plain types (a top-level ``'format'`` is accepted too).
 
 Conversions on load: spconv-1 sparse-conv weights ``(*k, C_in, C_out)`` are permuted to spconv-2 KRSC
 ``(C_out, *k, C_in)`` when the shape says so; half / bfloat16 floating tensors are cast to the model's dtype;
@@ -64,7 +65,8 @@ def read_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
 
 def extract_state_dict(obj: Mapping[str, Any]) -> Tuple[Dict[str, torch.Tensor], str, Dict[str, Any]]:
     """-> (state_dict, format name, meta) for our format, the OpenPCDet format or a bare state_dict."""
-    if obj.get("format") == OUR_FORMAT:
+    meta_in = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
+    if obj.get("format") == OUR_FORMAT or meta_in.get("format") == OUR_FORMAT:
         fmt = "cmfiou"
         state = obj.get("model_state")
         meta = {k: obj[k] for k in ("meta", "config", "epoch", "it") if k in obj}
@@ -181,20 +183,16 @@ def load_checkpoint(path: Union[str, Path], model: Optional[nn.Module] = None, s
 def save_checkpoint(path: Union[str, Path], model: nn.Module, config: Optional[Mapping[str, Any]] = None,
                     meta: Optional[Mapping[str, Any]] = None, optimizer_state: Optional[Mapping] = None,
                     epoch: Optional[int] = None, it: Optional[int] = None) -> Path:
-    """Our format, loadable with ``weights_only=True`` (``config`` and ``meta`` must be plain types). Written to a
-    temporary file first and renamed, so a crash never leaves a truncated checkpoint."""
+    """Our format (the trainer's layout, ``meta.format == 'cmfiou-ckpt-v1'``), loadable with ``weights_only=True``
+    (``config`` and ``meta`` are reduced to plain types). Written to a temporary file first and renamed, so a crash
+    never leaves a truncated checkpoint. The trainer uses ``cmfiou_core.train.checkpoint.save_checkpoint``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     m = model.module if hasattr(model, "module") else model
-    obj: Dict[str, Any] = {"format": OUR_FORMAT,
-                           "model_state": {k: v.detach().cpu() for k, v in m.state_dict().items()},
-                           "config": _plain(dict(config or {})), "meta": _plain(dict(meta or {}))}
-    if optimizer_state is not None:
-        obj["optimizer_state"] = optimizer_state
-    if epoch is not None:
-        obj["epoch"] = int(epoch)
-    if it is not None:
-        obj["it"] = int(it)
+    obj: Dict[str, Any] = {"model_state": {k: v.detach().cpu() for k, v in m.state_dict().items()},
+                           "optimizer_state": optimizer_state, "epoch": int(epoch or 0), "it": int(it or 0),
+                           "config": _plain(dict(config or {})),
+                           "meta": {**_plain(dict(meta or {})), "format": OUR_FORMAT}}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, str(tmp))
     tmp.replace(path)
