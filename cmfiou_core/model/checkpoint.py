@@ -41,6 +41,11 @@ class LoadReport:
     cast_dtype: List[str] = field(default_factory=list)
     meta: Dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def missing_iou_keys(self) -> List[str]:
+        """Alias of ``missing_iou_branch`` (name used by the pipeline)."""
+        return self.missing_iou_branch
+
 
 # ---------------------------------------------------------------------------------------------- reading
 def read_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
