@@ -411,6 +411,12 @@ class DetectorNode(LifecycleNode):
 
     # ------------------------------------------------------------------------------------------ frame assembly
     def _extrinsic_for(self, stamp: int, info) -> Optional[np.ndarray]:
+        """Priority: extrinsic_topic message with this exact stamp (per-frame calibration, KITTI object replay) >
+        TF (camera_frame <- lidar frame) > newest extrinsic_topic message > the lidar_to_camera parameter."""
+        entries = list(self._extrinsics)
+        for s, T in entries:
+            if s == stamp:
+                return T
         if self._tf_buffer is not None:
             try:
                 target = self.params["camera_frame"] or info.header.frame_id
@@ -419,7 +425,7 @@ class DetectorNode(LifecycleNode):
                 return C.transform_msg_to_matrix(tf)
             except Exception:  # noqa: BLE001 - not (yet) in TF: fall back
                 pass
-        T = nearest_by_stamp(list(self._extrinsics), stamp)
+        T = nearest_by_stamp(entries, stamp)
         return T if T is not None else self._param_T
 
     def build_frame(self, pairing: Pairing) -> Frame:

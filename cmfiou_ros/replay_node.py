@@ -149,6 +149,7 @@ class ReplayNode(Node):
         self._awaiting: Optional[int] = None  # lockstep: stamp whose output we wait for
         self._await_t0 = 0.0
         self.lockstep_timeouts = 0
+        self._last_tf = None
         if p["lockstep_topic"]:
             from vision_msgs.msg import Detection3DArray
 
@@ -249,10 +250,11 @@ class ReplayNode(Node):
             tf = C.matrix_to_transform_msg(T, stamp_ns, p["camera_frame"], p["lidar_frame"])
             if self.ext_pub is not None:
                 self.ext_pub.publish(tf)
-            if self.tf_pub is not None and self.seq == 0:
+            if self.tf_pub is not None and (self._last_tf is None or not np.array_equal(self._last_tf, T)):
                 from tf2_msgs.msg import TFMessage
 
-                self.tf_pub.publish(TFMessage(transforms=[tf]))
+                self.tf_pub.publish(TFMessage(transforms=[tf]))  # latched; re-sent when the calibration changes
+                self._last_tf = T
         if camera_on and img is not None:
             if info is not None:
                 info.header.stamp = stamp
