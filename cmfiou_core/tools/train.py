@@ -1,0 +1,255 @@
+"""``cmfiou-train``: train CMF-IOU (single GPU, or multi-GPU with ``torchrun --nproc_per_node=N``).
+
+    cmfiou-train --config config/cmfiou_kitti.yaml --data DIR [--epochs N] [--batch-size B] [--lr LR] [--workers W]
+                 [--amp bf16|fp16|off] [--resume CKPT | --init CKPT] [--out DIR] [--max-minutes M] [--eval-every E]
+                 [--no-pseudo] [--export-fp16 PATH]
+    torchrun --standalone --nproc_per_node=2 -m cmfiou_core.tools.train --config ... --data ...
+    cmfiou-train --toy --epochs 2 --out /tmp/toy      # engine smoke test (tiny model + synthetic data, no KITTI)
+
+Optimisation defaults follow spec §1 (adam_onecycle, LR 0.005, 20 epochs, batch 2 per GPU, clip 10).  They can be set
+in the YAML under ``data.optimization`` (keys: optimizer, epochs, batch_size_per_gpu, lr, weight_decay, betas, moms,
+div_factor, final_div_factor, pct_start, grad_norm_clip, num_workers, seed); command-line flags override them.
+
+The engine (``cmfiou_core.train``) is model-agnostic; this file only adapts the detector and the KITTI dataset to it
+(``_build_model``, ``_build_train_data``, ``_make_prepare_fn``, ``_build_eval_fn``); they import lazily.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import sys
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+log = logging.getLogger("cmfiou.train")
+
+OPT_DEFAULTS = {"optimizer": "adam_onecycle", "epochs": 20, "batch_size_per_gpu": 2, "lr": 0.005,
+                "weight_decay": 0.01, "betas": [0.9, 0.99], "moms": [0.95, 0.85], "div_factor": 10.0,
+                "final_div_factor": 1e4, "pct_start": 0.4, "grad_norm_clip": 10.0, "num_workers": 4, "seed": 0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cmfiou-train", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="config/cmfiou_kitti.yaml", help="model YAML (model/depth/data sections)")
+    ap.add_argument("--data", help="KITTI root (the folder holding object/training or training/)")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--batch-size", type=int, help="per process/GPU (official: 2 x 2 GPUs)")
+    ap.add_argument("--lr", type=float, help="one-cycle peak LR (official MM: 0.005)")
+    ap.add_argument("--workers", type=int, help="DataLoader workers per process")
+    ap.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off")
+    ap.add_argument("--seed", type=int)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--resume", help="continue exactly from a training checkpoint (e.g. OUT/ckpt/latest.pth)")
+    g.add_argument("--init", help="initialise weights from a checkpoint (non-strict), fresh optimizer/schedule")
+    ap.add_argument("--out", default="output/cmfiou_train", help="output folder (ckpt/, tb/, metrics.jsonl)")
+    ap.add_argument("--max-minutes", type=float, help="wall-clock budget from process start; stops cleanly + saves")
+    ap.add_argument("--time-schedule", action="store_true",
+                    help="with --max-minutes: drive the one-cycle schedule by elapsed time so it completes in budget")
+    ap.add_argument("--max-iters", type=int, help="stop (and save) after this many iterations (smoke tests)")
+    ap.add_argument("--eval-every", type=int, default=0, help="evaluate every E epochs (0 = never)")
+    ap.add_argument("--no-pseudo", action="store_true", help="LiDAR-only training: the pseudo branch gets no points")
+    ap.add_argument("--export-fp16", metavar="PATH", help="after training, write an fp16 weights export (<= 40 MB)")
+    ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--save-every-minutes", type=float, default=0.0, help="extra mid-epoch saves of latest.pth")
+    ap.add_argument("--keep-last", type=int, default=5)
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--no-sync-bn", action="store_true", help="keep per-GPU BatchNorm under DDP")
+    ap.add_argument("--find-unused", choices=["auto", "on", "off"], default="auto",
+                    help="DDP find_unused_parameters (auto: on for the detector, off for --toy)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-tensorboard", action="store_true")
+    ap.add_argument("--toy", action="store_true", help="train the engine's toy model on synthetic data (smoke test)")
+    return ap
+
+
+# ---------------------------------------------------------------------------------------------------- config
+def optimization_settings(data_cfg: Optional[Dict[str, Any]], source: str = "<config>") -> Dict[str, Any]:
+    """Validated ``data.optimization`` values merged over the spec defaults."""
+    from cmfiou_core.config import Section
+    sec = Section((data_cfg or {}).get("optimization"), "data.optimization", source)
+    d = OPT_DEFAULTS
+    out = {
+        "optimizer": sec.str("optimizer", d["optimizer"], choices=["adam_onecycle"]),
+        "epochs": sec.int("epochs", d["epochs"], min=1),
+        "batch_size_per_gpu": sec.int("batch_size_per_gpu", d["batch_size_per_gpu"], min=1),
+        "lr": sec.float("lr", d["lr"], min=1e-12),
+        "weight_decay": sec.float("weight_decay", d["weight_decay"], min=0.0),
+        "betas": sec.floats("betas", d["betas"], length=2),
+        "moms": sec.floats("moms", d["moms"], length=2),
+        "div_factor": sec.float("div_factor", d["div_factor"], min=1e-12),
+        "final_div_factor": sec.float("final_div_factor", d["final_div_factor"], min=1e-12),
+        "pct_start": sec.float("pct_start", d["pct_start"], min=0.0, max=1.0),
+        "grad_norm_clip": sec.float("grad_norm_clip", d["grad_norm_clip"]),
+        "num_workers": sec.int("num_workers", d["num_workers"], min=0),
+        "seed": sec.int("seed", d["seed"]),
+    }
+    sec.finish()
+    return out
+
+
+def make_train_config(args, opt: Dict[str, Any]):
+    from cmfiou_core.train import TrainConfig
+
+    def pick(cli, key):
+        return opt[key] if cli is None else cli
+
+    return TrainConfig(
+        epochs=pick(args.epochs, "epochs"), batch_size=pick(args.batch_size, "batch_size_per_gpu"),
+        lr=pick(args.lr, "lr"), weight_decay=opt["weight_decay"], betas=tuple(opt["betas"]), moms=tuple(opt["moms"]),
+        div_factor=opt["div_factor"], final_div_factor=opt["final_div_factor"], pct_start=opt["pct_start"],
+        grad_clip=opt["grad_norm_clip"], amp=args.amp, workers=pick(args.workers, "num_workers"),
+        seed=pick(args.seed, "seed"), out_dir=args.out, max_minutes=args.max_minutes,
+        time_schedule=args.time_schedule, max_iters=args.max_iters, eval_every=args.eval_every,
+        log_every=args.log_every, save_every_minutes=args.save_every_minutes, keep_last=args.keep_last,
+        sync_bn=not args.no_sync_bn, progress=not args.no_progress, tensorboard=not args.no_tensorboard,
+        device=args.device)
+
+
+# ---------------------------------------------------------------------------------------------------- adapters
+def _build_model(full_cfg):
+    from cmfiou_core.model.detector import build_model
+    return build_model(full_cfg)
+
+
+def _call_with_supported(fn: Callable, **kw):
+    """Call ``fn`` with the keyword arguments its signature accepts (dataset constructors differ in optional flags)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**kw)
+    return fn(**{k: v for k, v in kw.items() if k in params})
+
+
+def _build_train_data(full_cfg, data_dir: str, no_pseudo: bool) -> Tuple[Any, Callable]:
+    """(dataset, collate) from ``cmfiou_core.data.kitti``: ``build_train_dataset(...)`` when the module provides it,
+    else ``KittiDataset(...)``.  ``data.optimization`` is removed from the data section handed to the dataset."""
+    from cmfiou_core.data import kitti
+    data_cfg = {k: v for k, v in full_cfg.data.items() if k != "optimization"}
+    kw = dict(cfg=full_cfg, config=full_cfg, data_cfg=data_cfg, root=data_dir, data_dir=data_dir, split="train",
+              training=True, use_pseudo=not no_pseudo)
+    if hasattr(kitti, "build_train_dataset"):
+        ds = _call_with_supported(kitti.build_train_dataset, **kw)
+    else:
+        ds = _call_with_supported(kitti.KittiDataset, **kw)
+    collate = getattr(ds, "collate", None) or getattr(kitti, "collate")
+    return ds, collate
+
+
+def _first(batch: Dict[str, Any], *keys, required=True):
+    for k in keys:
+        if k in batch:
+            return batch[k]
+    if required:
+        raise KeyError(f"collated batch has none of {keys}; keys: {sorted(batch)}")
+    return None
+
+
+def _drop_pseudo_rows(p):
+    """Remove pseudo rows (flag column 7 == 1) from an (N, 8) array/tensor."""
+    return p[p[:, 7] != 1]
+
+
+def _make_prepare_fn(full_cfg, no_pseudo: bool) -> Callable:
+    """Collated CPU batch -> the detector's batch dict on the device (voxelisation there, via ``prepare_batch``)."""
+    import numpy as np
+    from cmfiou_core.model.detector import prepare_batch
+    from cmfiou_core.model.voxelize import Voxelizer
+    mc = full_cfg.model
+    vox = Voxelizer(mc.voxel_size, mc.point_cloud_range, mc.max_points_per_voxel, mc.max_voxels(True))
+
+    def prepare(batch: Dict[str, Any], device):
+        raw = _first(batch, "raw_points", "points")
+        pseudo = _first(batch, "pseudo_points", "points_mm", required=False)
+        if pseudo is None:  # combined 8-column clouds: split by the flag column (2 raw, 1 pseudo)
+            raw, pseudo = [p[p[:, 7] != 1] for p in raw], [p[p[:, 7] == 1] for p in raw]
+        if no_pseudo:
+            pseudo = [np.zeros((0, 8), np.float32) for _ in raw]
+            raw = [_drop_pseudo_rows(p) for p in raw]
+        return prepare_batch(raw, pseudo, _first(batch, "calib", "calibs"), mc,
+                             image_shapes=_first(batch, "image_shape", "image_shapes", required=False),
+                             training=True, aug_params=_first(batch, "aug_param", "aug_params", required=False),
+                             gt_boxes=_first(batch, "gt_boxes"), device=device, voxelizer=vox)
+
+    return prepare
+
+
+def _build_eval_fn(full_cfg, data_dir: str, no_pseudo: bool) -> Optional[Callable]:
+    """``eval_fn(model, epoch) -> {metric: value}`` from ``cmfiou_core.data.kitti.make_eval_fn`` if it exists."""
+    try:
+        from cmfiou_core.data import kitti
+    except ImportError:
+        return None
+    make = getattr(kitti, "make_eval_fn", None)
+    if make is None:
+        return None
+    return _call_with_supported(make, cfg=full_cfg, config=full_cfg, root=data_dir, data_dir=data_dir, split="val",
+                                use_pseudo=not no_pseudo)
+
+
+def _toy_setup():
+    from cmfiou_core.train.toy import ToyPointDataset, ToyPointNet, toy_collate
+    return ToyPointNet(), ToyPointDataset(256), toy_collate
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    t_origin = time.time()
+    args = build_parser().parse_args(argv)
+    from cmfiou_core.train import (Trainer, cleanup_distributed, export_fp16, init_distributed, load_model_weights,
+                                   seed_everything)
+
+    dist_info = init_distributed(args.device)
+    logging.basicConfig(level=logging.INFO if dist_info.is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.toy:
+            opt = dict(OPT_DEFAULTS, epochs=2, batch_size_per_gpu=8, lr=0.01, num_workers=0)
+            tcfg = make_train_config(args, opt)
+            seed_everything(tcfg.seed)
+            model, train_set, collate = _toy_setup()
+            prepare, eval_fn, config = None, None, {"toy": True}
+            find_unused = args.find_unused == "on"
+        else:
+            if not args.data:
+                print("cmfiou-train: --data is required (or --toy)", file=sys.stderr)
+                return 2
+            from cmfiou_core.model.model_config import load_config
+            full = load_config(args.config)
+            tcfg = make_train_config(args, optimization_settings(full.data, full.source))
+            seed_everything(tcfg.seed)
+            if dist_info.device.type == "cpu":
+                import torch
+                torch.set_num_threads(1)  # spconv's CPU path is only correct with one thread (docs/DEVELOPING.md)
+            model = _build_model(full)
+            train_set, collate = _build_train_data(full, args.data, args.no_pseudo)
+            prepare = _make_prepare_fn(full, args.no_pseudo)
+            eval_fn = _build_eval_fn(full, args.data, args.no_pseudo) if args.eval_every > 0 else None
+            if args.eval_every > 0 and eval_fn is None and dist_info.is_main:
+                log.warning("--eval-every given but cmfiou_core.data.kitti has no make_eval_fn; evaluation disabled")
+            config = {k: v for k, v in full.raw.items() if k != "_source"}
+            find_unused = args.find_unused != "off"
+        tcfg.find_unused_parameters = find_unused
+        if args.init:
+            res = load_model_weights(model, args.init, strict=False)
+            if dist_info.is_main:
+                log.info("initialised from %s (missing %d, unexpected %d keys)", args.init, len(res.missing_keys),
+                         len(res.unexpected_keys))
+        meta = {"argv": list(sys.argv if argv is None else argv), "no_pseudo": bool(args.no_pseudo),
+                "data": args.data or "", "config_path": args.config}
+        trainer = Trainer(model, train_set, tcfg, collate_fn=collate, prepare_fn=prepare, eval_fn=eval_fn,
+                          config=config, meta=meta, dist_info=dist_info, time_origin=t_origin)
+        result = trainer.fit(resume=args.resume)
+        trainer.close()
+        if dist_info.is_main:
+            print(f"cmfiou-train: {result.status} at epoch {result.epoch}, iteration {result.it}; "
+                  f"checkpoint {result.checkpoint}", flush=True)
+            if args.export_fp16 and result.checkpoint:
+                s = export_fp16(result.checkpoint, args.export_fp16)
+                print(f"cmfiou-train: fp16 export {s['path']} ({s['size_mb']:.2f} MB)", flush=True)
+        return 0
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
