@@ -204,3 +204,17 @@ def test_redraw_empty_frames(kitti_root):
     ds.augmentor = Augmentor(AugmentConfig(), None)
     it = ds[0]
     assert it["frame_id"] != "000001" and it["gt_boxes"].shape[0] > 0
+
+
+def test_dataset_config_validation():
+    from cmfiou_core.config import ConfigError
+
+    c = DatasetConfig.from_dict({"use_van": False, "augment": {"pyramid": False}, "pseudo_train_keep": 0.3})
+    assert not c.use_van and not c.augment.pyramid and c.pseudo_train_keep == 0.3
+    assert DatasetConfig.from_dict(None) == DatasetConfig()
+    with pytest.raises(ConfigError, match="use_vann"):
+        DatasetConfig.from_dict({"use_vann": True})
+    with pytest.raises(ConfigError, match="class_names"):
+        DatasetConfig.from_dict({"class_names": ["Truck"]})
+    with pytest.raises(ConfigError, match="point_cloud_range"):
+        DatasetConfig.from_dict({"point_cloud_range": [0, 0, 0, -1, 1, 1]})

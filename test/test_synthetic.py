@@ -181,3 +181,31 @@ def test_generation_speed():
     t = time.process_time()
     syn.generate_frame(99, 0)
     assert time.process_time() - t < 5.0  # ~0.5 s CPU on one core when idle
+
+
+def test_synthetic_end_to_end_dataset(tmp_path):
+    """Fresh-clone path (no ../shared): generate -> infos -> GT DB -> training/test items with pseudo points."""
+    from cmfiou_core.data.collate import collate_batch
+    from cmfiou_core.data.gt_database import create_gt_database
+    from cmfiou_core.data.kitti import KittiDataset, create_infos
+
+    root = syn.generate_dataset(tmp_path / "s", 4, seed=21, workers=1, val_fraction=0.25)
+    infos = create_infos(root, "train", out="default")
+    create_infos(root, "val", out="default")
+    for info in infos:  # every labelled synthetic object in the FOV holds points
+        a = info["annos"]
+        n = a["gt_boxes_lidar"].shape[0]
+        near = np.hypot(a["gt_boxes_lidar"][:, 0], a["gt_boxes_lidar"][:, 1]) < 40
+        vis = (a["occluded"][:n] == 0) & (a["truncated"][:n] < 0.3) & near
+        assert np.all(a["num_points_in_gt"][:n][vis] >= 15)
+    create_gt_database(root, infos)
+    ds = KittiDataset(root, "train", training=True, seed=0)
+    items = [ds[i] for i in range(len(ds))]
+    for it in items:
+        assert it["points"].shape[0] > 5000 and it["points_mm"].shape[0] > 1000
+        assert it["gt_boxes"].shape[0] > 0
+    # the road plane file is used: pasted boxes stand on the ground (no plane -> they would keep their DB height)
+    assert (root / "training" / "planes" / "000000.txt").is_file()
+    test_item = KittiDataset(root, "val", training=False)[0]
+    b = collate_batch(items + [test_item])
+    assert b["batch_size"] == len(items) + 1

@@ -271,6 +271,33 @@ class DatasetConfig:
     db_index: str = "kitti_dbinfos_train_mm.json"
     max_redraw: int = 50
 
+    @classmethod
+    def from_dict(cls, data: Optional[dict], source: str = "<config>", path: str = "dataset") -> "DatasetConfig":
+        """Validated construction from a YAML mapping (keys = field names; ``augment`` = AugmentConfig keys)."""
+        from ..config import ConfigError, Section
+
+        sec = Section(data, path, source)
+        d = cls()
+        names = sec.raw("class_names", list(d.class_names))
+        if not isinstance(names, (list, tuple)) or not names or not all(n in CLASS_NAMES for n in names):
+            raise ConfigError(f"{source}: '{path}.class_names' must be a non-empty list out of {list(CLASS_NAMES)}")
+        rng = sec.floats("point_cloud_range", list(d.point_cloud_range), length=6)
+        if not all(rng[i] < rng[i + 3] for i in range(3)):
+            raise ConfigError(f"{source}: '{path}.point_cloud_range' must be [xmin, ymin, zmin, xmax, ymax, zmax]")
+        aug = AugmentConfig.from_dict(sec.raw("augment", None), source, f"{path}.augment")
+        out = cls(class_names=tuple(names), use_van=sec.bool("use_van", d.use_van), point_cloud_range=tuple(rng),
+                  fov_points_only=sec.bool("fov_points_only", d.fov_points_only),
+                  remove_outside_boxes=sec.bool("remove_outside_boxes", d.remove_outside_boxes),
+                  shuffle_points=sec.bool("shuffle_points", d.shuffle_points),
+                  pseudo_train_keep=sec.float("pseudo_train_keep", d.pseudo_train_keep, min=0.0, max=1.0),
+                  discard_rate=sec.float("discard_rate", d.discard_rate, min=0.0, max=1.0),
+                  discard_bin_num=sec.int("discard_bin_num", d.discard_bin_num, min=1),
+                  discard_max_dis=sec.float("discard_max_dis", d.discard_max_dis, min=0.0),
+                  cache_pseudo=sec.bool("cache_pseudo", d.cache_pseudo), augment=aug,
+                  db_index=sec.str("db_index", d.db_index), max_redraw=sec.int("max_redraw", d.max_redraw, min=0))
+        sec.finish()
+        return out
+
 
 class KittiDataset:
     """``KittiDataset(root, split, training)``; items are dicts (see module doc), batched by ``collate_batch``."""

@@ -25,6 +25,7 @@ of the number of worker processes.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -253,7 +254,14 @@ def _render(prims: _Prims, groups: List[List[int]], o: np.ndarray, dirs: np.ndar
             own[gi] = 0
             continue
         rows, cols = blk
-        d = dirs[rows][:, cols].reshape(-1, 3)
+        contiguous = rows.size and cols.size and rows[-1] - rows[0] + 1 == rows.size and \
+            cols[-1] - cols[0] + 1 == cols.size
+        if contiguous:
+            idx = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+            d = dirs[idx].reshape(-1, 3)
+        else:
+            idx = np.ix_(rows, cols)
+            d = dirs[rows][:, cols].reshape(-1, 3)
         tg = np.full(d.shape[0], np.inf)
         pg = np.full(d.shape[0], -1, dtype=np.int32)
         ng = np.zeros_like(d)
@@ -268,14 +276,19 @@ def _render(prims: _Prims, groups: List[List[int]], o: np.ndarray, dirs: np.ndar
         if not own[gi]:
             continue
         shape = (len(rows), len(cols))
-        tb = buf.t[np.ix_(rows, cols)]
+        tb = buf.t[idx]
         tg2, pg2, ng2 = tg.reshape(shape), pg.reshape(shape), ng.reshape(shape + (3,))
         closer = tg2 < tb
-        buf.t[np.ix_(rows, cols)] = np.where(closer, tg2, tb)
-        buf.prim[np.ix_(rows, cols)] = np.where(closer, pg2, buf.prim[np.ix_(rows, cols)])
-        nb = buf.normal[np.ix_(rows, cols)]
-        nb[closer] = ng2[closer]
-        buf.normal[np.ix_(rows, cols)] = nb
+        if contiguous:
+            tb[closer] = tg2[closer]
+            buf.prim[idx][closer] = pg2[closer]
+            buf.normal[idx][closer] = ng2[closer]
+        else:
+            buf.t[idx] = np.where(closer, tg2, tb)
+            buf.prim[idx] = np.where(closer, pg2, buf.prim[idx])
+            nb = buf.normal[idx]
+            nb[closer] = ng2[closer]
+            buf.normal[idx] = nb
     return own
 
 
@@ -462,12 +475,17 @@ def _background_prims(prims: _Prims, rng: np.random.Generator, layout: _Layout, 
 
 # ----------------------------------------------------------------------------------------------- sensors
 def _lidar_grid(cfg: SceneConfig):
+    return _lidar_grid_cached(cfg.azimuth_steps)
+
+
+@functools.lru_cache(maxsize=4)
+def _lidar_grid_cached(W: int):
     elev = hdl64_elevations()
-    W = cfg.azimuth_steps
     az = -math.pi + (np.arange(W) + 0.5) * (2 * math.pi / W)
     ce = np.cos(elev)[:, None]
     dirs = np.stack([ce * np.cos(az)[None], ce * np.sin(az)[None], np.broadcast_to(np.sin(elev)[:, None], (64, W))],
                     axis=-1)
+    dirs.flags.writeable = False
     return elev, az, dirs
 
 
@@ -525,6 +543,13 @@ def _camera_rays(calib: Calibration, H: int, W: int):
     d_rect = pix @ Kinv.T
     d = d_rect @ R2V[:3, :3].T
     d /= np.linalg.norm(d, axis=-1, keepdims=True)
+    return centre, d
+
+
+@functools.lru_cache(maxsize=2)
+def _camera_rays_cached(H: int, W: int):
+    centre, d = _camera_rays(kitti_calibration(), H, W)
+    d.flags.writeable = False
     return centre, d
 
 
@@ -602,7 +627,7 @@ def generate_frame(seed: int, index: int, cfg: SceneConfig = SceneConfig()) -> S
 
     # ---------------- camera
     H, Wi = IMAGE_H, IMAGE_W
-    co, cdirs = _camera_rays(calib, H, Wi)
+    co, cdirs = _camera_rays_cached(H, Wi)
     cb = _Buffers((H, Wi))
     _ground_hit(co, cdirs, cb, 400.0)
     own = _render(prims, groups, co, cdirs, lambda g: _camera_block(prims, calib, g, H, Wi), cb)
