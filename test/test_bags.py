@@ -316,3 +316,31 @@ def test_bag_eval_node_mode_tiny_pipeline(tmp_path, object_bag):
         np.testing.assert_allclose(np.cos(a["rotation_y"] - b["rotation_y"]), 1.0, atol=1e-6)
         n_det += len(a["name"])
     assert n_det > 0
+
+
+def test_generated_scenes_bag(tmp_path):
+    out = tmp_path / "gen"
+    r = run("cmfiou_core.tools.kitti2bag", "--out", out, "--generate", 2, "--seed", 3)
+    assert r.returncode == 0, r.stderr
+    frames = bag_io.read_frames(out)
+    assert len(frames) == 2 and all(f.label_text is not None and f.image is not None for f in frames)
+
+
+def test_bag_eval_node_mode_realtime_drops(tmp_path, object_bag):
+    """A pipeline slower than 10 Hz at real-time rate: the node keeps the latest frame, the others are *dropped* and
+    evaluated as empty (all FN), never removed."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("vision_msgs.msg")
+    env = {**ENV, "ROS_DOMAIN_ID": str(150 + (os.getpid() + 1) % 70), "CMFIOU_TINY_SLEEP_MS": "350"}
+    out = tmp_path / "rt"
+    r = subprocess.run([sys.executable, "-m", "cmfiou_ros.bag_eval", str(object_bag), "--out", str(out), "--mode",
+                        "node", "--rate", "1.0", "--node-timeout", "3", "--pipeline-factory",
+                        "tiny_pipeline:TinyPipeline.from_config"], capture_output=True, text=True, cwd=REPO, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    js = json.loads((out / "report.json").read_text())
+    fr = js["frames"]
+    assert fr["total"] == 13 and fr["dropped"] > 0 and fr["ok"] + fr["dropped"] == 13
+    assert js["ap"] is not None  # every frame evaluated
+    for idx in fr["dropped_indices"]:
+        assert (out / "results" / f"{idx}.txt").read_text() == ""

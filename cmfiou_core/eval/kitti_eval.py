@@ -368,10 +368,18 @@ def evaluate(gt_annos: Sequence[Dict[str, np.ndarray]], dt_annos: Sequence[Dict[
             ign_dt = np.where(d_height < MIN_HEIGHT[diff], 1, np.where(dt.name == cname, 0, -1)).astype(np.int64)
             valid_dt = ign_dt == 0
             pair_ok = (ign_gt[pg] != -1) & (ign_dt[pd] != -1)
+            memo = {}  # identical (metric, min_overlap) across overlap sets (bbox: 0.7/0.5/0.5 in both) -> reuse
             for mi, metric in enumerate(METRICS):
                 ov_all = overlaps[metric]
                 for si in range(S):
                     mo = float(min_ov[si, mi, ci])
+                    if (metric, mo) in memo:
+                        s0 = memo[(metric, mo)]
+                        prec[mi, si, diff], rec[mi, si, diff] = prec[mi, s0, diff], rec[mi, s0, diff]
+                        if metric == "bbox":
+                            aos[si, diff] = aos[s0, diff]
+                        continue
+                    memo[(metric, mo)] = si
                     e = pair_ok & (ov_all > mo)
                     eg, ed, ov = pg[e], pd[e], ov_all[e]
                     # pass 1: TP scores -> thresholds

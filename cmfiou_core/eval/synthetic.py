@@ -21,7 +21,8 @@ def _bbox(loc, dims_hwl, ry):
     z = max(z, 1.0)
     u1, u2 = _F * (x - ext) / z + 609.6, _F * (x + ext) / z + 609.6
     v1, v2 = _F * (y - h) / z + 172.9, _F * y / z + 172.9
-    return [max(u1, 0.0), max(v1, 0.0), min(max(u2, 0.0), 1241.0), min(max(v2, 0.0), 374.0)]
+    x1, y1 = min(max(u1, 0.0), 1241.0), min(max(v1, 0.0), 374.0)
+    return [x1, y1, max(min(max(u2, 0.0), 1241.0), x1), max(min(max(v2, 0.0), 374.0), y1)]
 
 
 def make_frame(rng: np.random.Generator, n_obj: int) -> Dict[str, np.ndarray]:
