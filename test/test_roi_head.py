@@ -116,6 +116,26 @@ def test_stage_matches_official(reference, stage):
     assert np.abs(rec["parts_feat"].numpy() - out["parts_feat"]).max() <= 1e-3
 
 
+def test_isolated_stages_from_stored_rois(reference):
+    """Each stage fed the stored ``s{s}_rois_in`` (not our previous stage's boxes)."""
+    head, _, _, out, batch = reference
+    bd = batch()
+    bd.update({k: torch.from_numpy(out[k]) for k in ("rois", "roi_scores", "roi_labels")})
+    head.record = {}
+    try:
+        with torch.no_grad():
+            head(bd, use_given_rois=True, stage_rois=[torch.from_numpy(out[f"s{s}_rois_in"]) for s in range(3)])
+        rec = head.record
+    finally:
+        head.record = None
+    for s in range(3):
+        for n in ("pooled_raw", "shared", "shared_mm", "xattn", "xattn_mm", "part_scores", "batch_cls_preds"):
+            k = f"s{s}_{n}"
+            assert np.abs(rec[k].numpy().reshape(out[k].shape) - out[k]).max() <= 1e-3, k
+        k = f"s{s}_batch_box_preds"
+        assert _box_err(rec[k].numpy(), out[k]) <= 1.0
+
+
 def test_final_matches_official(reference):
     _, bd, _, out, _ = reference
     assert _box_err(bd["batch_box_preds"].numpy(), out["final_batch_box_preds"]) <= 1.0

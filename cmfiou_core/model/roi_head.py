@@ -337,7 +337,11 @@ class RoIHead(nn.Module):
             self.record[name] = value.detach().clone()
 
     # --------------------------------------------------------------------------------------------- forward
-    def forward(self, batch_dict: Dict[str, Any], use_given_rois: bool = False) -> Dict[str, Any]:
+    def forward(self, batch_dict: Dict[str, Any], use_given_rois: bool = False,
+                stage_rois: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, Any]:
+        """``use_given_rois``: keep ``batch_dict['rois'/'roi_scores'/'roi_labels']`` (skip the proposal layer).
+        ``stage_rois`` (eval, tests): per-stage input RoIs (B, N, 7) in the stage's view frame, replacing the chained
+        previous-stage boxes (isolates stages when comparing against a reference)."""
         c = self.cfg
         if not (use_given_rois and "rois" in batch_dict):
             proposal_layer(batch_dict, c.nms_train if self.training else c.nms_test)
@@ -369,6 +373,8 @@ class RoIHead(nn.Module):
                 rois, roi_scores, roi_labels = targets["rois"], targets["roi_scores"], targets["roi_labels"]
             if t >= 1 and V > 1:
                 rois = x_trans_forward(x_trans_backward(rois, tp[:, t - 1]), tp[:, t])
+            if stage_rois is not None and not self.training:
+                rois = stage_rois[t]
             rois0 = rois if (V == 1 or view == 0) else x_trans_forward(x_trans_backward(rois, tp[:, view]), tp[:, 0])
             self._rec(f"s{t}_rois_in", rois)
             R = rois.shape[0] * rois.shape[1]
