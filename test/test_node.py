@@ -325,3 +325,18 @@ def test_cross_process_camera_stop_lidar_only_and_diagnostics(graph_run):
     inputs = [st for arr in r["got"]["diag"] for st in arr.status if st.name.endswith(": inputs")]
     v = {kv.key: kv.value for kv in inputs[-1].values}
     assert int(v["lidar_malformed"]) + int(v["image_malformed"]) + int(v["camera_info_malformed"]) >= r["sent_bad"] > 0
+
+
+def test_kitti_source_layouts(kitti_samples):
+    from cmfiou_ros.replay_node import KittiSource
+
+    obj = KittiSource(str(kitti_samples / "object"))
+    assert obj.dataset == "object" and len(obj) == 13
+    raw = KittiSource(str(kitti_samples / "raw" / "2011_09_26"))
+    assert raw.dataset == "raw" and len(raw) == 8
+    idx, pts, rgb, calib = raw.load(0)
+    assert pts.shape[1] == 4 and rgb.shape[2] == 3 and (calib.image_width, calib.image_height) == rgb.shape[1::-1]
+    sub = KittiSource(str(kitti_samples / "object"), frames=["000008", "000002"], max_frames=1)
+    assert [f.index for f in sub.frames] == ["000008"]
+    with pytest.raises(FileNotFoundError):
+        KittiSource(str(kitti_samples / "object"), frames=["999999"])
