@@ -179,12 +179,29 @@ def test_getitem_test_and_collate(kitti_root):
     allp = load_points_mm(kitti_root, "000114")
     n_ps = int(np.sum(allp[:, 7] == 1))
     assert 0.1 * n_ps < it["points_mm"].shape[0] < 0.3 * n_ps  # input_point_discard keeps ~20 %
-    b = collate_batch([it, KittiDataset(kitti_root, "train", training=True)[0]])
-    assert b["batch_size"] == 2 and b["points"].shape[1] == 9 and b["points_mm"].shape[1] == 9
-    assert set(b["points"][:, 0].unique().tolist()) == {0.0, 1.0}
-    assert b["points"].shape[0] == int(b["num_points"].sum())
-    assert b["gt_boxes"].shape[0] == 2 and b["gt_boxes"].shape[2] == 8
+    tr = KittiDataset(kitti_root, "train", training=True)[0]
+    b = collate_batch([it, tr])
+    assert b["batch_size"] == 2 and len(b["points"]) == 2 and len(b["points_mm"]) == 2
+    assert b["points"][1].shape == tr["points"].shape and b["points_mm"][0].shape[1] == 8
+    assert b["gt_boxes_padded"].shape == (2, max(len(it["gt_boxes"]), len(tr["gt_boxes"])), 8)
+    assert np.array_equal(b["gt_boxes"][1], tr["gt_boxes"])
     assert b["aug_param"].shape == (2, 3) and b["image_shape"].shape == (2, 2)
+
+
+def test_build_train_dataset_from_yaml_section(kitti_root):
+    from cmfiou_core.config import load_yaml
+    from cmfiou_core.data import kitti
+
+    from pathlib import Path
+
+    cfg_file = Path(__file__).resolve().parents[1] / "config" / "cmfiou_kitti.yaml"
+    data = {k: v for k, v in (load_yaml(cfg_file).get("data") or {}).items() if k != "optimization"}
+    ds = kitti.build_train_dataset(kitti_root, data)
+    assert ds.training and ds.cfg.use_van
+    raw_only = kitti.build_train_dataset(kitti_root, data, use_pseudo=False)
+    it = raw_only[0]
+    assert it["points_mm"].shape[0] == 0 and it["points"].shape[0] > 1000
+    assert kitti.collate([it])["batch_size"] == 1
 
 
 def test_redraw_empty_frames(kitti_root):

@@ -1,9 +1,11 @@
-"""Batching of :class:`cmfiou_core.data.kitti.KittiDataset` items (voxelization happens later, on the device, in
-the model's ``prepare_batch``).
+"""Batching of :class:`cmfiou_core.data.kitti.KittiDataset` items. Voxelization happens later, on the device, in
+the model's ``prepare_batch(raw_points, pseudo_points, calibs, cfg, image_shapes=, aug_params=, gt_boxes=)``, which
+takes per-sample lists - so the clouds stay lists here.
 
-Output: ``batch_size``; ``points`` / ``points_mm`` (N, 9) float32 tensors ``[b, x, y, z, ...]``; ``gt_boxes``
-(B, M_max, 8) zero-padded (class id 0 = padding); ``aug_param`` (B, 3); ``image_shape`` (B, 2) int64;
-``calib`` / ``frame_id`` lists; ``num_points`` / ``num_points_mm`` (B,) counts.
+Output: ``batch_size``; ``points`` / ``points_mm``: lists of (N_b, 8) float32 arrays; ``gt_boxes``: list of
+(M_b, 8) float32 arrays (box + class id); ``gt_boxes_padded``: (B, max(M_b, 1), 8) float32 tensor, zero padded
+(class id 0 = padding, OpenPCDet layout); ``aug_param``: (B, 3) float32 tensor; ``image_shape``: (B, 2) int64
+tensor (H, W); ``calib`` / ``frame_id``: lists; ``local_trans``: list (training only, may be absent).
 """
 from __future__ import annotations
 
@@ -11,13 +13,6 @@ from typing import List
 
 import numpy as np
 import torch
-
-
-def _cat_with_batch(arrs: List[np.ndarray]) -> torch.Tensor:
-    C = max((a.shape[1] for a in arrs), default=8)
-    out = [np.concatenate([np.full((a.shape[0], 1), b, np.float32), a.astype(np.float32)], 1)
-           for b, a in enumerate(arrs)]
-    return torch.from_numpy(np.concatenate(out, 0)) if out else torch.zeros((0, C + 1))
 
 
 def collate_batch(items: List[dict]) -> dict:
@@ -28,15 +23,17 @@ def collate_batch(items: List[dict]) -> dict:
     gt = np.zeros((B, max(m, 1), 8), np.float32)
     for b, it in enumerate(items):
         gt[b, :it["gt_boxes"].shape[0]] = it["gt_boxes"]
-    return {
+    out = {
         "batch_size": B,
-        "points": _cat_with_batch([it["points"] for it in items]),
-        "points_mm": _cat_with_batch([it["points_mm"] for it in items]),
-        "num_points": torch.tensor([it["points"].shape[0] for it in items]),
-        "num_points_mm": torch.tensor([it["points_mm"].shape[0] for it in items]),
-        "gt_boxes": torch.from_numpy(gt),
+        "points": [np.asarray(it["points"], np.float32) for it in items],
+        "points_mm": [np.asarray(it["points_mm"], np.float32) for it in items],
+        "gt_boxes": [np.asarray(it["gt_boxes"], np.float32) for it in items],
+        "gt_boxes_padded": torch.from_numpy(gt),
         "aug_param": torch.from_numpy(np.stack([np.asarray(it["aug_param"], np.float32) for it in items])),
         "image_shape": torch.from_numpy(np.stack([np.asarray(it["image_shape"], np.int64) for it in items])),
         "calib": [it["calib"] for it in items],
         "frame_id": [it["frame_id"] for it in items],
     }
+    if all("local_trans" in it for it in items):
+        out["local_trans"] = [it["local_trans"] for it in items]
+    return out

@@ -270,6 +270,7 @@ class DatasetConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     db_index: str = "kitti_dbinfos_train_mm.json"
     max_redraw: int = 50
+    use_pseudo: bool = True  # False: raw LiDAR only (velodyne .bin, no depth completion); points_mm empty
 
     @classmethod
     def from_dict(cls, data: Optional[dict], source: str = "<config>", path: str = "dataset") -> "DatasetConfig":
@@ -290,11 +291,12 @@ class DatasetConfig:
                   remove_outside_boxes=sec.bool("remove_outside_boxes", d.remove_outside_boxes),
                   shuffle_points=sec.bool("shuffle_points", d.shuffle_points),
                   pseudo_train_keep=sec.float("pseudo_train_keep", d.pseudo_train_keep, min=0.0, max=1.0),
-                  discard_rate=sec.float("discard_rate", d.discard_rate, min=0.0, max=1.0),
+                  discard_rate=sec.float("input_discard_rate", d.discard_rate, min=0.0, max=1.0),
                   discard_bin_num=sec.int("discard_bin_num", d.discard_bin_num, min=1),
                   discard_max_dis=sec.float("discard_max_dis", d.discard_max_dis, min=0.0),
                   cache_pseudo=sec.bool("cache_pseudo", d.cache_pseudo), augment=aug,
-                  db_index=sec.str("db_index", d.db_index), max_redraw=sec.int("max_redraw", d.max_redraw, min=0))
+                  db_index=sec.str("db_index", d.db_index), max_redraw=sec.int("max_redraw", d.max_redraw, min=0),
+                  use_pseudo=sec.bool("use_pseudo", d.use_pseudo))
         sec.finish()
         return out
 
@@ -335,6 +337,11 @@ class KittiDataset:
 
     def get_points_mm(self, info: dict, calib: Calibration) -> np.ndarray:
         fid = info["point_cloud"]["lidar_idx"]
+        if not self.cfg.use_pseudo:
+            p = read_velodyne_bin(self.root / self.split_dir / "velodyne" / f"{fid}.bin")
+            rows = np.zeros((p.shape[0], 8), np.float32)
+            rows[:, :3], rows[:, 3], rows[:, 7] = p[:, :3], p[:, 3] * 10.0, 2.0
+            return rows
         return load_points_mm(self.root, fid, self.split_dir, self.cfg.cache_pseudo, self._gen, calib)
 
     def load_sample(self, index: int) -> dict:
@@ -391,7 +398,9 @@ class KittiDataset:
             pts = pts[rng.permutation(pts.shape[0])]
         raw = pts[pts[:, 7] == 2]
         ps = pts[pts[:, 7] == 1]
-        if self.training:
+        if not cfg.use_pseudo:
+            ps = ps[:0]
+        elif self.training:
             n = ps.shape[0]
             perm = rng.permutation(n)
             ps = ps[perm[int(n * (1.0 - cfg.pseudo_train_keep)):]]
@@ -411,3 +420,18 @@ class KittiDataset:
         if "local_trans" in d:
             out["local_trans"] = np.asarray(d["local_trans"], dtype=np.float32)
         return out
+
+
+# ----------------------------------------------------------------------------------------------- builders
+from .collate import collate_batch as collate  # noqa: E402  (the trainer looks up ``kitti.collate``)
+
+
+def build_train_dataset(root: Union[str, Path], data_cfg: Optional[dict] = None, split: str = "train",
+                        training: bool = True, use_pseudo: bool = True, seed: int = 0) -> KittiDataset:
+    """Dataset from the YAML ``data:`` section (:meth:`DatasetConfig.from_dict`; ``optimization`` removed by the
+    caller). Creates ``kitti_infos_<split>.json`` when missing (the GT database must be built beforehand with
+    ``python -m cmfiou_core.tools.create_infos``; without it gt_sampling is skipped with a warning)."""
+    cfg = DatasetConfig.from_dict(data_cfg, path="data")
+    if not use_pseudo:
+        cfg = DatasetConfig(**{**cfg.__dict__, "use_pseudo": False})
+    return KittiDataset(root, split, training=training, cfg=cfg, seed=seed)

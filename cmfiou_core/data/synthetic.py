@@ -727,11 +727,17 @@ def _gen_one(args):
     return idx, int(fr.points.shape[0])
 
 
-def generate_dataset(out: Union[str, Path], num: int, seed: int = 0, split: str = "training",
+def generate_dataset(out: Union[str, Path], num: Optional[int] = None, seed: int = 0, split: str = "training",
                      val_fraction: float = 0.5, workers: Optional[int] = None, cfg: SceneConfig = SceneConfig(),
-                     start: int = 0) -> Path:
-    """Write ``num`` frames (ids ``start..start+num-1``) and ``ImageSets`` (train/val split for ``training``,
-    test.txt for ``testing``). Returns ``out``."""
+                     start: int = 0, num_frames: Optional[int] = None) -> Path:
+    """Write ``num`` frames (ids ``start..start+num-1``; ``num_frames`` is an alias) and ``ImageSets`` (train/val
+    split for ``training``, test.txt for ``testing``). Returns ``out``."""
+    if num is None:
+        num = num_frames
+    elif num_frames is not None and num_frames != num:
+        raise ValueError(f"generate_dataset: num={num} and num_frames={num_frames} disagree")
+    if num is None:
+        raise ValueError("generate_dataset: give num (number of frames)")
     if split not in ("training", "testing"):
         raise ValueError(f"split must be 'training' or 'testing', got {split!r}")
     if num < 0:
