@@ -186,9 +186,13 @@ class DetectorNode(LifecycleNode):
                 self.pipeline = self._injected_pipeline
             else:
                 factory = load_factory(p["pipeline_factory"])
+                device = p["device"]
+                if device == "auto":
+                    import torch
+
+                    device = "cuda" if torch.cuda.is_available() else "cpu"
                 t0 = time.perf_counter()
-                self.pipeline = factory(p["model_config"] or None, checkpoint=p["checkpoint"] or None,
-                                        device=p["device"])
+                self.pipeline = factory(p["model_config"] or None, checkpoint=p["checkpoint"] or None, device=device)
                 self.get_logger().info(f"pipeline loaded by {p['pipeline_factory']} in "
                                        f"{time.perf_counter() - t0:.2f} s")
             if p["warmup"] and hasattr(self.pipeline, "warmup"):

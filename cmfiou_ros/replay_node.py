@@ -117,6 +117,7 @@ class ReplayNode(Node):
     def __init__(self, node_name: str = NODE_NAME, **kwargs):
         super().__init__(node_name, **kwargs)
         self.p = declare(self, REPLAY_PARAMS)
+        self.add_on_set_parameters_callback(self._on_set_params)  # publish_image / stop_camera_after at run time
         p = self.p
         if not p["data_dir"]:
             raise ParamError("data_dir is required")
@@ -168,6 +169,20 @@ class ReplayNode(Node):
         self.timer = self.create_timer(1.0 / p["rate"], self._tick)
         self.get_logger().info(f"replaying {len(self.source)} {self.source.dataset} frames from "
                                f"{self.source.root} at {p['rate']} Hz")
+
+    def _on_set_params(self, params):
+        from rcl_interfaces.msg import SetParametersResult
+
+        from cmfiou_ros.params import validate
+
+        new = dict(self.p)
+        new.update({q.name: q.value for q in params if q.name in new})
+        try:
+            checked = validate(REPLAY_PARAMS, new)
+        except ParamError as e:
+            return SetParametersResult(successful=False, reason=str(e))
+        self.p.update({q.name: checked[q.name] for q in params if q.name in checked})
+        return SetParametersResult(successful=True)
 
     def _ready(self) -> bool:
         if self._started:
