@@ -1,6 +1,5 @@
 """KITTI dataset: label I/O, infos, GT database, __getitem__ and collate on real KITTI frames (kitti_samples)."""
 import json
-import math
 
 import numpy as np
 import pytest

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, Section
-from ..geometry.boxes import boxes_to_corners_3d
 from ..geometry.iou import boxes_iou_bev
 
 
