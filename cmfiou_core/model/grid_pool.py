@@ -146,18 +146,19 @@ class NeighborVoxelSAModuleMSG(nn.Module):
         """voxel_xyz (Nv, 3), new_xyz (M, 3), new_coords_bxyz (M, 4) [b, x, y, z], features (Nv, C) -> (M, sum Cout)."""
         new_coords = new_coords_bxyz[:, [0, 3, 2, 1]]
         outs = []
+        # Channel-last layout: every 1x1 conv + BN is applied to rows (N, C, 1[, 1]), which is the same operation
+        # (BN statistics over all rows) as the official (1, C, M[, ns]) layout, but gathers/max stay contiguous.
         for k in range(len(self.mlps_in)):
-            f_in = self.mlps_in[k](features.t().unsqueeze(0))[0].t()  # (Nv, C')
+            f_in = self.mlps_in[k](features.unsqueeze(-1)).squeeze(-1)  # (Nv, C')
             idx, empty = voxel_query(new_coords, new_xyz, voxel_xyz, v2p, self.query_ranges[k], self.radii[k],
                                      self.nsamples[k], v2p_ext)
+            M, ns = idx.shape
             keep = (~empty).to(f_in.dtype)[:, None, None]
             gf = f_in[idx] * keep                                   # (M, ns, C')
             gx = (voxel_xyz[idx] - new_xyz[:, None, :]) * keep      # (M, ns, 3)
-            gf = gf.permute(2, 0, 1).unsqueeze(0)                   # (1, C', M, ns)
-            gx = gx.permute(2, 0, 1).unsqueeze(0)                   # (1, 3, M, ns)
-            nf = self.relu(gf + self.mlps_pos[k](gx))
-            nf = nf.max(dim=3).values                                # (1, C', M)
-            outs.append(self.mlps_out[k](nf)[0].t())
+            pos = self.mlps_pos[k](gx.reshape(M * ns, 3, 1, 1)).view(M, ns, -1)
+            nf = self.relu(gf + pos).max(dim=1).values              # (M, C')
+            outs.append(self.mlps_out[k](nf.unsqueeze(-1)).squeeze(-1))
         return torch.cat(outs, dim=1)
 
 
