@@ -90,7 +90,10 @@ class Pipeline:
     """``Pipeline.from_config(config, checkpoint, device)``; ``pipeline(frame) -> Detections``."""
 
     def __init__(self, cfg: FullConfig, model: torch.nn.Module, device: Union[str, torch.device] = "cpu",
-                 timing: bool = True, seed: int = 0, weights_loaded: bool = True):
+                 timing: bool = True, seed: int = 0, weights_loaded: bool = True, amp: Optional[str] = None):
+        if amp not in (None, "off", "fp16", "bf16"):
+            raise ConfigError(f"amp must be off, fp16 or bf16, got {amp!r}")
+        self.amp = None if amp in (None, "off") else {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
         self.cfg = cfg
         self.mcfg = cfg.model
         self.device = torch.device(device)
@@ -113,7 +116,8 @@ class Pipeline:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config: Union[str, Path, None] = None, checkpoint: Union[str, Path, None] = None,
-                    device: Union[str, torch.device] = "cpu", timing: bool = True, seed: int = 0) -> "Pipeline":
+                    device: Union[str, torch.device] = "cpu", timing: bool = True, seed: int = 0,
+                    amp: Optional[str] = None) -> "Pipeline":
         """Build from a YAML config and a checkpoint (OpenPCDet-style official file or ours; ``weights_only``).
 
         Without a checkpoint the network has random weights: it runs, but its detections are meaningless (logged
@@ -138,7 +142,7 @@ class Pipeline:
                             checkpoint, len(missing))
         else:
             log.error("no checkpoint given: the detector runs with RANDOM weights and its detections are meaningless")
-        return cls(cfg, model, dev, timing=timing, seed=seed, weights_loaded=loaded)
+        return cls(cfg, model, dev, timing=timing, seed=seed, weights_loaded=loaded, amp=amp)
 
     # ------------------------------------------------------------------ helpers
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
@@ -207,7 +211,6 @@ class Pipeline:
             raws = [[view_transform_points(raw, v) for v in self.views]]
             pseudos = [[view_transform_points(pseudo, v) for v in self.views]]
             tparams = [self.views]
-            raws, pseudos = raws, pseudos
         calib = frame.calib if frame.calib is not None else _identity_calib()
         h = calib.image_height or 375
         w = calib.image_width or 1242
@@ -216,17 +219,12 @@ class Pipeline:
                               transform_params=tparams, device=self.device, voxelizer=self.voxelizer)
         timer.mark("voxelize")
         m = self.model
-        batch = m.vfe(batch)
-        timer.mark("vfe")
-        batch = m.backbone_3d(batch)
-        timer.mark("backbone_3d")
-        batch = m.map_to_bev_module(batch)
-        batch = m.backbone_2d(batch)
-        timer.mark("bev")
-        batch = m.dense_head(batch)
-        timer.mark("rpn")
-        batch = m.roi_head(batch)
-        timer.mark("roi_head")
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            batch = self._run_model(m, batch, timer)
+        if self.amp is not None:
+            for k in ("batch_box_preds", "batch_cls_preds", "batch_iou_preds", "rois"):
+                if isinstance(batch.get(k), torch.Tensor):
+                    batch[k] = batch[k].float()
         det = m.post_process(batch)[0]
         timer.mark("postprocess")
         out = torch.cat([det.boxes.float(), det.labels.float()[:, None], det.cls.float()[:, None],
@@ -242,6 +240,21 @@ class Pipeline:
         return Detections(o[:, :7], o[:, 7].astype(np.int64), o[:, 8], o[:, 9], o[:, 10], stamp_ns=frame.stamp_ns,
                           frame_id=frame.frame_id, lidar_only=lidar_only, timings_ms=timings,
                           class_names=self.class_names)
+
+    @staticmethod
+    def _run_model(m, batch, timer: StageTimer):
+        batch = m.vfe(batch)
+        timer.mark("vfe")
+        batch = m.backbone_3d(batch)
+        timer.mark("backbone_3d")
+        batch = m.map_to_bev_module(batch)
+        batch = m.backbone_2d(batch)
+        timer.mark("bev")
+        batch = m.dense_head(batch)
+        timer.mark("rpn")
+        batch = m.roi_head(batch)
+        timer.mark("roi_head")
+        return batch
 
 
 def _identity_calib() -> Calibration:

@@ -149,7 +149,13 @@ class NeighborVoxelSAModuleMSG(nn.Module):
         # Channel-last layout: every 1x1 conv + BN is applied to rows (N, C, 1[, 1]), which is the same operation
         # (BN statistics over all rows) as the official (1, C, M[, ns]) layout, but gathers/max stay contiguous.
         for k in range(len(self.mlps_in)):
-            f_in = self.mlps_in[k](features.unsqueeze(-1)).squeeze(-1)  # (Nv, C')
+            if features.shape[0] == 0:
+                # no voxels at all (LiDAR-only frame in the pseudo branch): every query is empty, which the official
+                # module turns into zero features/offsets; one zero row keeps the index-0 gathers valid
+                f_in = features.new_zeros((1, self.mlps_in[k][0].out_channels))
+                voxel_xyz = voxel_xyz.new_zeros((1, 3))
+            else:
+                f_in = self.mlps_in[k](features.unsqueeze(-1)).squeeze(-1)  # (Nv, C')
             idx, empty = voxel_query(new_coords, new_xyz, voxel_xyz, v2p, self.query_ranges[k], self.radii[k],
                                      self.nsamples[k], v2p_ext)
             M, ns = idx.shape
