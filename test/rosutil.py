@@ -12,7 +12,7 @@ TEST_DIR = Path(__file__).resolve().parent
 # The pipeline the ROS tests run. The lead switches this ONE string to the real pipeline:
 #   "cmfiou_core.pipeline:Pipeline.from_config"
 PIPELINE_FACTORY = os.environ.get("CMFIOU_TEST_PIPELINE_FACTORY",
-                                  f"{TEST_DIR / 'tiny_pipeline.py'}:TinyPipeline.from_config")
+                                  "cmfiou_core.pipeline:Pipeline.from_config")
 PIPELINE_CONFIG = os.environ.get("CMFIOU_TEST_PIPELINE_CONFIG", "")
 PIPELINE_CHECKPOINT = os.environ.get("CMFIOU_TEST_PIPELINE_CHECKPOINT", "")
 

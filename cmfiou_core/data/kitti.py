@@ -435,3 +435,11 @@ def build_train_dataset(root: Union[str, Path], data_cfg: Optional[dict] = None,
     if not use_pseudo:
         cfg = DatasetConfig(**{**cfg.__dict__, "use_pseudo": False})
     return KittiDataset(root, split, training=training, cfg=cfg, seed=seed)
+
+
+def make_eval_fn(cfg, root, split: str = "val", use_pseudo: bool = True):
+    """Training-engine evaluation hook (``cmfiou-train --eval-every``): KITTI AP of the deployed inference path on
+    ``split`` (see :func:`cmfiou_core.eval.dataset_eval.make_eval_fn`)."""
+    from ..eval.dataset_eval import make_eval_fn as _make
+
+    return _make(cfg, root, split, use_pseudo)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# GPU jobs run through the device tool (H100, Python 3.12, torch preinstalled, offline). The spconv-cu118 bundle is
+# built here with ../shared/tools/gpu_bundle.sh .gpu_bundle and carried (git-ignored).
+# usage: scripts/gpu/job.sh STAGE...   stages: setup gen probe train_full train_lidar eval bench
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+ROOT=$(cd "$(dirname "$0")/../.." && pwd); cd "$ROOT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$ROOT NCCL_NVLS_ENABLE=0
+PY=python3
+GEN=${GEN:-/tmp/gen}; NGEN=${NGEN:-400}; MIN=${MIN:-8}
+log() { echo "=== $(date +%T) $*"; }
+for stage in "$@"; do case $stage in
+setup)
+  log setup
+  [ -d /tmp/site/spconv ] || { mkdir -p /tmp/site && tar -C /tmp/site -xJf .gpu_bundle/gpu_site.tar.xz; }
+  $PY -c "import torch, spconv, numpy; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0), 'spconv', spconv.__version__, 'numpy', numpy.__version__)" ;;
+gen)
+  log "gen $NGEN scenes"
+  [ -f $GEN/kitti_infos_train.json ] || {
+    $PY -m cmfiou_core.tools.gen_scenes --out $GEN --num $NGEN --seed 7 --val-fraction 0.2 --workers 16 &&
+    $PY -m cmfiou_core.tools.create_infos --root $GEN; } 2>&1 | tail -5 ;;
+probe)
+  log "train-step bench"
+  $PY bench/bench_train.py --mode step --data $GEN --device cuda --steps 20 --warmup 4 --amp fp32,fp16 --json $OUT/train_step.json 2>&1 | grep -v Warning | tail -8
+  log "overfit"
+  $PY bench/bench_train.py --mode overfit --data $GEN --device cuda --frames 4 --iters ${OVERFIT_ITERS:-200} --batch-size 2 --json $OUT/overfit.json 2>&1 | grep -v Warning | tail -25
+  log "depth bench"
+  $PY bench/bench_depth.py --device cuda --iters 200 --json $OUT/depth_h100.json 2>&1 | tail -12 ;;
+train_full|train_lidar)
+  extra=""; name=full; [ $stage = train_lidar ] && { extra=--no-pseudo; name=lidar; }
+  log "train $name for $MIN min"
+  $PY -m cmfiou_core.tools.train --config config/cmfiou_kitti.yaml --data $GEN --device cuda --batch-size ${BS:-4} \
+     --workers 12 --amp ${AMP:-off} --max-minutes $MIN --time-schedule --out /tmp/run_$name --no-progress --log-every 50 \
+     --export-fp16 /tmp/run_$name/export_fp16.pt $extra 2>&1 | grep -v Warning | tail -30
+  cp /tmp/run_$name/metrics.jsonl $OUT/metrics_$name.jsonl 2>/dev/null ;;
+eval)
+  for name in ${EVAL_RUNS:-full lidar}; do
+    ck=/tmp/run_$name/export_fp16.pt; [ -f $ck ] || continue
+    lo=""; [ $name = lidar ] && lo=--lidar-only
+    log "eval $name"
+    $PY -m cmfiou_core.tools.evaluate --data $GEN --split val --checkpoint $ck --device cuda $lo --json $OUT/ap_$name.json 2>&1 | grep -v Warning | tail -25
+    [ $name = full ] && [ -n "${EVAL_AMP:-}" ] && $PY -m cmfiou_core.tools.evaluate --data $GEN --split val --checkpoint $ck --device cuda --amp fp16 --json $OUT/ap_${name}_fp16.json 2>&1 | grep -v Warning | tail -25
+  done ;;
+bench)
+  ck=${CKPT:-/tmp/run_full/export_fp16.pt}; ckarg=""; [ -f "$ck" ] && ckarg="--checkpoint $ck"
+  kit=""; [ -d .gpu_data/kitti/training ] && kit="--kitti .gpu_data/kitti/training"
+  log "pipeline bench 1 view"
+  $PY bench/bench_pipeline.py --device cuda --frames 200 --warmup 10 $kit --generated 16 --gen-dir /tmp/genb $ckarg --label "1 view" --json $OUT/bench_1view.json --md $OUT/bench_1view.md 2>&1 | grep -v Warning | tail -24
+  log "pipeline bench 3 views"
+  $PY bench/bench_pipeline.py --device cuda --frames 200 --warmup 10 $kit --generated 16 --gen-dir /tmp/genb $ckarg --views 3 --label "3 views" --json $OUT/bench_3view.json --md $OUT/bench_3view.md 2>&1 | grep -v Warning | tail -24 ;;
+split_ckpt)
+  ck=/tmp/run_full/export_fp16.pt; [ -f $ck ] && split -b 15M -d $ck $OUT/demo_ckpt.part && ls -la $OUT ;;
+*) echo "unknown stage $stage"; exit 2 ;;
+esac; done
