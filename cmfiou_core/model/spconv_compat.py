@@ -1,0 +1,76 @@
+"""Make spconv 2.3.8's CPU backward usable (training step on CPU, e.g. in CI).
+
+Exact failure (spconv 2.3.8 CPU-only wheel, torch CPU build; ``ConvAlgo.Native`` is the only algorithm a CPU-only
+build allows, ``conv.py`` asserts it):
+
+* ``SubMConv{2,3}d``, ``SparseConv{2,3}d`` and ``SparseInverseConv{2,3}d`` all route their backward through
+  ``spconv/pytorch/functional.py`` (``SubMConvFunction`` / ``SparseConvFunction`` / ``SparseInverseConvFunction``
+  ``.backward``) -> ``spconv.pytorch.ops.indice_conv_backward``.
+* In that function the C++ GEMM path is skipped (``GEMM_CPP is None`` in a CPU-only build) and the Python path calls
+  ``stream = get_current_stream()`` unconditionally (ops.py line 1200) *before* it branches on
+  ``features.is_cuda`` to its CPU implementation (gather_cpu -> ``torch.mm`` per kernel offset ->
+  ``scatter_add_cpu``; the stream is never used on that branch). ``get_current_stream``
+  (``spconv/pytorch/cppcore.py`` line 99) is ``torch.cuda.current_stream().cuda_stream``, which on a CPU torch
+  raises ``AssertionError: Torch not compiled with CUDA enabled`` (from ``torch.cuda._lazy_init``).
+  Every one of the four conv types fails at this same line; their forwards never call it on CPU
+  (``indice_conv`` sets ``stream = 0`` for CPU tensors).
+* spconv's CPU backward kernels themselves exist and are correct (test/test_spconv_cpu_backward.py compares features
+  and weight gradients with a dense torch conv reference, float32 and float64), so no re-implementation is needed.
+
+Fix (narrowest point): ``enable_cpu_backward()`` rebinds the name ``get_current_stream`` *inside*
+``spconv.pytorch.ops`` to a wrapper that returns stream 0 (the value spconv itself uses for CPU tensors) when CUDA is
+not available, and delegates to the original getter otherwise. It therefore only changes calls that would have raised;
+GPU behaviour is untouched. Nothing in site-packages is modified; the call is idempotent and thread-safe.
+
+Not addressed here (documented for callers):
+
+* Bias in *eval* mode: ``SparseConvolution._conv_forward`` passes the bias into ``ops.indice_conv`` only when
+  ``training`` is False, and its CPU path asserts ``"cpu don't support act and bias"`` (ops.py line 876). In training
+  mode spconv adds the bias in Python after the conv, so training with ``bias=True`` works on CPU. (The detector's
+  sparse convs all use ``bias=False``.)
+* spconv's CPU forward is only trusted with ``torch.set_num_threads(1)`` (project-wide rule); the backward uses the
+  same gather/scatter-add kernels, so apply the same rule.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+__all__ = ["enable_cpu_backward", "cpu_backward_enabled"]
+
+_LOCK = threading.Lock()
+_MARK = "_cmfiou_cpu_safe"
+
+
+def _make_wrapper(original):
+    def get_current_stream():
+        if not torch.cuda.is_available():
+            return 0  # spconv's own value for CPU tensors; the CPU branch never uses it
+        return original()
+
+    get_current_stream.__wrapped__ = original
+    get_current_stream.__doc__ = "cmfiou spconv_compat: stream 0 when CUDA is unavailable, else the original getter."
+    setattr(get_current_stream, _MARK, True)
+    return get_current_stream
+
+
+def cpu_backward_enabled() -> bool:
+    """True when ``enable_cpu_backward()`` has patched ``spconv.pytorch.ops``."""
+    from spconv.pytorch import ops
+
+    return getattr(ops.get_current_stream, _MARK, False)
+
+
+def enable_cpu_backward() -> bool:
+    """Patch ``spconv.pytorch.ops.get_current_stream`` so CPU sparse-conv backward works. Idempotent.
+
+    Returns True if this call applied the patch, False if it was already applied.
+    """
+    from spconv.pytorch import ops
+
+    with _LOCK:
+        if getattr(ops.get_current_stream, _MARK, False):
+            return False
+        ops.get_current_stream = _make_wrapper(ops.get_current_stream)
+        return True
