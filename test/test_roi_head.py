@@ -316,3 +316,38 @@ def test_training_forward_backward_cpu(iou_branch):
 def test_get_loss_without_training_forward_raises():
     with pytest.raises(RuntimeError):
         RoIHead().get_loss()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_grid_pool_training_path_equals_official_layout(train):
+    """The grad-enabled fast path (rows matmul + channel-major BN + index_select) computes what the official
+    per-row 1x1 conv path computes (used under no_grad), in eval and in train mode (batch statistics)."""
+    import copy
+
+    from cmfiou_core.model.grid_pool import NeighborVoxelSAModuleMSG, voxel2pinds  # noqa: F401
+
+    torch.manual_seed(0)
+    m = NeighborVoxelSAModuleMSG([[1, 1, 1], [2, 2, 2]], [0.4, 0.8], [8, 8], [[16, 8, 8], [16, 8, 8]])
+    m.train(train)
+    m2 = copy.deepcopy(m)
+    Z, Y, X = 6, 7, 8
+    occ = torch.rand(Z, Y, X) < 0.3
+    zyx = occ.nonzero()
+    coords = torch.cat([torch.zeros(len(zyx), 1, dtype=torch.long), zyx], 1)
+    v2p = torch.full((1, Z, Y, X), -1, dtype=torch.long)
+    v2p[0, zyx[:, 0], zyx[:, 1], zyx[:, 2]] = torch.arange(len(zyx))
+    vxyz = (zyx[:, [2, 1, 0]].float() + 0.5) * 0.2
+    feats = torch.randn(len(zyx), 16)
+    q = torch.rand(30, 3) * torch.tensor([X, Y, Z]) * 0.2
+    qc = torch.cat([torch.zeros(30, 1, dtype=torch.long), (q / 0.2).long()], 1)  # [b, x, y, z]
+    with torch.no_grad():
+        ref = m(vxyz, q, qc, feats, v2p)
+    with torch.enable_grad():
+        f = feats.clone().requires_grad_(True)
+        got = m2(vxyz, q, qc, f, v2p)
+        got.sum().backward()
+    assert torch.allclose(got.detach(), ref, atol=1e-5), (got.detach() - ref).abs().max()
+    assert f.grad is not None and torch.isfinite(f.grad).all()
+    if train:
+        for (n, a), (_, b) in zip(m.named_buffers(), m2.named_buffers()):
+            assert torch.allclose(a.float(), b.float(), atol=1e-5), n
