@@ -18,7 +18,8 @@ gen)
   log "gen $NGEN scenes"
   [ -f $GEN/kitti_infos_train.json ] || {
     $PY -m cmfiou_core.tools.gen_scenes --out $GEN --num $NGEN --seed 7 --val-fraction 0.2 --workers 16 &&
-    $PY -m cmfiou_core.tools.create_infos --root $GEN; } 2>&1 | tail -5 ;;
+    $PY -m cmfiou_core.tools.make_depth --root $GEN --device cuda &&
+    $PY -m cmfiou_core.tools.create_infos --root $GEN; } 2>&1 | grep -v Warn | tail -5 ;;
 probe)
   log "train-step bench"
   $PY bench/bench_train.py --mode step --data $GEN --device cuda --steps 20 --warmup 4 --amp fp32,fp16 --json $OUT/train_step.json 2>&1 | grep -v Warning | tail -8
