@@ -257,3 +257,34 @@ def test_sigterm_stops_cleanly_and_saves(tmp_path):
     assert res.status == "signal" and res.it == 4
     assert signal.getsignal(signal.SIGTERM) is prev  # handler restored
     assert torch.load(res.checkpoint, weights_only=True)["meta"]["status"] == "signal"
+
+
+def test_cli_prepare_adapter_feeds_prepare_batch():
+    """cmfiou-train's glue: collate_batch output -> model.detector.prepare_batch (with/without pseudo points)."""
+    pytest.importorskip("spconv")
+    import numpy as np
+    from cmfiou_core.data.collate import collate_batch
+    from cmfiou_core.data.synthetic import kitti_calibration
+    from cmfiou_core.model.model_config import load_config
+    from cmfiou_core.tools.train import REPO_CONFIG, _make_prepare_fn
+    full = load_config(REPO_CONFIG)
+    rng = np.random.default_rng(0)
+
+    def item(n_raw, n_ps, n_gt):
+        pts = np.concatenate([rng.uniform([1, -30, -2], [60, 30, 0.5], (n_raw + n_ps, 3)),
+                              rng.uniform(0, 1, (n_raw + n_ps, 4))], 1).astype(np.float32)
+        flag = np.r_[np.full(n_raw, 2.0), np.full(n_ps, 1.0)].astype(np.float32)[:, None]
+        pts = np.concatenate([pts, flag], 1)
+        gt = np.concatenate([rng.uniform([5, -10, -1, 3, 1.5, 1.4, -3], [40, 10, -0.5, 4.5, 2, 1.7, 3], (n_gt, 7)),
+                             np.ones((n_gt, 1))], 1).astype(np.float32)
+        return {"points": pts[:n_raw], "points_mm": pts[n_raw:], "gt_boxes": gt, "aug_param": [0.1, 0, 1.0],
+                "image_shape": [375, 1242], "calib": kitti_calibration(), "frame_id": "000000"}
+
+    batch = collate_batch([item(500, 300, 2), item(400, 200, 3)])
+    out = _make_prepare_fn(full, no_pseudo=False)(batch, torch.device("cpu"))
+    assert out["batch_size"] == 2 and out["points"].shape == (900, 9) and out["points_mm"].shape == (500, 9)
+    assert set(out["voxel_coords"][:, 0].tolist()) == {0, 1} and out["gt_boxes"].shape == (2, 3, 8)
+    assert out["gt_boxes"][0, 2].abs().sum() == 0 and out["aug_param"].shape == (2, 3)
+    lidar_only = _make_prepare_fn(full, no_pseudo=True)(batch, torch.device("cpu"))
+    assert lidar_only["voxels_mm"].shape[0] == 0 and lidar_only["points_mm"].shape == (0, 9)
+    assert torch.equal(lidar_only["voxels"], out["voxels"])

@@ -12,6 +12,7 @@ div_factor, final_div_factor, pct_start, grad_norm_clip, num_workers, seed); com
 
 The engine (``cmfiou_core.train``) is model-agnostic; this file only adapts the detector and the KITTI dataset to it
 (``_build_model``, ``_build_train_data``, ``_make_prepare_fn``, ``_build_eval_fn``); they import lazily.
+Dataset options come from the rest of ``data:`` (``cmfiou_core.data.kitti.DatasetConfig.from_dict``).
 """
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ import inspect
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 log = logging.getLogger("cmfiou.train")
+
+REPO_CONFIG = str(Path(__file__).resolve().parents[2] / "config" / "cmfiou_kitti.yaml")
 
 OPT_DEFAULTS = {"optimizer": "adam_onecycle", "epochs": 20, "batch_size_per_gpu": 2, "lr": 0.005,
                 "weight_decay": 0.01, "betas": [0.9, 0.99], "moms": [0.95, 0.85], "div_factor": 10.0,
@@ -31,7 +35,8 @@ OPT_DEFAULTS = {"optimizer": "adam_onecycle", "epochs": 20, "batch_size_per_gpu"
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cmfiou-train", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="config/cmfiou_kitti.yaml", help="model YAML (model/depth/data sections)")
+    ap.add_argument("--config", default=REPO_CONFIG,
+                    help="model YAML (model/depth/data sections; default: the repository's config/cmfiou_kitti.yaml)")
     ap.add_argument("--data", help="KITTI root (the folder holding object/training or training/)")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--batch-size", type=int, help="per process/GPU (official: 2 x 2 GPUs)")
@@ -113,68 +118,80 @@ def _build_model(full_cfg):
 
 
 def _call_with_supported(fn: Callable, **kw):
-    """Call ``fn`` with the keyword arguments its signature accepts (dataset constructors differ in optional flags)."""
+    """Call ``fn`` with the keyword arguments its signature accepts."""
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return fn(**kw)
     return fn(**{k: v for k, v in kw.items() if k in params})
 
 
-def _build_train_data(full_cfg, data_dir: str, no_pseudo: bool) -> Tuple[Any, Callable]:
-    """(dataset, collate) from ``cmfiou_core.data.kitti``: ``build_train_dataset(...)`` when the module provides it,
-    else ``KittiDataset(...)``.  ``data.optimization`` is removed from the data section handed to the dataset."""
-    from cmfiou_core.data import kitti
-    data_cfg = {k: v for k, v in full_cfg.data.items() if k != "optimization"}
-    kw = dict(cfg=full_cfg, config=full_cfg, data_cfg=data_cfg, root=data_dir, data_dir=data_dir, split="train",
-              training=True, use_pseudo=not no_pseudo)
-    if hasattr(kitti, "build_train_dataset"):
-        ds = _call_with_supported(kitti.build_train_dataset, **kw)
-    else:
-        ds = _call_with_supported(kitti.KittiDataset, **kw)
-    collate = getattr(ds, "collate", None) or getattr(kitti, "collate")
-    return ds, collate
+def _data_section(full_cfg) -> Dict[str, Any]:
+    """The YAML ``data:`` section without ``optimization`` (which belongs to the trainer)."""
+    return {k: v for k, v in (full_cfg.data or {}).items() if k != "optimization"}
 
 
-def _first(batch: Dict[str, Any], *keys, required=True):
-    for k in keys:
-        if k in batch:
-            return batch[k]
-    if required:
-        raise KeyError(f"collated batch has none of {keys}; keys: {sorted(batch)}")
-    return None
+def _build_train_data(full_cfg, data_dir: str, seed: int, no_pseudo: bool) -> Tuple[Any, Callable]:
+    """(``kitti.build_train_dataset(...)``, ``collate_batch``).  The dataset draws its augmentation from
+    ``default_rng([seed, epoch, index])``; the engine's SeededDataset calls ``set_epoch`` inside the workers.
+    ``no_pseudo``: the dataset's raw-only mode (no depth completion, empty ``points_mm``)."""
+    from cmfiou_core.data.collate import collate_batch
+    from cmfiou_core.data.kitti import build_train_dataset
+    ds = build_train_dataset(data_dir, _data_section(full_cfg), split="train", training=True,
+                             use_pseudo=not no_pseudo, seed=seed)
+    return ds, collate_batch
 
 
-def _drop_pseudo_rows(p):
-    """Remove pseudo rows (flag column 7 == 1) from an (N, 8) array/tensor."""
-    return p[p[:, 7] != 1]
+def _per_sample(x, counts, B: int, device):
+    """Per-sample (N_b, 8) float32 tensors on ``device`` from a list of arrays/tensors or a batched (N, 9) tensor
+    ``[b, x, ...]`` (``counts``: optional per-sample row counts)."""
+    import numpy as np
+    import torch
+    if isinstance(x, (list, tuple)):
+        return [torch.from_numpy(np.ascontiguousarray(p, dtype=np.float32)).to(device, non_blocking=True)
+                if isinstance(p, np.ndarray) else p.to(device=device, dtype=torch.float32) for p in x]
+    x = x.to(device, non_blocking=True)
+    if counts is not None and int(counts.sum()) == x.shape[0]:
+        return [p[:, 1:] for p in torch.split(x, [int(c) for c in counts.tolist()])]
+    b = x[:, 0].long()
+    return [x[b == i, 1:] for i in range(B)]
 
 
 def _make_prepare_fn(full_cfg, no_pseudo: bool) -> Callable:
-    """Collated CPU batch -> the detector's batch dict on the device (voxelisation there, via ``prepare_batch``)."""
+    """``collate_batch`` output (CPU) -> the detector's batch dict on the device (voxelisation there, by
+    ``model.detector.prepare_batch``).  ``no_pseudo``: the pseudo branch gets an empty (0, 8) cloud per frame."""
     import numpy as np
+    import torch
     from cmfiou_core.model.detector import prepare_batch
     from cmfiou_core.model.voxelize import Voxelizer
     mc = full_cfg.model
     vox = Voxelizer(mc.voxel_size, mc.point_cloud_range, mc.max_points_per_voxel, mc.max_voxels(True))
 
+    def _np(x):
+        return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
     def prepare(batch: Dict[str, Any], device):
-        raw = _first(batch, "raw_points", "points")
-        pseudo = _first(batch, "pseudo_points", "points_mm", required=False)
-        if pseudo is None:  # combined 8-column clouds: split by the flag column (2 raw, 1 pseudo)
-            raw, pseudo = [p[p[:, 7] != 1] for p in raw], [p[p[:, 7] == 1] for p in raw]
+        B = int(batch["batch_size"])
+        raw = _per_sample(batch["points"], batch.get("num_points"), B, device)
         if no_pseudo:
-            pseudo = [np.zeros((0, 8), np.float32) for _ in raw]
-            raw = [_drop_pseudo_rows(p) for p in raw]
-        return prepare_batch(raw, pseudo, _first(batch, "calib", "calibs"), mc,
-                             image_shapes=_first(batch, "image_shape", "image_shapes", required=False),
-                             training=True, aug_params=_first(batch, "aug_param", "aug_params", required=False),
-                             gt_boxes=_first(batch, "gt_boxes"), device=device, voxelizer=vox)
+            raw = [p[p[:, 7] != 1] for p in raw]  # raw clouds carry flag 2 only; be safe
+            pseudo = [torch.zeros((0, 8), dtype=torch.float32, device=device) for _ in range(B)]
+        else:
+            pseudo = _per_sample(batch["points_mm"], batch.get("num_points_mm"), B, device)
+        gt = batch["gt_boxes"]
+        if isinstance(gt, torch.Tensor):  # padded (B, M, 8): class id 0 = padding
+            gt = [g[g[:, 7] > 0] for g in gt]
+        out = prepare_batch(raw, pseudo, batch["calib"], mc, image_shapes=_np(batch["image_shape"]),
+                            training=True, aug_params=_np(batch["aug_param"]), gt_boxes=list(gt),
+                            device=device, voxelizer=vox)
+        out["frame_id"] = batch.get("frame_id")
+        return out
 
     return prepare
 
 
 def _build_eval_fn(full_cfg, data_dir: str, no_pseudo: bool) -> Optional[Callable]:
-    """``eval_fn(model, epoch) -> {metric: value}`` from ``cmfiou_core.data.kitti.make_eval_fn`` if it exists."""
+    """``eval_fn(model, epoch) -> {metric: value}`` from ``cmfiou_core.data.kitti.make_eval_fn`` if it exists
+    (not yet written: see the engine report)."""
     try:
         from cmfiou_core.data import kitti
     except ImportError:
@@ -182,8 +199,7 @@ def _build_eval_fn(full_cfg, data_dir: str, no_pseudo: bool) -> Optional[Callabl
     make = getattr(kitti, "make_eval_fn", None)
     if make is None:
         return None
-    return _call_with_supported(make, cfg=full_cfg, config=full_cfg, root=data_dir, data_dir=data_dir, split="val",
-                                use_pseudo=not no_pseudo)
+    return _call_with_supported(make, cfg=full_cfg, root=data_dir, split="val", use_pseudo=not no_pseudo)
 
 
 def _toy_setup():
@@ -221,7 +237,7 @@ def main(argv=None) -> int:
                 import torch
                 torch.set_num_threads(1)  # spconv's CPU path is only correct with one thread (docs/DEVELOPING.md)
             model = _build_model(full)
-            train_set, collate = _build_train_data(full, args.data, args.no_pseudo)
+            train_set, collate = _build_train_data(full, args.data, tcfg.seed, args.no_pseudo)
             prepare = _make_prepare_fn(full, args.no_pseudo)
             eval_fn = _build_eval_fn(full, args.data, args.no_pseudo) if args.eval_every > 0 else None
             if args.eval_every > 0 and eval_fn is None and dist_info.is_main:

@@ -3,7 +3,8 @@
 * :class:`ResumableDistributedSampler` is :class:`torch.utils.data.DistributedSampler` (same per-epoch permutation
   from ``seed + epoch``, same rank striding and padding; ``set_epoch`` every epoch) that can start part-way into an
   epoch (mid-epoch resume) and tags every index with its epoch.
-* :class:`SeededDataset` seeds python/numpy/torch RNGs from ``(seed, epoch, index)`` around each ``__getitem__``, so
+* :class:`SeededDataset` calls the dataset's ``set_epoch(epoch)`` (when it has one) and seeds python/numpy/torch
+  global RNGs from ``(seed, epoch, index)`` around each ``__getitem__``, so
   random augmentation of a sample does not depend on the worker count, the worker that loads it, or on a resume.
   Global RNG states are restored afterwards (nothing leaks into the main process when ``workers == 0``).
 """
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ResumableDistributedSampler", "SeededDataset", "sample_seed", "build_train_loader", "move_to_device"]
+__all__ = ["ResumableDistributedSampler", "SeededDataset", "sample_seed", "build_train_loader", "move_to_device",
+           "shutdown_loader_workers"]
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -78,6 +80,9 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if callable(set_epoch):  # datasets with their own (seed, epoch, index) RNG, e.g. KittiDataset; runs in the
+            set_epoch(int(epoch))  # worker, so persistent workers' dataset copies see the right epoch
         with _seeded_rng(sample_seed(self.seed, int(epoch), int(index))):
             return self.dataset[int(index)]
 
@@ -88,10 +93,10 @@ class SeededDataset(Dataset):
 
 
 def _worker_init(_worker_id: int) -> None:
-    """DataLoader workers ignore SIGINT/SIGTERM: the trainer handles them (stop after the iteration, save) and the
-    loader shuts its workers down; a worker killed by the same Ctrl-C would otherwise abort the clean stop."""
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
+    """DataLoader workers ignore SIGINT: a Ctrl-C reaches the whole foreground process group, the trainer turns it
+    into a clean stop + save, and a worker killed by it would abort that.  SIGTERM keeps its default action
+    (multiprocessing terminates workers with it; torchrun/timeout signal the trainer process, not its workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_train_loader(dataset: Dataset, batch_size: int, sampler: ResumableDistributedSampler, *,
@@ -105,6 +110,16 @@ def build_train_loader(dataset: Dataset, batch_size: int, sampler: ResumableDist
         kw.update(persistent_workers=True, prefetch_factor=2, worker_init_fn=_worker_init)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, drop_last=drop_last, **kw)
+
+
+def shutdown_loader_workers(loader: DataLoader) -> None:
+    """Stop a DataLoader's persistent workers now (otherwise they live until garbage collection/interpreter exit)."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None:
+        shut = getattr(it, "_shutdown_workers", None)
+        if callable(shut):
+            shut()
+        loader._iterator = None
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:

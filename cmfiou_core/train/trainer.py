@@ -35,7 +35,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import link_or_copy, load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
-from .data import ResumableDistributedSampler, SeededDataset, build_train_loader, move_to_device
+from .data import ResumableDistributedSampler, SeededDataset, build_train_loader, move_to_device, \
+    shutdown_loader_workers
 from .dist import DistInfo, all_gather_object, barrier, init_distributed, seed_everything
 from .optim import OneCycle, build_adam_onecycle
 from .scalars import ScalarLogger
@@ -550,6 +551,7 @@ class Trainer:
         finally:
             self._restore_signals(old)
             self.logger.flush()
+            shutdown_loader_workers(self.loader)
         if ckpt is None and self.is_main and (self.ckpt_dir / "latest.pth").exists():
             ckpt = self.ckpt_dir / "latest.pth"
         if self.is_main:
@@ -560,4 +562,5 @@ class Trainer:
                          history=self.history, evals=self.evals)
 
     def close(self) -> None:
+        shutdown_loader_workers(self.loader)
         self.logger.close()
