@@ -171,6 +171,8 @@ def test_full_detector_matches_official_roi(ref, shared_dir):
     inp, _, st = ref
     st2, ro = np.load(d / "state_dict.npz"), np.load(d / "outputs.npz")
     m = build_model(_cfg()).eval()
+    from cmfiou_core.model.grid_pool import use_exact_official_layout
+    use_exact_official_layout(m)  # see test_roi_head.reference
     sd = {k: torch.from_numpy(z[k]) for z in (st, st2) for k in z.files}
     sd["global_step"] = torch.zeros(1, dtype=torch.int64)
     rep = load_official(m, sd, strict=True)

@@ -118,10 +118,6 @@ def _conv_bn(conv: nn.Module, c: int, relu: bool = False, bn_dim: int = 1) -> nn
 def _rows(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """Apply ``Sequential(Conv1d|Conv2d 1x1, BatchNorm1d|2d[, ReLU])`` to rows (N, C_in) -> (N, C_out)."""
     conv, bn = seq[0], seq[1]
-    if not torch.is_grad_enabled():
-        # inference: the official per-row 1x1 conv (bit-identical to the reference; no backward to be slow)
-        shape = (-1, x.shape[1], 1, 1) if isinstance(conv, nn.Conv2d) else (-1, x.shape[1], 1)
-        return seq(x.reshape(shape)).reshape(x.shape[0], -1)
     y = F.linear(x, conv.weight.reshape(conv.weight.shape[0], -1).to(x.dtype))
     yt = y.t().unsqueeze(0)                                      # (1, C, N): the official layout
     if isinstance(bn, nn.BatchNorm2d):
@@ -134,12 +130,28 @@ def _rows(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _rows_official(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The official layout: every row is a 1x1 "image" through Conv1d/Conv2d + BN (bit-identical to the reference
+    on CPU; slow on the GPU)."""
+    shape = (-1, x.shape[1], 1, 1) if isinstance(seq[0], nn.Conv2d) else (-1, x.shape[1], 1)
+    return seq(x.reshape(shape)).reshape(x.shape[0], -1)
+
+
+def use_exact_official_layout(module: nn.Module, enabled: bool = True) -> None:
+    """Switch every grid-pooling layer under ``module`` to the official per-row conv layout (reference
+    reproduction) or back to the fast row-matmul layout (default; equal up to fp32 summation order)."""
+    for m in module.modules():
+        if isinstance(m, NeighborVoxelSAModuleMSG):
+            m.exact_layout = bool(enabled)
+
+
 class NeighborVoxelSAModuleMSG(nn.Module):
     """Multi-scale neighbour-voxel aggregation (keys ``mlps_in.{k}``, ``mlps_pos.{k}``, ``mlps_out.{k}``)."""
 
     def __init__(self, query_ranges: Sequence[Sequence[int]], radii: Sequence[float], nsamples: Sequence[int],
                  mlps: Sequence[Sequence[int]]):
         super().__init__()
+        self.exact_layout = False  # see use_exact_official_layout
         if not (len(query_ranges) == len(radii) == len(nsamples) == len(mlps)):
             raise ValueError("NeighborVoxelSAModuleMSG: query_ranges, radii, nsamples and mlps need equal lengths")
         self.query_ranges = [list(q) for q in query_ranges]
@@ -166,10 +178,12 @@ class NeighborVoxelSAModuleMSG(nn.Module):
         """voxel_xyz (Nv, 3), new_xyz (M, 3), new_coords_bxyz (M, 4) [b, x, y, z], features (Nv, C) -> (M, sum Cout)."""
         new_coords = new_coords_bxyz[:, [0, 3, 2, 1]]
         outs = []
+        rows = _rows_official if self.exact_layout else _rows
         # Every 1x1 conv is applied as a matmul on rows (N, C) with the conv weight viewed (C_out, C_in), and its BN
         # on the official channel-major layout (1, C, N[, 1]): the same operation and statistics as the official
-        # (1, C, M[, ns]) convs, but cuDNN's 1x1 "image per row" path (slow weight-gradient reduction over a huge
-        # batch, measured 1 s/step on an H100) is avoided. Gathers use index_select, whose backward is a fast
+        # (1, C, M[, ns]) convs (equal to fp32 rounding), but cuDNN's 1x1 "image per row" path is avoided (its
+        # weight-gradient reduction over a huge batch measured 1 s/step on an H100, and the per-row conv + BN
+        # forward dominated inference). Gathers use index_select, whose backward is a fast
         # index_add (advanced-indexing backward sorts the indices: measured 2.8 s/step).
         for k in range(len(self.mlps_in)):
             if features.shape[0] == 0:
@@ -178,7 +192,7 @@ class NeighborVoxelSAModuleMSG(nn.Module):
                 f_in = features.new_zeros((1, self.mlps_in[k][0].out_channels))
                 voxel_xyz = voxel_xyz.new_zeros((1, 3))
             else:
-                f_in = _rows(self.mlps_in[k], features)                # (Nv, C')
+                f_in = rows(self.mlps_in[k], features)                # (Nv, C')
             idx, empty = voxel_query(new_coords, new_xyz, voxel_xyz, v2p, self.query_ranges[k], self.radii[k],
                                      self.nsamples[k], v2p_ext)
             M, ns = idx.shape
@@ -186,9 +200,9 @@ class NeighborVoxelSAModuleMSG(nn.Module):
             keep = (~empty).to(f_in.dtype)[:, None, None]
             gf = torch.index_select(f_in, 0, flat).view(M, ns, -1) * keep                   # (M, ns, C')
             gx = (torch.index_select(voxel_xyz, 0, flat).view(M, ns, 3) - new_xyz[:, None, :]) * keep
-            pos = _rows(self.mlps_pos[k], gx.reshape(M * ns, 3).to(f_in.dtype)).view(M, ns, -1)
+            pos = rows(self.mlps_pos[k], gx.reshape(M * ns, 3).to(f_in.dtype)).view(M, ns, -1)
             nf = self.relu(gf + pos).max(dim=1).values              # (M, C')
-            outs.append(_rows(self.mlps_out[k], nf))
+            outs.append(rows(self.mlps_out[k], nf))
         return torch.cat(outs, dim=1)
 
 
