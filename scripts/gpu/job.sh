@@ -42,13 +42,13 @@ eval)
     $PY -m cmfiou_core.tools.evaluate --data $GEN --split val --checkpoint $ck --device cuda $lo --json $OUT/ap_$name.json 2>&1 | grep -v Warning | tail -25
     [ $name = full ] && [ -n "${EVAL_AMP:-}" ] && $PY -m cmfiou_core.tools.evaluate --data $GEN --split val --checkpoint $ck --device cuda --amp fp16 --json $OUT/ap_${name}_fp16.json 2>&1 | grep -v Warning | tail -25
   done ;;
-bench)
+bench|bench1|bench3)
   ck=${CKPT:-/tmp/run_full/export_fp16.pt}; ckarg=""; [ -f "$ck" ] && ckarg="--checkpoint $ck"
   kit=""; [ -d .gpu_data/kitti/training ] && kit="--kitti .gpu_data/kitti/training"
-  log "pipeline bench 1 view"
-  $PY bench/bench_pipeline.py --device cuda --frames 200 --warmup 10 $kit --generated 16 --gen-dir /tmp/genb $ckarg --label "1 view" --json $OUT/bench_1view.json --md $OUT/bench_1view.md 2>&1 | grep -v Warning | tail -24
-  log "pipeline bench 3 views"
-  $PY bench/bench_pipeline.py --device cuda --frames 200 --warmup 10 $kit --generated 16 --gen-dir /tmp/genb $ckarg --views 3 --label "3 views" --json $OUT/bench_3view.json --md $OUT/bench_3view.md 2>&1 | grep -v Warning | tail -24 ;;
+  [ $stage = bench3 ] || { log "pipeline bench 1 view"
+  $PY bench/bench_pipeline.py --device cuda --frames ${FRAMES:-200} --warmup 10 $kit --generated 16 --gen-dir /tmp/genb $ckarg --label "1 view" --json $OUT/bench_1view.json --md $OUT/bench_1view.md 2>&1 | grep -v Warning | tail -24; }
+  [ $stage = bench1 ] || { log "pipeline bench 3 views"
+  $PY bench/bench_pipeline.py --device cuda --frames ${FRAMES:-200} --warmup 10 $kit --generated 16 --gen-dir /tmp/genb $ckarg --views 3 --label "3 views" --json $OUT/bench_3view.json --md $OUT/bench_3view.md 2>&1 | grep -v Warning | tail -24; } ;;
 split_ckpt)
   ck=/tmp/run_full/export_fp16.pt; [ -f $ck ] && split -b 15M -d $ck $OUT/demo_ckpt.part && ls -la $OUT ;;
 *) echo "unknown stage $stage"; exit 2 ;;
