@@ -50,6 +50,6 @@ bench|bench1|bench3)
   [ $stage = bench1 ] || { log "pipeline bench 3 views"
   $PY bench/bench_pipeline.py --device cuda --frames ${FRAMES:-200} --warmup 10 $kit --generated 16 --gen-dir /tmp/genb $ckarg --views 3 --label "3 views" --json $OUT/bench_3view.json --md $OUT/bench_3view.md 2>&1 | grep -v Warning | tail -24; } ;;
 split_ckpt)
-  ck=/tmp/run_full/export_fp16.pt; [ -f $ck ] && split -b 15M -d $ck $OUT/demo_ckpt.part && ls -la $OUT ;;
+  n=${CKNAME:-full}; ck=/tmp/run_$n/export_fp16.pt; [ -f $ck ] && split -b 15M -d $ck $OUT/ckpt_$n.part && ls -la $OUT ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac; done
