@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "cmfiou_kitti.yaml"
+# Trained here on generated scenes (cmfiou-gen-scenes), NOT on KITTI: it detects the generator's objects, and serves
+# the demo and the end-to-end tests. See README "Demo checkpoint".
+DEMO_CHECKPOINT = REPO_ROOT / "models" / "cmfiou_synthetic_demo_fp16.pt"
 
 
 class StageTimer:
@@ -121,8 +124,8 @@ class Pipeline:
                     amp: Optional[str] = None) -> "Pipeline":
         """Build from a YAML config and a checkpoint (OpenPCDet-style official file or ours; ``weights_only``).
 
-        Without a checkpoint the network has random weights: it runs, but its detections are meaningless (logged
-        as an error so it is never mistaken for a working detector)."""
+        ``checkpoint`` None or "" selects the bundled demo checkpoint (trained on generated scenes); "none" builds
+        the network with random weights: it runs, but its detections are meaningless (logged as an error)."""
         from .model.checkpoint import load_checkpoint
 
         dev = torch.device(device)
@@ -134,6 +137,13 @@ class Pipeline:
         cfg = load_config(config or DEFAULT_CONFIG)
         model = build_model(cfg)
         loaded = False
+        if checkpoint is None or checkpoint == "":
+            if DEMO_CHECKPOINT.is_file():
+                checkpoint = str(DEMO_CHECKPOINT)
+                log.warning("no checkpoint given: using the bundled demo checkpoint %s (trained on generated scenes, "
+                            "not on KITTI)", checkpoint)
+        elif str(checkpoint).lower() == "none":
+            checkpoint = None
         if checkpoint:
             _, report = load_checkpoint(checkpoint, model, strict=True)
             loaded = True
