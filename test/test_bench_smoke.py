@@ -1,0 +1,39 @@
+"""CPU smoke runs of the benchmark harnesses (no timing assertions: speed goals live in bench/, measured on the GPU).
+They keep the harnesses from rotting: every stage of the deployed pipeline must show up in the report."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_bench_pipeline_cpu_smoke(tmp_path):
+    import bench_pipeline
+
+    out = tmp_path / "b.json"
+    rc = bench_pipeline.main(["--device", "cpu", "--frames", "1", "--warmup", "0", "--generated", "1",
+                              "--gen-dir", str(tmp_path / "gen"), "--json", str(out), "--md", str(tmp_path / "b.md")])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    stages = res["stages"]
+    for s in ("h2d", "depth.projection", "depth.completion", "depth.lifting", "depth.thinning", "voxelize",
+              "backbone_3d", "bev", "rpn", "roi_head", "postprocess", "end_to_end"):
+        assert s in stages and stages[s]["n"] == 1 and stages[s]["p50"] >= 0, s
+    # the parts add up to (at most) the end-to-end time
+    parts = sum(v["p50"] for k, v in stages.items() if k not in ("end_to_end", "msg_in", "msg_out"))
+    assert parts <= stages["end_to_end"]["p50"] * 1.05
+    assert "| end_to_end |" in (tmp_path / "b.md").read_text()
+
+
+def test_bench_depth_cpu_smoke(tmp_path):
+    import subprocess
+
+    out = tmp_path / "d.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_depth.py"), "--device", "cpu", "--iters", "2", "--warmup", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert d  # per-stage figures present
