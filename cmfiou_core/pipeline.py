@@ -38,7 +38,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "cmfiou_kitti.yaml"
 # Trained here on generated scenes (cmfiou-gen-scenes), NOT on KITTI: it detects the generator's objects, and serves
 # the demo and the end-to-end tests. See README "Demo checkpoint".
-DEMO_CHECKPOINT = REPO_ROOT / "models" / "cmfiou_synthetic_demo_fp16.pt"
+DEMO_CHECKPOINT = REPO_ROOT / "models" / "cmfiou_synthetic_demo_lidar_only_fp16.pt"
+DEMO_CONFIG = REPO_ROOT / "config" / "cmfiou_synthetic_demo_lidar_only.yaml"
 
 
 class StageTimer:
@@ -124,7 +125,8 @@ class Pipeline:
                     amp: Optional[str] = None) -> "Pipeline":
         """Build from a YAML config and a checkpoint (OpenPCDet-style official file or ours; ``weights_only``).
 
-        ``checkpoint`` None or "" selects the bundled demo checkpoint (trained on generated scenes); "none" builds
+        ``checkpoint`` None or "" selects the bundled demo checkpoint (LiDAR-only, trained on generated scenes) and,
+        without ``config``, its config ``config/cmfiou_synthetic_demo_lidar_only.yaml``; "none" builds
         the network with random weights: it runs, but its detections are meaningless (logged as an error)."""
         from .model.checkpoint import load_checkpoint
 
@@ -134,16 +136,17 @@ class Pipeline:
         if dev.type == "cpu":
             # spconv's multithreaded CPU convolution was measured wrong and non-deterministic with >1 thread
             torch.set_num_threads(1)
+        if (checkpoint is None or checkpoint == "") and DEMO_CHECKPOINT.is_file():
+            checkpoint = str(DEMO_CHECKPOINT)
+            if not config:
+                config = DEMO_CONFIG
+            log.warning("no checkpoint given: using the bundled demo checkpoint %s (LiDAR-only, trained on generated "
+                        "scenes, not on KITTI) with %s", checkpoint, config)
+        elif str(checkpoint).lower() == "none":
+            checkpoint = None
         cfg = load_config(config or DEFAULT_CONFIG)
         model = build_model(cfg)
         loaded = False
-        if checkpoint is None or checkpoint == "":
-            if DEMO_CHECKPOINT.is_file():
-                checkpoint = str(DEMO_CHECKPOINT)
-                log.warning("no checkpoint given: using the bundled demo checkpoint %s (trained on generated scenes, "
-                            "not on KITTI)", checkpoint)
-        elif str(checkpoint).lower() == "none":
-            checkpoint = None
         if checkpoint:
             _, report = load_checkpoint(checkpoint, model, strict=True)
             loaded = True
@@ -205,9 +208,9 @@ class Pipeline:
         wall0 = time.perf_counter()
         timer.mark("start")
         pts = self._to_device(frame.points, "points")
-        img = self._to_device(frame.image, "image") if frame.image is not None else None
+        img = self._to_device(frame.image, "image") if frame.image is not None and self.depth_cfg.enabled else None
         timer.mark("h2d")
-        lidar_only = img is None
+        lidar_only = img is None or not self.depth_cfg.enabled
         depth_ms: Dict[str, float] = {}
         if lidar_only:
             raw = self._fov_raw(pts, frame.calib)

@@ -13,7 +13,7 @@ TEST_DIR = Path(__file__).resolve().parent
 #   "cmfiou_core.pipeline:Pipeline.from_config"
 PIPELINE_FACTORY = os.environ.get("CMFIOU_TEST_PIPELINE_FACTORY",
                                   "cmfiou_core.pipeline:Pipeline.from_config")
-PIPELINE_CONFIG = os.environ.get("CMFIOU_TEST_PIPELINE_CONFIG", "")
+PIPELINE_CONFIG = os.environ.get("CMFIOU_TEST_PIPELINE_CONFIG", str(TEST_DIR.parent / "config" / "cmfiou_kitti.yaml"))
 PIPELINE_CHECKPOINT = os.environ.get("CMFIOU_TEST_PIPELINE_CHECKPOINT", "")
 
 _domain_lock = threading.Lock()

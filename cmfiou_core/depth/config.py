@@ -80,6 +80,7 @@ class DepthConfig:
     penet: PENetConfig = field(default_factory=PENetConfig)
     discard: DiscardConfig = field(default_factory=DiscardConfig)
     timing: bool = True
+    enabled: bool = True  # false: never use the camera (LiDAR-only model; the pseudo branch stays empty)
 
     OFFICIAL_CROP = (352, 1216)  # (H, W), top-left crop of the official PENet pseudo-point generation
 
@@ -92,6 +93,7 @@ class DepthConfig:
         min_depth = sec.float("min_depth", d.min_depth, min=0.0)
         max_z = sec.float("max_z", d.max_z)
         timing = sec.bool("timing", d.timing)
+        enabled = sec.bool("enabled", d.enabled)
 
         t = sec.sub("thinning")
         th = ThinningConfig(
@@ -132,7 +134,7 @@ class DepthConfig:
                            max_dis=q.float("max_dis", 60.0, min=0.0))
         q.finish()
         sec.finish()
-        return cls(method=method, crop_official=crop, fov_filter_raw=fov, min_depth=min_depth, max_z=max_z,
+        return cls(enabled=enabled, method=method, crop_official=crop, fov_filter_raw=fov, min_depth=min_depth, max_z=max_z,
                    thinning=th, ipbasic=ip, penet=pe, discard=dc, timing=timing)
 
     @classmethod
