@@ -236,6 +236,8 @@ def main(argv=None) -> int:
             if dist_info.device.type == "cpu":
                 import torch
                 torch.set_num_threads(1)  # spconv's CPU path is only correct with one thread (docs/DEVELOPING.md)
+                from cmfiou_core.model.spconv_compat import enable_cpu_backward
+                enable_cpu_backward()  # spconv's CPU backward asks torch.cuda for a stream otherwise
             model = _build_model(full)
             train_set, collate = _build_train_data(full, args.data, tcfg.seed, args.no_pseudo)
             prepare = _make_prepare_fn(full, args.no_pseudo)
