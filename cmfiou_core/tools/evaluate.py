@@ -14,8 +14,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", required=True, help="folder holding training/ and ImageSets/")
     ap.add_argument("--split", default="val")
-    ap.add_argument("--config", default=None, help="model YAML (default: the checkpoint's config if it has one, "
-                                                   "else config/cmfiou_kitti.yaml)")
+    ap.add_argument("--config", default=None, help="model YAML (default: config/cmfiou_kitti.yaml)")
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off")
