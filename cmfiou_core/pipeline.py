@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from .depth.pseudo import PseudoPointGenerator, raw_rows_from_points
 from .model.detector import build_model, prepare_batch
 from .model.model_config import FullConfig, load_config
 from .model.voxelize import Voxelizer
+from .timing import StageTimer
 from .types import Detections, Frame
 
 log = logging.getLogger(__name__)
@@ -40,38 +41,6 @@ DEFAULT_CONFIG = REPO_ROOT / "config" / "cmfiou_kitti.yaml"
 # the demo and the end-to-end tests. See README "Demo checkpoint".
 DEMO_CHECKPOINT = REPO_ROOT / "models" / "cmfiou_synthetic_demo_lidar_only_fp16.pt"
 DEMO_CONFIG = REPO_ROOT / "config" / "cmfiou_synthetic_demo_lidar_only.yaml"
-
-
-class StageTimer:
-    """Named stage boundaries. On CUDA it records events (no sync); :meth:`result` synchronises once."""
-
-    def __init__(self, device: torch.device, enabled: bool = True):
-        self.cuda = device.type == "cuda"
-        self.enabled = enabled
-        self.marks: List = []
-
-    def mark(self, name: str) -> None:
-        if not self.enabled:
-            return
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append((name, ev))
-        else:
-            self.marks.append((name, time.perf_counter()))
-
-    def result(self) -> Dict[str, float]:
-        if not self.enabled or len(self.marks) < 2:
-            return {}
-        out: Dict[str, float] = {}
-        if self.cuda:
-            self.marks[-1][1].synchronize()
-            for (_, a), (n, b) in zip(self.marks[:-1], self.marks[1:]):
-                out[n] = out.get(n, 0.0) + float(a.elapsed_time(b))
-        else:
-            for (_, a), (n, b) in zip(self.marks[:-1], self.marks[1:]):
-                out[n] = out.get(n, 0.0) + (b - a) * 1e3
-        return out
 
 
 def view_transform_points(rows: torch.Tensor, param) -> torch.Tensor:

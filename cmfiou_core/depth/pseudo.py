@@ -9,8 +9,6 @@ final compaction (one ``tolist`` of the two output counts), which also serves th
 """
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -19,6 +17,7 @@ import torch
 from ..calib import Calibration, CalibrationError
 from ..config import ConfigError
 from .config import DepthConfig, ThinningConfig
+from ..timing import StageTimer
 from .ipbasic import ipbasic_complete
 from .projection import fov_flag, project_points, sparse_depth_map
 
@@ -126,37 +125,6 @@ def _compact_order(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.sort((~mask).to(torch.uint8), stable=True).indices, mask.sum()
 
 
-class _Timer:
-    def __init__(self, device: torch.device, enabled: bool):
-        self.cuda = device.type == "cuda"
-        self.enabled = enabled
-        self.marks = []
-
-    def mark(self, name: str) -> None:
-        if not self.enabled:
-            return
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append((name, ev))
-        else:
-            self.marks.append((name, time.perf_counter()))
-
-    def result(self) -> Dict[str, float]:
-        if not self.enabled or len(self.marks) < 2:
-            return {}
-        out = {}
-        if self.cuda:
-            self.marks[-1][1].synchronize()
-            for (_, a), (n, b) in zip(self.marks[:-1], self.marks[1:]):
-                out[n] = float(a.elapsed_time(b))
-            out["total"] = float(self.marks[0][1].elapsed_time(self.marks[-1][1]))
-        else:
-            for (_, a), (n, b) in zip(self.marks[:-1], self.marks[1:]):
-                out[n] = (b - a) * 1e3
-            out["total"] = (self.marks[-1][1] - self.marks[0][1]) * 1e3
-        return out
-
 
 # ----------------------------------------------------------------------------------------------- the generator
 class PseudoPointGenerator:
@@ -215,7 +183,7 @@ class PseudoPointGenerator:
         self._check_inputs(points, image, calib)
         cfg = self.cfg
         dev = points.device
-        timer = _Timer(dev, cfg.timing)
+        timer = StageTimer(dev, cfg.timing)
         timer.mark("start")
         if cfg.crop_official:
             ch, cw = DepthConfig.OFFICIAL_CROP
