@@ -195,6 +195,21 @@ def test_nonfinite_gradients_skip_the_step(tmp_path):
             assert torch.equal(v, after[k]), k
 
 
+def test_nonfinite_gradients_are_named(tmp_path):
+    """A skipped step reports exactly the parameters whose gradients are non-finite (jsonl + warning)."""
+    import json
+
+    tr = _trainer(tmp_path, epochs=1, max_iters=3, nonfinite_reports=2)
+    name, param = list(tr.model.named_parameters())[-1]
+    param.register_hook(lambda g: g * float("inf"))
+    tr.fit()
+    assert tr.skipped_steps == 3
+    recs = [json.loads(line) for line in (tmp_path / "run" / "nonfinite_steps.jsonl").read_text().splitlines()]
+    assert len(recs) == 2  # capped by nonfinite_reports
+    assert all(r["n_params_nonfinite"] == 1 for r in recs)
+    assert recs[0]["modules"] == [name.rsplit(".", 2)[0]] and math.isfinite(recs[0]["loss"])
+
+
 def test_export_fp16(tmp_path):
     res = _trainer(tmp_path, epochs=1).fit()
     info = export_fp16(res.checkpoint, tmp_path / "demo.pth", max_mb=40)

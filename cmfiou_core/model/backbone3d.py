@@ -60,7 +60,8 @@ class VCEConv8x(nn.Module):
             spconv.SparseConv3d(nf[3], cfg.out_features, (3, 1, 1), stride=(2, 1, 1), padding=0, bias=False,
                                 indice_key="spconv_down2"), BN1D(cfg.out_features), nn.ReLU())
         if cfg.mm:
-            kw = dict(res_enable=cfg.resvc_branch, pc_range=pc_range, voxel_size=voxel_size)
+            kw = dict(res_enable=cfg.resvc_branch, pc_range=pc_range, voxel_size=voxel_size,
+                      image_plane_duplicates=cfg.image_plane_duplicates)
             self.vir_conv1 = ResConvBlock(nf[0], nf[0], stride=1, indice_key="vir1", **kw)
             self.vir_conv2 = ResConvBlock(nf[0], nf[1], stride=2, indice_key="vir2", **kw)
             self.vir_conv3 = ResConvBlock(nf[1], nf[2], stride=2, indice_key="vir3", **kw)

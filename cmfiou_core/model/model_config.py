@@ -44,6 +44,11 @@ class Backbone3DConfig:
     # eval-mode raw-branch batching: "wide" = official test trick (views side by side in a 4x-wide x shape, strict
     # 0 < x < W cut per view); "separate" = each view in its own tensor (no x==0 cut, no cross-view boundary leak)
     view_batching: str = "wide"
+    # several voxels projecting onto one image-plane cell (u', v') of the ResVC 2D SubM convs:
+    # "official" = hand spconv the duplicate sites (its hash table picks one row per site; spconv's GPU backward is
+    # then not the adjoint of the forward, see resvc.py); "mean" = scatter-mean the duplicates onto unique sites,
+    # convolve, gather back (well-defined on every backend; ours)
+    image_plane_duplicates: str = "official"
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,8 @@ def _parse_backbone(sec: Section) -> Backbone3DConfig:
         down_filters=_tuple_i(sec, "down_filters", d.down_filters),
         layer_discard_rate=sec.float("layer_discard_rate", d.layer_discard_rate, min=0.0, max=0.99),
         view_batching=sec.str("view_batching", d.view_batching, choices=("wide", "separate")),
+        image_plane_duplicates=sec.str("image_plane_duplicates", d.image_plane_duplicates,
+                                       choices=("official", "mean")),
     )
     sec.finish()
     if not (len(c.down_kernel_size) == len(c.down_stride) == len(c.down_filters)):

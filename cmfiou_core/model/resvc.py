@@ -7,8 +7,18 @@ The image-plane projection reproduces the official float32 arithmetic exactly (`
 - ``rect = [p, 1] @ (V2C^T @ R0^T)``, ``img = ([rect, 1] @ P2^T)[:, :2] / rect_z`` (divided by the rect depth, not the
   homogeneous one), all float32 with the calibration matrices rounded to float32, same matmul operand layouts;
 - ``u, v`` truncated toward zero, clamped to ``[0, 1400 - s]`` / ``[0, 400 - s]``, integer-divided by ``s``.
-Several voxels may land on the same (u', v') cell; the 2D SubM convs then see duplicate indices, exactly as the
-official code (spconv decides which row represents a duplicated site).
+Several voxels may land on the same (u', v') cell (thousands per frame). ``image_plane_duplicates`` decides what
+the 2D SubM convs see:
+
+- ``"official"``: the duplicate indices are handed to spconv exactly as the official code does. spconv's hash table
+  then keeps one row per site: every duplicate row's output reads the *winner's* features for each tap, so the
+  forward depends on spconv's hash order. On the CPU the backward uses the true transposed pairs (the adjoint of that
+  forward); on the GPU spconv's SubM backward assumes symmetric pairs (out i reads in j at offset k <=> out j reads
+  in i at offset -k), which duplicates break, so the gradient is not the adjoint of the forward
+  (test/test_image_plane.py measures <grad, d> against the change of the loss). Kept for reproducing the official
+  layout's numbers.
+- ``"mean"`` (ours): duplicates are scatter-meaned onto unique sites, the convs run on unique indices and every voxel
+  gathers its site's output. Well-defined, order-independent and correctly differentiable on every backend.
 """
 from __future__ import annotations
 
@@ -115,13 +125,33 @@ def voxels_to_image_indices(indices: torch.Tensor, batch_size: int, calibs: List
     return torch.stack([indices[:, 0].int(), u, v], dim=1)
 
 
+def image_plane_conv_unique(features: torch.Tensor, uv: torch.Tensor, spatial_shape: Sequence[int], batch_size: int,
+                            convs) -> torch.Tensor:
+    """Run 2D sparse ``convs`` over the *unique* (b, u', v') sites of ``uv`` (N, 3): features of voxels sharing a site
+    are averaged (scatter-mean), the convs see each site once, and each of the N voxels gets its site's output (N, C).
+    """
+    w, h = int(spatial_shape[0]), int(spatial_shape[1])
+    key = (uv[:, 0].long() * w + uv[:, 1].long()) * h + uv[:, 2].long()
+    sites, inverse = torch.unique(key, return_inverse=True)
+    count = torch.bincount(inverse, minlength=sites.numel()).to(features.dtype).clamp_min(1)
+    mean = features.new_zeros((sites.numel(), features.shape[1])).index_add_(0, inverse, features) / count[:, None]
+    idx = torch.stack([sites // (w * h), (sites // h) % w, sites % h], dim=1).int()
+    out = convs(spconv.SparseConvTensor(features=mean, indices=idx, spatial_shape=[w, h], batch_size=batch_size))
+    return out.features[inverse]
+
+
 class ResConvBlock(nn.Module):
     """ResVC block (c = channels, h = c/2): optional strided ``down_layer``; D = d3_conv2(d3_conv1(X)) (+ resnet_layer(X));
     G = d2_conv2(d2_conv1(D on the image plane)); D = d3_conv3(mid_norm(D + G)); out = output_norm(d3_conv4(D) + X)."""
 
     def __init__(self, cin: int = 64, cout: int = 64, stride: int = 1, res_enable: bool = True, padding=1,
-                 indice_key: str = "vir1", pc_range=(0, -40, -3, 70.4, 40, 1), voxel_size=(0.05, 0.05, 0.05)):
+                 indice_key: str = "vir1", pc_range=(0, -40, -3, 70.4, 40, 1), voxel_size=(0.05, 0.05, 0.05),
+                 image_plane_duplicates: str = "official"):
         super().__init__()
+        if image_plane_duplicates not in ("official", "mean"):
+            raise ValueError(f"ResConvBlock: image_plane_duplicates must be 'official' or 'mean', "
+                             f"got {image_plane_duplicates!r}")
+        self.image_plane_duplicates = image_plane_duplicates
         self.stride = stride
         self.residual = res_enable
         self.pc_range = tuple(float(v) for v in pc_range)
@@ -149,11 +179,13 @@ class ResConvBlock(nn.Module):
             d3 = d3.replace_feature(d3.features + res.features)
         uv = voxels_to_image_indices(d3.indices, batch_size, calibs, img_stride, trans_param, self.pc_range,
                                      self.voxel_size)
-        d2 = spconv.SparseConvTensor(features=d3.features, indices=uv,
-                                     spatial_shape=[IMAGE_GRID_W // img_stride, IMAGE_GRID_H // img_stride],
-                                     batch_size=batch_size)
-        d2 = self.d2_conv2(self.d2_conv1(d2))
-        d3 = d3.replace_feature(self.mid_norm_fn(d3.features + d2.features))
+        shape = [IMAGE_GRID_W // img_stride, IMAGE_GRID_H // img_stride]
+        if self.image_plane_duplicates == "mean":
+            g = image_plane_conv_unique(d3.features, uv, shape, batch_size, lambda t: self.d2_conv2(self.d2_conv1(t)))
+        else:
+            d2 = spconv.SparseConvTensor(features=d3.features, indices=uv, spatial_shape=shape, batch_size=batch_size)
+            g = self.d2_conv2(self.d2_conv1(d2)).features
+        d3 = d3.replace_feature(self.mid_norm_fn(d3.features + g))
         d3 = self.d3_conv3(d3)
         out = self.d3_conv4(d3)
         return out.replace_feature(self.output_norm_fn(out.features + x.features))

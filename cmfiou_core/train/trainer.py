@@ -60,6 +60,7 @@ class TrainConfig:
     final_div_factor: float = 1e4
     pct_start: float = 0.4
     grad_clip: float = 10.0              # <= 0 disables clipping (the norm is still logged)
+    nonfinite_reports: int = 20          # skipped (non-finite gradient) steps reported by parameter name
     amp: str = "off"                     # off | bf16 | fp16
     workers: int = 4
     seed: int = 0
@@ -399,12 +400,33 @@ class Trainer:
             skipped = True
         if skipped:
             self.skipped_steps += 1
+            self._report_nonfinite(loss, tb)
             self.optimizer.zero_grad(set_to_none=True)
         upd = getattr(self.model, "update_global_step", None)
         if callable(upd):
             upd()
         self.it += 1
         return {"loss": loss.detach(), "tb": tb, "grad_norm": gnorm_v, "lr": lr, "mom": mom, "skipped": skipped}
+
+    def _report_nonfinite(self, loss: torch.Tensor, tb: Dict[str, Any]) -> None:
+        """Name the parameters whose gradients are non-finite (the set upstream of the op that produced inf/NaN) for
+        the first skipped steps: a warning, and one JSON line per step in ``<out>/nonfinite_steps.jsonl``."""
+        if self.skipped_steps > self.cfg.nonfinite_reports or not self.is_main:
+            return
+        bad: Dict[str, int] = {}
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                bad[name] = int((~torch.isfinite(p.grad)).sum())
+        modules = sorted({n.rsplit(".", 2)[0] for n in bad})
+        rec = {"it": self.it, "loss": float(loss.detach()), "n_params_nonfinite": len(bad),
+               "n_params": sum(1 for _ in self.model.parameters()), "modules": modules[:80],
+               "losses": {k: _to_float(v) for k, v in tb.items() if _to_float(v) is not None}}
+        log.warning("iteration %d: non-finite gradients in %d parameter tensors (step skipped, %d so far); "
+                    "first: %s", self.it, len(bad), self.skipped_steps, ", ".join(list(bad)[:4]))
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "nonfinite_steps.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     def _log_iteration(self, step: Dict[str, Any], loss_mean: float, window: Dict[str, float]) -> None:
         rec = {"it": self.it, "epoch": self.epoch, "loss": loss_mean, "lr": step["lr"], "mom": step["mom"],

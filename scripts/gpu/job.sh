@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU jobs run through the device tool (H100, Python 3.12, torch preinstalled, offline). The spconv-cu118 bundle is
 # built here with ../shared/tools/gpu_bundle.sh .gpu_bundle and carried (git-ignored).
-# usage: scripts/gpu/job.sh STAGE...   stages: setup gen probe train_full train_lidar eval bench
+# usage: scripts/gpu/job.sh STAGE...   stages: setup gputest gen probe train_full train_lidar eval bench bench1 bench3
+#        split_ckpt depth
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd); cd "$ROOT"
@@ -20,6 +21,9 @@ gen)
     $PY -m cmfiou_core.tools.gen_scenes --out $GEN --num $NGEN --seed 7 --val-fraction 0.2 --workers 16 &&
     $PY -m cmfiou_core.tools.make_depth --root $GEN --device cuda &&
     $PY -m cmfiou_core.tools.create_infos --root $GEN; } 2>&1 | grep -v Warn | tail -5 ;;
+gputest)
+  log "CUDA tests (image plane)"
+  $PY -m pytest -q -p no:cacheprovider test/test_image_plane.py -rA 2>&1 | grep -v Warn | tail -15 ;;
 probe)
   log "train-step bench"
   $PY bench/bench_train.py --mode step --data $GEN --device cuda --steps 20 --warmup 4 --amp fp32,fp16 --json $OUT/train_step.json 2>&1 | grep -v Warning | tail -8
@@ -33,7 +37,8 @@ train_full|train_lidar)
   $PY -m cmfiou_core.tools.train --config config/cmfiou_kitti.yaml --data $GEN --device cuda --batch-size ${BS:-4} \
      --workers 12 --amp ${AMP:-off} --max-minutes $MIN --time-schedule --out /tmp/run_$name --no-progress --log-every 50 \
      --export-fp16 /tmp/run_$name/export_fp16.pt $extra 2>&1 | grep -v Warning | tail -30
-  cp /tmp/run_$name/metrics.jsonl $OUT/metrics_$name.jsonl 2>/dev/null ;;
+  cp /tmp/run_$name/metrics.jsonl $OUT/metrics_$name.jsonl 2>/dev/null
+  cp /tmp/run_$name/nonfinite_steps.jsonl $OUT/nonfinite_$name.jsonl 2>/dev/null; true ;;
 eval)
   for name in ${EVAL_RUNS:-full lidar}; do
     ck=/tmp/run_$name/export_fp16.pt; [ -f $ck ] || continue
