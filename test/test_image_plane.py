@@ -150,3 +150,35 @@ def test_resconv_block_mean_mode_trains_cpu():
             continue
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert block.d2_conv1[0].weight.grad.abs().sum() > 0
+
+
+def test_training_projection_undoes_world_and_global_shift(kitti_samples):
+    """Real KITTI frame: augment the LiDAR points as training does (world rotation/flip/scale, then the global shift
+    of random_local_trans); ResVC's inverse with [rot, flip, scale, tx, ty, tz] must project every point back onto
+    its original pixel. With only [rot, flip, scale] (the official aug_param) the pixels are measurably off."""
+    import numpy as np
+    from cmfiou_core.calib import Calibration
+    from cmfiou_core.data import augment as A
+    from cmfiou_core.model.resvc import _projector, inverse_view_transform
+
+    root = kitti_samples / "object" / "training"
+    fid = sorted(p.stem for p in (root / "velodyne").glob("*.bin"))[0]
+    calib = Calibration.from_kitti_object_file(root / "calib" / f"{fid}.txt")
+    pts = np.fromfile(root / "velodyne" / f"{fid}.bin", dtype=np.float32).reshape(-1, 4)
+    pts = pts[(pts[:, 0] > 5) & (pts[:, 0] < 70)][::20]
+    proj = _projector(calib)
+    uv0 = proj(torch.from_numpy(pts[:, :3].copy()))
+    cfg = A.AugmentConfig()
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        d = {"points": pts.copy(), "gt_boxes": np.zeros((0, 7))}
+        d = A.random_world(d, cfg, rng)
+        d = A.random_local_trans(d, cfg, rng)
+        aug = torch.from_numpy(d["points"][:, :3].astype(np.float32))
+        full = torch.tensor(list(d["aug_param"]) + list(d["local_trans"]), dtype=torch.float32)
+        back = inverse_view_transform(aug, full)
+        err = (proj(back) - uv0).abs().max()
+        assert err < 0.05, f"pixel error {float(err):.3f} with the shift undone"
+        if np.abs(d["local_trans"][:2]).max() > 0.1:
+            off = (proj(inverse_view_transform(aug, full[:3])) - uv0).abs().max()
+            assert off > 1.0, "the global shift should move projections by pixels when it is ignored"

@@ -119,7 +119,8 @@ def prepare_batch(raw_points: Sequence, pseudo_points: Sequence, calibs: Sequenc
     With ``transform_params`` (B, V, 3) test views [rot, flip, scale]: either a list of V already transformed arrays
     per sample, or one array that is transformed here (X_TRANS forward: rotate, flip y, scale).
     calibs: list of ``Calibration``; image_shapes: list of (H, W); aug_params: (B, 3) training augmentation
-    [rot, flip, scale] (the points are already augmented); gt_boxes: list of (M_b, 8) (box + class id).
+    [rot, flip, scale] (the points are already augmented), or (B, 6) with the global shift of ``random_local_trans``
+    appended (applied last; the ResVC image-plane projection undoes it); gt_boxes: list of (M_b, 8) (box + class id).
     Each view's points are masked to the x/y range (official ``mask_points_by_range``, inclusive) - ``points`` feeds
     the anchor mask - then voxelized (``Voxelizer``, cap = max_voxels train/test per modality). Everything is put on
     ``device`` (default: the device of the first raw point tensor).
@@ -168,7 +169,11 @@ def prepare_batch(raw_points: Sequence, pseudo_points: Sequence, calibs: Sequenc
         batch["transform_param"] = torch.as_tensor(np.asarray(transform_params, dtype=np.float32).reshape(B, V, 3),
                                                    device=device)
     if aug_params is not None:
-        batch["aug_param"] = torch.as_tensor(np.asarray(aug_params, dtype=np.float32).reshape(B, 3), device=device)
+        ap = np.asarray(aug_params, dtype=np.float32).reshape(B, -1)
+        if ap.shape[1] not in (3, 6):
+            raise ValueError(f"prepare_batch: aug_params must be (B, 3) [rot, flip, scale] or (B, 6) with the global "
+                             f"shift [tx, ty, tz] appended, got {ap.shape}")
+        batch["aug_param"] = torch.as_tensor(ap, device=device)
     if gt_boxes is not None:
         M = max([len(g) for g in gt_boxes] + [1])
         gt = torch.zeros((B, M, 8), dtype=torch.float32, device=device)

@@ -57,8 +57,15 @@ def view_transform_points(points: torch.Tensor, param) -> torch.Tensor:
 
 
 def inverse_view_transform(points: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """Undo a [rot, flip, scale] view/augmentation on (N, 3) points (X_TRANS.backward_with_param order)."""
+    """Undo a [rot, flip, scale] view/augmentation on (N, 3) points (X_TRANS.backward_with_param order).
+
+    A 6-element ``[rot, flip, scale, tx, ty, tz]`` also undoes the global shift that training's ``random_local_trans``
+    applies after the world transforms (first subtracted). The official code does not record that shift (spec §0,
+    item 7), so its image-plane projection is off by up to 0.5 m during training but exact at test time; ours is exact
+    in both."""
     param = param.to(points.dtype)
+    if param.shape[0] >= 6:
+        points = points - param[3:6]
     pts = points / param[2]
     y = torch.where(param[1] != 0, -pts[:, 1], pts[:, 1])
     pts = torch.stack([pts[:, 0], y, pts[:, 2]], dim=1)

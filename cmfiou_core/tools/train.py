@@ -180,8 +180,11 @@ def _make_prepare_fn(full_cfg, no_pseudo: bool) -> Callable:
         gt = batch["gt_boxes"]
         if isinstance(gt, torch.Tensor):  # padded (B, M, 8): class id 0 = padding
             gt = [g[g[:, 7] > 0] for g in gt]
+        aug = _np(batch["aug_param"]).reshape(B, -1)
+        if batch.get("local_trans") is not None:  # global shift applied after the world transforms: undo it too
+            aug = np.concatenate([aug[:, :3], np.asarray(batch["local_trans"], np.float32).reshape(B, 3)], 1)
         out = prepare_batch(raw, pseudo, batch["calib"], mc, image_shapes=_np(batch["image_shape"]),
-                            training=True, aug_params=_np(batch["aug_param"]), gt_boxes=list(gt),
+                            training=True, aug_params=aug, gt_boxes=list(gt),
                             device=device, voxelizer=vox)
         out["frame_id"] = batch.get("frame_id")
         return out
