@@ -6,6 +6,12 @@ when available, else a synthetic 64-beam scan + random image. Warm-up iterations
 Stage times come from the generator itself (CUDA events on GPU with one sync at the end, perf_counter on CPU);
 ``wall`` is the host-side time of the whole call (it ends with the generator's single host sync).
 
+Also reported, for one call after the timing loop: the number of aten ops dispatched per stage (at this image size
+the GPU stage is launch-bound, so this is the figure to cut; it is the same on any device up to the device-specific
+branches) and the ops that would synchronise a CUDA stream (``_local_scalar_dense`` = item/bool/tolist,
+``nonzero``, ``masked_select``...; on CUDA ``tolist`` shows as a device-to-CPU copy). On CUDA the syncs are also
+counted exactly with ``torch.cuda.set_sync_debug_mode``.
+
     python bench/bench_depth.py --device cpu --threads 1
     python bench/bench_depth.py --device cuda --iters 200 --json out.json
     python bench/bench_depth.py --device cuda --method penet --penet-random   # network timing, random weights
@@ -53,6 +59,48 @@ def synthetic_frame(seed: int = 0):
     Tr = np.array([[0, -1, 0, 0], [0, 0, -1, -0.08], [1, 0, 0, -0.27]], float)
     img = g.integers(0, 256, size=(375, 1242, 3), dtype=np.uint8)
     return pts, img, Calibration(P2, np.eye(3), Tr, 1242, 375), "synthetic 64-beam"
+
+
+SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
+            "aten.repeat_interleave", "aten.bincount", "aten.masked_scatter")
+
+
+def count_ops(gen, P, I, calib):
+    """({stage: aten ops dispatched}, [host-sync op names]) for one generator call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import cmfiou_core.timing as timing
+
+    stage = ["projection"]
+    order = {"start": "projection", "projection": "completion", "completion": "lifting", "lifting": "thinning",
+             "thinning": "after"}
+    counts, syncs = {}, []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
+            counts[stage[0]] = counts.get(stage[0], 0) + 1
+            to_host = name == "aten._to_copy" and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args) and \
+                str((kwargs or {}).get("device", "")) == "cpu"
+            if name.startswith(SYNC_OPS) or to_host:
+                syncs.append(f"{stage[0]}: {name}")
+            return func(*args, **(kwargs or {}))
+
+    orig = timing.StageTimer.mark
+
+    def mark(self, name):
+        orig(self, name)
+        stage[0] = order.get(name, name)
+
+    timing.StageTimer.mark = mark
+    try:
+        with Count():
+            gen(P, I, calib)
+    finally:
+        timing.StageTimer.mark = orig
+    counts.pop("after", None)
+    counts["total"] = sum(counts.values())
+    return counts, syncs
 
 
 def pct(v, q):
@@ -126,7 +174,9 @@ def main(argv=None):
         torch.cuda.set_sync_debug_mode("default")
         syncs = [str(x.message).splitlines()[0] for x in w if "synchroniz" in str(x.message).lower()]
 
+    ops, sync_ops = count_ops(gen, P, I, calib)
     out = {
+        "aten_ops_per_call": ops, "sync_ops_per_call": sync_ops,
         "cuda_syncs_per_call": None if syncs is None else len(syncs), "cuda_sync_messages": syncs,
         "source": source, "image": [int(img.shape[1]), int(img.shape[0])], "points_in": int(pts.shape[0]),
         "raw_rows": int(n_raw), "pseudo_rows": int(n_ps), "pseudo_after_discard": int(n_disc),
@@ -144,8 +194,12 @@ def main(argv=None):
     print(f"{'stage':32s} {'p50 ms':>9s} {'p95 ms':>9s}")
     for k, v in out["ms"].items():
         print(f"{k:32s} {v['p50']:9.2f} {v['p95']:9.2f}")
+    print("aten ops per call: " + ", ".join(f"{k} {v}" for k, v in ops.items()))
+    print(f"host-sync ops in one call: {len(sync_ops)} {sync_ops}" + (" (on CPU the final tolist is not dispatched; "
+          "nonzero is the CPU-only compaction branch)" if dev.type == "cpu" else ""))
     if syncs is not None:
-        print(f"host syncs inside one generator call: {len(syncs)} (expected 1: the final compaction)")
+        print(f"host syncs inside one generator call (sync debug mode): {len(syncs)} (expected 1: the final "
+              f"compaction)")
     if a.json:
         txt = json.dumps(out, indent=2)
         if a.json == "-":

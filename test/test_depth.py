@@ -577,3 +577,176 @@ def test_masked_thinning_path_equals_compacted(frames, gen):
     valid &= rows[:, 2] < 1.0
     order, n = la_sampling2_order(rows[:, :3], valid)
     assert torch.equal(rows[order[: int(n)]], res.pseudo_rows)
+
+
+# ----------------------------------------------------------------------------------------------- issue #4: fast paths
+# The optimised depth stage must give the same output as the pre-#4 implementation, frozen in
+# cmfiou_core.depth.reference. The CUDA code paths (single-pool dilation, sort-based median, vectorised bilateral,
+# thinning on the full masked pixel grid) are forced on the CPU with ipbasic.FORCE_GPU_PATHS / cpu_compaction.
+@pytest.fixture
+def gpu_paths(monkeypatch):
+    from cmfiou_core.depth import ipbasic
+
+    monkeypatch.setattr(ipbasic, "FORCE_GPU_PATHS", True)
+    g = PseudoPointGenerator(DepthConfig())
+    g.cpu_compaction = False
+    return g
+
+
+def _random_cloud(g: np.random.Generator, n: int) -> np.ndarray:
+    """Points below/around the sensor with many exact ties (quantised z, repeated points, +-0.0) and edge cases."""
+    xyz = np.c_[g.uniform(-30, 30, n), g.uniform(-30, 30, n), np.round(g.uniform(-3.0, 0.5, n), 1)]
+    xyz[::7] = xyz[1::7][: len(xyz[::7])]  # exact duplicates
+    xyz[::11, 2] = 0.0
+    xyz[::13, 2] = -0.0
+    xyz[::17, 0] = 0.0   # phi = +-pi/2
+    xyz[::19, 0] = -0.0
+    xyz[5::23, :2] = 0.0  # theta = 0 or pi
+    xyz[3] = (np.nan, 1, 1)
+    xyz[4] = (np.inf, 1, -1)
+    xyz[6] = (0, 0, 0)
+    return xyz.astype(np.float32)
+
+
+def test_thinning_dense_equals_sorted_random():
+    """Sort-free thinning == the sort-based reference (same points, same order) on random clouds with ties, +-0.0 z,
+    NaN / inf / zero points and several configs; when a voxel overflows the cap, the flag is raised and
+    la_sampling2_order falls back to the sort path."""
+    from cmfiou_core.depth.pseudo import la_sampling2_dense, thinning_grid
+    from cmfiou_core.depth.reference import la_sampling2_order_sorted
+
+    g = np.random.default_rng(0)
+    cfgs = [ThinningConfig(), ThinningConfig(voxel_size=(200.0, 0.05, 0.05)), ThinningConfig(theta_min=0.0),
+            ThinningConfig(voxel_size=(5.0, 0.01, 0.02), voxel_range=(0.0, 0.5, -1.0, 20.0, 3.0, 1.0)),
+            ThinningConfig(voxel_size=(200.0, 0.05, 0.05), max_points_per_voxel=3)]
+    seen_overflow = seen_ok = 0
+    for trial in range(6):
+        n = int(g.integers(1, 6000))
+        xyz = torch.from_numpy(_random_cloud(g, n)) if n > 30 else torch.randn(n, 3)
+        valid = torch.from_numpy(g.random(n) < 0.9)
+        for cfg in cfgs:
+            grid = thinning_grid(cfg)
+            assert grid is not None
+            ro, rn = la_sampling2_order_sorted(xyz, valid, cfg)
+            ref = ro[: int(rn)]
+            order, cnt, overflow = la_sampling2_dense(xyz, valid, cfg, grid)
+            if bool(overflow):
+                seen_overflow += 1
+            else:
+                seen_ok += 1
+                assert torch.equal(order[: int(cnt)], ref), (trial, cfg)
+            o2, n2 = la_sampling2_order(xyz, valid, cfg)  # exact in both cases
+            assert torch.equal(o2[: int(n2)], ref)
+            o3, n3, _ = la_sampling2_dense(xyz[valid], None, cfg, grid)  # valid=None: all valid
+            if not bool(overflow):
+                assert torch.equal(torch.nonzero(valid).squeeze(1)[o3[: int(n3)]], ref)
+    assert seen_overflow and seen_ok
+    # empty input
+    o, c, f = la_sampling2_dense(torch.zeros(0, 3), None, ThinningConfig(), thinning_grid(ThinningConfig()))
+    assert o.shape == (0,) and int(c) == 0 and not bool(f)
+
+
+def test_thinning_grid_is_conservative():
+    """Every point that passes the reference filters (theta > theta_min, 0 <= voxel index < grid) lies inside the
+    restricted dense grid, including the extreme angles theta = float32(pi), phi = +-pi/2, r -> 0 and points just
+    above theta_min; a too-large grid falls back to the sort path."""
+    from cmfiou_core.depth.pseudo import thinning_grid
+
+    g = np.random.default_rng(1)
+    n = 20000
+    d = g.normal(size=(n, 3))
+    d[: n // 4, :2] *= 1e-6  # near the poles
+    d[n // 4: n // 2, 0] = 0.0  # phi = +-pi/2
+    d[n // 2: n // 2 + 100, 0] = -0.0
+    ext = np.array([[0, 0, -1], [0, 1, -1e-3], [0, -1, -1e-3], [1e-30, 0, -1], [1, 0, math.cos(1.5 + 1e-7)]])
+    d = np.r_[d, ext] * g.uniform(1e-3, 99.0, size=(n + len(ext), 1))
+    xyz = torch.from_numpy(d.astype(np.float32))
+    for cfg in (ThinningConfig(), ThinningConfig(theta_min=0.0), ThinningConfig(theta_min=-1.0),
+                ThinningConfig(voxel_size=(200.0, 0.01, 0.01), voxel_range=(-100.0, -3.2, -1.6, 100.0, 3.2, 1.6))):
+        lo, shape = thinning_grid(cfg)
+        r = torch.linalg.vector_norm(xyz, dim=1)
+        comps = (r, torch.arccos(xyz[:, 2] / r), torch.atan(xyz[:, 1] / xyz[:, 0]))
+        grid = [int(round((cfg.voxel_range[i + 3] - cfg.voxel_range[i]) / cfg.voxel_size[i])) for i in range(3)]
+        ok = comps[1] > cfg.theta_min
+        cs = []
+        for i, comp in enumerate(comps):
+            ci = torch.floor((comp - cfg.voxel_range[i]) / cfg.voxel_size[i])
+            ok &= (ci >= 0) & (ci < grid[i])
+            cs.append(ci)
+        assert ok.sum() > 100
+        for i, ci in enumerate(cs):
+            assert (ci[ok] >= lo[i]).all() and (ci[ok] < lo[i] + shape[i]).all(), (cfg, i)
+    assert thinning_grid(ThinningConfig(voxel_size=(200.0, 0.0005, 0.0005))) is None
+
+
+def test_compact_order_without_sort():
+    from cmfiou_core.depth.pseudo import _compact_order
+
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 2, 17, 5000):
+        for p in (0.0, 0.3, 1.0):
+            m = torch.rand(n, generator=g) < p
+            o, c = _compact_order(m)
+            assert o.shape == (n,) and int(c) == int(m.sum())
+            assert torch.equal(o[: int(c)], torch.nonzero(m).squeeze(1))
+
+
+def test_ipbasic_fast_paths_equal_reference_random():
+    """Morphology (single / separable pools, diamond as a union of rectangles), median (median and sort paths) and
+    bilateral (per-tap and vectorised) are bit-identical to the pre-#4 code on random sparse maps of odd sizes,
+    for every kernel and option."""
+    from cmfiou_core.depth import ipbasic, reference
+
+    g = torch.Generator().manual_seed(0)
+    for H, W in ((5, 5), (7, 9), (40, 57), (64, 301)):
+        x = torch.rand(1, 1, H, W, generator=g) * 120 * (torch.rand(1, 1, H, W, generator=g) < 0.15)
+        x[..., 0, 0] = 100.0  # exactly max_depth -> inverted 0
+        for gpu in (False, True):
+            ipbasic.FORCE_GPU_PATHS = gpu
+            try:
+                for k in ("full3", "full5", "full7", "full31", "cross3", "cross5", "cross7", "diamond5", "diamond7"):
+                    assert torch.equal(ipbasic.dilate(x, k), reference.dilate(x, k)), (H, W, k, gpu)
+                assert torch.equal(ipbasic.median5(x), reference.median5(x))
+                assert torch.equal(ipbasic.bilateral5(x), reference.bilateral5(x)), (H, W, gpu)
+                for kernel in ("diamond5", "full3", "cross7", "diamond7"):
+                    for ex in (False, True):
+                        for blur in ("bilateral", "gaussian", "none"):
+                            cfg = IPBasicConfig(dilation_kernel=kernel, extrapolate=ex, blur=blur)
+                            assert torch.equal(ipbasic_complete(x[0, 0], cfg),
+                                               reference.ipbasic_complete(x[0, 0], cfg)), (H, W, cfg, gpu)
+            finally:
+                ipbasic.FORCE_GPU_PATHS = None
+    assert torch.equal(ipbasic.median5(x, sort=True), ipbasic.median5(x, sort=False))
+    assert torch.equal(ipbasic.bilateral5(x, vectorised=True), ipbasic.bilateral5(x, vectorised=False))
+
+
+def test_depth_stage_equals_reference_on_real_frames(frames, gen, gpu_paths):
+    """On every real frame the optimised stage equals the pre-#4 implementation bit for bit: FOV flags, sparse depth,
+    IP-Basic completion, and the generator's raw and pseudo rows (CPU paths on all frames; the CUDA paths -- thinning
+    on the full masked pixel grid, pool / median / bilateral variants -- on three of them)."""
+    from cmfiou_core.depth import reference
+
+    for i, (name, vp, ip, cal) in enumerate(frames):
+        pts, img = _load(vp, ip)
+        H, W = img.shape[:2]
+        V2R, P2 = calib_matrices(cal, "cpu")
+        uv, d = project_points(pts[:, :3], V2R, P2)
+        fov = fov_flag(uv, d, H, W)
+        assert torch.equal(fov, reference.fov_flag(uv, d, H, W)), name
+        sp = sparse_depth_map(uv, d, fov, H, W)
+        assert torch.equal(sp, reference.sparse_depth_map(uv, d, fov, H, W)), name
+        raw_ref, ps_ref = reference.reference_pseudo_points(pts, img, cal)
+        gens = (gen, gpu_paths) if i in (0, 8, 14) else (gen,)
+        for gg in gens:
+            res = gg(pts, img, cal, keep_maps=True)
+            assert torch.equal(res.dense_depth, reference.ipbasic_complete(sp)), name
+            assert torch.equal(res.raw_rows, raw_ref), name
+            assert torch.equal(res.pseudo_rows, ps_ref), (name, res.pseudo_rows.shape, ps_ref.shape)
+    # options: no thinning, all raw rows, official crop
+    name, vp, ip, cal = frames[8]
+    pts, img = _load(vp, ip)
+    for cfg in (DepthConfig(thinning=ThinningConfig(enabled=False), fov_filter_raw=False),
+                DepthConfig(crop_official=True)):
+        raw_ref, ps_ref = reference.reference_pseudo_points(pts, img, cal, cfg)
+        res = PseudoPointGenerator(cfg)(pts, img, cal)
+        assert torch.equal(res.raw_rows, raw_ref) and torch.equal(res.pseudo_rows, ps_ref), cfg

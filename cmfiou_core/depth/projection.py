@@ -25,8 +25,17 @@ def project_points(xyz: torch.Tensor, V2R: torch.Tensor, P2: torch.Tensor):
 
 def fov_flag(uv: torch.Tensor, depth: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Official ``get_fov_flag``: 0 <= u < W, 0 <= v < H and rect depth >= 0 (NaN -> False)."""
-    u, v = uv[:, 0], uv[:, 1]
-    return (u >= 0) & (u < width) & (v >= 0) & (v < height) & (depth >= 0)
+    hi = _WH.get((width, height, uv.dtype, str(uv.device)))
+    if hi is None:  # built on the device with fills: no H2D copy (that would sync the stream)
+        hi = torch.empty(2, dtype=uv.dtype, device=uv.device)
+        hi[0], hi[1] = width, height
+        if len(_WH) > 16:
+            _WH.clear()
+        _WH[(width, height, uv.dtype, str(uv.device))] = hi
+    return ((uv >= 0) & (uv < hi)).all(1) & (depth >= 0)
+
+
+_WH: dict = {}
 
 
 def sparse_depth_map(uv: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor, height: int, width: int
@@ -34,14 +43,14 @@ def sparse_depth_map(uv: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor,
     """(H, W) sparse depth, nearest valid point per pixel (scatter-min), 0 = empty.
 
     Pixel = (floor(v), floor(u)) as in the official ``astype(int32)`` on non-negative coordinates. Invalid points are
-    routed to a dummy slot, so no boolean compaction (host sync) is needed.
+    routed to a dummy slot (whatever depth they carry), so no boolean compaction (host sync) is needed.
     """
     hw = height * width
-    ui = uv[:, 0].clamp(0, width - 1).to(torch.int64)  # floor for the valid (non-negative) ones
-    vi = uv[:, 1].clamp(0, height - 1).to(torch.int64)
-    idx = torch.where(valid, vi * width + ui, torch.full_like(ui, hw))
+    # truncation = floor for the valid (non-negative) ones; the clamp only keeps the others' casts tame
+    uvi = uv.clamp(-1.0, float(max(width, height))).to(torch.int64)
+    idx = torch.where(valid, uvi[:, 1] * width + uvi[:, 0], hw)
     # NB: no torch.tensor(..., device=cuda) here: a blocking H2D copy would synchronise the stream
     buf = torch.full((hw + 1,), float("inf"), dtype=depth.dtype, device=depth.device)
-    buf.scatter_reduce_(0, idx, depth.masked_fill(~valid, float("inf")), reduce="amin", include_self=True)
+    buf.scatter_reduce_(0, idx, depth, reduce="amin", include_self=True)
     buf = buf[:hw]
-    return buf.masked_fill(torch.isinf(buf), 0.0).view(height, width)
+    return buf.masked_fill_(torch.isinf(buf), 0.0).view(height, width)
