@@ -23,7 +23,11 @@ W, H = 60, 20
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_patch():
+def _one_thread_and_patch(request):
+    dev = getattr(request.node, "callspec", None)
+    on_cpu = dev is None or dev.params.get("device", "cpu") == "cpu"
+    if on_cpu and torch.cuda.is_available() and "gpu" not in request.node.name:
+        pytest.skip("CPU sparse convs: a CUDA build of spconv runs them only with ConvAlgo.Native; covered on CPU hosts")
     torch.set_num_threads(1)
     enable_cpu_backward()
     yield
