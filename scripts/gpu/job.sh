@@ -39,6 +39,19 @@ train_full|train_lidar)
      --export-fp16 /tmp/run_$name/export_fp16.pt $extra 2>&1 | grep -v Warning | tail -30
   cp /tmp/run_$name/metrics.jsonl $OUT/metrics_$name.jsonl 2>/dev/null
   cp /tmp/run_$name/nonfinite_steps.jsonl $OUT/nonfinite_$name.jsonl 2>/dev/null; true ;;
+train_long)
+  # one training run of LONG_MIN minutes (time-driven one-cycle) spread over several device calls: the first call
+  # stops it with SIGTERM after STOP_S seconds (the trainer saves latest.pth), later calls resume with what is left.
+  d=/tmp/run_long; L=${LONG_MIN:-12}
+  if [ -f $d/ckpt/latest.pth ]; then
+    used=$(python3 -c "import torch; m=torch.load('$d/ckpt/latest.pth', map_location='cpu', weights_only=True); print(m.get('meta', m).get('time_used_s', 0))" 2>/dev/null || echo 0)
+    left=$(python3 -c "print(round(max($L - $used/60, 0.5), 2))"); log "resume long run: $used s used, $left min left"
+    args="--resume $d/ckpt/latest.pth --max-minutes $left"
+  else log "long run: $L min budget, first ${STOP_S:-420} s now"; args="--max-minutes $L"; fi
+  timeout -s TERM ${STOP_S:-100000} $PY -m cmfiou_core.tools.train --config config/cmfiou_kitti.yaml --data $GEN --device cuda \
+     --batch-size 2 --workers 12 --time-schedule --out $d --no-progress --log-every 50 --export-fp16 $d/export_fp16.pt \
+     $args 2>&1 | grep -v "Warning\|^W11\|ret\[slices" | tail -12
+  cp $d/metrics.jsonl $OUT/metrics_long.jsonl 2>/dev/null; cp $d/nonfinite_steps.jsonl $OUT/nonfinite_long.jsonl 2>/dev/null; true ;;
 eval)
   for name in ${EVAL_RUNS:-full lidar}; do
     ck=/tmp/run_$name/export_fp16.pt; [ -f $ck ] || continue
