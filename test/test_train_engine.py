@@ -303,3 +303,22 @@ def test_cli_prepare_adapter_feeds_prepare_batch():
     lidar_only = _make_prepare_fn(full, no_pseudo=True)(batch, torch.device("cpu"))
     assert lidar_only["voxels_mm"].shape[0] == 0 and lidar_only["points_mm"].shape == (0, 9)
     assert torch.equal(lidar_only["voxels"], out["voxels"])
+
+
+def test_grad_probe_locates_the_exploding_module(tmp_path):
+    """The probe writes a per-module record for a step whose gradient norm explodes; the module whose output
+    gradient is blown up (a hook multiplies it by 1e12) shows the jump relative to the module after it."""
+    import json
+
+    tr = _trainer(tmp_path, epochs=1, max_iters=2, grad_probe=1e6, grad_clip=0)
+    names = [n for n, m in tr.model.named_modules() if n and not any(True for _ in m.children())]
+    target = names[0]
+    mod = dict(tr.model.named_modules())[target]
+    mod.register_forward_hook(lambda m, i, o: o.register_hook(lambda g: g * 1e12) and None)
+    tr.fit()
+    recs = [json.loads(x) for x in (tmp_path / "run" / "grad_probe.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and recs[0]["grad_norm"] > 1e6
+    rows = {r["module"]: r for r in recs[0]["modules"]}
+    assert rows[target]["grad_max"] is not None
+    later = [r["grad_max"] for r in recs[0]["modules"][1:] if r["grad_max"] is not None]
+    assert later and max(later) < 1e6  # downstream of the blown-up output, gradients are ordinary

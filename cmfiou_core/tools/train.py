@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-pseudo", action="store_true", help="LiDAR-only training: the pseudo branch gets no points")
     ap.add_argument("--export-fp16", metavar="PATH", help="after training, write an fp16 weights export (<= 40 MB)")
     ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--grad-probe", type=float, default=0.0, metavar="NORM",
+                    help="debug: for steps whose gradient norm exceeds NORM (or is non-finite) write per-module "
+                         "forward/gradient magnitudes to OUT/grad_probe.jsonl (cmfiou_core/train/grad_probe.py)")
     ap.add_argument("--save-every-minutes", type=float, default=0.0, help="extra mid-epoch saves of latest.pth")
     ap.add_argument("--keep-last", type=int, default=5)
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -108,7 +111,7 @@ def make_train_config(args, opt: Dict[str, Any]):
         time_schedule=args.time_schedule, max_iters=args.max_iters, eval_every=args.eval_every,
         log_every=args.log_every, save_every_minutes=args.save_every_minutes, keep_last=args.keep_last,
         sync_bn=not args.no_sync_bn, progress=not args.no_progress, tensorboard=not args.no_tensorboard,
-        device=args.device)
+        device=args.device, grad_probe=args.grad_probe)
 
 
 # ---------------------------------------------------------------------------------------------------- adapters

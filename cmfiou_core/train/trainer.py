@@ -61,6 +61,7 @@ class TrainConfig:
     pct_start: float = 0.4
     grad_clip: float = 10.0              # <= 0 disables clipping (the norm is still logged)
     nonfinite_reports: int = 20          # skipped (non-finite gradient) steps reported by parameter name
+    grad_probe: float = 0.0              # > 0: per-module forward/grad magnitudes of steps with grad norm above this
     amp: str = "off"                     # off | bf16 | fp16
     workers: int = 4
     seed: int = 0
@@ -206,6 +207,10 @@ class Trainer:
         else:
             self.train_model = model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.grad_probe = None
+        if cfg.grad_probe > 0:
+            from .grad_probe import GradProbe
+            self.grad_probe = GradProbe(self.model, cfg.grad_probe, Path(cfg.out_dir) / "grad_probe.jsonl")
         self.optimizer = build_adam_onecycle(self.params, cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
 
         # ---- data
@@ -376,6 +381,8 @@ class Trainer:
         batch = self.prepare_fn(batch, self.device)
         self.train_model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_probe is not None:
+            self.grad_probe.start_step()
         ctx = torch.autocast(device_type=self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None \
             else contextlib.nullcontext()
         with ctx:
@@ -389,6 +396,10 @@ class Trainer:
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         gnorm_v = float(gnorm)
+        if self.grad_probe is not None and self.grad_probe.check(
+                self.it, gnorm_v, {k: f for k, f in ((k, _to_float(v)) for k, v in tb.items()) if f is not None}):
+            log.warning("iteration %d: gradient norm %.3g above the probe threshold: per-module record written to %s",
+                        self.it, gnorm_v, self.grad_probe.out_file)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step itself on inf/nan gradients
             self.scaler.update()

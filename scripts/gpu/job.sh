@@ -48,7 +48,7 @@ train_long)
     left=$(python3 -c "print(round(max($L - $used/60, 0.5), 2))"); log "resume long run: $used s used, $left min left"
     args="--resume $d/ckpt/latest.pth --max-minutes $left"
   else log "long run: $L min budget, first ${STOP_S:-420} s now"; args="--max-minutes $L"; fi
-  timeout -s TERM ${STOP_S:-100000} $PY -m cmfiou_core.tools.train --config config/cmfiou_kitti.yaml --data $GEN --device cuda \
+  timeout --foreground -s TERM ${STOP_S:-100000} $PY -m cmfiou_core.tools.train --config config/cmfiou_kitti.yaml --data $GEN --device cuda \
      --batch-size 2 --workers 12 --time-schedule --out $d --no-progress --log-every 50 --export-fp16 $d/export_fp16.pt \
      $args 2>&1 | grep -v "Warning\|^W11\|ret\[slices" | tail -12
   cp $d/metrics.jsonl $OUT/metrics_long.jsonl 2>/dev/null; cp $d/nonfinite_steps.jsonl $OUT/nonfinite_long.jsonl 2>/dev/null; true ;;
