@@ -50,7 +50,8 @@ train_long)
   else log "long run: $L min budget, first ${STOP_S:-420} s now"; args="--max-minutes $L"; fi
   timeout --foreground -s TERM ${STOP_S:-100000} $PY -m cmfiou_core.tools.train --config config/cmfiou_kitti.yaml --data $GEN --device cuda \
      --batch-size 2 --workers 12 --time-schedule --out $d --no-progress --log-every 50 --export-fp16 $d/export_fp16.pt \
-     $args 2>&1 | grep -v "Warning\|^W11\|ret\[slices" | tail -12
+     $args ${TRAIN_EXTRA:-} 2>&1 | grep -v "Warning\|^W11\|ret\[slices" | tail -12
+  cp $d/grad_probe.jsonl $OUT/grad_probe.jsonl 2>/dev/null
   cp $d/metrics.jsonl $OUT/metrics_long.jsonl 2>/dev/null; cp $d/nonfinite_steps.jsonl $OUT/nonfinite_long.jsonl 2>/dev/null; true ;;
 eval)
   for name in ${EVAL_RUNS:-full lidar}; do
