@@ -176,7 +176,8 @@ def main(argv=None) -> int:
     if ns.json:
         Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.json).write_text(text)
-    print(json.dumps({k: report[k] for k in ("frames", "minutes", "frame_ms_median", "trim_ms_median", "max", "slope_mb_per_min_after_warmup",
+    print(json.dumps({k: report[k] for k in ("frames", "minutes", "frame_ms_median", "trim_ms_median", "max",
+                                             "slope_mb_per_min_after_warmup",
                                              "slope_mb_per_frame_last_half")}, indent=1))
     return 0 if not state["err"] else 1
 
