@@ -39,6 +39,47 @@ def slope_mb_per_min(t_s, mb) -> float:
     return float(np.polyfit(t[ok] / 60.0, m[ok], 1)[0])
 
 
+def slope_stderr_mb_per_min(t_s, mb) -> float:
+    """Standard error of the least-squares slope (MB/min): the RSS is sampled at random phases of a multi-second
+    CPU frame, so single samples jitter by a few hundred MB and a slope means little without it."""
+    t, m = np.asarray(t_s, float), np.asarray(mb, float)
+    ok = np.isfinite(m)
+    if ok.sum() < 4:
+        return float("nan")
+    _, cov = np.polyfit(t[ok] / 60.0, m[ok], 1, cov=True)
+    return float(np.sqrt(cov[0, 0]))
+
+
+def windows(t_s, mb, window_s: float = 120.0) -> list:
+    """Per window of wall time: median / min / max RSS (the median is robust to the in-frame jitter)."""
+    t, m = np.asarray(t_s, float), np.asarray(mb, float)
+    out = []
+    for a in np.arange(0.0, (t.max() if len(t) else 0.0) + 1e-9, window_s):
+        k = (t >= a) & (t < a + window_s) & np.isfinite(m)
+        if k.any():
+            out.append({"t0_min": round(a / 60.0, 1), "median": _r(np.median(m[k]), 1), "min": _r(m[k].min(), 1),
+                        "max": _r(m[k].max(), 1), "n": int(k.sum())})
+    return out
+
+
+def summarize(t, s, warmup_s: float) -> dict:
+    t, s = np.asarray(t, float), np.asarray(s, float)
+    end = t.max() if len(t) else 0.0
+    keep, half = t >= min(warmup_s, end / 2), t >= end / 2
+    w = windows(t, s)
+    wt = np.array([x["t0_min"] * 60 for x in w])
+    wm = np.array([x["median"] for x in w], float)
+    return {"first": _r(s[0]) if len(s) else None, "last": _r(s[-1]) if len(s) else None,
+            "max": _r(np.nanmax(s)) if len(s) else None,
+            "slope_mb_per_min_all": _r(slope_mb_per_min(t, s)),
+            "slope_mb_per_min_after_warmup": _r(slope_mb_per_min(t[keep], s[keep])),
+            "slope_stderr_after_warmup": _r(slope_stderr_mb_per_min(t[keep], s[keep])),
+            "slope_mb_per_min_last_half": _r(slope_mb_per_min(t[half], s[half])),
+            "slope_stderr_last_half": _r(slope_stderr_mb_per_min(t[half], s[half])),
+            "slope_of_window_medians_after_warmup": _r(slope_mb_per_min(wt[wt >= warmup_s], wm[wt >= warmup_s])),
+            "windows_2min": w}
+
+
 def _r(x, nd=3):
     return None if x is None or not np.isfinite(x) else round(float(x), nd)
 
@@ -137,18 +178,11 @@ def main(argv=None) -> int:
         node.destroy_node()
         rclpy.shutdown(context=ctx)
     t = np.asarray(times)
-    keep = t >= min(ns.warmup, t.max() / 2 if len(t) else 0)
-    half = t >= (t.max() / 2 if len(t) else 0)
     inf = next((v for k, v in state["diag"].items() if k.endswith(": inference")), {})
     queues = [json.loads(q["sync_queue_sizes"]) for q in queue_samples if q.get("sync_queue_sizes")]
 
     def series(s):
-        s = np.asarray(s, float)
-        return {"first": _r(s[0]) if len(s) else None, "last": _r(s[-1]) if len(s) else None,
-                "max": _r(np.nanmax(s)) if len(s) else None,
-                "slope_mb_per_min_all": _r(slope_mb_per_min(t, s)),
-                "slope_mb_per_min_after_warmup": _r(slope_mb_per_min(t[keep], s[keep])),
-                "slope_mb_per_min_last_half": _r(slope_mb_per_min(t[half], s[half]))}
+        return summarize(t, s, ns.warmup)
 
     report = {
         "minutes": ns.minutes, "rate_hz": ns.rate, "data": ns.data, "pipeline_factory": ns.pipeline_factory,
