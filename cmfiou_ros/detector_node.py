@@ -34,6 +34,7 @@ import rclpy.time
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
 
+from cmfiou_core import memory
 from cmfiou_core.calib import CalibrationError
 from cmfiou_core.types import Detections, Frame
 from cmfiou_ros import convert as C
@@ -174,6 +175,9 @@ class DetectorNode(LifecycleNode):
         self.points_dropped_nonfinite = 0
         self.empty_clouds = 0
         self.unmatched_clouds = 0  # approx policy: clouds the synchroniser never paired
+        self._processed = 0  # frames the worker has run (published or failed)
+        self.malloc_trims = 0
+        self.trim_ms = D.Stats()
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def on_configure(self, state: State) -> TransitionCallbackReturn:
@@ -517,6 +521,18 @@ class DetectorNode(LifecycleNode):
                     return
                 job, self._slot = self._slot, None
             self.process(*job)
+            self._processed += 1
+            self._maybe_trim()
+
+    def _maybe_trim(self) -> None:
+        """Return the C heap's free pages to the OS every ``malloc_trim_period`` processed frames (worker thread)."""
+        n = self.params.get("malloc_trim_period", 0)
+        if n <= 0 or self._processed % n:
+            return
+        t0 = time.perf_counter()
+        memory.malloc_trim()
+        self.trim_ms.add((time.perf_counter() - t0) * 1e3)
+        self.malloc_trims += 1
 
     def process(self, frame: Frame, header, t_arrival: float) -> Optional[Detections]:
         """Run the pipeline on one frame and publish everything (called by the worker; callable in tests)."""
@@ -620,6 +636,9 @@ class DetectorNode(LifecycleNode):
         inf.add("latency_ms_p95", self.latency_ms.pct(95))
         inf.add("pipeline_errors", self.pipeline_errors)
         inf.add("last_pipeline_error", self.last_pipeline_error)
+        inf.add("rss_mb", memory.rss_mb())
+        inf.add("malloc_trims", self.malloc_trims)
+        inf.add("malloc_trim_ms_p50", self.trim_ms.pct(50))
         if self.pipeline is None:
             inf.raise_level(D.ERROR, "pipeline not loaded")
         if self._pipeline_errors_window:
