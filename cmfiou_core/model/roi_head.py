@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, Section
 from ..geometry.boxes import rotate_points_along_z
 from ..geometry.coders import ResidualCoder
+from ..opcount import mark
 from .grid_pool import build_pool_layers, roi_grid_pool
 from .iou_joint import decode_iou_pred, encode_iou_target
 from .proposal import TEST_DEFAULT, TRAIN_DEFAULT, ProposalConfig, proposal_layer
@@ -343,6 +344,7 @@ class RoIHead(nn.Module):
         ``stage_rois`` (eval, tests): per-stage input RoIs (B, N, 7) in the stage's view frame, replacing the chained
         previous-stage boxes (isolates stages when comparing against a reference)."""
         c = self.cfg
+        mark("proposal")
         if not (use_given_rois and "rois" in batch_dict):
             proposal_layer(batch_dict, c.nms_train if self.training else c.nms_test)
         B = int(batch_dict["batch_size"])
@@ -378,8 +380,11 @@ class RoIHead(nn.Module):
             rois0 = rois if (V == 1 or view == 0) else x_trans_forward(x_trans_backward(rois, tp[:, view]), tp[:, 0])
             self._rec(f"s{t}_rois_in", rois)
             R = rois.shape[0] * rois.shape[1]
+            mark(f"s{t}.pool_raw")
             pooled = self._pool(batch_dict, rois, view, mm=False, cache=pool_cache)
+            mark(f"s{t}.pool_mm")
             pooled_mm = self._pool(batch_dict, rois, view, mm=True, cache=pool_cache)
+            mark(f"s{t}.head")
             self._rec(f"s{t}_pooled_raw", pooled)
             self._rec(f"s{t}_pooled_mm", pooled_mm)
             sh = self.shared_fc_layers[0](pooled.reshape(R, -1)).unsqueeze(0)
@@ -435,6 +440,7 @@ class RoIHead(nn.Module):
             scores.append(cls_b)
             if iou_raw is not None:
                 ious.append(iou_raw.view(B, -1, 1))
+        mark("final")
         batch_dict["batch_box_preds"] = torch.stack(preds).mean(0)
         batch_dict["batch_cls_preds"] = torch.stack(scores).mean(0)
         batch_dict["cls_preds_normalized"] = False
