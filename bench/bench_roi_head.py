@@ -105,16 +105,10 @@ def fresh(batch):
 
 
 def count(head, batch, pp_cfg):
-    import cmfiou_core.geometry.nms as nms
-
-    prev, nms.AUTO_MODE = nms.AUTO_MODE, "matrix"  # the CUDA NMS path, on any device
-    try:
-        with torch.no_grad(), OpCounter("proposal") as oc:
-            bd = head(fresh(batch))
-            mark("postprocess")
-            post_process(bd, pp_cfg)
-    finally:
-        nms.AUTO_MODE = prev
+    with torch.no_grad(), OpCounter("proposal", cuda_paths=True) as oc:  # CUDA branches (NMS) on any device
+        bd = head(fresh(batch))
+        mark("postprocess")
+        post_process(bd, pp_cfg)
     return oc
 
 

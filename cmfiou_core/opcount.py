@@ -14,7 +14,9 @@ device value on the host are recognisable by name:
 - ``h2d``: ``torch.tensor(data)`` / ``new_tensor`` (``aten.lift_fresh``): a pageable host->device copy, which
   PyTorch completes with a stream synchronisation when the target is CUDA.
 
-Code marks sections with :func:`mark` (a no-op unless a counter is active). Usage::
+Code marks sections with :func:`mark` (a no-op unless a counter is active). Device-specific branches ask
+:func:`cuda_path` (true inside a counter with ``cuda_paths``, the default), so a CPU count follows the CUDA code
+(matrix NMS, CUDA chunk sizes). Usage::
 
     with OpCounter() as oc:
         model(batch)
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import weakref
 from collections import Counter
 from typing import Dict, List, Optional, Tuple
 
@@ -44,6 +47,12 @@ _SYNC_OPS = {
 }
 _INDEX_OPS = ("aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cuda_path(t: torch.Tensor) -> bool:
+    """Whether code with a device-specific branch should take its CUDA branch for ``t``: ``t.is_cuda``, or a
+    counter with ``cuda_paths`` is active (counting on the CPU what the GPU would run)."""
+    return t.is_cuda or (_ACTIVE is not None and _ACTIVE.cuda_paths)
 
 
 def mark(name: str) -> None:
@@ -106,19 +115,27 @@ class _Function(TorchFunctionMode):
         if kind is None:
             return func(*args, **kwargs)
         o = self.o
-        o.syncs.append((o.section, kind, "Tensor." + func.__name__, _where() if o.where else ""))
+        src = args[0] if args else None
+        # .numpy()/.tolist() of a tensor that .cpu() just returned copy nothing more
+        if not (func.__name__ != "cpu" and src is not None and any(r() is src for r in o._host_copies)):
+            o.syncs.append((o.section, kind, "Tensor." + func.__name__, _where() if o.where else ""))
         o._host_depth += 1
         try:
-            return func(*args, **kwargs)
+            res = func(*args, **kwargs)
         finally:
             o._host_depth -= 1
+        if func.__name__ == "cpu" and isinstance(res, torch.Tensor):
+            o._host_copies = [r for r in o._host_copies if r() is not None][-15:] + [weakref.ref(res)]
+        return res
 
 
 class OpCounter:
     """Context manager: per-section aten op counts (``ops``, ``op_names``) and host syncs (``syncs``)."""
 
-    def __init__(self, section: str = "main", where: bool = True):
+    def __init__(self, section: str = "main", where: bool = True, cuda_paths: bool = True):
         self.section = section
+        self.cuda_paths = cuda_paths
+        self._host_copies: list = []
         self.where = where
         self.ops: Dict[str, int] = {}
         self.op_names: Dict[str, Counter] = _DefaultCounters()

@@ -208,7 +208,7 @@ def bb_loss(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 def decode_rcnn_boxes(rcnn_reg: torch.Tensor, rois: torch.Tensor, coder: ResidualCoder) -> torch.Tensor:
     """(R, 7) residuals against (R, 7) RoIs -> (R, 7) global boxes (``generate_predicted_boxes`` semantics)."""
     local = rois.clone().detach()
-    local[:, 0:3] = 0
+    local[:, 0:3].zero_()
     boxes = coder.decode_torch(rcnn_reg, local)
     boxes = rotate_points_along_z(boxes.unsqueeze(1), rois[:, 6]).squeeze(1)
     return torch.cat([boxes[:, 0:3] + rois[:, 0:3], boxes[:, 3:]], dim=1)
