@@ -8,7 +8,8 @@ voxels at x_conv3/x_conv4, BEV map 200x176) and the RPN outputs of ``../shared/o
 initialisation (seed 0): the refinements stay small, so every stage pools around real voxels like a trained model.
 
 Timing: CUDA events around each call (one sync after it) on the GPU, perf_counter on the CPU; warm-up excluded.
-Counts (device independent, one call, ``cmfiou_core.opcount``): aten ops dispatched per section (``proposal``,
+Counts (device independent, one call, ``cmfiou_core.opcount``): aten ops dispatched (all, and non-view ones ~
+kernel launches) per section (``proposal``,
 ``s<t>.pool_raw``/``pool_mm``/``head``, ``final``, ``postprocess``) and host syncs with their source lines; NMS is
 counted on its CUDA path (matrix mode) on any device. On CUDA the syncs are also counted with
 ``torch.cuda.set_sync_debug_mode``.
@@ -188,7 +189,8 @@ def main(argv=None):
     ops = dict(oc.ops)
     syncs = oc.sync_counts()
     stages = sorted({k.split(".")[0] for k in ops if k.startswith("s") and "." in k})
-    per_stage = {s: {"ops": oc.n_ops(s + "."), "syncs": oc.n_syncs(s + ".")} for s in stages}
+    per_stage = {s: {"ops": oc.n_ops(s + "."), "kernels": oc.n_kernels(s + "."), "syncs": oc.n_syncs(s + ".")}
+                 for s in stages}
     head_sections = [k for k in ops if k != "postprocess"]
     out = {
         "source": inp["source"], "device": str(dev),
@@ -199,10 +201,12 @@ def main(argv=None):
                    for k in ("multi_scale_3d_features", "multi_scale_3d_features_mm")},
         "ms": {"roi_head": {"p50": pct(t_head, 50), "p95": pct(t_head, 95), "mean": float(np.mean(t_head))},
                "postprocess": {"p50": pct(t_pp, 50), "p95": pct(t_pp, 95), "mean": float(np.mean(t_pp))}},
-        "aten_ops": ops, "host_syncs": syncs, "per_stage": per_stage,
+        "aten_ops": ops, "kernel_ops": dict(oc.kernels), "host_syncs": syncs, "per_stage": per_stage,
         "roi_head_totals": {"ops": sum(ops[k] for k in head_sections),
+                            "kernels": sum(oc.kernels.get(k, 0) for k in head_sections),
                             "syncs": sum(v for k, v in syncs.items() if k != "postprocess")},
-        "postprocess_totals": {"ops": ops.get("postprocess", 0), "syncs": syncs.get("postprocess", 0)},
+        "postprocess_totals": {"ops": ops.get("postprocess", 0), "kernels": oc.kernels.get("postprocess", 0),
+                               "syncs": syncs.get("postprocess", 0)},
         "sync_sites": oc.sync_sites(), "cuda_syncs_per_call": None if cuda_syncs is None else len(cuda_syncs),
         "cuda_sync_messages": cuda_syncs,
     }
@@ -210,11 +214,12 @@ def main(argv=None):
           f"{a.iters} iters after {a.warmup} warm-up")
     for k, v in out["ms"].items():
         print(f"{k:12s} p50 {v['p50']:9.2f} ms  p95 {v['p95']:9.2f} ms")
-    print(f"{'section':16s} {'aten ops':>9s} {'syncs':>6s}")
+    print(f"{'section':16s} {'aten ops':>9s} {'non-view':>9s} {'syncs':>6s}")
     for k in ops:
-        print(f"{k:16s} {ops[k]:9d} {syncs.get(k, 0):6d}")
-    print(f"roi_head total: {out['roi_head_totals']['ops']} ops, {out['roi_head_totals']['syncs']} syncs; "
-          f"postprocess: {out['postprocess_totals']['ops']} ops, {out['postprocess_totals']['syncs']} syncs")
+        print(f"{k:16s} {ops[k]:9d} {oc.kernels.get(k, 0):9d} {syncs.get(k, 0):6d}")
+    rt, pt = out["roi_head_totals"], out["postprocess_totals"]
+    print(f"roi_head total: {rt['ops']} ops ({rt['kernels']} non-view), {rt['syncs']} syncs; "
+          f"postprocess: {pt['ops']} ops ({pt['kernels']} non-view), {pt['syncs']} syncs")
     for s, n in out["sync_sites"].items():
         print(f"  {n:4d} x {s}")
     if cuda_syncs is not None:

@@ -70,6 +70,20 @@ def _where() -> str:
     return "?"
 
 
+_NO_KERNEL = {"aten.empty", "aten.empty_strided", "aten.scalar_tensor", "aten.lift_fresh"}
+
+
+def _is_view(func) -> bool:
+    """Views / metadata-only ops (no kernel launch on a GPU): outputs aliasing an input without writing it."""
+    if str(getattr(func, "overloadpacket", "")) in _NO_KERNEL:
+        return True
+    try:
+        rets = func._schema.returns
+    except AttributeError:
+        return False
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in rets)
+
+
 def _is_bool_tensor(x) -> bool:
     return isinstance(x, torch.Tensor) and x.dtype in (torch.bool, torch.uint8)
 
@@ -85,6 +99,8 @@ class _Dispatch(TorchDispatchMode):
         name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
         o.ops[o.section] = o.ops.get(o.section, 0) + 1
         o.op_names[o.section][name] += 1
+        if not _is_view(func):
+            o.kernels[o.section] = o.kernels.get(o.section, 0) + 1
         if o._host_depth == 0:
             kind = _SYNC_OPS.get(name)
             if kind is None:
@@ -138,6 +154,7 @@ class OpCounter:
         self._host_copies: list = []
         self.where = where
         self.ops: Dict[str, int] = {}
+        self.kernels: Dict[str, int] = {}  # ops that are not views/metadata/empty (~ kernel launches on a GPU)
         self.op_names: Dict[str, Counter] = _DefaultCounters()
         self.syncs: List[Tuple[str, str, str, str]] = []
         self._host_depth = 0
@@ -173,13 +190,16 @@ class OpCounter:
     def n_ops(self, prefix: str = "") -> int:
         return sum(v for k, v in self.ops.items() if k.startswith(prefix))
 
+    def n_kernels(self, prefix: str = "") -> int:
+        return sum(v for k, v in self.kernels.items() if k.startswith(prefix))
+
     def sync_sites(self, prefix: str = "") -> Dict[str, int]:
         """{'section kind op @ site': count} (the inventory)."""
         c = Counter(f"{s}: {k} {n} @ {w}" for s, k, n, w in self.syncs if s.startswith(prefix))
         return dict(sorted(c.items()))
 
     def report(self) -> dict:
-        return {"ops": dict(self.ops), "syncs": self.sync_counts(), "sync_sites": self.sync_sites(),
+        return {"ops": dict(self.ops), "kernels": dict(self.kernels), "syncs": self.sync_counts(), "sync_sites": self.sync_sites(),
                 "ops_total": self.n_ops(), "syncs_total": self.n_syncs()}
 
 

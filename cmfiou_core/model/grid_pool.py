@@ -16,8 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..geometry.boxes import rotate_points_along_z
+from ..opcount import cuda_path
 
 _QUERY_CHUNK_ELEMS = 1 << 22
+# CUDA: one chunk for a 1-frame raw grid (50 RoIs x 6^3 queries x 9^3 neighbours = 7.9M; ~50 B per entry)
+_QUERY_CHUNK_ELEMS_CUDA = 1 << 23
 
 
 def _offsets(query_range: Sequence[int], device) -> torch.Tensor:
@@ -98,7 +101,7 @@ def voxel_query(new_coords: torch.Tensor, new_xyz: torch.Tensor, voxel_xyz: torc
     oy = torch.arange(-ry, ry + 1, device=dev)
     ox = torch.arange(-rx, rx + 1, device=dev)
     slot = torch.arange(nsample, device=dev)
-    rows = max(1, _QUERY_CHUNK_ELEMS // K)
+    rows = max(1, (_QUERY_CHUNK_ELEMS_CUDA if cuda_path(new_xyz) else _QUERY_CHUNK_ELEMS) // K)
     vxyz = voxel_xyz.float()
     idx_parts, empty_parts = [], []
     for s in range(0, M, rows):
@@ -205,9 +208,12 @@ class NeighborVoxelSAModuleMSG(nn.Module):
 
     def forward(self, voxel_xyz: torch.Tensor, new_xyz: torch.Tensor, new_coords_bxyz: Optional[torch.Tensor],
                 features: torch.Tensor, v2p: torch.Tensor, v2p_ext: Optional[torch.Tensor] = None,
-                grid: Optional[tuple] = None, new_coords_bzyx: Optional[torch.Tensor] = None) -> torch.Tensor:
+                grid: Optional[tuple] = None, new_coords_bzyx: Optional[torch.Tensor] = None,
+                cache: Optional[dict] = None) -> torch.Tensor:
         """voxel_xyz (Nv, 3), new_xyz (M, 3), new_coords_bxyz (M, 4) [b, x, y, z], features (Nv, C) -> (M, sum Cout).
-        ``grid``: see :func:`voxel_query`; ``new_coords_bzyx`` (optional): the coordinates already in [b, z, y, x]."""
+        ``grid``: see :func:`voxel_query`; ``new_coords_bzyx`` (optional): the coordinates already in [b, z, y, x].
+        ``cache`` (eval only, one dict per (module, features)): keeps the per-voxel input MLP outputs, which do not
+        depend on the queries, for the next RoI stage."""
         c = new_coords_bxyz
         new_coords = new_coords_bzyx if new_coords_bzyx is not None else \
             torch.stack([c[:, 0], c[:, 3], c[:, 2], c[:, 1]], dim=1)
@@ -225,8 +231,12 @@ class NeighborVoxelSAModuleMSG(nn.Module):
                 # module turns into zero features/offsets; one zero row keeps the index-0 gathers valid
                 f_in = features.new_zeros((1, self.mlps_in[k][0].out_channels))
                 voxel_xyz = voxel_xyz.new_zeros((1, 3))
+            elif cache is not None and k in cache:
+                f_in = cache[k]
             else:
                 f_in = rows(self.mlps_in[k], features)                # (Nv, C')
+                if cache is not None:
+                    cache[k] = f_in
             idx, empty = voxel_query(new_coords, new_xyz, voxel_xyz, v2p, self.query_ranges[k], self.radii[k],
                                      self.nsamples[k], v2p_ext, grid if features.shape[0] else None)
             M, ns = idx.shape
@@ -311,7 +321,10 @@ def roi_grid_pool(layers: nn.ModuleList, sources: Sequence[str], strides: Dict[s
             if cache is not None:
                 cache[key] = (sp, vxyz, v2p, v2p_ext)
         cur = torch.cat([bidx, (coords // stride).flip(-1)], dim=-1).int().view(-1, 4)   # [b, z, y, x]
+        fcache = None
+        if cache is not None and not layers[i].training:  # training BN uses (and updates) batch statistics
+            fcache = cache.setdefault(("f_in", id(sp), id(layers[i])), {})
         f = layers[i](vxyz, new_xyz, None, sp.features, v2p, v2p_ext,
-                      grid=voxel_grid_params(stride, voxel_size, pc_range), new_coords_bzyx=cur)
+                      grid=voxel_grid_params(stride, voxel_size, pc_range), new_coords_bzyx=cur, cache=fcache)
         pooled.append(f.view(B * N, G3, -1))
     return torch.cat(pooled, dim=-1)
