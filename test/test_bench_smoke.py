@@ -37,3 +37,15 @@ def test_bench_depth_cpu_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
     assert d  # per-stage figures present
+
+
+def test_bench_roi_head_cpu_smoke(tmp_path):
+    import bench_roi_head
+
+    out = tmp_path / "r.json"
+    res = bench_roi_head.main(["--smoke", "--json", str(out)])
+    d = json.loads(out.read_text())
+    assert d["ms"]["roi_head"]["p50"] > 0 and d["ms"]["postprocess"]["p50"] >= 0
+    for t in range(3):
+        assert d["per_stage"][f"s{t}"]["ops"] > 0 and d["per_stage"][f"s{t}"]["syncs"] == 0
+    assert d["aten_ops"]["proposal"] > 0 and d["roi_head_totals"]["syncs"] == res["roi_head_totals"]["syncs"]

@@ -17,7 +17,7 @@ from cmfiou_core.geometry.iou import (boxes3d_nearest_bev_iou, boxes_iou3d, boxe
                                       boxes_iou_bev_aligned)
 from cmfiou_core.geometry.nms import class_agnostic_nms, multi_class_nms, nms_gpu
 from cmfiou_core.geometry.points_in_boxes import points_in_boxes_first, points_in_boxes_mask
-from cmfiou_core.model.grid_pool import voxel2pinds, voxel_query
+from cmfiou_core.model.grid_pool import get_voxel_centers, voxel2pinds, voxel_grid_params, voxel_query
 
 
 def rand_boxes(n, gen, spread=6.0, dtype=torch.float64):
@@ -316,12 +316,20 @@ def test_voxel_query_vs_loop(seed):
     coords = np.stack([rs.randint(0, B, M), rs.randint(-2, Z + 2, M), rs.randint(-2, Y + 2, M),
                        rs.randint(-2, X + 2, M)], 1)
     new_xyz = ((coords[:, [3, 2, 1]] + rs.rand(M, 3)) * vs).astype(np.float32)
+    stride, gvs, gpc = 2, [0.1, 0.1, 0.1], [0.03, -0.07, 0.011]
+    grid = voxel_grid_params(stride, gvs, gpc)
+    vxyz_g = get_voxel_centers(torch.from_numpy(ind[:, 1:4]), stride, gvs, gpc)
     for rng in ([0, 0, 0], [1, 1, 1], [2, 1, 2]):
         for radius in (0.15, 0.3, 0.45):
             for ns in (1, 3, 8):
                 idx, empty = voxel_query(torch.from_numpy(coords).int(), torch.from_numpy(new_xyz),
                                          torch.from_numpy(vxyz), v2p, rng, radius, ns)
                 ri, re = voxel_query_loop(coords, new_xyz, vxyz, v2p.numpy(), rng, radius, ns)
+                assert np.array_equal(idx.numpy(), ri) and np.array_equal(empty.numpy(), re)
+                # separable distances from the grid parameters (roi_grid_pool's path) == distances to the centres
+                idx, empty = voxel_query(torch.from_numpy(coords).int(), torch.from_numpy(new_xyz), vxyz_g, v2p,
+                                         rng, radius, ns, grid=grid)
+                ri, re = voxel_query_loop(coords, new_xyz, vxyz_g.numpy(), v2p.numpy(), rng, radius, ns)
                 assert np.array_equal(idx.numpy(), ri) and np.array_equal(empty.numpy(), re)
 
 

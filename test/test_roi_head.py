@@ -381,3 +381,54 @@ def test_reg_loss_gradient_is_bounded_for_wild_size_residuals():
         assert torch.isfinite(total) and torch.isfinite(reg.grad).all()
         assert reg.grad.abs().max() < 1e4, (wild, reg.grad)
         assert reg.grad[0, 3] > 0 and reg.grad[0, 4] < 0  # still pulled back towards the target
+
+# ------------------------------------------------------------------------------------------------ host syncs
+# The eval RoI head must not read device values on the host inside its refinement stages (each read drains the CUDA
+# stream; issue #8). Counted on the CPU with the aten dispatch mode, following the CUDA branches (matrix NMS):
+# per frame, the proposal NMS needs 3 (candidate-pair nonzero, suppression matrix to the host, kept indices back)
+# and post-processing 4 (score/degenerate compaction + the same 3).
+SYNC_BOUND_PROPOSAL_PER_FRAME = 3
+SYNC_BOUND_POSTPROCESS_PER_FRAME = 4
+OPS_BOUND_PER_STAGE = 2200  # aten ops (pool raw + pool pseudo + head) per stage, B=2; measured 1916 (stage 0), 1744
+
+
+@pytest.mark.parametrize("iou_branch", [False, True])
+def test_eval_forward_host_sync_bound(iou_branch):
+    from cmfiou_core.model.postprocess import post_process
+    from cmfiou_core.opcount import OpCounter, mark
+
+    torch.manual_seed(0)
+    head = RoIHead({"iou_branch": {"enabled": iou_branch}, "part": {"featmap_stride": 1.6}}).eval()
+    batch = _synthetic_batch(B=2)
+    B = 2
+    pp = {"score_mode": "rectified" if iou_branch else "cls", "score_thresh": 0.0}
+    with torch.no_grad():  # steady state: per-device constants are built on the first call only
+        post_process(head(_synthetic_batch(B=2)), pp)
+    with torch.no_grad(), OpCounter("proposal") as oc:
+        bd = head(batch)
+        mark("postprocess")
+        dets = post_process(bd, pp)
+    assert len(dets) == B and all(len(d.boxes) > 0 for d in dets)
+    sites = oc.sync_sites()
+    for t in range(3):
+        for part in ("pool_raw", "pool_mm", "head"):
+            assert oc.ops.get(f"s{t}.{part}", 0) > 0, (t, part)
+        assert oc.n_syncs(f"s{t}.") == 0, {k: v for k, v in sites.items() if k.startswith(f"s{t}.")}
+        assert oc.n_ops(f"s{t}.") <= OPS_BOUND_PER_STAGE, (t, oc.n_ops(f"s{t}."))
+    assert oc.n_syncs("final") == 0
+    assert oc.n_syncs("proposal") <= SYNC_BOUND_PROPOSAL_PER_FRAME * B, sites
+    assert oc.n_syncs("postprocess") <= SYNC_BOUND_POSTPROCESS_PER_FRAME * B, sites
+
+
+def test_op_counter_sees_syncs():
+    """The counter itself: item/bool/nonzero/mask indexing/tolist/cpu/torch.tensor are found, plain ops are not."""
+    from cmfiou_core.opcount import OpCounter, mark
+
+    x = torch.arange(6.0)
+    with OpCounter("a") as oc:
+        y = (x * 2 + 1).sum(0)
+        mark("b")
+        float(y), bool(y > 0), x[x > 2], x.nonzero(), x.tolist(), x.cpu().numpy(), torch.tensor([1.0])
+    assert oc.n_syncs("a") == 0 and oc.ops["a"] >= 3
+    kinds = sorted(k for _, k, _, _ in oc.syncs)
+    assert kinds == sorted(["scalar", "scalar", "bool-index", "nonzero", "d2h", "d2h", "h2d"]), kinds

@@ -18,17 +18,34 @@ from typing import Optional
 
 import torch
 
+from ..opcount import cuda_path
 from .boxes import limit_period
 
 _CHUNK = 32768
+# on CUDA a chunk's ~140 kernels are launch-bound at 32k pairs (the 2000-box proposal NMS evaluates ~1.4M pairs:
+# 11.7k launches); 128k pairs per chunk peaks at ~0.7 GB. Every pair is computed independently of the chunking
+# (elementwise ops and per-row reductions of fixed length), so results do not depend on it.
+_CHUNK_CUDA = 1 << 17
+
+
+_SIGNS: dict = {}
+
+
+def _corner_signs(dtype, device):
+    """(4,) x and y corner signs (CCW from (+, +)), built once per dtype/device (no host->device copy per call)."""
+    key = (dtype, str(device))
+    t = _SIGNS.get(key)
+    if t is None:
+        t = _SIGNS[key] = (torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dtype, device=device),
+                           torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=dtype, device=device))
+    return t
 
 
 def _rect_corners_rel(boxes: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
     """(P, 7) boxes -> (P, 4, 2) CCW corners relative to ``origin`` (P, 2)."""
     cosa, sina = torch.cos(boxes[:, 6]), torch.sin(boxes[:, 6])
     hx, hy = boxes[:, 3] / 2, boxes[:, 4] / 2
-    sx = boxes.new_tensor([1.0, -1.0, -1.0, 1.0])
-    sy = boxes.new_tensor([1.0, 1.0, -1.0, -1.0])
+    sx, sy = _corner_signs(boxes.dtype, boxes.device)
     lx, ly = hx[:, None] * sx, hy[:, None] * sy
     cx = boxes[:, 0] - origin[:, 0]
     cy = boxes[:, 1] - origin[:, 1]
@@ -113,7 +130,10 @@ def bev_intersection_aligned(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(P, 7+) x (P, 7+) -> (P,) rotated BEV intersection area of a[i] and b[i] (chunked)."""
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"aligned IoU needs equal box counts, got {tuple(a.shape)} and {tuple(b.shape)}")
-    out = [_intersection_area_aligned(a[i:i + _CHUNK, :7], b[i:i + _CHUNK, :7]) for i in range(0, a.shape[0], _CHUNK)]
+    ch = _CHUNK_CUDA if cuda_path(a) else _CHUNK
+    if a.shape[0] <= ch:
+        return _intersection_area_aligned(a[:, :7], b[:, :7])
+    out = [_intersection_area_aligned(a[i:i + ch, :7], b[i:i + ch, :7]) for i in range(0, a.shape[0], ch)]
     return torch.cat(out) if out else a.new_zeros(0)
 
 

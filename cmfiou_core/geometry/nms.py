@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..opcount import cuda_path
 from .iou import bev_intersection_aligned, bev_intersection_pairwise
 
 
@@ -51,7 +52,7 @@ def nms_sorted(boxes: torch.Tensor, thresh: float, max_keep: Optional[int] = Non
     if mode not in ("auto", "lazy", "matrix"):
         raise ValueError(f"nms_sorted: mode must be auto, lazy or matrix, got {mode!r}")
     lim = n if max_keep is None else int(max_keep)
-    if mode == "matrix" or (mode == "auto" and boxes.is_cuda and n > 1):
+    if mode == "matrix" or (mode == "auto" and cuda_path(boxes) and n > 1):
         return _nms_matrix(boxes, thresh, lim, iou_dtype)
     b = boxes[:, :7].to(iou_dtype) if iou_dtype is not None else boxes[:, :7]
     area = b[:, 3] * b[:, 4]

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..geometry.boxes import rotate_points_along_z
+from ..opcount import cuda_path
 
 _QUERY_CHUNK_ELEMS = 1 << 22
+# CUDA: one chunk for a 1-frame raw grid (50 RoIs x 6^3 queries x 9^3 neighbours = 7.9M; ~50 B per entry)
+_QUERY_CHUNK_ELEMS_CUDA = 1 << 23
 
 
 def _offsets(query_range: Sequence[int], device) -> torch.Tensor:
@@ -38,29 +42,52 @@ def voxel2pinds(indices: torch.Tensor, spatial_shape: Sequence[int], batch_size:
     return m.view(batch_size, Z, Y, X)
 
 
+def _device_const(values: Sequence[float], device, dtype=torch.float32) -> torch.Tensor:
+    """Small constant tensor, built once per (values, device, dtype): a pageable host->device copy is a stream
+    synchronisation on CUDA, so per-frame constants must not be re-uploaded."""
+    key = (tuple(float(v) for v in values), str(torch.device(device)), dtype)
+    t = _CONSTS.get(key)
+    if t is None:
+        t = _CONSTS[key] = torch.tensor(key[0], dtype=dtype, device=device)
+    return t
+
+
+_CONSTS: Dict[tuple, torch.Tensor] = {}
+
+
+def voxel_grid_params(stride: int, voxel_size: Sequence[float], pc_range: Sequence[float]):
+    """((vx, vy, vz), (px, py, pz)) float32 values (as Python floats) of :func:`get_voxel_centers` at ``stride``:
+    centre = (index + 0.5) * v + p, every operation in float32."""
+    vs = np.asarray(voxel_size, dtype=np.float32) * np.float32(stride)
+    pc = np.asarray(pc_range[0:3], dtype=np.float32)
+    return tuple(float(v) for v in vs), tuple(float(v) for v in pc)
+
+
 def voxel_query(new_coords: torch.Tensor, new_xyz: torch.Tensor, voxel_xyz: torch.Tensor, v2p: torch.Tensor,
                 query_range: Sequence[int], radius: float, nsample: int,
-                v2p_ext: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                v2p_ext: Optional[torch.Tensor] = None, grid: Optional[tuple] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """new_coords (M, 4) int [b, z, y, x]; new_xyz (M, 3); voxel_xyz (Nv, 3) voxel centres; v2p (B, Z, Y, X).
-    ``v2p_ext`` (optional cache): ``v2p`` flattened with one trailing -1.
+    ``v2p_ext`` (optional cache): ``v2p`` flattened with one trailing -1. ``grid`` (optional): the
+    :func:`voxel_grid_params` ``voxel_xyz`` was built with; the neighbour distances are then computed separably
+    from the neighbour's grid index (bit-identical to reading ``voxel_xyz``: same float32 operations) instead of
+    gathered.
 
     Returns idx (M, nsample) long rows into ``voxel_xyz`` (0 for empty queries) and empty (M,) bool.
-    The (M, K) neighbour table is built separably (per-axis bounds and flat offsets broadcast over the
-    (2rz+1, 2ry+1, 2rx+1) scan cube); distances are only computed for non-empty neighbours, whose order from
-    ``nonzero`` (row-major) is the kernel's scan order.
+    Fixed-size and free of host synchronisations: the (M, K) neighbour table is built separably (per-axis bounds
+    and flat offsets broadcast over the (2rz+1, 2ry+1, 2rx+1) scan cube, K entries per query in scan order), every
+    entry gets its distance, and the first ``nsample`` hits are placed by a running count along the scan order.
     """
     M = new_coords.shape[0]
     dev = new_xyz.device
     B, Z, Y, X = v2p.shape
     rz, ry, rx = (int(v) for v in query_range)
     K = (2 * rz + 1) * (2 * ry + 1) * (2 * rx + 1)
-    r2 = torch.tensor(radius, dtype=torch.float32, device=dev)
-    r2 = r2 * r2
+    r32 = np.float32(radius)
+    r2 = float(r32 * r32)  # float32 radius^2 (the kernel's), exact as a Python float
     v2p_flat = v2p.reshape(-1)
-    idx_out = torch.zeros((M, nsample), dtype=torch.long, device=dev)
-    empty_out = torch.ones((M,), dtype=torch.bool, device=dev)
     if M == 0 or v2p_flat.numel() == 0:
-        return idx_out, empty_out
+        return (torch.zeros((M, nsample), dtype=torch.long, device=dev),
+                torch.ones((M,), dtype=torch.bool, device=dev))
     size = v2p_flat.numel()
     # flat neighbour index built separably; an out-of-range coordinate adds a negative sentinel larger than any
     # valid index, so "flat < 0" <=> out of bounds; index -1 of the extended map reads the appended -1 (empty)
@@ -73,8 +100,10 @@ def voxel_query(new_coords: torch.Tensor, new_xyz: torch.Tensor, voxel_xyz: torc
     oz = torch.arange(-rz, rz + 1, device=dev)
     oy = torch.arange(-ry, ry + 1, device=dev)
     ox = torch.arange(-rx, rx + 1, device=dev)
-    rows = max(1, _QUERY_CHUNK_ELEMS // K)
+    slot = torch.arange(nsample, device=dev)
+    rows = max(1, (_QUERY_CHUNK_ELEMS_CUDA if cuda_path(new_xyz) else _QUERY_CHUNK_ELEMS) // K)
     vxyz = voxel_xyz.float()
+    idx_parts, empty_parts = [], []
     for s in range(0, M, rows):
         c = new_coords[s:s + rows].long()
         q = new_xyz[s:s + rows].float()
@@ -87,27 +116,31 @@ def voxel_query(new_coords: torch.Tensor, new_xyz: torch.Tensor, voxel_xyz: torc
         fy = torch.where((y >= 0) & (y < Y), y * X, sent).to(itype)
         fx = torch.where((x >= 0) & (x < X), x, sent).to(itype)
         flat = (fz[:, :, None, None] + fy[:, None, :, None]) + fx[:, None, None, :]
-        nb = v2p_ext[flat.view(m, K).clamp_min(-1)]
-        occ = nb >= 0
-        r_i, k_i = occ.nonzero(as_tuple=True)           # row-major = scan order within each row
-        cand = nb[r_i, k_i]
-        d = vxyz[cand] - q[r_i]
-        sq = d * d
-        d2 = (sq[:, 0] + sq[:, 1]) + sq[:, 2]
-        keep = ~(d2 > r2)
-        r_i, cand = r_i[keep], cand[keep]
-        cnt = torch.bincount(r_i, minlength=m)
-        start = torch.cumsum(cnt, 0) - cnt
-        rank = torch.arange(r_i.numel(), device=dev) - start[r_i]
-        out = torch.zeros((m, nsample), dtype=torch.long, device=dev)
-        has = cnt > 0
-        first = cand[start.clamp(max=max(cand.numel() - 1, 0))] if cand.numel() else torch.zeros(m, dtype=torch.long, device=dev)
-        out = torch.where(has[:, None], first[:, None].expand(m, nsample), out)
-        sel = rank < nsample
-        out[r_i[sel], rank[sel]] = cand[sel]
-        idx_out[s:s + m] = out
-        empty_out[s:s + m] = ~has
-    return idx_out, empty_out
+        nb = v2p_ext[flat.view(m, K).clamp_min(-1)]     # (m, K) row of each neighbour, -1 empty / outside
+        if grid is not None:
+            (vx, vy, vz), (px, py, pz) = grid
+            dx = ((x.float() + 0.5) * vx + px) - q[:, 0:1]
+            dy = ((y.float() + 0.5) * vy + py) - q[:, 1:2]
+            dz = ((z.float() + 0.5) * vz + pz) - q[:, 2:3]
+            d2 = ((dx * dx)[:, None, None, :] + (dy * dy)[:, None, :, None]) + (dz * dz)[:, :, None, None]
+            d2 = d2.reshape(m, K)
+        else:
+            d = vxyz[nb.clamp_min(0)] - q[:, None, :]   # (m, K, 3)
+            sq = d * d
+            d2 = (sq[..., 0] + sq[..., 1]) + sq[..., 2]
+        hit = (nb >= 0) & ~(d2 > r2)
+        run = torch.cumsum(hit, 1)                        # hits so far (scan order), incl. this one
+        cnt = run[:, -1]
+        sel = hit & (run <= nsample)
+        out = torch.zeros((m, nsample + 1), dtype=torch.long, device=dev)
+        out.scatter_(1, torch.where(sel, run - 1, nsample), torch.where(sel, nb, 0))  # column nsample: discard
+        out = out[:, :nsample]
+        # slots past the hit count repeat the first hit; no hit -> all zero (out[:, 0] is then 0)
+        idx_parts.append(torch.where(slot < cnt[:, None], out, out[:, 0:1]))
+        empty_parts.append(cnt == 0)
+    if len(idx_parts) == 1:
+        return idx_parts[0], empty_parts[0]
+    return torch.cat(idx_parts), torch.cat(empty_parts)
 
 
 def _conv_bn(conv: nn.Module, c: int, relu: bool = False, bn_dim: int = 1) -> nn.Sequential:
@@ -173,10 +206,17 @@ class NeighborVoxelSAModuleMSG(nn.Module):
                 nn.init.constant_(m.weight, 1.0)
                 nn.init.constant_(m.bias, 0.0)
 
-    def forward(self, voxel_xyz: torch.Tensor, new_xyz: torch.Tensor, new_coords_bxyz: torch.Tensor,
-                features: torch.Tensor, v2p: torch.Tensor, v2p_ext: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """voxel_xyz (Nv, 3), new_xyz (M, 3), new_coords_bxyz (M, 4) [b, x, y, z], features (Nv, C) -> (M, sum Cout)."""
-        new_coords = new_coords_bxyz[:, [0, 3, 2, 1]]
+    def forward(self, voxel_xyz: torch.Tensor, new_xyz: torch.Tensor, new_coords_bxyz: Optional[torch.Tensor],
+                features: torch.Tensor, v2p: torch.Tensor, v2p_ext: Optional[torch.Tensor] = None,
+                grid: Optional[tuple] = None, new_coords_bzyx: Optional[torch.Tensor] = None,
+                cache: Optional[dict] = None) -> torch.Tensor:
+        """voxel_xyz (Nv, 3), new_xyz (M, 3), new_coords_bxyz (M, 4) [b, x, y, z], features (Nv, C) -> (M, sum Cout).
+        ``grid``: see :func:`voxel_query`; ``new_coords_bzyx`` (optional): the coordinates already in [b, z, y, x].
+        ``cache`` (eval only, one dict per (module, features)): keeps the per-voxel input MLP outputs, which do not
+        depend on the queries, for the next RoI stage."""
+        c = new_coords_bxyz
+        new_coords = new_coords_bzyx if new_coords_bzyx is not None else \
+            torch.stack([c[:, 0], c[:, 3], c[:, 2], c[:, 1]], dim=1)
         outs = []
         rows = _rows_official if self.exact_layout else _rows
         # Every 1x1 conv is applied as a matmul on rows (N, C) with the conv weight viewed (C_out, C_in), and its BN
@@ -191,10 +231,14 @@ class NeighborVoxelSAModuleMSG(nn.Module):
                 # module turns into zero features/offsets; one zero row keeps the index-0 gathers valid
                 f_in = features.new_zeros((1, self.mlps_in[k][0].out_channels))
                 voxel_xyz = voxel_xyz.new_zeros((1, 3))
+            elif cache is not None and k in cache:
+                f_in = cache[k]
             else:
                 f_in = rows(self.mlps_in[k], features)                # (Nv, C')
+                if cache is not None:
+                    cache[k] = f_in
             idx, empty = voxel_query(new_coords, new_xyz, voxel_xyz, v2p, self.query_ranges[k], self.radii[k],
-                                     self.nsamples[k], v2p_ext)
+                                     self.nsamples[k], v2p_ext, grid if features.shape[0] else None)
             M, ns = idx.shape
             flat = idx.reshape(-1)
             keep = (~empty).to(f_in.dtype)[:, None, None]
@@ -209,25 +253,35 @@ class NeighborVoxelSAModuleMSG(nn.Module):
 def get_voxel_centers(coords_zyx: torch.Tensor, stride: int, voxel_size: Sequence[float],
                       pc_range: Sequence[float]) -> torch.Tensor:
     """(N, 3) z, y, x voxel indices at ``stride`` -> (N, 3) x, y, z centres (OpenPCDet ``get_voxel_centers``)."""
-    c = coords_zyx[:, [2, 1, 0]].float()
-    vs = torch.tensor(voxel_size, device=c.device).float() * stride
-    pc = torch.tensor(pc_range[0:3], device=c.device).float()
+    c = coords_zyx.flip(1).float()
+    vs = _device_const(voxel_size, c.device) * stride
+    pc = _device_const(pc_range[0:3], c.device)
     return (c + 0.5) * vs + pc
 
 
 def dense_grid_points(rois: torch.Tensor, grid_size: int) -> torch.Tensor:
     """(R, 7) -> (R, G^3, 3) local grid points (i + 0.5)/G * size - size/2, index order x slowest (nonzero order)."""
-    dense_idx = rois.new_ones((grid_size, grid_size, grid_size)).nonzero()
-    dense_idx = dense_idx.repeat(rois.shape[0], 1, 1).float()
+    dense_idx = _grid_index(grid_size, 3, rois.device)[None]          # (1, G^3, 3), broadcast over the RoIs
     size = rois[:, 3:6]
     return (dense_idx + 0.5) / grid_size * size.unsqueeze(1) - (size.unsqueeze(1) / 2)
+
+
+def _grid_index(grid_size: int, dims: int, device) -> torch.Tensor:
+    """(G^dims, dims) float index table in row-major order (= ``ones((G,) * dims).nonzero()``), cached per device."""
+    key = ("grid_index", grid_size, dims, str(torch.device(device)))
+    t = _CONSTS.get(key)
+    if t is None:
+        ar = torch.arange(grid_size, device=device)
+        t = torch.stack([g.reshape(-1) for g in torch.meshgrid(*([ar] * dims), indexing="ij")], dim=1).float()
+        _CONSTS[key] = t
+    return t
 
 
 def global_grid_points(rois: torch.Tensor, grid_size: int) -> torch.Tensor:
     """(R, 7) -> (R, G^3, 3) grid points rotated by the RoI heading and shifted to its centre."""
     local = dense_grid_points(rois, grid_size)
-    g = rotate_points_along_z(local.clone(), rois[:, 6]).squeeze(dim=1)
-    return g + rois[:, 0:3].clone().unsqueeze(1)
+    g = rotate_points_along_z(local, rois[:, 6])
+    return g + rois[:, 0:3].unsqueeze(1)
 
 
 def build_pool_layers(sources: Sequence[str], input_channels: Dict[str, int], query_ranges, radii, nsamples,
@@ -266,7 +320,11 @@ def roi_grid_pool(layers: nn.ModuleList, sources: Sequence[str], strides: Dict[s
             v2p_ext = torch.cat([v2p.reshape(-1), v2p.new_full((1,), -1)])
             if cache is not None:
                 cache[key] = (sp, vxyz, v2p, v2p_ext)
-        cur = torch.cat([bidx, coords // stride], dim=-1).int().view(-1, 4)
-        f = layers[i](vxyz, new_xyz, cur, sp.features, v2p, v2p_ext)
+        cur = torch.cat([bidx, (coords // stride).flip(-1)], dim=-1).int().view(-1, 4)   # [b, z, y, x]
+        fcache = None
+        if cache is not None and not layers[i].training:  # training BN uses (and updates) batch statistics
+            fcache = cache.setdefault(("f_in", id(sp), id(layers[i])), {})
+        f = layers[i](vxyz, new_xyz, None, sp.features, v2p, v2p_ext,
+                      grid=voxel_grid_params(stride, voxel_size, pc_range), new_coords_bzyx=cur, cache=fcache)
         pooled.append(f.view(B * N, G3, -1))
     return torch.cat(pooled, dim=-1)

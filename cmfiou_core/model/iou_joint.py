@@ -20,6 +20,7 @@ import torch
 
 SCORE_MODES = ("rectified", "add", "cls")
 DEFAULT_ALPHA = (0.68, 0.71, 0.65)
+_ALPHA: dict = {}
 
 
 def encode_iou_target(iou: torch.Tensor) -> torch.Tensor:
@@ -38,6 +39,10 @@ def combine_scores(cls: torch.Tensor, iou: torch.Tensor, labels: torch.Tensor, m
     if mode == "add":
         return (cls + iou) / 2
     if mode == "rectified":
-        a = cls.new_tensor(list(alpha))[(labels.long().clamp(1, len(alpha)) - 1)]
+        key = (tuple(float(x) for x in alpha), cls.dtype, str(cls.device))
+        at = _ALPHA.get(key)
+        if at is None:  # built once per device: a host->device copy per frame is a stream sync on CUDA
+            at = _ALPHA[key] = torch.tensor(key[0], dtype=cls.dtype, device=cls.device)
+        a = at[(labels.long().clamp(1, len(alpha)) - 1)]
         return torch.pow(cls.clamp_min(0), 1 - a) * torch.pow(iou.clamp_min(0), a)
     raise ValueError(f"score mode must be one of {SCORE_MODES}, got {mode!r}")

@@ -109,17 +109,18 @@ def post_process(batch_dict: Dict[str, Any], cfg: Optional[Union[PostProcessConf
             raise ValueError(f"post_process: score_mode {cfg.score_mode!r} needs batch_iou_preds "
                              "(enable roi_head.iou_branch) or use score_mode 'cls'")
         score = combine_scores(cls, iou, labels, cfg.score_mode, cfg.alpha)
-        valid_idx = None
+        # score threshold and degenerate-box filter as one compaction (one nonzero instead of a bool(all()) check,
+        # a nonzero and three mask indexings); the NMS then sees the same boxes in the same order
+        keep = score >= cfg.score_thresh
         if cfg.drop_degenerate:
-            ok = (boxes[:, 3:6] > 0).all(dim=1)
-            if not bool(ok.all()):
-                valid_idx = ok.nonzero().view(-1)
-                boxes, labels, cls, iou, score = boxes[valid_idx], labels[valid_idx], cls[valid_idx], iou[valid_idx], score[valid_idx]
+            keep = keep & (boxes[:, 3:6] > 0).all(dim=1)
+        kidx = keep.nonzero().view(-1)
+        boxes, labels, cls, iou, score = boxes[kidx], labels[kidx], cls[kidx], iou[kidx], score[kidx]
         if cfg.class_agnostic_nms:
             sel, _ = class_agnostic_nms(score, boxes, cfg.nms_thresh[0], cfg.nms_pre_maxsize[0],
-                                        cfg.nms_post_maxsize[0], score_thresh=cfg.score_thresh)
+                                        cfg.nms_post_maxsize[0])
         else:
             sel, _ = multi_class_nms(score, boxes, labels, cfg.nms_thresh, cfg.nms_pre_maxsize,
-                                     cfg.nms_post_maxsize, score_thresh=cfg.score_thresh)
+                                     cfg.nms_post_maxsize)
         out.append(FrameDetections(boxes[sel], labels[sel], cls[sel], iou[sel], score[sel]))
     return out

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from ..config import ConfigError, Section
 from ..geometry.boxes import rotate_points_along_z
 from ..geometry.coders import ResidualCoder
-from .grid_pool import build_pool_layers, roi_grid_pool
+from ..opcount import mark
+from .grid_pool import _grid_index, build_pool_layers, roi_grid_pool
 from .iou_joint import decode_iou_pred, encode_iou_target
 from .proposal import TEST_DEFAULT, TRAIN_DEFAULT, ProposalConfig, proposal_layer
 from .roi_targets import (LossWeights, ProposalTargetLayer, TargetConfig, canonical_targets, decode_rcnn_boxes,
@@ -201,7 +202,7 @@ class CrossAttention(nn.Module):
         L, R = inputs.shape[0], inputs.shape[1]
         pos = torch.arange(1, L + 1, device=inputs.device)
         inputs_pos = torch.cat([inputs, self.pos_en(pos, R).to(inputs.dtype)], -1)
-        pos_q = torch.tensor([L], device=inputs.device)
+        pos_q = torch.full((1,), L, dtype=torch.long, device=inputs.device)  # no host->device copy
         q_pos = torch.cat([q_in, self.pos_en(pos_q, R).to(inputs.dtype)], -1)
         return self.att(self.Q_linear(q_pos), self.K_linear(inputs_pos), self.V_linear(inputs_pos),
                          need_weights=False)[0]
@@ -317,11 +318,11 @@ class RoIHead(nn.Module):
         B, N = rois.shape[0], rois.shape[1]
         H, W = parts_feat.shape[2], parts_feat.shape[3]
         r = rois.reshape(B * N, -1)
-        idx = r.new_ones((G, G)).nonzero().float()                       # (G^2, 2) x slowest
+        idx = _grid_index(G, 2, r.device)                                 # (G^2, 2) x slowest (= ones.nonzero())
         size = r[:, 3:5]
         local = idx[None] / (G - 1) * size[:, None, :] - size[:, None, :] / 2  # (R, G^2, 2)
         local = torch.cat([local, torch.ones_like(local[..., 0:1])], dim=-1)
-        g = rotate_points_along_z(local.clone(), r[:, 6]).squeeze(1) + r[:, None, 0:3]
+        g = rotate_points_along_z(local, r[:, 6]) + r[:, None, 0:3]
         scale = 1.0 / pc.featmap_stride
         x = (g[..., 0].view(B, N, G * G).permute(0, 2, 1) + pc.grid_offsets[0]) * scale  # (B, G^2, N)
         y = (g[..., 1].view(B, N, G * G).permute(0, 2, 1) + pc.grid_offsets[1]) * scale
@@ -343,6 +344,7 @@ class RoIHead(nn.Module):
         ``stage_rois`` (eval, tests): per-stage input RoIs (B, N, 7) in the stage's view frame, replacing the chained
         previous-stage boxes (isolates stages when comparing against a reference)."""
         c = self.cfg
+        mark("proposal")
         if not (use_given_rois and "rois" in batch_dict):
             proposal_layer(batch_dict, c.nms_train if self.training else c.nms_test)
         B = int(batch_dict["batch_size"])
@@ -378,8 +380,11 @@ class RoIHead(nn.Module):
             rois0 = rois if (V == 1 or view == 0) else x_trans_forward(x_trans_backward(rois, tp[:, view]), tp[:, 0])
             self._rec(f"s{t}_rois_in", rois)
             R = rois.shape[0] * rois.shape[1]
+            mark(f"s{t}.pool_raw")
             pooled = self._pool(batch_dict, rois, view, mm=False, cache=pool_cache)
+            mark(f"s{t}.pool_mm")
             pooled_mm = self._pool(batch_dict, rois, view, mm=True, cache=pool_cache)
+            mark(f"s{t}.head")
             self._rec(f"s{t}_pooled_raw", pooled)
             self._rec(f"s{t}_pooled_mm", pooled_mm)
             sh = self.shared_fc_layers[0](pooled.reshape(R, -1)).unsqueeze(0)
@@ -435,6 +440,7 @@ class RoIHead(nn.Module):
             scores.append(cls_b)
             if iou_raw is not None:
                 ious.append(iou_raw.view(B, -1, 1))
+        mark("final")
         batch_dict["batch_box_preds"] = torch.stack(preds).mean(0)
         batch_dict["batch_cls_preds"] = torch.stack(scores).mean(0)
         batch_dict["cls_preds_normalized"] = False

@@ -208,7 +208,7 @@ def bb_loss(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 def decode_rcnn_boxes(rcnn_reg: torch.Tensor, rois: torch.Tensor, coder: ResidualCoder) -> torch.Tensor:
     """(R, 7) residuals against (R, 7) RoIs -> (R, 7) global boxes (``generate_predicted_boxes`` semantics)."""
     local = rois.clone().detach()
-    local[:, 0:3] = 0
+    local[:, 0:3].zero_()
     boxes = coder.decode_torch(rcnn_reg, local)
     boxes = rotate_points_along_z(boxes.unsqueeze(1), rois[:, 6]).squeeze(1)
     return torch.cat([boxes[:, 0:3] + rois[:, 0:3], boxes[:, 3:]], dim=1)
@@ -257,8 +257,9 @@ def rcnn_reg_loss(rcnn_reg: torch.Tensor, targets: Dict[str, torch.Tensor], code
         fr = reg[fg]
         # the corner loss and bb_loss decode sizes with exp(residual): bound the log-size residuals there (sizes within
         # e^+-4.1 of the RoI's) so one wild prediction cannot produce an exp-sized gradient; the smooth-L1 term above
-        # still pulls such residuals back. Measured on the H100: without it, camera+LiDAR training diverged after
-        # ~300 iterations (grad norm -> 1e13 / inf; docs/results/metrics_long*.jsonl).
+        # still pulls such residuals back. On the H100, camera+LiDAR training without it diverged after ~300
+        # iterations (grad norm -> 1e13 / inf, loss spikes; largest output gradients at the regression layers:
+        # docs/results/metrics_long*.jsonl, grad_probe_long.jsonl). Not yet re-validated by a GPU run with it.
         fr = torch.cat([fr[:, 0:3], fr[:, 3:6].clamp(-LOSS_SIZE_LOG_CLIP, LOSS_SIZE_LOG_CLIP), fr[:, 6:]], dim=1)
         boxes = decode_rcnn_boxes(fr, rois[fg], coder)
         l_corner = corner_loss_lidar(boxes, gt_src[fg]).mean()

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Latency, aten-op count and host-sync count of the eval-mode RoI head forward (proposal layer + 3 refinement
+stages x 2 modalities) and of the post-processing, alone, on one frame.
+
+Inputs: the real backbone outputs of ``../shared/official_dense`` (KITTI frame, 15k/7k raw and 27k/9k pseudo
+voxels at x_conv3/x_conv4, BEV map 200x176) and the RPN outputs of ``../shared/official_roi`` when present
+(``$CMFIOU_SHARED``), else a synthetic frame of the same sizes (``--synthetic``). The head has its default random
+initialisation (seed 0): the refinements stay small, so every stage pools around real voxels like a trained model.
+
+Timing: CUDA events around each call (one sync after it) on the GPU, perf_counter on the CPU; warm-up excluded.
+Counts (device independent, one call, ``cmfiou_core.opcount``): aten ops dispatched (all, and non-view ones ~
+kernel launches) per section (``proposal``,
+``s<t>.pool_raw``/``pool_mm``/``head``, ``final``, ``postprocess``) and host syncs with their source lines; NMS is
+counted on its CUDA path (matrix mode) on any device. On CUDA the syncs are also counted with
+``torch.cuda.set_sync_debug_mode``.
+
+    python bench/bench_roi_head.py --device cpu --threads 1
+    python bench/bench_roi_head.py --device cuda --iters 200 --json roi_head.json
+    python bench/bench_roi_head.py --smoke --json -            # seconds, for the test suite
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cmfiou_core.model.postprocess import post_process  # noqa: E402
+from cmfiou_core.model.roi_head import RoIHead  # noqa: E402
+from cmfiou_core.opcount import OpCounter, mark  # noqa: E402
+
+
+def _sp(feat, ind, shape, B):
+    import spconv.pytorch as spconv
+
+    return spconv.SparseConvTensor(feat, ind, [int(x) for x in shape], B)
+
+
+def real_inputs(shared: Path):
+    dense, roi = shared / "official_dense" / "outputs.npz", shared / "official_roi" / "inputs.npz"
+    if not (dense.is_file() and roi.is_file()):
+        return None
+    d, i = np.load(dense), np.load(roi)
+    out = {"source": "official_dense/official_roi (KITTI frame)", "st_features_2d": torch.from_numpy(d["st_features_2d"]),
+           "batch_box_preds": torch.from_numpy(i["proposal_batch_box_preds"]),
+           "batch_cls_preds": torch.from_numpy(i["proposal_batch_cls_preds"])}
+    for mod, key in (("raw", "multi_scale_3d_features"), ("mm", "multi_scale_3d_features_mm")):
+        out[key] = {s: (torch.from_numpy(d[f"{mod}_{s}_features"]), torch.from_numpy(d[f"{mod}_{s}_indices"]),
+                        d[f"{mod}_{s}_spatial_shape"]) for s in ("x_conv3", "x_conv4")}
+    return out
+
+
+def synthetic_inputs(seed=0, n_obj=20, anchors=64200, voxels=((15000, 7000), (27000, 9000))):
+    """Voxels clustered around ``n_obj`` car-size objects + a ground layer; proposals = jittered objects + noise."""
+    g = torch.Generator().manual_seed(seed)
+    ctr = torch.stack([torch.rand(n_obj, generator=g) * 60 + 5, torch.rand(n_obj, generator=g) * 60 - 30,
+                       torch.full((n_obj,), -1.0)], 1)
+    out = {"source": f"synthetic ({n_obj} objects)"}
+    for (n3, n4), key in zip(voxels, ("multi_scale_3d_features", "multi_scale_3d_features_mm")):
+        d = {}
+        for name, n, stride, shape in (("x_conv3", n3, 4, (21, 400, 352)), ("x_conv4", n4, 8, (10, 200, 176))):
+            vs = 0.05 * stride
+            k = n // 2
+            obj = ctr[torch.randint(0, n_obj, (k,), generator=g)] + torch.randn(k, 3, generator=g) * \
+                torch.tensor([1.5, 0.7, 0.5])
+            bg = torch.stack([torch.rand(n - k, generator=g) * 70.4, torch.rand(n - k, generator=g) * 80 - 40,
+                              torch.rand(n - k, generator=g) * 0.6 - 1.9], 1)
+            xyz = torch.cat([obj, bg])
+            zyx = torch.stack([(xyz[:, 2] + 3) / vs, (xyz[:, 1] + 40) / vs, xyz[:, 0] / vs], 1).floor().long()
+            zyx = torch.minimum(zyx.clamp_min(0), torch.tensor(shape) - 1)
+            zyx = torch.unique(zyx, dim=0)
+            ind = torch.cat([torch.zeros(len(zyx), 1, dtype=torch.long), zyx], 1).int()
+            d[name] = (torch.randn(len(ind), 64, generator=g), ind, shape)
+        out[key] = d
+    boxes = torch.zeros(1, anchors, 7)
+    src = ctr[torch.randint(0, n_obj, (anchors,), generator=g)]
+    boxes[0, :, :3] = src + torch.randn(anchors, 3, generator=g) * torch.tensor([2.0, 2.0, 0.2])
+    boxes[0, :, 3:6] = torch.tensor([3.9, 1.6, 1.56]) * (1 + 0.1 * torch.randn(anchors, 3, generator=g)).abs()
+    boxes[0, :, 6] = torch.rand(anchors, generator=g) * 6.28 - 3.14
+    out["batch_box_preds"] = boxes
+    out["batch_cls_preds"] = torch.randn(1, anchors, 3, generator=g)
+    out["st_features_2d"] = torch.randn(1, 256, 200, 176, generator=g) * 0.1
+    return out
+
+
+def make_batch(inp, dev):
+    b = {"batch_size": 1, "st_features_2d": inp["st_features_2d"].to(dev),
+         "batch_box_preds": inp["batch_box_preds"].to(dev), "batch_cls_preds": inp["batch_cls_preds"].to(dev)}
+    for key in ("multi_scale_3d_features", "multi_scale_3d_features_mm"):
+        b[key] = {s: _sp(f.to(dev), i.to(dev), sh, 1) for s, (f, i, sh) in inp[key].items()}
+    return b
+
+
+def fresh(batch):
+    """Shallow copy with the RPN outputs (the head overwrites batch_box_preds/cls_preds)."""
+    return dict(batch)
+
+
+def count(head, batch, pp_cfg):
+    with torch.no_grad(), OpCounter("proposal", cuda_paths=True) as oc:  # CUDA branches (NMS) on any device
+        bd = head(fresh(batch))
+        mark("postprocess")
+        post_process(bd, pp_cfg)
+    return oc
+
+
+def pct(v, q):
+    return float(np.percentile(np.asarray(v), q)) if v else float("nan")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (spconv's CPU path needs 1)")
+    ap.add_argument("--synthetic", action="store_true", help="synthetic frame even when the shared inputs exist")
+    ap.add_argument("--smoke", action="store_true", help="tiny synthetic frame, 1 iteration (test suite)")
+    ap.add_argument("--exact-layout", action="store_true", help="official per-row conv layout in the grid pooling")
+    ap.add_argument("--json", default=None, help="write the results as JSON to this path ('-' = stdout)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda requested but CUDA is not available")
+    if a.smoke:
+        a.iters, a.warmup = 1, 0
+        inp = synthetic_inputs(n_obj=4, anchors=2000, voxels=((1500, 700), (2700, 900)))
+    else:
+        shared = Path(os.environ.get("CMFIOU_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+        inp = None if a.synthetic else real_inputs(shared)
+        inp = inp or synthetic_inputs()
+    torch.manual_seed(0)
+    head = RoIHead().to(dev).eval()
+    if a.exact_layout:
+        from cmfiou_core.model.grid_pool import use_exact_official_layout
+
+        use_exact_official_layout(head)
+    batch = make_batch(inp, dev)
+    pp_cfg = None  # official KITTI post-processing defaults
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    t_head, t_pp = [], []
+    with torch.no_grad():
+        for it in range(a.warmup + a.iters):
+            sync()
+            if dev.type == "cuda":
+                e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+                e[0].record()
+                bd = head(fresh(batch))
+                e[1].record()
+                post_process(bd, pp_cfg)
+                e[2].record()
+                torch.cuda.synchronize()
+                th, tp = e[0].elapsed_time(e[1]), e[1].elapsed_time(e[2])
+            else:
+                t0 = time.perf_counter()
+                bd = head(fresh(batch))
+                t1 = time.perf_counter()
+                post_process(bd, pp_cfg)
+                t2 = time.perf_counter()
+                th, tp = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+            if it >= a.warmup:
+                t_head.append(th)
+                t_pp.append(tp)
+
+    cuda_syncs = None
+    if dev.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as w, torch.no_grad():
+            warnings.simplefilter("always")
+            post_process(head(fresh(batch)), pp_cfg)
+        torch.cuda.set_sync_debug_mode("default")
+        cuda_syncs = [str(x.message).splitlines()[0] for x in w if "synchroniz" in str(x.message).lower()]
+
+    oc = count(head, batch, pp_cfg)
+    ops = dict(oc.ops)
+    syncs = oc.sync_counts()
+    stages = sorted({k.split(".")[0] for k in ops if k.startswith("s") and "." in k})
+    per_stage = {s: {"ops": oc.n_ops(s + "."), "kernels": oc.n_kernels(s + "."), "syncs": oc.n_syncs(s + ".")}
+                 for s in stages}
+    head_sections = [k for k in ops if k != "postprocess"]
+    out = {
+        "source": inp["source"], "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or
+        platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "iters": a.iters, "warmup": a.warmup, "smoke": a.smoke, "exact_layout": a.exact_layout,
+        "voxels": {k: {s: int(v[1].shape[0]) for s, v in inp[k].items()}
+                   for k in ("multi_scale_3d_features", "multi_scale_3d_features_mm")},
+        "ms": {"roi_head": {"p50": pct(t_head, 50), "p95": pct(t_head, 95), "mean": float(np.mean(t_head))},
+               "postprocess": {"p50": pct(t_pp, 50), "p95": pct(t_pp, 95), "mean": float(np.mean(t_pp))}},
+        "aten_ops": ops, "kernel_ops": dict(oc.kernels), "host_syncs": syncs, "per_stage": per_stage,
+        "roi_head_totals": {"ops": sum(ops[k] for k in head_sections),
+                            "kernels": sum(oc.kernels.get(k, 0) for k in head_sections),
+                            "syncs": sum(v for k, v in syncs.items() if k != "postprocess")},
+        "postprocess_totals": {"ops": ops.get("postprocess", 0), "kernels": oc.kernels.get("postprocess", 0),
+                               "syncs": syncs.get("postprocess", 0)},
+        "sync_sites": oc.sync_sites(), "cuda_syncs_per_call": None if cuda_syncs is None else len(cuda_syncs),
+        "cuda_sync_messages": cuda_syncs,
+    }
+    print(f"# {out['source']}; {out['device']} ({out['device_name']}), threads {out['threads']}, "
+          f"{a.iters} iters after {a.warmup} warm-up")
+    for k, v in out["ms"].items():
+        print(f"{k:12s} p50 {v['p50']:9.2f} ms  p95 {v['p95']:9.2f} ms")
+    print(f"{'section':16s} {'aten ops':>9s} {'non-view':>9s} {'syncs':>6s}")
+    for k in ops:
+        print(f"{k:16s} {ops[k]:9d} {oc.kernels.get(k, 0):9d} {syncs.get(k, 0):6d}")
+    rt, pt = out["roi_head_totals"], out["postprocess_totals"]
+    print(f"roi_head total: {rt['ops']} ops ({rt['kernels']} non-view), {rt['syncs']} syncs; "
+          f"postprocess: {pt['ops']} ops ({pt['kernels']} non-view), {pt['syncs']} syncs")
+    for s, n in out["sync_sites"].items():
+        print(f"  {n:4d} x {s}")
+    if cuda_syncs is not None:
+        print(f"CUDA syncs in one head + post-processing call (sync debug mode): {len(cuda_syncs)}")
+    if a.json:
+        txt = json.dumps(out, indent=2)
+        if a.json == "-":
+            print(txt)
+        else:
+            Path(a.json).write_text(txt + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
