@@ -62,8 +62,13 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None, timeou
 
 
 def cleanup_distributed() -> None:
+    """Leave together, then tear down: a rank destroying the group while a peer still talks to it made gloo abort
+    the peer at exit ("terminate called without an active exception", seen once in the 2-process CPU test)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def barrier() -> None:
