@@ -8,9 +8,9 @@ Stage times come from the generator itself (CUDA events on GPU with one sync at 
 
 Also reported, for one call after the timing loop: the number of aten ops dispatched per stage (at this image size
 the GPU stage is launch-bound, so this is the figure to cut; it is the same on any device up to the device-specific
-branches) and the ops that would synchronise a CUDA stream (``_local_scalar_dense`` = item/bool/tolist,
-``nonzero``, ``masked_select``...; on CUDA ``tolist`` shows as a device-to-CPU copy). On CUDA the syncs are also
-counted exactly with ``torch.cuda.set_sync_debug_mode``.
+branches) and the ops that may synchronise a CUDA stream, both counted by :class:`cmfiou_core.opcount.OpCounter`
+(the project's one op/sync counter; its classification is conservative, e.g. every ``torch.tensor(data)`` counts as
+a host->device copy). On CUDA the syncs are also counted exactly with ``torch.cuda.set_sync_debug_mode``.
 
     python bench/bench_depth.py --device cpu --threads 1
     python bench/bench_depth.py --device cuda --iters 200 --json out.json
@@ -61,46 +61,28 @@ def synthetic_frame(seed: int = 0):
     return pts, img, Calibration(P2, np.eye(3), Tr, 1242, 375), "synthetic 64-beam"
 
 
-SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
-            "aten.repeat_interleave", "aten.bincount", "aten.masked_scatter")
-
-
 def count_ops(gen, P, I, calib):
-    """({stage: aten ops dispatched}, [host-sync op names]) for one generator call."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    """({stage: aten ops dispatched}, ["stage: op"] host syncs) for one generator call, counted with
+    :class:`cmfiou_core.opcount.OpCounter` on the code path of this device; stages follow ``StageTimer.mark``."""
     import cmfiou_core.timing as timing
+    from cmfiou_core.opcount import OpCounter
 
-    stage = ["projection"]
     order = {"start": "projection", "projection": "completion", "completion": "lifting", "lifting": "thinning",
              "thinning": "after"}
-    counts, syncs = {}, []
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
-            counts[stage[0]] = counts.get(stage[0], 0) + 1
-            to_host = name == "aten._to_copy" and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args) and \
-                str((kwargs or {}).get("device", "")) == "cpu"
-            if name.startswith(SYNC_OPS) or to_host:
-                syncs.append(f"{stage[0]}: {name}")
-            return func(*args, **(kwargs or {}))
-
     orig = timing.StageTimer.mark
+    with OpCounter(section="projection", where=False, cuda_paths=False) as oc:
+        def mark(self, name):
+            orig(self, name)
+            oc.section = order.get(name, name)
 
-    def mark(self, name):
-        orig(self, name)
-        stage[0] = order.get(name, name)
-
-    timing.StageTimer.mark = mark
-    try:
-        with Count():
+        timing.StageTimer.mark = mark
+        try:
             gen(P, I, calib)
-    finally:
-        timing.StageTimer.mark = orig
-    counts.pop("after", None)
+        finally:
+            timing.StageTimer.mark = orig
+    counts = {k: v for k, v in oc.ops.items() if k != "after"}
     counts["total"] = sum(counts.values())
-    return counts, syncs
+    return counts, [f"{s}: {n}" for s, _kind, n, _w in oc.syncs if s != "after"]
 
 
 def pct(v, q):
@@ -195,8 +177,8 @@ def main(argv=None):
     for k, v in out["ms"].items():
         print(f"{k:32s} {v['p50']:9.2f} {v['p95']:9.2f}")
     print("aten ops per call: " + ", ".join(f"{k} {v}" for k, v in ops.items()))
-    print(f"host-sync ops in one call: {len(sync_ops)} {sync_ops}" + (" (on CPU the final tolist is not dispatched; "
-          "nonzero is the CPU-only compaction branch)" if dev.type == "cpu" else ""))
+    print(f"host-sync ops in one call: {len(sync_ops)} {sync_ops}" + (" (on CPU, nonzero is the CPU-only compaction "
+          "branch)" if dev.type == "cpu" else ""))
     if syncs is not None:
         print(f"host syncs inside one generator call (sync debug mode): {len(syncs)} (expected 1: the final "
               f"compaction)")
