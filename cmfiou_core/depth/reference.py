@@ -1,7 +1,9 @@
 """Frozen copy of the depth stage as it was before the speed work of issue #4 (commit 0709cb4): the exactness
 reference for the optimised code (test/test_depth.py compares both on real KITTI frames and random inputs) and the
 fallback of the sort-free thinning (:func:`la_sampling2_order_sorted`, used when a voxel holds more than
-``max_points_per_voxel`` points). Do not optimise this file; its point is to stay what it was.
+``max_points_per_voxel`` points). Do not optimise this file; its point is to stay what it was. The functions the
+speed work did not change (``gaussian5``, ``extend_to_top``, ``raw_rows_from_points``) are used from the live modules
+instead of being copied: if one of them is changed later, freeze its old version here first.
 
 :func:`reference_pseudo_points` is the old generator body (projection -> IP-Basic -> lifting -> sort-based thinning
 -> compaction) for end-to-end comparisons.
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 
 from ..calib import Calibration
 from .config import DepthConfig, IPBasicConfig, ThinningConfig
+# unchanged by the #4 speed work, so not copied here (a copy would only be compared with itself)
+from .ipbasic import extend_to_top, gaussian5
 
 
 def project_points(xyz: torch.Tensor, V2R: torch.Tensor, P2: torch.Tensor):
@@ -81,27 +85,6 @@ def bilateral5(x: torch.Tensor, sigma_color: float = 1.5, sigma_space: float = 2
         num = num + w * nb
         den = den + w
     return num / den
-
-
-def gaussian5(x: torch.Tensor) -> torch.Tensor:
-    """cv2.GaussianBlur(x, (5, 5), 0): with sigma <= 0 and ksize <= 7 OpenCV uses its fixed binomial table
-    [1, 4, 6, 4, 1] / 16 (separable), reflect-101 border."""
-    H, W = x.shape[-2:]
-    p = F.pad(x, (2, 2, 0, 0), mode="reflect")
-    taps = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
-    y = sum(t * p[..., :, i:i + W] for i, t in enumerate(taps))
-    p = F.pad(y, (0, 0, 2, 2), mode="reflect")
-    return sum(t * p[..., i:i + H, :] for i, t in enumerate(taps))
-
-
-def extend_to_top(x: torch.Tensor, thr: float = 0.1) -> torch.Tensor:
-    """Per column, copy the top-most valid (> thr) value to all rows above it (no-op for empty columns)."""
-    valid = x > thr
-    H = x.shape[-2]
-    top = valid.to(torch.uint8).argmax(dim=-2, keepdim=True)  # first valid row (0 if none)
-    top_val = torch.gather(x, -2, top)
-    rows = torch.arange(H, device=x.device).view(1, 1, H, 1)
-    return torch.where(rows < top, top_val.expand_as(x), x)
 
 
 def ipbasic_complete(depth: torch.Tensor, cfg: IPBasicConfig = IPBasicConfig()) -> torch.Tensor:
@@ -223,18 +206,12 @@ def _compact_order(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.sort((~mask).to(torch.uint8), stable=True).indices, mask.sum()
 
 
-def raw_rows_from_points(points: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(points.shape[0], 8, dtype=torch.float32, device=points.device)
-    out[:, :3] = points[:, :3]
-    out[:, 3] = points[:, 3] * 10.0
-    out[:, 7] = 2.0
-    return out
-
-
 def reference_pseudo_points(points: torch.Tensor, image: torch.Tensor, calib: Calibration,
                             cfg: DepthConfig = DepthConfig()) -> Tuple[torch.Tensor, torch.Tensor]:
     """The old ``PseudoPointGenerator.__call__`` for method ipbasic (its GPU branch: thinning on the full masked pixel
     grid; the old CPU branch gave identical rows, as an old test asserted): returns (raw_rows, pseudo_rows)."""
+    from .pseudo import raw_rows_from_points  # unchanged by #4; pseudo imports this module, so import late
+
     dev = points.device
     if cfg.crop_official:
         ch, cw = DepthConfig.OFFICIAL_CROP
