@@ -56,6 +56,13 @@ def _grads(out, feats, weight, grad_out):
     return torch.autograd.grad(out, (feats, weight), grad_out)
 
 
+def _assert_matches_reference(out, ref, grads, ref_leaves, grad_out):
+    """spconv output == dense reference, and spconv's (input, weight) grads == the reference's for ``grad_out``."""
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
+    for got, want in zip(grads, _grads(ref, *ref_leaves, grad_out)):
+        torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+
+
 def test_enable_is_idempotent():
     from spconv.pytorch import ops
 
@@ -84,10 +91,7 @@ def test_subm_grads_match_dense(ndim):
     w2 = conv.weight.detach().clone().requires_grad_(True)
     conv_fn = F.conv3d if ndim == 3 else F.conv2d
     ref = _gather(conv_fn(_to_dense(f2, idx, shape, 2), _krsc_to_torch(w2), padding=1), idx)
-    torch.testing.assert_close(y.features, ref, atol=TOL, rtol=TOL)
-    r_in, r_w = _grads(ref, f2, w2, g)
-    torch.testing.assert_close(d_in, r_in, atol=TOL, rtol=TOL)
-    torch.testing.assert_close(d_w, r_w, atol=TOL, rtol=TOL)
+    _assert_matches_reference(y.features, ref, (d_in, d_w), (f2, w2), g)
 
 
 def test_sparse_conv3d_stride2_grads_match_dense():
@@ -104,10 +108,7 @@ def test_sparse_conv3d_stride2_grads_match_dense():
     dense_out = F.conv3d(_to_dense(f2, idx, shape, 2), _krsc_to_torch(w2), stride=2, padding=1)
     assert list(dense_out.shape[2:]) == list(y.spatial_shape)
     ref = _gather(dense_out, y.indices)
-    torch.testing.assert_close(y.features, ref, atol=TOL, rtol=TOL)
-    r_in, r_w = _grads(ref, f2, w2, g)
-    torch.testing.assert_close(d_in, r_in, atol=TOL, rtol=TOL)
-    torch.testing.assert_close(d_w, r_w, atol=TOL, rtol=TOL)
+    _assert_matches_reference(y.features, ref, (d_in, d_w), (f2, w2), g)
 
 
 def test_sparse_inverse_conv3d_grads_match_dense():
@@ -136,10 +137,7 @@ def test_sparse_inverse_conv3d_grads_match_dense():
                                    output_padding=out_pad)
     assert list(dense_out.shape[2:]) == shape
     ref = _gather(dense_out, idx)
-    torch.testing.assert_close(y.features, ref, atol=TOL, rtol=TOL)
-    r_in, r_w = _grads(ref, f2, w2, g)
-    torch.testing.assert_close(d_in, r_in, atol=TOL, rtol=TOL)
-    torch.testing.assert_close(d_w, r_w, atol=TOL, rtol=TOL)
+    _assert_matches_reference(y.features, ref, (d_in, d_w), (f2, w2), g)
 
 
 def test_training_mode_bias_grad():
