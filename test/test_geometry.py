@@ -360,3 +360,14 @@ def test_nms_lazy_equals_matrix():
         b = nms_sorted(boxes, thr, mode="matrix")
         assert a.tolist() == b.tolist()
         assert nms_sorted(boxes, thr, 20, mode="matrix").tolist() == a[:20].tolist()
+
+
+def test_device_const_is_built_once_per_values_dtype_device():
+    import torch
+    from cmfiou_core.device_const import device_const
+    a = device_const((1.0, -1.0, 0.5), torch.float32, "cpu")
+    assert torch.equal(a, torch.tensor([1.0, -1.0, 0.5]))
+    assert device_const([1.0, -1.0, 0.5], torch.float32, torch.device("cpu")) is a  # same key -> same tensor
+    b = device_const((1.0, -1.0, 0.5), torch.float64, "cpu")
+    assert b is not a and b.dtype == torch.float64
+    assert device_const((2, 3), torch.int64, "cpu").tolist() == [2, 3]

@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..device_const import device_const
 from .config import IPBasicConfig
 
 
@@ -73,18 +74,6 @@ def _windows(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 _OFF25 = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
 _DISK2 = [(dy, dx) for dy, dx in _OFF25 if dy * dy + dx * dx <= 4]  # OpenCV bilateral d=5: radius-2 disk, 13 taps
-_CONST: dict = {}
-
-
-def _const(values, dtype, dev) -> torch.Tensor:
-    """Small constant tensor cached per device (its H2D copy -- a stream sync on CUDA -- happens once)."""
-    key = (tuple(values), dtype, str(dev))
-    t = _CONST.get(key)
-    if t is None:
-        t = _CONST[key] = torch.tensor(values, dtype=dtype).to(dev)
-    return t
-
-
 def median5(x: torch.Tensor, sort=None) -> torch.Tensor:
     """5x5 median, replicate border (cv2.medianBlur). The 25 window values are gathered with one copy of an unfold
     view; the median is ``torch.median`` on the CPU and the 13th value of a sort on CUDA (same value for finite
@@ -123,10 +112,10 @@ def bilateral5(x: torch.Tensor, sigma_color: float = 1.5, sigma_space: float = 2
         return _bilateral5_taps(x, sigma_color, sigma_space)
     dev = x.device
     win = _windows(x, "reflect").permute(4, 5, 0, 1, 2, 3)  # (5, 5, B, C, H, W) view
-    nb = win[_const([dy + 2 for dy, _ in _DISK2], torch.int64, dev),
-             _const([dx + 2 for _, dx in _DISK2], torch.int64, dev)]  # (13, B, C, H, W)
+    nb = win[device_const([dy + 2 for dy, _ in _DISK2], torch.int64, dev),
+             device_const([dx + 2 for _, dx in _DISK2], torch.int64, dev)]  # (13, B, C, H, W)
     ic = -0.5 / (sigma_color * sigma_color)
-    space = _const([math.exp(-(dy * dy + dx * dx) / (2 * sigma_space * sigma_space)) for dy, dx in _DISK2],
+    space = device_const([math.exp(-(dy * dy + dx * dx) / (2 * sigma_space * sigma_space)) for dy, dx in _DISK2],
                    torch.float32, dev).view(-1, *([1] * x.dim()))
     w = space * torch.exp((nb - x) ** 2 * ic)
     t = torch.stack([w * nb, w], 1)  # (13, 2, B, C, H, W): numerator and denominator terms

@@ -21,6 +21,7 @@ import torch
 
 from ..calib import Calibration, CalibrationError
 from ..config import ConfigError
+from ..device_const import device_const
 from .config import DepthConfig, ThinningConfig
 from ..timing import StageTimer
 from .ipbasic import ipbasic_complete
@@ -131,18 +132,6 @@ def thinning_grid(cfg: ThinningConfig) -> Optional[Tuple[Tuple[int, int, int], T
     return tuple(lo), tuple(shape)
 
 
-_CONST_CACHE: Dict[tuple, torch.Tensor] = {}
-
-
-def _const(values, dtype, dev) -> torch.Tensor:
-    """A small constant tensor on ``dev``, cached (the H2D copy, a stream sync on CUDA, happens once)."""
-    key = (tuple(values), dtype, str(dev))
-    t = _CONST_CACHE.get(key)
-    if t is None:
-        t = _CONST_CACHE[key] = torch.tensor(values, dtype=dtype).to(dev)
-    return t
-
-
 def la_sampling2_dense(xyz: torch.Tensor, valid: Optional[torch.Tensor], cfg: ThinningConfig,
                        grid: Tuple[Tuple[int, int, int], Tuple[int, int, int]]
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -177,10 +166,10 @@ def la_sampling2_dense(xyz: torch.Tensor, valid: Optional[torch.Tensor], cfg: Th
     # reciprocal, so a tensor of sizes would bin differently)
     c = torch.stack([torch.floor((comp - cfg.voxel_range[i]) / cfg.voxel_size[i])
                      for i, comp in enumerate((r, theta, phi))], 1)
-    c = c - _const((float(lo0), float(lo1), float(lo2)), torch.float32, dev)
-    ok = ok & ((c >= 0) & (c < _const((float(s0), float(s1), float(s2)), torch.float32, dev))).all(1)
+    c = c - device_const((float(lo0), float(lo1), float(lo2)), torch.float32, dev)
+    ok = ok & ((c >= 0) & (c < device_const((float(s0), float(s1), float(s2)), torch.float32, dev))).all(1)
     # cell index, exact in float32 (integers < M <= 2^22 < 2^24)
-    cell = (c * _const((float(s1 * s2), float(s2), 1.0), torch.float32, dev)).sum(1)
+    cell = (c * device_const((float(s1 * s2), float(s2), 1.0), torch.float32, dev)).sum(1)
     key = torch.where(ok, cell, float(M)).to(torch.int64)
     idx = torch.arange(N, device=dev)
     first = torch.full((M + 1,), N, dtype=torch.int64, device=dev).scatter_reduce_(0, key, idx, "amin")

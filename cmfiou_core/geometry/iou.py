@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..device_const import device_const
 from ..opcount import cuda_path
 from .boxes import limit_period
 
@@ -28,17 +29,9 @@ _CHUNK = 32768
 _CHUNK_CUDA = 1 << 17
 
 
-_SIGNS: dict = {}
-
-
 def _corner_signs(dtype, device):
     """(4,) x and y corner signs (CCW from (+, +)), built once per dtype/device (no host->device copy per call)."""
-    key = (dtype, str(device))
-    t = _SIGNS.get(key)
-    if t is None:
-        t = _SIGNS[key] = (torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dtype, device=device),
-                           torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=dtype, device=device))
-    return t
+    return (device_const((1.0, -1.0, -1.0, 1.0), dtype, device), device_const((1.0, 1.0, -1.0, -1.0), dtype, device))
 
 
 def _rect_corners_rel(boxes: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..device_const import device_cached, device_const
 from ..geometry.boxes import rotate_points_along_z
 from ..opcount import cuda_path
 
@@ -40,19 +41,6 @@ def voxel2pinds(indices: torch.Tensor, spatial_shape: Sequence[int], batch_size:
     flat = ((idx[:, 0] * Z + idx[:, 1]) * Y + idx[:, 2]) * X + idx[:, 3]
     m[flat] = torch.arange(indices.shape[0], device=indices.device)
     return m.view(batch_size, Z, Y, X)
-
-
-def _device_const(values: Sequence[float], device, dtype=torch.float32) -> torch.Tensor:
-    """Small constant tensor, built once per (values, device, dtype): a pageable host->device copy is a stream
-    synchronisation on CUDA, so per-frame constants must not be re-uploaded."""
-    key = (tuple(float(v) for v in values), str(torch.device(device)), dtype)
-    t = _CONSTS.get(key)
-    if t is None:
-        t = _CONSTS[key] = torch.tensor(key[0], dtype=dtype, device=device)
-    return t
-
-
-_CONSTS: Dict[tuple, torch.Tensor] = {}
 
 
 def voxel_grid_params(stride: int, voxel_size: Sequence[float], pc_range: Sequence[float]):
@@ -254,8 +242,8 @@ def get_voxel_centers(coords_zyx: torch.Tensor, stride: int, voxel_size: Sequenc
                       pc_range: Sequence[float]) -> torch.Tensor:
     """(N, 3) z, y, x voxel indices at ``stride`` -> (N, 3) x, y, z centres (OpenPCDet ``get_voxel_centers``)."""
     c = coords_zyx.flip(1).float()
-    vs = _device_const(voxel_size, c.device) * stride
-    pc = _device_const(pc_range[0:3], c.device)
+    vs = device_const(tuple(float(v) for v in voxel_size), torch.float32, c.device) * stride
+    pc = device_const(tuple(float(v) for v in pc_range[0:3]), torch.float32, c.device)
     return (c + 0.5) * vs + pc
 
 
@@ -268,13 +256,11 @@ def dense_grid_points(rois: torch.Tensor, grid_size: int) -> torch.Tensor:
 
 def _grid_index(grid_size: int, dims: int, device) -> torch.Tensor:
     """(G^dims, dims) float index table in row-major order (= ``ones((G,) * dims).nonzero()``), cached per device."""
-    key = ("grid_index", grid_size, dims, str(torch.device(device)))
-    t = _CONSTS.get(key)
-    if t is None:
+    def build():
         ar = torch.arange(grid_size, device=device)
-        t = torch.stack([g.reshape(-1) for g in torch.meshgrid(*([ar] * dims), indexing="ij")], dim=1).float()
-        _CONSTS[key] = t
-    return t
+        return torch.stack([g.reshape(-1) for g in torch.meshgrid(*([ar] * dims), indexing="ij")], dim=1).float()
+
+    return device_cached(("grid_index", grid_size, dims), device, build)
 
 
 def global_grid_points(rois: torch.Tensor, grid_size: int) -> torch.Tensor:

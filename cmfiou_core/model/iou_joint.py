@@ -18,9 +18,10 @@ from typing import Sequence
 
 import torch
 
+from ..device_const import device_const
+
 SCORE_MODES = ("rectified", "add", "cls")
 DEFAULT_ALPHA = (0.68, 0.71, 0.65)
-_ALPHA: dict = {}
 
 
 def encode_iou_target(iou: torch.Tensor) -> torch.Tensor:
@@ -39,10 +40,7 @@ def combine_scores(cls: torch.Tensor, iou: torch.Tensor, labels: torch.Tensor, m
     if mode == "add":
         return (cls + iou) / 2
     if mode == "rectified":
-        key = (tuple(float(x) for x in alpha), cls.dtype, str(cls.device))
-        at = _ALPHA.get(key)
-        if at is None:  # built once per device: a host->device copy per frame is a stream sync on CUDA
-            at = _ALPHA[key] = torch.tensor(key[0], dtype=cls.dtype, device=cls.device)
+        at = device_const(tuple(float(x) for x in alpha), cls.dtype, cls.device)  # no per-frame host->device copy
         a = at[(labels.long().clamp(1, len(alpha)) - 1)]
         return torch.pow(cls.clamp_min(0), 1 - a) * torch.pow(iou.clamp_min(0), a)
     raise ValueError(f"score mode must be one of {SCORE_MODES}, got {mode!r}")
