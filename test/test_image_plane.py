@@ -4,7 +4,7 @@
   torch conv2d, gather per voxel -- forward, input and weight gradients; invariant to the order of the voxels.
 * Adjointness of the backward: the convs are linear in their input, so L(x + d) - L(x) must equal <dL/dx, d>. Checked
   on every available device for the unique-site path, and for spconv with duplicate sites on the CPU. The CUDA
-  variant runs on the GPU through the device tool (it skips here).
+  variant is collected only where CUDA exists (it passed on the H100 through the device tool).
 * A ResConvBlock in "mean" mode trains (finite grads for every parameter) on real projected voxels.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ W, H = 60, 20
 def _one_thread_and_patch(request):
     dev = getattr(request.node, "callspec", None)
     on_cpu = dev is None or dev.params.get("device", "cpu") == "cpu"
-    if on_cpu and torch.cuda.is_available() and "gpu" not in request.node.name:
+    if on_cpu and torch.cuda.is_available():
         pytest.skip("CPU sparse convs: a CUDA build of spconv runs them only with ConvAlgo.Native; covered on CPU hosts")
     torch.set_num_threads(1)
     enable_cpu_backward()
@@ -113,16 +113,6 @@ def test_unique_site_backward_is_adjoint(device):
 def test_spconv_cpu_duplicate_backward_is_adjoint():
     """On the CPU spconv's backward with duplicate sites is still the adjoint of its (hash-order) forward."""
     assert _adjoint_gap("cpu", unique=False) < 1e-4
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs through the device tool)")
-def test_report_spconv_gpu_duplicate_backward(capsys):
-    """Measurement, not a requirement: how far spconv's GPU SubM backward is from the adjoint with duplicate sites.
-    The number is printed (docs/results); ``image_plane_duplicates: mean`` does not depend on it."""
-    gaps = [_adjoint_gap("cuda", unique=False, seed=s) for s in range(3)]
-    with capsys.disabled():
-        print(f"\n[gpu] spconv SubMConv2d duplicate-site adjoint gap: {gaps}")
-    assert all(g == g for g in gaps)  # finite measurement
 
 
 def test_resconv_block_mean_mode_trains_cpu():
