@@ -230,6 +230,44 @@ def test_losses_zero_for_perfect_prediction():
     assert float(bb_loss(gt + torch.tensor([[1.0, 0, 0, 0, 0, 0, 0]]), gt)[0]) > 1.0
 
 
+def test_bb_loss_center_huber_matches_squared_within_delta_and_bounds_gradient():
+    gt = torch.tensor([[10.0, 0.0, -1.0, 4.0, 1.8, 1.5, 0.3]]).repeat(6, 1)
+    offsets = torch.tensor([0.0, 0.3, 0.7, 1.0, 5.0, 40.0])  # centre errors in metres, along a fixed direction
+    direction = torch.tensor([0.6, 0.8, 0.0])
+    pred = gt.clone()
+    pred[:, 0:3] += offsets[:, None] * direction
+    pred.requires_grad_(True)
+    sq = bb_loss(pred, gt)
+    hub = bb_loss(pred, gt, center_huber=1.0)
+    within = offsets <= 1.0
+    # identical to the official squared term up to δ, strictly smaller beyond
+    assert torch.allclose(hub[within], sq[within], atol=1e-6)
+    assert torch.all(hub[~within] < sq[~within])
+    # beyond δ: the centre part is 2 δ d - δ², so the difference to the squared form is (d - δ)²·1.5
+    d = offsets[~within]
+    assert torch.allclose(sq[~within] - hub[~within], 1.5 * (d - 1.0) ** 2, rtol=1e-5)
+    # gradient w.r.t. the centre: 1.5·2·d (squared) vs bounded by 1.5·2·δ (Huber), finite everywhere incl. d = 0
+    g_hub, = torch.autograd.grad(hub.sum(), pred)
+    g_sq, = torch.autograd.grad(sq.sum(), pred)
+    assert torch.isfinite(g_hub).all()
+    gn_hub = g_hub[:, 0:3].norm(dim=1)
+    gn_sq = g_sq[:, 0:3].norm(dim=1)
+    # no box overlap at 5 m and 40 m (IoU part 0): exactly 1.5·2·δ = 3 vs 1.5·2·d = 15 and 120
+    assert torch.allclose(gn_hub[-2:], torch.tensor([3.0, 3.0]), atol=1e-4)
+    assert torch.allclose(gn_sq[-2:], torch.tensor([15.0, 120.0]), atol=1e-3)
+    assert torch.allclose(gn_hub[within], gn_sq[within], atol=1e-5)
+
+
+def test_roi_loss_config_bb_center_huber():
+    from cmfiou_core.model.model_config import load_config
+    ours = load_config(REPO / "config" / "cmfiou_kitti.yaml")
+    off = load_config(REPO / "config" / "cmfiou_kitti_official.yaml")
+    assert RoIHeadConfig.from_mapping(ours.model.roi_head).loss.bb_center_huber == 1.0
+    assert RoIHeadConfig.from_mapping(off.model.roi_head).loss.bb_center_huber == 0.0
+    with pytest.raises(ConfigError, match="bb_center_huber"):
+        RoIHeadConfig.from_mapping({"loss": {"bb_center_huber": -1.0}})
+
+
 # ------------------------------------------------------------------------------------------------ training on CPU
 def _synthetic_batch(B=2, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -145,7 +145,8 @@ class RoIHeadConfig:
             reg_fg_thresh=t.raw("reg_fg_thresh", d.target.reg_fg_thresh))
         t.finish()
         lw = s.sub("loss")
-        c.loss = LossWeights(*(lw.float(k, getattr(d.loss, k), min=0.0) for k in ("cls", "reg", "corner", "bb", "aux", "iou")))
+        c.loss = LossWeights(*(lw.float(k, getattr(d.loss, k), min=0.0) for k in ("cls", "reg", "corner", "bb", "aux", "iou")),
+                             bb_center_huber=lw.float("bb_center_huber", d.loss.bb_center_huber, min=0.0, max=100.0))
         lw.finish()
         s.finish()
         return c

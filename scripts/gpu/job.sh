@@ -2,13 +2,13 @@
 # GPU jobs run through the device tool (H100, Python 3.12, torch preinstalled, offline). The spconv-cu118 bundle is
 # built here with ../shared/tools/gpu_bundle.sh .gpu_bundle and carried (git-ignored).
 # usage: scripts/gpu/job.sh STAGE...   stages: setup gputest gen probe train_full train_lidar eval bench bench1 bench3
-#        split_ckpt depth
+#        split_ckpt
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd); cd "$ROOT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$ROOT NCCL_NVLS_ENABLE=0
 PY=python3
-GEN=${GEN:-/tmp/gen}; NGEN=${NGEN:-400}; MIN=${MIN:-8}
+GEN=${GEN:-/tmp/gen}; NGEN=${NGEN:-400}; MIN=${MIN:-12}
 log() { echo "=== $(date +%T) $*"; }
 for stage in "$@"; do case $stage in
 setup)
@@ -32,27 +32,20 @@ probe)
   log "depth bench"
   $PY bench/bench_depth.py --device cuda --iters 200 --json $OUT/depth_h100.json 2>&1 | tail -12 ;;
 train_full|train_lidar)
-  extra=""; name=full; [ $stage = train_lidar ] && { extra=--no-pseudo; name=lidar; }
-  log "train $name for $MIN min"
-  $PY -m cmfiou_core.tools.train --config config/cmfiou_kitti.yaml --data $GEN --device cuda --batch-size ${BS:-4} \
-     --workers 12 --amp ${AMP:-off} --max-minutes $MIN --time-schedule --out /tmp/run_$name --no-progress --log-every 50 \
-     --export-fp16 /tmp/run_$name/export_fp16.pt $extra 2>&1 | grep -v Warning | tail -30
-  cp /tmp/run_$name/metrics.jsonl $OUT/metrics_$name.jsonl 2>/dev/null
-  cp /tmp/run_$name/nonfinite_steps.jsonl $OUT/nonfinite_$name.jsonl 2>/dev/null; true ;;
-train_long)
-  # one training run of LONG_MIN minutes (time-driven one-cycle) spread over several device calls: the first call
-  # stops it with SIGTERM after STOP_S seconds (the trainer saves latest.pth), later calls resume with what is left.
-  d=/tmp/run_long; L=${LONG_MIN:-12}
+  # camera+LiDAR (train_full) or LiDAR-only (train_lidar, --no-pseudo) training of MIN minutes on the generated scenes
+  # (time-driven one-cycle). A run may span several device calls: STOP_S ends this call's part with SIGTERM (the
+  # trainer saves latest.pth); the next call finds latest.pth and resumes with the minutes that are left.
+  name=${stage#train_}; d=/tmp/run_$name; extra=""; [ $name = lidar ] && extra=--no-pseudo
   if [ -f $d/ckpt/latest.pth ]; then
-    used=$(python3 -c "import torch; m=torch.load('$d/ckpt/latest.pth', map_location='cpu', weights_only=True); print(m.get('meta', m).get('time_used_s', 0))" 2>/dev/null || echo 0)
-    left=$(python3 -c "print(round(max($L - $used/60, 0.5), 2))"); log "resume long run: $used s used, $left min left"
+    used=$($PY -c "import torch; m=torch.load('$d/ckpt/latest.pth', map_location='cpu', weights_only=True); print(m.get('meta', m).get('time_used_s', 0))" 2>/dev/null || echo 0)
+    left=$($PY -c "print(round(max($MIN - $used/60, 0.5), 2))"); log "resume $name: $used s used, $left min left"
     args="--resume $d/ckpt/latest.pth --max-minutes $left"
-  else log "long run: $L min budget, first ${STOP_S:-420} s now"; args="--max-minutes $L"; fi
-  timeout --foreground -s TERM ${STOP_S:-100000} $PY -m cmfiou_core.tools.train --config config/cmfiou_kitti.yaml --data $GEN --device cuda \
-     --batch-size 2 --workers 12 --time-schedule --out $d --no-progress --log-every 50 --export-fp16 $d/export_fp16.pt \
-     $args ${TRAIN_EXTRA:-} 2>&1 | grep -v "Warning\|^W11\|ret\[slices" | tail -12
-  cp $d/grad_probe.jsonl $OUT/grad_probe.jsonl 2>/dev/null
-  cp $d/metrics.jsonl $OUT/metrics_long.jsonl 2>/dev/null; cp $d/nonfinite_steps.jsonl $OUT/nonfinite_long.jsonl 2>/dev/null; true ;;
+  else log "train $name: $MIN min budget, at most ${STOP_S:-unlimited} s in this call"; args="--max-minutes $MIN"; fi
+  timeout --foreground -s TERM ${STOP_S:-100000} $PY -m cmfiou_core.tools.train --config config/cmfiou_kitti.yaml \
+     --data $GEN --device cuda --batch-size ${BS:-2} --workers 12 --amp ${AMP:-off} --time-schedule --out $d \
+     --no-progress --log-every 50 --export-fp16 $d/export_fp16.pt $extra $args ${TRAIN_EXTRA:-} 2>&1 \
+     | grep -v "Warning\|^W11\|ret\[slices" | tail -14
+  for f in metrics nonfinite_steps grad_probe; do cp $d/$f.jsonl $OUT/${f}_$name.jsonl 2>/dev/null; done; true ;;
 eval)
   for name in ${EVAL_RUNS:-full lidar}; do
     ck=/tmp/run_$name/export_fp16.pt; [ -f $ck ] || continue
