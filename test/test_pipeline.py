@@ -63,27 +63,29 @@ def test_bad_inputs_are_clear_errors(fused, kitti_samples):
 
 @pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(), reason="bundled demo checkpoint missing")
 def test_demo_checkpoint_detects_generated_objects():
-    """The shipped model finds the generator's cars, and its predicted IoU tracks the true IoU."""
+    """The shipped model finds most of the generator's cars, pedestrians and cyclists (3D IoU >= 0.7 / 0.5 / 0.5, the
+    KITTI thresholds) in scenes it never saw, and its predicted IoU tracks the true IoU.  (Measured on the CPU when the
+    12-minute checkpoint was shipped: 20 of 23 cars >= 0.7, 12 of 15 pedestrians/cyclists >= 0.5, correlation 0.95.)"""
     from cmfiou_core.data.synthetic import generate_frame
     from cmfiou_core.geometry.iou import boxes_iou3d
 
     pipe = Pipeline.from_config()  # bundled demo checkpoint + its (LiDAR-only) config
     assert not pipe.depth_cfg.enabled
-    hits, pairs = 0, []
-    n_cars = 0
-    for idx in (1001, 1002, 1003):
+    found = {"Car": [0, 0], "small": [0, 0]}
+    pairs = []
+    for idx in (1001, 1002, 1003):  # scene seed 7, indices outside the training set (0..399)
         f = generate_frame(7, idx)
         det = pipe(Frame(f.points, f.image, f.calib))
-        assert det.lidar_only
+        assert det.lidar_only and len(det) > 0
         gt = np.asarray(f.boxes_lidar, np.float32)[:, :7]
-        cars = np.asarray(f.names) == "Car"
-        n_cars += int(cars.sum())
-        if len(det) == 0 or not cars.any():
-            continue
+        names = np.asarray(f.names)
         iou = boxes_iou3d(torch.from_numpy(gt), torch.from_numpy(det.boxes)).numpy()
-        hits += int((iou[cars].max(axis=1) >= 0.5).sum())
-        best = iou.max(axis=0)
-        pairs += list(zip(best, det.iou_scores))
-    assert n_cars > 0 and hits >= 1, f"{hits} of {n_cars} generated cars found at 3D IoU >= 0.5"
+        best_gt = iou.max(axis=1)
+        for key, sel, thr in (("Car", names == "Car", 0.7), ("small", np.isin(names, ["Pedestrian", "Cyclist"]), 0.5)):
+            found[key][0] += int((best_gt[sel] >= thr).sum())
+            found[key][1] += int(sel.sum())
+        pairs += list(zip(iou.max(axis=0), det.iou_scores))
+    for key, (hit, n) in found.items():
+        assert n > 0 and hit >= 0.6 * n, f"{key}: {hit} of {n} generated objects found at the KITTI IoU threshold"
     true_iou, pred_iou = np.array(pairs).T
-    assert np.corrcoef(true_iou, pred_iou)[0, 1] > 0.3  # the IoU branch is informative
+    assert np.corrcoef(true_iou, pred_iou)[0, 1] > 0.7  # the IoU branch is informative
