@@ -88,6 +88,30 @@ def test_limit_period_and_rotation():
     assert torch.allclose(q, torch.tensor([[[0.0, 1.0, 2.0, 7.0]]]), atol=1e-6)
 
 
+def test_rotation_precision_by_dtype():
+    """float64 points + angles rotate with a float64 matrix (the numpy data path gets full precision); otherwise the
+    matrix is rounded to float32 as in OpenPCDet."""
+    gen = torch.Generator().manual_seed(3)
+    p = torch.rand(4, 50, 3, generator=gen, dtype=torch.float64) * 100 - 50
+    a = torch.rand(4, generator=gen, dtype=torch.float64) * 6 - 3
+    c, s = torch.cos(a)[:, None], torch.sin(a)[:, None]
+    ref = torch.stack([p[..., 0] * c - p[..., 1] * s, p[..., 0] * s + p[..., 1] * c, p[..., 2]], -1)
+    assert (rotate_points_along_z(p, a) - ref).abs().max() < 1e-12
+    q32 = rotate_points_along_z(p.float(), a.float())
+    assert q32.dtype == torch.float32 and (q32.double() - ref).abs().max() < 1e-4
+    mixed = rotate_points_along_z(p, a.float())  # float32 angles: float32 matrix, float64 points
+    m32 = torch.stack((torch.cos(a.float()), torch.sin(a.float()), -torch.sin(a.float()), torch.cos(a.float())), 1)
+    want = torch.stack([p[..., 0] * m32[:, None, 0].double() + p[..., 1] * m32[:, None, 2].double(),
+                        p[..., 0] * m32[:, None, 1].double() + p[..., 1] * m32[:, None, 3].double(), p[..., 2]], -1)
+    assert mixed.dtype == torch.float64 and (mixed - want).abs().max() < 1e-12
+    nb = np.concatenate([p[0].numpy(), np.full((50, 3), 2.0), a[0].expand(50, 1).numpy()], 1)
+    corners = boxes_to_corners_3d(nb)  # numpy float64 in -> numpy float64 out, exact to float64 precision
+    assert corners.dtype == np.float64
+    ca, sa = math.cos(float(a[0])), math.sin(float(a[0]))
+    np.testing.assert_allclose(corners[:, 0, 0], nb[:, 0] + ca - sa, rtol=0, atol=1e-12)  # (+1, +1) local
+    np.testing.assert_allclose(corners[:, 0, 1], nb[:, 1] + sa + ca, rtol=0, atol=1e-12)
+
+
 def test_corners():
     b = torch.tensor([[1.0, 2.0, 3.0, 4.0, 2.0, 1.0, math.pi / 2]])
     c = boxes_to_corners_3d(b)[0]
