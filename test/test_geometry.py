@@ -278,6 +278,42 @@ def test_points_in_boxes_bruteforce():
     assert torch.all(got[anyin].float().argmax(1) == first[anyin])
 
 
+def test_points_in_boxes_numpy_path_bruteforce():
+    """numpy input -> the data path's float64 x-sorted path (one function, one predicate): equal to a float64
+    brute-force loop, strict in BEV and inclusive in z (points placed exactly on faces), and to the dense torch
+    float64 path; float32 numpy input is evaluated in float64."""
+    rng = np.random.default_rng(5)
+    M = 12
+    boxes = np.c_[rng.uniform(-4, 4, (M, 3)), rng.choice([1.0, 2.0, 3.0], (M, 3)), np.zeros((M, 1))]
+    boxes[:, :3] = np.round(boxes[:, :3])
+    boxes[M // 2:, 6] = rng.uniform(-3, 3, M - M // 2)  # half rotated, half axis-aligned (exact faces)
+    pts = np.round(rng.uniform(-6, 6, (3000, 4)) * 2) / 2  # half-metre grid: many points exactly on faces
+    pts = np.r_[pts, rng.uniform(-6, 6, (3000, 4))]
+    got = points_in_boxes_mask(pts, boxes)
+    assert isinstance(got, np.ndarray) and got.dtype == bool and got.shape == (6000, M)
+    ref = np.zeros_like(got)
+    for j in range(M):
+        cx, cy, cz, dx, dy, dz, h = (float(v) for v in boxes[j])
+        ca, sa = math.cos(-h), math.sin(-h)
+        for i in range(pts.shape[0]):
+            x, y, z = (float(v) for v in pts[i, :3])
+            lx = (x - cx) * ca - (y - cy) * sa
+            ly = (x - cx) * sa + (y - cy) * ca
+            ref[i, j] = abs(z - cz) <= dz / 2 and -dx / 2 < lx < dx / 2 and -dy / 2 < ly < dy / 2
+    assert np.array_equal(got, ref)
+    aligned = boxes[:, 6] == 0
+    on_z_face = np.isclose(np.abs(pts[:, None, 2] - boxes[None, :, 2]), boxes[None, :, 5] / 2)[:, aligned]
+    on_x_face = np.isclose(np.abs(pts[:, None, 0] - boxes[None, :, 0]), boxes[None, :, 3] / 2)[:, aligned]
+    assert (got[:, aligned] & on_z_face).any()  # inclusive in z: face points are inside ...
+    assert not (got[:, aligned] & on_x_face).any()  # ... strict in BEV: none on an x face is
+    dense = points_in_boxes_mask(torch.from_numpy(pts), torch.from_numpy(boxes))
+    assert torch.equal(dense, torch.from_numpy(got))
+    np.testing.assert_array_equal(points_in_boxes_mask(pts.astype(np.float32), boxes),
+                                  points_in_boxes_mask(pts.astype(np.float32).astype(np.float64), boxes))
+    assert points_in_boxes_mask(pts[:0], boxes).shape == (0, M)
+    assert points_in_boxes_mask(pts, boxes[:0]).shape == (6000, 0)
+
+
 # ------------------------------------------------------------------------------------------------ voxel query
 def voxel_query_loop(coords, new_xyz, vxyz, v2p, rng, radius, nsample):
     B, Z, Y, X = v2p.shape
