@@ -11,6 +11,7 @@ import pytest
 
 from cmfiou_core.data import augment as A
 from cmfiou_core.data.kitti import KittiDataset
+from cmfiou_core.geometry.points_in_boxes import points_in_boxes_mask
 from test_kitti_dataset import kitti_root  # noqa: F401  (session fixture: a writable root of real frames)
 
 
@@ -33,7 +34,7 @@ def _fresh(samples, i):
 
 def _ids_in_boxes(d, boxes=None):
     boxes = d["gt_boxes"] if boxes is None else boxes
-    m = A.points_in_boxes_np(d["points"], boxes)
+    m = points_in_boxes_mask(d["points"], boxes)
     return [set(d["points"][m[:, k], 8].astype(int).tolist()) for k in range(boxes.shape[0])]
 
 
@@ -66,14 +67,14 @@ def test_world_steps_keep_points_in_boxes(samples):
     for i in range(len(samples[1])):
         d = _fresh(samples, i)
         before = _ids_in_boxes(d)
-        norm0 = [_local_norm(d["points"][A.points_in_boxes_np(d["points"], d["gt_boxes"][k:k + 1])[:, 0]],
+        norm0 = [_local_norm(d["points"][points_in_boxes_mask(d["points"], d["gt_boxes"][k:k + 1])[:, 0]],
                              d["gt_boxes"][k]) for k in range(d["gt_boxes"].shape[0])]
         for step in (A.random_world, A.random_local_trans):
             d = step(d, A.AugmentConfig(), rng)
             assert _ids_in_boxes(d) == before, step.__name__
         for k in range(d["gt_boxes"].shape[0]):
             box = d["gt_boxes"][k]
-            sel = A.points_in_boxes_np(d["points"], box[None])[:, 0]
+            sel = points_in_boxes_mask(d["points"], box[None])[:, 0]
             n1 = _local_norm(d["points"][sel], box)
             if d["aug_param"][1]:  # a flip mirrors the box frame: local y changes sign
                 n1[:, 1] = -n1[:, 1]
@@ -108,12 +109,12 @@ def test_gt_sampling(samples):
             # scene points inside the (shrunk-in-z) pasted boxes were removed
             scene = d["points"][d["points"][:, 8] >= 0]
             big = A.enlarge_boxes(new, cfg.remove_extra_width)
-            assert not A.points_in_boxes_np(scene, big).any()
+            assert not points_in_boxes_mask(scene, big).any()
             assert set(scene[:, 8].astype(int)) <= set(scene_ids.astype(int))
             # each pasted object: all its DB points, box-relative coordinates preserved
             pasted = d["points"][d["points"][:, 8] < 0]
             names = d["gt_names"][n0:]
-            owner = A.points_in_boxes_np(pasted, new)
+            owner = points_in_boxes_mask(pasted, new)
             for k in range(new.shape[0]):
                 cand = [o for o in db.infos[names[k]]
                         if np.allclose(np.array(o["box3d_lidar"])[[0, 1, 3, 4, 5, 6]], new[k, [0, 1, 3, 4, 5, 6]])]
@@ -177,8 +178,8 @@ def test_local_noise_moves_points_rigidly(samples):
         d = _fresh(samples, i)
         d["valid_noise"][:] = 1
         b0 = d["gt_boxes"].copy()
-        inside0 = A.points_in_boxes_np(d["points"], b0)
-        big = A.points_in_boxes_np(d["points"], A.enlarge_boxes(b0, (0.2, 0.2, 0.0))).any(1)
+        inside0 = points_in_boxes_mask(d["points"], b0)
+        big = points_in_boxes_mask(d["points"], A.enlarge_boxes(b0, (0.2, 0.2, 0.0))).any(1)
         loc0 = [A.to_box_frame(d["points"][inside0[:, k]], b0[k]) for k in range(b0.shape[0])]
         ids0 = [d["points"][inside0[:, k], 8] for k in range(b0.shape[0])]
         p_out0 = d["points"][~big].copy()
@@ -190,7 +191,7 @@ def test_local_noise_moves_points_rigidly(samples):
         for k in range(b0.shape[0]):
             pts = d["points"][[pos[int(v)] for v in ids0[k]]]
             np.testing.assert_allclose(A.to_box_frame(pts, b1[k]), loc0[k], atol=1e-9)
-            assert A.points_in_boxes_np(pts, b1[k:k + 1]).all()
+            assert points_in_boxes_mask(pts, b1[k:k + 1]).all()
         iou = A.iou_bev_np(b1, b1)
         np.fill_diagonal(iou, 0)
         iou0 = A.iou_bev_np(b0, b0)

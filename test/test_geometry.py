@@ -88,6 +88,30 @@ def test_limit_period_and_rotation():
     assert torch.allclose(q, torch.tensor([[[0.0, 1.0, 2.0, 7.0]]]), atol=1e-6)
 
 
+def test_rotation_precision_by_dtype():
+    """float64 points + angles rotate with a float64 matrix (the numpy data path gets full precision); otherwise the
+    matrix is rounded to float32 as in OpenPCDet."""
+    gen = torch.Generator().manual_seed(3)
+    p = torch.rand(4, 50, 3, generator=gen, dtype=torch.float64) * 100 - 50
+    a = torch.rand(4, generator=gen, dtype=torch.float64) * 6 - 3
+    c, s = torch.cos(a)[:, None], torch.sin(a)[:, None]
+    ref = torch.stack([p[..., 0] * c - p[..., 1] * s, p[..., 0] * s + p[..., 1] * c, p[..., 2]], -1)
+    assert (rotate_points_along_z(p, a) - ref).abs().max() < 1e-12
+    q32 = rotate_points_along_z(p.float(), a.float())
+    assert q32.dtype == torch.float32 and (q32.double() - ref).abs().max() < 1e-4
+    mixed = rotate_points_along_z(p, a.float())  # float32 angles: float32 matrix, float64 points
+    m32 = torch.stack((torch.cos(a.float()), torch.sin(a.float()), -torch.sin(a.float()), torch.cos(a.float())), 1)
+    want = torch.stack([p[..., 0] * m32[:, None, 0].double() + p[..., 1] * m32[:, None, 2].double(),
+                        p[..., 0] * m32[:, None, 1].double() + p[..., 1] * m32[:, None, 3].double(), p[..., 2]], -1)
+    assert mixed.dtype == torch.float64 and (mixed - want).abs().max() < 1e-12
+    nb = np.concatenate([p[0].numpy(), np.full((50, 3), 2.0), a[0].expand(50, 1).numpy()], 1)
+    corners = boxes_to_corners_3d(nb)  # numpy float64 in -> numpy float64 out, exact to float64 precision
+    assert corners.dtype == np.float64
+    ca, sa = math.cos(float(a[0])), math.sin(float(a[0]))
+    np.testing.assert_allclose(corners[:, 0, 0], nb[:, 0] + ca - sa, rtol=0, atol=1e-12)  # (+1, +1) local
+    np.testing.assert_allclose(corners[:, 0, 1], nb[:, 1] + sa + ca, rtol=0, atol=1e-12)
+
+
 def test_corners():
     b = torch.tensor([[1.0, 2.0, 3.0, 4.0, 2.0, 1.0, math.pi / 2]])
     c = boxes_to_corners_3d(b)[0]
@@ -252,6 +276,42 @@ def test_points_in_boxes_bruteforce():
     anyin = got.any(1)
     assert torch.all((first >= 0) == anyin)
     assert torch.all(got[anyin].float().argmax(1) == first[anyin])
+
+
+def test_points_in_boxes_numpy_path_bruteforce():
+    """numpy input -> the data path's float64 x-sorted path (one function, one predicate): equal to a float64
+    brute-force loop, strict in BEV and inclusive in z (points placed exactly on faces), and to the dense torch
+    float64 path; float32 numpy input is evaluated in float64."""
+    rng = np.random.default_rng(5)
+    M = 12
+    boxes = np.c_[rng.uniform(-4, 4, (M, 3)), rng.choice([1.0, 2.0, 3.0], (M, 3)), np.zeros((M, 1))]
+    boxes[:, :3] = np.round(boxes[:, :3])
+    boxes[M // 2:, 6] = rng.uniform(-3, 3, M - M // 2)  # half rotated, half axis-aligned (exact faces)
+    pts = np.round(rng.uniform(-6, 6, (3000, 4)) * 2) / 2  # half-metre grid: many points exactly on faces
+    pts = np.r_[pts, rng.uniform(-6, 6, (3000, 4))]
+    got = points_in_boxes_mask(pts, boxes)
+    assert isinstance(got, np.ndarray) and got.dtype == bool and got.shape == (6000, M)
+    ref = np.zeros_like(got)
+    for j in range(M):
+        cx, cy, cz, dx, dy, dz, h = (float(v) for v in boxes[j])
+        ca, sa = math.cos(-h), math.sin(-h)
+        for i in range(pts.shape[0]):
+            x, y, z = (float(v) for v in pts[i, :3])
+            lx = (x - cx) * ca - (y - cy) * sa
+            ly = (x - cx) * sa + (y - cy) * ca
+            ref[i, j] = abs(z - cz) <= dz / 2 and -dx / 2 < lx < dx / 2 and -dy / 2 < ly < dy / 2
+    assert np.array_equal(got, ref)
+    aligned = boxes[:, 6] == 0
+    on_z_face = np.isclose(np.abs(pts[:, None, 2] - boxes[None, :, 2]), boxes[None, :, 5] / 2)[:, aligned]
+    on_x_face = np.isclose(np.abs(pts[:, None, 0] - boxes[None, :, 0]), boxes[None, :, 3] / 2)[:, aligned]
+    assert (got[:, aligned] & on_z_face).any()  # inclusive in z: face points are inside ...
+    assert not (got[:, aligned] & on_x_face).any()  # ... strict in BEV: none on an x face is
+    dense = points_in_boxes_mask(torch.from_numpy(pts), torch.from_numpy(boxes))
+    assert torch.equal(dense, torch.from_numpy(got))
+    np.testing.assert_array_equal(points_in_boxes_mask(pts.astype(np.float32), boxes),
+                                  points_in_boxes_mask(pts.astype(np.float32).astype(np.float64), boxes))
+    assert points_in_boxes_mask(pts[:0], boxes).shape == (0, M)
+    assert points_in_boxes_mask(pts, boxes[:0]).shape == (6000, 0)
 
 
 # ------------------------------------------------------------------------------------------------ voxel query

@@ -165,16 +165,65 @@ def test_ensure_demo_scenes(tmp_path):
     assert time.perf_counter() - t < 0.1
 
 
-def test_numpy_box_helpers_match_geometry(frames):
-    fr = frames[0]
-    b = fr.boxes_lidar
-    np.testing.assert_allclose(syn.boxes_to_corners_3d(b), boxes_to_corners_3d(b), atol=1e-9)
-    cam = syn.boxes3d_lidar_to_kitti_camera(b, fr.calib)
+def _ref_corners_lidar(box):
+    """Brute-force (8, 3) corners of one LiDAR box: rotate (+-dx/2, +-dy/2, +-dz/2) by the heading, add the centre."""
+    x, y, z, dx, dy, dz, h = (float(v) for v in box[:7])
+    c, s = math.cos(h), math.sin(h)
+    out = []
+    for sx, sy, sz in ((1, 1, -1), (1, -1, -1), (-1, -1, -1), (-1, 1, -1), (1, 1, 1), (1, -1, 1), (-1, -1, 1),
+                       (-1, 1, 1)):
+        lx, ly, lz = sx * dx / 2, sy * dy / 2, sz * dz / 2
+        out.append((x + lx * c - ly * s, y + lx * s + ly * c, z + lz))
+    return np.array(out)
+
+
+def test_box_geometry_on_frames_float64(frames):
+    """The generator calls cmfiou_core.geometry.boxes with float64 numpy boxes (it used to keep numpy twins): the
+    results come back as float64 numpy and agree with brute-force references to float64 precision."""
     from cmfiou_core.geometry.boxes import boxes3d_lidar_to_kitti_camera
 
-    np.testing.assert_allclose(cam, boxes3d_lidar_to_kitti_camera(b, fr.calib), atol=1e-9)
-    np.testing.assert_allclose(syn.boxes3d_kitti_camera_to_imageboxes(cam, fr.calib, (375, 1242)),
-                               boxes3d_kitti_camera_to_imageboxes(cam, fr.calib, (375, 1242)), atol=1e-6)
+    fr = frames[0]
+    calib = fr.calib
+    b = fr.boxes_lidar
+    assert b.dtype == np.float64 and b.shape[0] > 0
+    corners = boxes_to_corners_3d(b)
+    assert isinstance(corners, np.ndarray) and corners.dtype == np.float64
+    np.testing.assert_allclose(corners, np.stack([_ref_corners_lidar(x) for x in b]), rtol=0, atol=1e-12)
+
+    cam = boxes3d_lidar_to_kitti_camera(b, calib)
+    assert isinstance(cam, np.ndarray) and cam.dtype == np.float64
+    V2R = calib.V2R
+    for bl, bc in zip(b, cam):
+        bottom = V2R @ np.array([bl[0], bl[1], bl[2] - bl[5] / 2, 1.0])
+        np.testing.assert_allclose(bc[:3], bottom[:3], rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(bc[3:6], [bl[3], bl[5], bl[4]])  # (l, h, w) = (dx, dz, dy)
+        assert abs(bc[6] - (-bl[6] - math.pi / 2)) < 1e-15
+    back = boxes3d_kitti_camera_to_lidar(cam, calib)
+    assert back.dtype == np.float64
+    np.testing.assert_allclose(back, b, rtol=0, atol=1e-12)
+
+    # 2D boxes: min/max of the 8 corners of the camera box (upright in the rect frame, bottom centre, rotated by ry
+    # about the camera y axis) projected with P2, clipped
+    for shape in (None, (syn.IMAGE_H, syn.IMAGE_W)):
+        box2d = boxes3d_kitti_camera_to_imageboxes(cam, calib, shape)
+        assert isinstance(box2d, np.ndarray) and box2d.dtype == np.float64
+        for k, (x, y, z, l, h, w, ry) in enumerate(cam):
+            c, s = math.cos(ry), math.sin(ry)
+            rect = np.array([(x + sx * l / 2 * c + sz * w / 2 * s, y - top * h, z - sx * l / 2 * s + sz * w / 2 * c)
+                             for top in (0, 1) for sx, sz in ((1, 1), (1, -1), (-1, -1), (-1, 1))])
+            if np.any(rect[:, 2] <= 0.1):
+                continue  # behind the camera: projection not meaningful
+            hom = np.c_[rect, np.ones(8)] @ calib.P2.T
+            uv = hom[:, :2] / hom[:, 2:3]
+            want = np.r_[uv.min(0), uv.max(0)]
+            if shape is not None:
+                want = np.clip(want, 0, [shape[1] - 1, shape[0] - 1, shape[1] - 1, shape[0] - 1])
+            np.testing.assert_allclose(box2d[k], want, rtol=0, atol=1e-8)
+    # the frame's 2D boxes of labelled objects are those of the geometry module on the (2-decimal) label boxes
+    real = [o for o in _label_objects(fr) if o["name"] != "DontCare"]
+    np.testing.assert_allclose(fr.bbox2d[fr.labelled],
+                               boxes3d_kitti_camera_to_imageboxes(_cam_boxes(real), calib, (375, 1242)),
+                               rtol=0, atol=1e-9)
 
 
 def test_generation_speed():

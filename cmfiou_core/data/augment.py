@@ -40,39 +40,10 @@ import torch
 
 from ..config import ConfigError, Section
 from ..geometry.iou import boxes_iou_bev
+from ..geometry.points_in_boxes import points_in_boxes_mask
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def points_in_boxes_np(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """(N, 3+) x (M, 7+) -> (N, M) bool, same semantics as H3's ``geometry.points_in_boxes.points_in_boxes_mask``
-    (strict in BEV, inclusive in z), computed in float64. Private fast path (to unify with the geometry module):
-    points are sorted by x once and each box only tests the points within its circumscribed x-range."""
-    N, M = points.shape[0], boxes.shape[0]
-    out = np.zeros((N, M), dtype=bool)
-    if N == 0 or M == 0:
-        return out
-    x = np.asarray(points[:, 0], dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    b = np.asarray(boxes[:, :7], dtype=np.float64)
-    r = 0.5 * np.hypot(b[:, 3], b[:, 4]) + 1e-6
-    lo = np.searchsorted(xs, b[:, 0] - r, "left")
-    hi = np.searchsorted(xs, b[:, 0] + r, "right")
-    for k in range(M):
-        if hi[k] <= lo[k]:
-            continue
-        idx = order[lo[k]:hi[k]]
-        p = np.asarray(points[idx, :3], dtype=np.float64)
-        ca, sa = math.cos(-b[k, 6]), math.sin(-b[k, 6])
-        sx, sy, sz = p[:, 0] - b[k, 0], p[:, 1] - b[k, 1], p[:, 2] - b[k, 2]
-        lx = sx * ca - sy * sa
-        ly = sx * sa + sy * ca
-        hx, hy = b[k, 3] / 2, b[k, 4] / 2
-        m = (np.abs(sz) <= b[k, 5] / 2) & (lx > -hx) & (lx < hx) & (ly > -hy) & (ly < hy)
-        out[idx[m], k] = True
-    return out
-
-
 def iou_bev_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if a.shape[0] == 0 or b.shape[0] == 0:
         return np.zeros((a.shape[0], b.shape[0]))
@@ -354,7 +325,7 @@ def gt_sampling(d: dict, db: GTDatabase, cfg: GTSamplingConfig, rng: np.random.G
             full[:, 8:] = -1.0  # pasted points carry -1 in the pass-through columns
         obj_pts.append(full)
     large = enlarge_boxes(sampled, cfg.remove_extra_width)
-    inside = points_in_boxes_np(pts, large).any(axis=1)
+    inside = points_in_boxes_mask(pts, large).any(axis=1)
     d["points"] = np.concatenate(obj_pts + [pts[~inside]], 0)
     d["gt_boxes"] = np.concatenate([boxes, sampled], 0)
     d["gt_names"] = np.concatenate([names, np.array([i["name"] for i in acc_infos])])
@@ -372,7 +343,7 @@ def random_local_noise(d: dict, cfg: AugmentConfig, rng: np.random.Generator) ->
     rot = rng.uniform(cfg.local_rot_range[0], cfg.local_rot_range[1], (M, T))
     trans = rng.normal(0.0, 1.0, (M, T, 3)) * np.asarray(cfg.local_trans_std)
     pts = d["points"]
-    inside = points_in_boxes_np(pts, enlarge_boxes(boxes, cfg.local_noise_extra_width))
+    inside = points_in_boxes_mask(pts, enlarge_boxes(boxes, cfg.local_noise_extra_width))
     owner = np.where(inside.any(1), inside.argmax(1), -1)
     cur = boxes.copy()
     for i in np.nonzero(d["valid_noise"] == 1)[0]:
@@ -417,7 +388,7 @@ def random_local_trans(d: dict, cfg: AugmentConfig, rng: np.random.Generator) ->
 def pyramid_labels(points: np.ndarray, boxes: np.ndarray):
     """-> (box index (N,) or -1, pyramid index (N,) in 0..5 (+x,-x,+y,-y,+z,-z), normalised local coords (N, 3))."""
     N = points.shape[0]
-    inside = points_in_boxes_np(points, boxes)
+    inside = points_in_boxes_mask(points, boxes)
     owner = np.where(inside.any(1), inside.argmax(1), -1) if boxes.shape[0] else np.full(N, -1)
     norm = np.zeros((N, 3))
     pyr = np.full(N, -1)

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .augment import points_in_boxes_np
+from ..geometry.points_in_boxes import points_in_boxes_mask
 from .kitti import calib_from_info, fov_flag, load_points_mm
 
 
@@ -40,7 +40,7 @@ def create_gt_database(root: Union[str, Path], infos: List[dict], db_dir: str = 
         pts = points_fn(info) if points_fn is not None else load_points_mm(root, fid, split_dir, True, None, calib)
         if fov_only:
             pts = pts[fov_flag(pts, calib, info["image"]["image_shape"])]
-        mask = points_in_boxes_np(pts, boxes)
+        mask = points_in_boxes_mask(pts, boxes)
         for k in range(boxes.shape[0]):
             name = str(a["name"][k])
             if used_classes is not None and name not in used_classes:

@@ -27,8 +27,9 @@ import torch
 
 from ..calib import Calibration
 from ..geometry.boxes import boxes3d_kitti_camera_to_lidar, boxes_to_corners_3d
+from ..geometry.points_in_boxes import points_in_boxes_mask
 from ..types import CLASS_NAMES
-from .augment import AugmentConfig, Augmentor, GTDatabase, points_in_boxes_np
+from .augment import AugmentConfig, Augmentor, GTDatabase
 from .labels import objects_to_annos, read_label_file
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def frame_info(root: Union[str, Path], frame_id: str, split_dir: str = "training
         if count_points:
             pts = read_velodyne_bin(base / "velodyne" / f"{frame_id}.bin")
             pts = pts[fov_flag(pts, calib, (H, W))]
-            num[:n_obj] = points_in_boxes_np(pts, boxes).sum(0)
+            num[:n_obj] = points_in_boxes_mask(pts, boxes).sum(0)
         annos["num_points_in_gt"] = num
         info["annos"] = annos
     return info

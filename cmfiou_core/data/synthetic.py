@@ -35,6 +35,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from ..calib import Calibration
+from ..geometry.boxes import (boxes3d_kitti_camera_to_imageboxes, boxes3d_kitti_camera_to_lidar,
+                              boxes3d_lidar_to_kitti_camera, boxes_to_corners_3d)
 from .labels import dontcare_line, format_label_line
 
 # KITTI 2011_09_26 calibration (object training calib of frames 000001/000002)
@@ -76,52 +78,6 @@ class SceneConfig:
     num_cyclists: Tuple[int, int] = (0, 3)
 
 
-# ----------------------------------------------------------------------------------------------- numpy box helpers
-# (private numpy twins of cmfiou_core.geometry.boxes, used here because tiny torch ops are slow under CPU contention;
-#  the tests check them against the geometry module)
-def boxes_to_corners_3d(boxes: np.ndarray) -> np.ndarray:
-    """(N, 7) LiDAR boxes -> (N, 8, 3) corners (same order as geometry.boxes.boxes_to_corners_3d)."""
-    t = np.array([[1, 1, -1], [1, -1, -1], [-1, -1, -1], [-1, 1, -1], [1, 1, 1], [1, -1, 1], [-1, -1, 1],
-                  [-1, 1, 1]], dtype=np.float64) / 2
-    loc = boxes[:, None, 3:6] * t[None]
-    c, s = np.cos(boxes[:, 6])[:, None], np.sin(boxes[:, 6])[:, None]
-    x = loc[..., 0] * c - loc[..., 1] * s
-    y = loc[..., 0] * s + loc[..., 1] * c
-    return np.stack([x, y, loc[..., 2]], -1) + boxes[:, None, :3]
-
-
-def boxes3d_lidar_to_kitti_camera(boxes: np.ndarray, calib: Calibration) -> np.ndarray:
-    xyz = boxes[:, :3].copy()
-    xyz[:, 2] -= boxes[:, 5] / 2
-    rect = calib.lidar_to_rect(xyz)
-    return np.concatenate([rect, boxes[:, 3:4], boxes[:, 5:6], boxes[:, 4:5], -boxes[:, 6:7] - math.pi / 2], 1)
-
-
-def boxes3d_kitti_camera_to_lidar(cam: np.ndarray, calib: Calibration) -> np.ndarray:
-    xyz = calib.rect_to_lidar(cam[:, :3].astype(np.float64))
-    xyz[:, 2] += cam[:, 4] / 2
-    return np.concatenate([xyz, cam[:, 3:4], cam[:, 5:6], cam[:, 4:5], -(cam[:, 6:7] + math.pi / 2)], 1)
-
-
-def boxes3d_kitti_camera_to_imageboxes(cam: np.ndarray, calib: Calibration, image_shape=None) -> np.ndarray:
-    """Min/max of the 8 projected corners of the KITTI camera box (built upright in the rect frame, as KITTI /
-    OpenPCDet do), clipped to [0, W-1] x [0, H-1] when image_shape = (H, W) is given."""
-    l, h, w, ry = cam[:, 3:4], cam[:, 4:5], cam[:, 5:6], cam[:, 6:7]
-    xc = np.array([1, 1, -1, -1, 1, 1, -1, -1]) * l / 2
-    zc = np.array([1, -1, -1, 1, 1, -1, -1, 1]) * w / 2
-    yc = np.array([0, 0, 0, 0, -1, -1, -1, -1]) * h
-    c, s = np.cos(ry), np.sin(ry)
-    corners = np.stack([xc * c + zc * s + cam[:, 0:1], yc + cam[:, 1:2], -xc * s + zc * c + cam[:, 2:3]], -1)
-    uv, _ = calib.rect_to_img(corners.reshape(-1, 3))
-    uv = uv.reshape(-1, 8, 2)
-    out = np.concatenate([uv.min(1), uv.max(1)], 1)
-    if image_shape is not None:
-        H, W = int(image_shape[0]), int(image_shape[1])
-        out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, W - 1)
-        out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, H - 1)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- materials
 # name -> (albedo RGB 0..1, LiDAR reflectivity 0..1)
 _MATERIALS = {
@@ -145,6 +101,7 @@ class _Prims:
     albedo: List[Tuple[float, float, float]] = field(default_factory=list)
     refl: List[float] = field(default_factory=list)
     obj: List[int] = field(default_factory=list)
+    _corners: Optional[np.ndarray] = field(default=None, repr=False)
 
     def box(self, cx, cy, cz, l, w, h, yaw, albedo, refl, obj=-1):
         self.kind.append(0)
@@ -167,14 +124,22 @@ class _Prims:
             return g[0], g[1], 0.5 * math.hypot(g[3], g[4]), g[2] - g[5] / 2, g[2] + g[5] / 2
         return g[0], g[1], g[4], g[2], g[3]
 
-    def corners(self, i) -> np.ndarray:
+    def bounding_box(self, i) -> Tuple[float, ...]:
+        """LiDAR box (cx, cy, cz, dx, dy, dz, yaw) enclosing primitive i (a box is its own)."""
         cx, cy, R, z0, z1 = self.bounds(i)
         g = self.geom[i]
         if self.kind[i] == 0:
-            box = np.array([[g[0], g[1], g[2], g[3], g[4], g[5], g[6]]])
-        else:
-            box = np.array([[cx, cy, (z0 + z1) / 2, 2 * R, 2 * R, z1 - z0, 0.0]])
-        return boxes_to_corners_3d(box)[0]
+            return tuple(g[:7])
+        return (cx, cy, (z0 + z1) / 2, 2 * R, 2 * R, z1 - z0, 0.0)
+
+    def corners(self, ids) -> np.ndarray:
+        """(8 len(ids), 3) float64 corners of the bounding boxes of primitives ``ids`` (all primitives' corners are
+        computed in one call and cached until a primitive is added)."""
+        n = len(self.kind)
+        if self._corners is None or self._corners.shape[0] != n:
+            boxes = np.array([self.bounding_box(i) for i in range(n)], dtype=np.float64).reshape(-1, 7)
+            self._corners = boxes_to_corners_3d(boxes)
+        return self._corners[list(ids)].reshape(-1, 3)
 
 
 # ----------------------------------------------------------------------------------------------- ray casting
@@ -515,7 +480,7 @@ def _lidar_block(prims: _Prims, elev: np.ndarray, W: int, group):
 
 
 def _camera_block(prims: _Prims, calib: Calibration, group, H: int, W: int):
-    corners = np.concatenate([prims.corners(p) for p in group], 0)
+    corners = prims.corners(group)
     rect = calib.lidar_to_rect(corners)
     uv, depth = calib.rect_to_img(rect)
     if np.all(depth <= 0.05):
@@ -659,6 +624,10 @@ def generate_frame(seed: int, index: int, cfg: SceneConfig = SceneConfig()) -> S
     occl = np.full(n_obj, -1, dtype=np.int64)
     vfrac = np.zeros(n_obj)
     bbox2d = np.zeros((n_obj, 4))
+    if n_obj:  # all objects at once (few calls into the torch geometry)
+        depth_all = calib.lidar_to_rect(boxes_to_corners_3d(boxes).reshape(-1, 3))[:, 2].reshape(n_obj, 8)
+        full_all = boxes3d_kitti_camera_to_imageboxes(cams, calib)
+        clip_all = boxes3d_kitti_camera_to_imageboxes(cams, calib, (H, Wi))
     for k in range(n_obj):
         cls = objs[k][0]
         if own[k] == 0 or vis[k] == 0:
@@ -666,8 +635,7 @@ def generate_frame(seed: int, index: int, cfg: SceneConfig = SceneConfig()) -> S
         frac = vis[k] / own[k]
         vfrac[k] = frac
         occl[k] = 0 if frac >= 0.8 else (1 if frac >= 0.4 else 2)
-        corners = boxes_to_corners_3d(boxes[k:k + 1])[0]
-        depth = calib.lidar_to_rect(corners)[:, 2]
+        depth = depth_all[k]
         dist = float(np.hypot(boxes[k, 0], boxes[k, 1]))
         vv, uu = np.nonzero(pix_obj == k)
         vis_box = (float(uu.min()), float(vv.min()), float(uu.max()), float(vv.max()))
@@ -675,8 +643,7 @@ def generate_frame(seed: int, index: int, cfg: SceneConfig = SceneConfig()) -> S
             if cfg.dontcare and vis[k] >= 20:
                 lines.append(dontcare_line(vis_box))
             continue
-        full = boxes3d_kitti_camera_to_imageboxes(cams[k:k + 1], calib)[0]
-        clip = boxes3d_kitti_camera_to_imageboxes(cams[k:k + 1], calib, (H, Wi))[0]
+        full, clip = full_all[k], clip_all[k]
         a_full = max((full[2] - full[0]) * (full[3] - full[1]), 1e-9)
         a_clip = max(clip[2] - clip[0], 0) * max(clip[3] - clip[1], 0)
         trunc = float(np.clip(1.0 - a_clip / a_full, 0.0, 1.0))

@@ -9,6 +9,12 @@ Algorithm: Sutherland-Hodgman clipping of box A (convex quad) by the 4 edges of 
 fixed vertex capacity, then the shoelace area. Exact up to float64 rounding. (The OpenPCDet/mmdet3d references
 compute this in float32 on the GPU; values can differ from theirs by ~1e-7, which only matters for an IoU within
 that distance of a threshold.)
+
+Not replaced by ``geometry.iou.bev_intersection_aligned`` in float64 although the APs are identical (3769-frame
+synthetic evaluation: IoUs differ by <= 5.5e-13, the torch one being closer to a 40-digit reference), because its
+speed depends on torch's intra-op threads: measured on the 38k pairs of that evaluation on a loaded 2-core machine,
+torch took 0.12 s with 1 thread but 1.5-2.2 s with 2 (the default) vs 0.17-0.19 s here, and the whole evaluation
+2.1 s with 1 thread but 5.3 s with 2 vs 2.3-3.0 s with this module, i.e. more than 2x slower in the default setting.
 """
 from __future__ import annotations
 

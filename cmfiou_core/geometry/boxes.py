@@ -45,13 +45,17 @@ def limit_period(val, offset: float = 0.5, period: float = math.pi):
 def rotate_points_along_z(points: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Rotate (B, N, 3+C) points about +z by (B,) angles (counter-clockwise, radians). Extra channels pass through.
 
-    Same op sequence as OpenPCDet (``points @ [[c, s, 0], [-s, c, 0], [0, 0, 1]]``) for bit-compatible results.
+    Same op sequence as OpenPCDet (``points @ [[c, s, 0], [-s, c, 0], [0, 0, 1]]``) for bit-compatible results. As
+    OpenPCDet, the rotation matrix is rounded to float32 -- except when both points and angles are float64, where it
+    stays float64 (the numpy data path, e.g. the synthetic scene generator, relies on full float64 corners).
     """
     cosa = torch.cos(angle)
     sina = torch.sin(angle)
     zeros = angle.new_zeros(points.shape[0])
     ones = angle.new_ones(points.shape[0])
-    rot_matrix = torch.stack((cosa, sina, zeros, -sina, cosa, zeros, zeros, zeros, ones), dim=1).view(-1, 3, 3).float()
+    rot_matrix = torch.stack((cosa, sina, zeros, -sina, cosa, zeros, zeros, zeros, ones), dim=1).view(-1, 3, 3)
+    if points.dtype != torch.float64:
+        rot_matrix = rot_matrix.float()
     rot_matrix = rot_matrix.to(points.dtype)
     points_rot = torch.matmul(points[:, :, 0:3], rot_matrix)
     return torch.cat((points_rot, points[:, :, 3:]), dim=-1)
