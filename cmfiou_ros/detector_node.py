@@ -666,22 +666,23 @@ class _Stamped:
 
 
 def main(argv=None) -> int:
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import MultiThreadedExecutor
+
+    from .shutdown import spinning
 
     rclpy.init(args=argv)
     node = DetectorNode()
     rc = 0
     try:
-        if node.params.get("autostart", True):
-            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                node.get_logger().fatal("configure failed: exiting")
-                return 2
-            node.trigger_activate()
-        ex = MultiThreadedExecutor(num_threads=2)
-        ex.add_node(node)
-        ex.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        with spinning(NODE_NAME):
+            if node.params.get("autostart", True):
+                if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                    node.get_logger().fatal("configure failed: exiting")
+                    return 2
+                node.trigger_activate()
+            ex = MultiThreadedExecutor(num_threads=2)
+            ex.add_node(node)
+            ex.spin()
     finally:
         node._teardown()
         node.destroy_node()

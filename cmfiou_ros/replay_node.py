@@ -307,7 +307,9 @@ class ReplayNode(Node):
 
 
 def main(argv=None) -> int:
-    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
+
+    from .shutdown import spinning
 
     rclpy.init(args=argv)
     try:
@@ -319,10 +321,9 @@ def main(argv=None) -> int:
     ex = SingleThreadedExecutor()
     ex.add_node(node)
     try:
-        while rclpy.ok() and not node.should_exit():
-            ex.spin_once(timeout_sec=0.05)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        with spinning(NODE_NAME):
+            while rclpy.ok() and not node.should_exit():
+                ex.spin_once(timeout_sec=0.05)
     finally:
         node.destroy_node()
         if rclpy.ok():

@@ -302,7 +302,7 @@ def test_cross_process_one_detection_array_per_frame(graph_run):
             assert abs(d.results[0].hypothesis.score - sc.score[k]) < 1e-6
             assert d.results[0].hypothesis.class_id == sc.class_id[k]
         assert len(mk_by_stamp[st].markers) == 1 + 2 * len(det.detections)
-    assert all(rc in (0, -2) for rc in r["rcs"].values()), r["rcs"]
+    assert all(rc in (0, -2) for rc in r["rcs"].values()), f"{r['rcs']}\n{r['logs']}"
 
 
 def test_cross_process_camera_stop_lidar_only_and_diagnostics(graph_run):
