@@ -19,9 +19,7 @@ a host->device copy). On CUDA the syncs are also counted exactly with ``torch.cu
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchutil import cuda_sync_messages, device_name, p50_p95_mean, write_json  # noqa: E402
 
 from cmfiou_core.calib import Calibration  # noqa: E402
 from cmfiou_core.depth import DepthConfig, PseudoPointGenerator, input_point_discard  # noqa: E402
@@ -83,10 +83,6 @@ def count_ops(gen, P, I, calib):
     counts = {k: v for k, v in oc.ops.items() if k != "after"}
     counts["total"] = sum(counts.values())
     return counts, [f"{s}: {n}" for s, _kind, n, _w in oc.syncs if s != "after"]
-
-
-def pct(v, q):
-    return float(np.percentile(np.asarray(v), q)) if v else float("nan")
 
 
 def main(argv=None):
@@ -145,16 +141,8 @@ def main(argv=None):
             disc.append((t2 - t1) * 1e3)
         n_raw, n_ps, n_disc = res.raw_rows.shape[0], res.pseudo_rows.shape[0], sub.shape[0]
 
-    syncs = None
-    if dev.type == "cuda":  # count host syncs inside one generator call (expected: 1, the final compaction)
-        import warnings
-
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            gen(P, I, calib)
-        torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(x.message).splitlines()[0] for x in w if "synchroniz" in str(x.message).lower()]
+    # count host syncs inside one generator call (expected: 1, the final compaction)
+    syncs = cuda_sync_messages(lambda: gen(P, I, calib)) if dev.type == "cuda" else None
 
     ops, sync_ops = count_ops(gen, P, I, calib)
     out = {
@@ -162,14 +150,12 @@ def main(argv=None):
         "cuda_syncs_per_call": None if syncs is None else len(syncs), "cuda_sync_messages": syncs,
         "source": source, "image": [int(img.shape[1]), int(img.shape[0])], "points_in": int(pts.shape[0]),
         "raw_rows": int(n_raw), "pseudo_rows": int(n_ps), "pseudo_after_discard": int(n_disc),
-        "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-        platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "device": str(dev), "device_name": device_name(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "method": a.method, "crop_official": a.crop_official, "iters": a.iters, "warmup": a.warmup,
-        "ms": {k: {"p50": pct(v, 50), "p95": pct(v, 95), "mean": float(np.mean(v))} for k, v in stages.items()},
+        "ms": {k: p50_p95_mean(v) for k, v in stages.items()},
     }
-    out["ms"]["wall"] = {"p50": pct(wall, 50), "p95": pct(wall, 95), "mean": float(np.mean(wall))}
-    out["ms"]["discard (input_point_discard)"] = {"p50": pct(disc, 50), "p95": pct(disc, 95),
-                                                  "mean": float(np.mean(disc))}
+    out["ms"]["wall"] = p50_p95_mean(wall)
+    out["ms"]["discard (input_point_discard)"] = p50_p95_mean(disc)
     print(f"# {source} {out['image'][0]}x{out['image'][1]}, {out['points_in']} pts -> raw {n_raw}, pseudo {n_ps} "
           f"({n_disc} after discard); {out['device']} ({out['device_name']}), threads {out['threads']}, "
           f"method {a.method}, {a.iters} iters after {a.warmup} warm-up")
@@ -182,12 +168,7 @@ def main(argv=None):
     if syncs is not None:
         print(f"host syncs inside one generator call (sync debug mode): {len(syncs)} (expected 1: the final "
               f"compaction)")
-    if a.json:
-        txt = json.dumps(out, indent=2)
-        if a.json == "-":
-            print(txt)
-        else:
-            Path(a.json).write_text(txt + "\n")
+    write_json(out, a.json)
     return out
 
 

@@ -21,18 +21,17 @@ counted on its CUDA path (matrix mode) on any device. On CUDA the syncs are also
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchutil import cuda_sync_messages, device_name, p50_p95_mean, write_json  # noqa: E402
 
 from cmfiou_core.model.postprocess import post_process  # noqa: E402
 from cmfiou_core.model.roi_head import RoIHead  # noqa: E402
@@ -113,10 +112,6 @@ def count(head, batch, pp_cfg):
     return oc
 
 
-def pct(v, q):
-    return float(np.percentile(np.asarray(v), q)) if v else float("nan")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -176,14 +171,11 @@ def main(argv=None):
                 t_head.append(th)
                 t_pp.append(tp)
 
-    cuda_syncs = None
-    if dev.type == "cuda":
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as w, torch.no_grad():
-            warnings.simplefilter("always")
+    def one_call():
+        with torch.no_grad():
             post_process(head(fresh(batch)), pp_cfg)
-        torch.cuda.set_sync_debug_mode("default")
-        cuda_syncs = [str(x.message).splitlines()[0] for x in w if "synchroniz" in str(x.message).lower()]
+
+    cuda_syncs = cuda_sync_messages(one_call) if dev.type == "cuda" else None
 
     oc = count(head, batch, pp_cfg)
     ops = dict(oc.ops)
@@ -194,13 +186,11 @@ def main(argv=None):
     head_sections = [k for k in ops if k != "postprocess"]
     out = {
         "source": inp["source"], "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or
-        platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "device_name": device_name(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "iters": a.iters, "warmup": a.warmup, "smoke": a.smoke, "exact_layout": a.exact_layout,
         "voxels": {k: {s: int(v[1].shape[0]) for s, v in inp[k].items()}
                    for k in ("multi_scale_3d_features", "multi_scale_3d_features_mm")},
-        "ms": {"roi_head": {"p50": pct(t_head, 50), "p95": pct(t_head, 95), "mean": float(np.mean(t_head))},
-               "postprocess": {"p50": pct(t_pp, 50), "p95": pct(t_pp, 95), "mean": float(np.mean(t_pp))}},
+        "ms": {"roi_head": p50_p95_mean(t_head), "postprocess": p50_p95_mean(t_pp)},
         "aten_ops": ops, "kernel_ops": dict(oc.kernels), "host_syncs": syncs, "per_stage": per_stage,
         "roi_head_totals": {"ops": sum(ops[k] for k in head_sections),
                             "kernels": sum(oc.kernels.get(k, 0) for k in head_sections),
@@ -224,12 +214,7 @@ def main(argv=None):
         print(f"  {n:4d} x {s}")
     if cuda_syncs is not None:
         print(f"CUDA syncs in one head + post-processing call (sync debug mode): {len(cuda_syncs)}")
-    if a.json:
-        txt = json.dumps(out, indent=2)
-        if a.json == "-":
-            print(txt)
-        else:
-            Path(a.json).write_text(txt + "\n")
+    write_json(out, a.json)
     return out
 
 
