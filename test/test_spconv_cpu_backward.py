@@ -258,7 +258,7 @@ def _expected_without_grad(name: str, train_aux_heads: bool) -> bool:
     return aux and not train_aux_heads
 
 
-def test_detector_training_step_cpu():
+def test_detector_training_step_cpu(kitti_samples):
     """One real CMF-IOU training step on CPU (~30 s on 2 cores): finite loss, every participating parameter gets a
     finite grad (sparse backbone included), one Adam step changes the loss."""
     from pathlib import Path
@@ -268,9 +268,7 @@ def test_detector_training_step_cpu():
     from cmfiou_core.model.model_config import load_config
 
     repo = Path(__file__).resolve().parents[1]
-    calib_file = repo.parent / "shared" / "kitti_samples" / "object" / "training" / "calib" / "000008.txt"
-    if not calib_file.is_file():
-        pytest.skip(f"{calib_file} not found")
+    calib_file = kitti_samples / "object" / "training" / "calib" / "000008.txt"
     t0 = time.perf_counter()
     torch.manual_seed(0)
     cfg = load_config(repo / "config" / "cmfiou_kitti.yaml")
