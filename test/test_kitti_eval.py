@@ -413,3 +413,32 @@ def test_speed_full_val_size():
     t = time.perf_counter()
     ke.evaluate(gts, dts)
     assert time.perf_counter() - t < 30.0
+
+
+# ------------------------------------------------------------------------------------------- localization quality
+def test_localization_quality_hand_computed():
+    # frame 0: Car A (l 3.9 along x), det shifted 0.39 m along its length -> IoU = 3.51 / 4.29 = 0.8182;
+    #          Car B only covered by a *Pedestrian* detection (other class: does not count) -> 0;
+    #          Pedestrian exact -> 1.0 (its best), a worse second Pedestrian det is ignored (max).
+    # frame 1: Car C, det shifted 0.7 m -> IoU = 3.2 / 4.6 = 0.6957 (inside the +-0.05 band around 0.7);
+    #          a Car det of frame 0 near C's position must not count across frames.
+    g0 = annos(obj(loc=(0, 1.6, 20)), obj(loc=(8, 1.6, 20)), obj("Pedestrian", loc=(-5, 1.6, 10), dims_hwl=(1.7, .6, .8)))
+    d0 = annos(obj(loc=(0.39, 1.6, 20), score=0.9), obj("Pedestrian", loc=(8, 1.6, 20), score=0.8),
+               obj("Pedestrian", loc=(-5, 1.6, 10), dims_hwl=(1.7, .6, .8), score=0.7),
+               obj("Pedestrian", loc=(-5.3, 1.6, 10), dims_hwl=(1.7, .6, .8), score=0.6),
+               obj(loc=(0, 1.6, 40), score=0.5), result=True)
+    g1 = annos(obj(loc=(0, 1.6, 40)))
+    d1 = annos(obj(loc=(0.7, 1.6, 40), score=0.4), result=True)
+    q = ke.localization_quality([g0, g1], [d0, d1])
+    car = q["Car"]
+    ious = np.array([3.51 / 4.29, 0.0, 3.2 / 4.6])
+    assert car["num_gt"] == 3 and car["threshold"] == 0.7
+    assert car["mean_best_iou"] == pytest.approx(ious.mean(), abs=1e-9)
+    assert car["median_best_iou"] == pytest.approx(np.median(ious), abs=1e-9)
+    assert car["recall"] == pytest.approx(1 / 3)
+    assert car["near_threshold"] == pytest.approx(1 / 3)
+    ped = q["Pedestrian"]
+    assert ped["num_gt"] == 1 and ped["mean_best_iou"] == pytest.approx(1.0) and ped["recall"] == 1.0
+    assert q["Cyclist"]["num_gt"] == 0 and math.isnan(q["Cyclist"]["mean_best_iou"])
+    with pytest.raises(ValueError, match="frames"):
+        ke.localization_quality([g0], [d0, d1])

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..calib import Calibration
 from ..types import Frame
-from .kitti_eval import EvalResult, evaluate
+from .kitti_eval import EvalResult, evaluate, localization_quality
 from .kitti_io import lidar_boxes_to_result_text, parse_kitti_text, read_ids, read_kitti_file
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,12 @@ class DatasetEvalResult:
     frames: int
     failed: List[str] = field(default_factory=list)
     latency_ms: Dict[str, float] = field(default_factory=dict)
+    localization: Dict[str, Dict[str, float]] = field(default_factory=dict)  # kitti_eval.localization_quality
 
     def summary(self) -> Dict:
         js = self.result.to_json()
-        return {"ap": js, "frames": self.frames, "failed": self.failed, "latency_ms": self.latency_ms}
+        return {"ap": js, "frames": self.frames, "failed": self.failed, "latency_ms": self.latency_ms,
+                "localization": self.localization}
 
 
 def _split_root(root: Path) -> Path:
@@ -80,12 +82,13 @@ def evaluate_split(pipeline, root: Union[str, Path], split: str = "val", out_dir
             (out / "results" / f"{fid}.txt").write_text(text)
         dt_annos.append(parse_kitti_text(text, f"{fid}.txt", is_result=True))
     res = evaluate(gt_annos, dt_annos)
+    loc = localization_quality(gt_annos, dt_annos)
     lat = {}
     if totals:
         a = np.asarray(totals)
         lat = {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
                "p99": float(np.percentile(a, 99))}
-    return DatasetEvalResult(res, len(ids), failed, lat)
+    return DatasetEvalResult(res, len(ids), failed, lat, loc)
 
 
 def make_eval_fn(cfg, root, split: str = "val", use_pseudo: bool = True, max_frames: Optional[int] = None):

@@ -31,6 +31,11 @@ def main(argv=None) -> int:
     pipe = Pipeline.from_config(args.config, args.checkpoint, args.device, amp=args.amp)
     r = evaluate_split(pipe, args.data, args.split, args.out, lidar_only=args.lidar_only, max_frames=args.max_frames)
     print(r.result.table())
+    for c, q in r.localization.items():
+        if q["num_gt"]:
+            print(f"{c} localization: {q['num_gt']} objects, best 3D IoU mean {q['mean_best_iou']:.3f} median "
+                  f"{q['median_best_iou']:.3f}, recall@{q['threshold']:.2f} {q['recall']:.3f}, within "
+                  f"+-0.05 of the threshold {q['near_threshold']:.3f}")
     print(f"frames {r.frames}, failed {len(r.failed)}, latency ms {r.latency_ms}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -36,22 +36,33 @@ train_full|train_lidar)
   # (time-driven one-cycle). A run may span several device calls: STOP_S ends this call's part with SIGTERM (the
   # trainer saves latest.pth); the next call finds latest.pth and resumes with the minutes that are left.
   name=${stage#train_}; d=/tmp/run_$name; extra=""; [ $name = lidar ] && extra=--no-pseudo
-  if [ -f $d/ckpt/latest.pth ]; then
+  if [ -n "${EPOCHS:-}" ]; then
+    # epoch-driven one-cycle (EPOCHS epochs); a later call resumes from latest.pth
+    args="--epochs $EPOCHS"; [ -f $d/ckpt/latest.pth ] && args="$args --resume $d/ckpt/latest.pth"
+    log "train $name: $EPOCHS epochs ($args), at most ${STOP_S:-unlimited} s in this call"
+  elif [ -f $d/ckpt/latest.pth ]; then
     used=$($PY -c "import torch; m=torch.load('$d/ckpt/latest.pth', map_location='cpu', weights_only=True); print(m.get('meta', m).get('time_used_s', 0))" 2>/dev/null || echo 0)
     left=$($PY -c "print(round(max($MIN - $used/60, 0.5), 2))"); log "resume $name: $used s used, $left min left"
     args="--resume $d/ckpt/latest.pth --max-minutes $left"
   else log "train $name: $MIN min budget, at most ${STOP_S:-unlimited} s in this call"; args="--max-minutes $MIN"; fi
+  sched=--time-schedule; [ -n "${EPOCHS:-}" ] && sched=""
   timeout --foreground -s TERM ${STOP_S:-100000} $PY -m cmfiou_core.tools.train --config config/cmfiou_kitti.yaml \
-     --data $GEN --device cuda --batch-size ${BS:-2} --workers 12 --amp ${AMP:-off} --time-schedule --out $d \
+     --data $GEN --device cuda --batch-size ${BS:-2} --workers 12 --amp ${AMP:-off} $sched --out $d \
      --no-progress --log-every 50 --export-fp16 $d/export_fp16.pt $extra $args ${TRAIN_EXTRA:-} 2>&1 \
      | grep -v "Warning\|^W11\|ret\[slices" | tail -14
   for f in metrics nonfinite_steps grad_probe; do cp $d/$f.jsonl $OUT/${f}_$name.jsonl 2>/dev/null; done; true ;;
 eval)
+  # EVAL_VIEWS: test-view presets to evaluate (identity, official_x_trans); results ap_<run>[_<preset>].json
   for name in ${EVAL_RUNS:-full lidar}; do
     ck=/tmp/run_$name/export_fp16.pt; [ -f $ck ] || continue
     lo=""; [ $name = lidar ] && lo=--lidar-only
-    log "eval $name"
-    $PY -m cmfiou_core.tools.evaluate --data $GEN --split val --checkpoint $ck --device cuda $lo --json $OUT/ap_$name.json 2>&1 | grep -v Warning | tail -25
+    for views in ${EVAL_VIEWS:-identity}; do
+      cfg=/tmp/eval_$views.yaml; sfx=""; [ $views = identity ] || sfx=_$views
+      sed "s/test_views: {preset: identity}/test_views: {preset: $views}/" config/cmfiou_kitti.yaml > $cfg
+      log "eval $name ($views)"
+      $PY -m cmfiou_core.tools.evaluate --data $GEN --split val --config $cfg --checkpoint $ck --device cuda $lo \
+        --json $OUT/ap_$name$sfx.json 2>&1 | grep -v Warning | tail -25
+    done
     [ $name = full ] && [ -n "${EVAL_AMP:-}" ] && $PY -m cmfiou_core.tools.evaluate --data $GEN --split val --checkpoint $ck --device cuda --amp fp16 --json $OUT/ap_${name}_fp16.json 2>&1 | grep -v Warning | tail -25
   done ;;
 bench|bench1|bench3)
