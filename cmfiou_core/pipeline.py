@@ -2,7 +2,7 @@
 
 Stages (each timed; CUDA events on the GPU, so timing adds no host sync until the frame's single sync at the end):
 ``h2d`` (host -> device copies) -> ``depth.*`` (projection, completion, lifting, thinning; skipped when the camera is
-missing) -> ``preprocess`` (range mask, test-time pseudo subsampling, test views) -> ``voxelize`` -> ``vfe`` ->
+missing) -> ``preprocess`` (range mask, test-time pseudo subsampling) -> ``voxelize`` (test views, voxels) -> ``vfe`` ->
 ``backbone_3d`` -> ``bev`` (height compression + BEV backbone) -> ``rpn`` (dense head + proposal decode) ->
 ``roi_head`` (proposal NMS + 3 refinement stages + IoU branch) -> ``postprocess`` (rectified scores + NMS) -> ``d2h``.
 
@@ -13,7 +13,6 @@ field of view, as in training (``FOV_POINTS_ONLY``).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -41,22 +40,6 @@ DEFAULT_CONFIG = REPO_ROOT / "config" / "cmfiou_kitti.yaml"
 # the demo and the end-to-end tests. See README "Demo checkpoint".
 DEMO_CHECKPOINT = REPO_ROOT / "models" / "cmfiou_synthetic_demo_lidar_only_fp16.pt"
 DEMO_CONFIG = REPO_ROOT / "config" / "cmfiou_synthetic_demo_lidar_only.yaml"
-
-
-def view_transform_points(rows: torch.Tensor, param) -> torch.Tensor:
-    """Apply one test view [rot, flip, scale] (X_TRANS order: rotate about z, flip y, scale) to (N, 8) rows."""
-    rot, flip, scale = float(param[0]), float(param[1]), float(param[2])
-    if rot == 0.0 and flip < 0.5 and scale == 1.0:
-        return rows
-    out = rows.clone()
-    c, s = math.cos(rot), math.sin(rot)
-    x, y = rows[:, 0], rows[:, 1]
-    out[:, 0] = x * c - y * s
-    out[:, 1] = x * s + y * c
-    if flip > 0.5:
-        out[:, 1] = -out[:, 1]
-    out[:, :3] *= scale
-    return out
 
 
 class Pipeline:
@@ -196,17 +179,13 @@ class Pipeline:
         if pseudo.shape[0] and rate > 0:
             pseudo = input_point_discard(pseudo, rate=rate, bin_num=self.depth_cfg.discard.bin_num,
                                          max_dis=self.depth_cfg.discard.max_dis, generator=self._gen)
-        if len(self.views) == 1 and self.views[0] == [0.0, 0.0, 1.0]:
-            raws, pseudos, tparams = [raw], [pseudo], None
-        else:
-            raws = [[view_transform_points(raw, v) for v in self.views]]
-            pseudos = [[view_transform_points(pseudo, v) for v in self.views]]
-            tparams = [self.views]
+        # test views (if any) are applied by prepare_batch (model.resvc.view_transform_points, the one implementation)
+        tparams = None if len(self.views) == 1 and self.views[0] == [0.0, 0.0, 1.0] else [self.views]
         calib = frame.calib if frame.calib is not None else _identity_calib()
         h = calib.image_height or 375
         w = calib.image_width or 1242
         timer.mark("preprocess")
-        batch = prepare_batch(raws, pseudos, [calib], self.mcfg, image_shapes=[(h, w)], training=False,
+        batch = prepare_batch([raw], [pseudo], [calib], self.mcfg, image_shapes=[(h, w)], training=False,
                               transform_params=tparams, device=self.device, voxelizer=self.voxelizer)
         timer.mark("voxelize")
         m = self.model

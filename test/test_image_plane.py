@@ -176,3 +176,40 @@ def test_training_projection_undoes_world_and_global_shift(kitti_samples):
         if np.abs(d["local_trans"][:2]).max() > 0.1:
             off = (proj(inverse_view_transform(aug, full[:3])) - uv0).abs().max()
             assert off > 1.0, "the global shift should move projections by pixels when it is ignored"
+
+
+def test_test_views_map_voxels_back_onto_the_identity_image_plane(kitti_samples):
+    """Test-time views (official X_TRANS [rot, flip, scale]): the view applied to the points by prepare_batch and
+    undone by ResVC's projection puts every point back on its pixel, and a mirrored voxel under the flip view lands
+    on the very (u', v') cell of the identity voxel at every ResVC stride."""
+    import numpy as np
+    from cmfiou_core.calib import Calibration
+    from cmfiou_core.model.model_config import OFFICIAL_X_TRANS
+    from cmfiou_core.model.resvc import _projector, inverse_view_transform, view_transform_points, voxels_to_image_indices
+
+    root = kitti_samples / "object" / "training"
+    fid = sorted(p.stem for p in (root / "velodyne").glob("*.bin"))[0]
+    calib = Calibration.from_kitti_object_file(root / "calib" / f"{fid}.txt")
+    pts = np.fromfile(root / "velodyne" / f"{fid}.bin", dtype=np.float32).reshape(-1, 4)
+    pts = torch.from_numpy(pts[(pts[:, 0] > 5) & (pts[:, 0] < 70) & (np.abs(pts[:, 1]) < 39)][::10].copy())
+    proj = _projector(calib)
+    uv0 = proj(pts[:, :3])
+    for view in OFFICIAL_X_TRANS.params():
+        moved = view_transform_points(pts, view)
+        assert not torch.allclose(moved[:, :3], pts[:, :3])
+        back = inverse_view_transform(moved[:, :3], torch.tensor(view))
+        assert (proj(back) - uv0).abs().max() < 0.05, view
+    pc_range, vs = (0.0, -40.0, -3.0, 70.4, 40.0, 1.0), (0.05, 0.05, 0.1)
+    for stride in (2, 4, 8, 16):
+        ny = int(round(80 / (vs[1] * stride)))
+        ix = ((pts[:, 0] - pc_range[0]) / (vs[0] * stride)).long()
+        iy = ((pts[:, 1] - pc_range[1]) / (vs[1] * stride)).long()
+        iz = ((pts[:, 2] - pc_range[2]) / (vs[2] * stride)).long()
+        idx = torch.unique(torch.stack([torch.zeros_like(ix), iz, iy, ix], 1), dim=0)
+        mirrored = idx.clone()
+        mirrored[:, 2] = ny - 1 - idx[:, 2]
+        ident = voxels_to_image_indices(idx, 1, [calib], stride, None, pc_range, vs)
+        flip = voxels_to_image_indices(mirrored, 1, [calib], stride, torch.tensor([[0.0, 1.0, 1.0]]), pc_range, vs)
+        same = (ident == flip).all(1).float().mean()
+        assert same > 0.999, f"stride {stride}: only {float(same):.4f} of the voxels on the same cell"
+        assert (ident - flip).abs().max() <= 1
