@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "cmfiou_kitti.yaml"
-# Trained here on generated scenes (cmfiou-gen-scenes), NOT on KITTI: it detects the generator's objects, and serves
-# the demo and the end-to-end tests. See README "Demo checkpoint".
-DEMO_CHECKPOINT = REPO_ROOT / "models" / "cmfiou_synthetic_demo_lidar_only_fp16.pt"
-DEMO_CONFIG = REPO_ROOT / "config" / "cmfiou_synthetic_demo_lidar_only.yaml"
+# Trained here on generated scenes (cmfiou-gen-scenes), NOT on KITTI: camera+LiDAR, 1120 iterations (7 epochs) on the
+# H100 with config/cmfiou_kitti.yaml. It detects the generator's objects and serves the demo and the end-to-end tests.
+# See README "Demo checkpoint".
+DEMO_CHECKPOINT = REPO_ROOT / "models" / "cmfiou_synthetic_demo_fp16.pt"
+DEMO_CONFIG = REPO_ROOT / "config" / "cmfiou_kitti.yaml"
 
 
 class Pipeline:
@@ -77,8 +78,8 @@ class Pipeline:
                     amp: Optional[str] = None) -> "Pipeline":
         """Build from a YAML config and a checkpoint (OpenPCDet-style official file or ours; ``weights_only``).
 
-        ``checkpoint`` None or "" selects the bundled demo checkpoint (LiDAR-only, trained on generated scenes) and,
-        without ``config``, its config ``config/cmfiou_synthetic_demo_lidar_only.yaml``; "none" builds
+        ``checkpoint`` None or "" selects the bundled demo checkpoint (camera+LiDAR, trained on generated scenes) and,
+        without ``config``, its config ``config/cmfiou_kitti.yaml``; "none" builds
         the network with random weights: it runs, but its detections are meaningless (logged as an error)."""
         from .model.checkpoint import load_checkpoint
 
@@ -92,8 +93,8 @@ class Pipeline:
             checkpoint = str(DEMO_CHECKPOINT)
             if not config:
                 config = DEMO_CONFIG
-            log.warning("no checkpoint given: using the bundled demo checkpoint %s (LiDAR-only, trained on generated "
-                        "scenes, not on KITTI) with %s", checkpoint, config)
+            log.warning("no checkpoint given: using the bundled demo checkpoint %s (camera+LiDAR, trained on "
+                        "generated scenes, not on KITTI) with %s", checkpoint, config)
         elif str(checkpoint).lower() == "none":
             checkpoint = None
         cfg = load_config(config or DEFAULT_CONFIG)

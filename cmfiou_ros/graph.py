@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # (name, default, description): the launch arguments, and the run_graph command-line options
 LAUNCH_ARGUMENTS: List[Tuple[str, str, str]] = [
     ("data", "", "KITTI object/raw folder or generated scenes to replay"),
-    ("checkpoint", "", "CMF-IOU checkpoint ('' = the bundled LiDAR-only demo checkpoint)"),
+    ("checkpoint", "", "CMF-IOU checkpoint ('' = the bundled camera+LiDAR demo checkpoint)"),
     ("config", "", "model/pipeline config YAML ('' = pipeline default)"),
     ("rate", "10.0", "replay rate (frames per second)"),
     ("loop", "false", "replay in a loop"),

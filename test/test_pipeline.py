@@ -69,14 +69,14 @@ def test_demo_checkpoint_detects_generated_objects():
     from cmfiou_core.data.synthetic import generate_frame
     from cmfiou_core.geometry.iou import boxes_iou3d
 
-    pipe = Pipeline.from_config()  # bundled demo checkpoint + its (LiDAR-only) config
-    assert not pipe.depth_cfg.enabled
+    pipe = Pipeline.from_config()  # bundled demo checkpoint (camera+LiDAR) + its config
+    assert pipe.depth_cfg.enabled
     found = {"Car": [0, 0], "small": [0, 0]}
     pairs = []
     for idx in (1001, 1002, 1003):  # scene seed 7, indices outside the training set (0..399)
         f = generate_frame(7, idx)
         det = pipe(Frame(f.points, f.image, f.calib))
-        assert det.lidar_only and len(det) > 0
+        assert not det.lidar_only and len(det) > 0
         gt = np.asarray(f.boxes_lidar, np.float32)[:, :7]
         names = np.asarray(f.names)
         iou = boxes_iou3d(torch.from_numpy(gt), torch.from_numpy(det.boxes)).numpy()
