@@ -234,3 +234,34 @@ def test_dataset_config_validation():
         DatasetConfig.from_dict({"class_names": ["Truck"]})
     with pytest.raises(ConfigError, match="point_cloud_range"):
         DatasetConfig.from_dict({"point_cloud_range": [0, 0, 0, -1, 1, 1]})
+
+
+def test_raw_points_from_bin(kitti_root, tmp_path):
+    """``raw_points_from_bin``: the raw rows are the .bin's float32 points (what the deployed pipeline sees), not the
+    float16 rows of velodyne_depth; the pseudo rows are the file's. Default (official): the file's rows."""
+    fid = "000114"
+    file_rows = load_points_mm(kitti_root, fid)
+    rows = load_points_mm(kitti_root, fid, raw_from_bin=True)
+    pts = read_velodyne_bin(kitti_root / "training" / "velodyne" / f"{fid}.bin")
+    raw = rows[rows[:, 7] == 2]
+    assert raw.dtype == np.float32 and np.array_equal(raw[:, :3], pts[:, :3])
+    assert np.array_equal(raw[:, 3], pts[:, 3] * 10.0) and not raw[:, 4:7].any()
+    assert np.array_equal(rows[rows[:, 7] == 1], file_rows[file_rows[:, 7] == 1])
+    # the file's raw rows are the FOV points rounded to float16: same set after the dataset's FOV filter
+    info = {i["point_cloud"]["lidar_idx"]: i for i in load_infos(kitti_root / "kitti_infos_val.json")}[fid]
+    calib, shape = calib_from_info(info), info["image"]["image_shape"]
+    fov = raw[fov_flag(raw, calib, shape)]
+    file_raw = file_rows[file_rows[:, 7] == 2]
+    assert abs(len(fov) - len(file_raw)) <= 0.001 * len(fov)
+    assert np.abs(np.sort(fov[:, 0]) - np.sort(file_raw[:, 0])).max() < 0.04
+    assert (fov[:, :3] != fov[:, :3].astype(np.float16)).any()  # the rounding the option removes
+    # through the dataset config (YAML key data.raw_points_from_bin) and the GT database
+    cfg = DatasetConfig.from_dict({"raw_points_from_bin": True})
+    it = KittiDataset(kitti_root, "val", training=False, cfg=cfg)[0]
+    assert np.isin(it["points"][:, 0], pts[:, 0]).all()
+    idx = create_gt_database(kitti_root, load_infos(kitti_root / "kitti_infos_train.json"), db_dir="gt_bin",
+                             index_name="db_bin.json", raw_from_bin=True)
+    objs = [o for lst in json.loads(idx.read_text())["objects"].values() for o in lst]
+    ref = {i["point_cloud"]["lidar_idx"]: i for i in load_infos(kitti_root / "kitti_infos_train.json")}
+    for o in objs:  # float32 points: the raw count equals the infos' exact count
+        assert o["num_points_in_gt"] == ref[o["image_idx"]]["annos"]["num_points_in_gt"][o["gt_idx"]]

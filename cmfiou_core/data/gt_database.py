@@ -21,11 +21,11 @@ from .kitti import calib_from_info, fov_flag, load_points_mm
 def create_gt_database(root: Union[str, Path], infos: List[dict], db_dir: str = "gt_database_mm",
                        index_name: str = "kitti_dbinfos_train_mm.json", used_classes: Optional[Sequence[str]] = None,
                        points_fn: Optional[Callable[[dict], np.ndarray]] = None, split_dir: str = "training",
-                       fov_only: bool = True) -> Path:
+                       fov_only: bool = True, raw_from_bin: bool = False) -> Path:
     """Write the per-object point files and the JSON index; returns the index path.
 
     ``points_fn(info) -> (N, 8)`` overrides how the combined cloud is obtained (default: :func:`load_points_mm`,
-    which reads ``velodyne_depth`` or generates + caches pseudo points)."""
+    which reads ``velodyne_depth`` or generates + caches pseudo points; ``raw_from_bin`` as there)."""
     root = Path(root)
     out_dir = root / db_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +37,8 @@ def create_gt_database(root: Union[str, Path], infos: List[dict], db_dir: str = 
         boxes = np.asarray(a["gt_boxes_lidar"], dtype=np.float64).reshape(-1, 7)
         if boxes.shape[0] == 0:
             continue
-        pts = points_fn(info) if points_fn is not None else load_points_mm(root, fid, split_dir, True, None, calib)
+        pts = points_fn(info) if points_fn is not None else load_points_mm(root, fid, split_dir, True, None, calib,
+                                                                               raw_from_bin=raw_from_bin)
         if fov_only:
             pts = pts[fov_flag(pts, calib, info["image"]["image_shape"])]
         mask = points_in_boxes_mask(pts, boxes)

@@ -224,16 +224,37 @@ def _pseudo_generator():
     return _GENERATOR
 
 
+def raw_rows_from_bin(path: Union[str, Path]) -> np.ndarray:
+    """(N, 8) float32 raw LiDAR rows ``[x, y, z, 10 i, 0, 0, 0, 2]`` of every point of a velodyne ``.bin`` (the numpy
+    counterpart of ``depth.pseudo.raw_rows_from_points``)."""
+    pts = read_velodyne_bin(path)
+    raw = np.zeros((pts.shape[0], 8), np.float32)
+    raw[:, :3], raw[:, 3], raw[:, 7] = pts[:, :3], pts[:, 3] * 10.0, 2.0
+    return raw
+
+
+def _with_raw_rows_from_bin(rows: np.ndarray, base: Path, frame_id: str) -> np.ndarray:
+    """Replace the file's raw rows (flag 2; float16 in ``velodyne_depth``) by the float32 points of the ``.bin``
+    (all of them: the dataset's FOV filter applies afterwards, as to the file's rows)."""
+    raw = raw_rows_from_bin(base / "velodyne" / f"{frame_id}.bin")
+    return np.concatenate([raw, rows[rows[:, 7] != 2].astype(np.float32)], 0)
+
+
 def load_points_mm(root: Union[str, Path], frame_id: str, split_dir: str = "training", cache: bool = True,
-                   generator=None, calib: Optional[Calibration] = None) -> np.ndarray:
+                   generator=None, calib: Optional[Calibration] = None, raw_from_bin: bool = False) -> np.ndarray:
     """(N, 8) float32 combined cloud: ``velodyne_depth/<id>.npy`` when present (H4's reader), else generated from
-    the .bin + image with H4's ``PseudoPointGenerator`` (ipbasic unless another generator is given) and cached."""
+    the .bin + image with H4's ``PseudoPointGenerator`` (ipbasic unless another generator is given) and cached.
+
+    ``raw_from_bin``: take the raw LiDAR rows from ``velodyne/<id>.bin`` (float32, what the deployed pipeline sees)
+    instead of the ``velodyne_depth`` file, which stores them as float16 (official format: 1.5-3 cm steps at 16-64 m).
+    """
     from ..depth.io import read_velodyne_depth, write_velodyne_depth
 
     base = Path(root) / split_dir
     p = base / "velodyne_depth" / f"{frame_id}.npy"
     if p.is_file():
-        return read_velodyne_depth(p).astype(np.float32)
+        rows = read_velodyne_depth(p).astype(np.float32)
+        return _with_raw_rows_from_bin(rows, base, frame_id) if raw_from_bin else rows
     pts = read_velodyne_bin(base / "velodyne" / f"{frame_id}.bin")
     img = np.array(read_image(base / "image_2" / f"{frame_id}.png"))
     if calib is None:
@@ -251,7 +272,8 @@ def load_points_mm(root: Union[str, Path], frame_id: str, split_dir: str = "trai
             rows = read_velodyne_depth(p)  # exactly what later reads see (float16)
         except OSError as e:  # read-only datasets still work
             log.warning("could not cache pseudo points at %s: %s", p, e)
-    return rows.astype(np.float32)
+    rows = rows.astype(np.float32)
+    return _with_raw_rows_from_bin(rows, base, frame_id) if raw_from_bin else rows
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -272,6 +294,7 @@ class DatasetConfig:
     db_index: str = "kitti_dbinfos_train_mm.json"
     max_redraw: int = 50
     use_pseudo: bool = True  # False: raw LiDAR only (velodyne .bin, no depth completion); points_mm empty
+    raw_points_from_bin: bool = False  # True: raw rows from the float32 .bin, not the float16 velodyne_depth file
 
     @classmethod
     def from_dict(cls, data: Optional[dict], source: str = "<config>", path: str = "dataset") -> "DatasetConfig":
@@ -297,7 +320,8 @@ class DatasetConfig:
                   discard_max_dis=sec.float("discard_max_dis", d.discard_max_dis, min=0.0),
                   cache_pseudo=sec.bool("cache_pseudo", d.cache_pseudo), augment=aug,
                   db_index=sec.str("db_index", d.db_index), max_redraw=sec.int("max_redraw", d.max_redraw, min=0),
-                  use_pseudo=sec.bool("use_pseudo", d.use_pseudo))
+                  use_pseudo=sec.bool("use_pseudo", d.use_pseudo),
+                  raw_points_from_bin=sec.bool("raw_points_from_bin", d.raw_points_from_bin))
         sec.finish()
         return out
 
@@ -339,11 +363,9 @@ class KittiDataset:
     def get_points_mm(self, info: dict, calib: Calibration) -> np.ndarray:
         fid = info["point_cloud"]["lidar_idx"]
         if not self.cfg.use_pseudo:
-            p = read_velodyne_bin(self.root / self.split_dir / "velodyne" / f"{fid}.bin")
-            rows = np.zeros((p.shape[0], 8), np.float32)
-            rows[:, :3], rows[:, 3], rows[:, 7] = p[:, :3], p[:, 3] * 10.0, 2.0
-            return rows
-        return load_points_mm(self.root, fid, self.split_dir, self.cfg.cache_pseudo, self._gen, calib)
+            return raw_rows_from_bin(self.root / self.split_dir / "velodyne" / f"{fid}.bin")
+        return load_points_mm(self.root, fid, self.split_dir, self.cfg.cache_pseudo, self._gen, calib,
+                              raw_from_bin=self.cfg.raw_points_from_bin)
 
     def load_sample(self, index: int) -> dict:
         """Un-augmented sample: FOV-filtered 8-col cloud and all non-DontCare GT of the frame."""

@@ -10,18 +10,20 @@ import argparse
 import sys
 import time
 
-import numpy as np
 
 
 def main(argv=None) -> int:
     from ..data.gt_database import create_gt_database
-    from ..data.kitti import create_infos, read_velodyne_bin
+    from ..data.kitti import create_infos, raw_rows_from_bin
 
     ap = argparse.ArgumentParser(prog="cmfiou-create-infos", description=__doc__.strip().splitlines()[0])
     ap.add_argument("--root", required=True)
     ap.add_argument("--splits", nargs="+", default=["train", "val"])
     ap.add_argument("--no-db", action="store_true", help="skip the GT database")
     ap.add_argument("--no-pseudo", action="store_true", help="GT database from raw LiDAR only (flag 2 rows)")
+    ap.add_argument("--raw-from-bin", action="store_true",
+                    help="GT database raw rows from the float32 .bin instead of the float16 velodyne_depth file "
+                         "(pair with data.raw_points_from_bin: true)")
     a = ap.parse_args(argv)
     t = time.perf_counter()
     infos = {}
@@ -34,11 +36,9 @@ def main(argv=None) -> int:
             from pathlib import Path
 
             def fn(info):
-                p = read_velodyne_bin(Path(a.root) / "training" / "velodyne" / f"{info['point_cloud']['lidar_idx']}.bin")
-                rows = np.zeros((p.shape[0], 8), np.float32)
-                rows[:, :3], rows[:, 3], rows[:, 7] = p[:, :3], p[:, 3] * 10, 2
-                return rows
-        idx = create_gt_database(a.root, infos["train"], points_fn=fn)
+                fid = info["point_cloud"]["lidar_idx"]
+                return raw_rows_from_bin(Path(a.root) / "training" / "velodyne" / f"{fid}.bin")
+        idx = create_gt_database(a.root, infos["train"], points_fn=fn, raw_from_bin=a.raw_from_bin)
         print(f"GT database index: {idx}")
     print(f"done in {time.perf_counter() - t:.1f} s")
     return 0
