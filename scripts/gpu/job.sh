@@ -20,7 +20,7 @@ gen)
   [ -f $GEN/kitti_infos_train.json ] || {
     $PY -m cmfiou_core.tools.gen_scenes --out $GEN --num $NGEN --seed 7 --val-fraction 0.2 --workers 16 &&
     $PY -m cmfiou_core.tools.make_depth --root $GEN --device cuda &&
-    $PY -m cmfiou_core.tools.create_infos --root $GEN; } 2>&1 | grep -v Warn | tail -5 ;;
+    $PY -m cmfiou_core.tools.create_infos --root $GEN --raw-from-bin; } 2>&1 | grep -v Warn | tail -5 ;;
 gputest)
   log "CUDA tests (image plane)"
   $PY -m pytest -q -p no:cacheprovider test/test_image_plane.py -rA 2>&1 | grep -v Warn | tail -15 ;;
