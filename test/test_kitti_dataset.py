@@ -261,7 +261,21 @@ def test_raw_points_from_bin(kitti_root, tmp_path):
     assert np.isin(it["points"][:, 0], pts[:, 0]).all()
     idx = create_gt_database(kitti_root, load_infos(kitti_root / "kitti_infos_train.json"), db_dir="gt_bin",
                              index_name="db_bin.json", raw_from_bin=True)
+    assert json.loads(idx.read_text())["raw_rows_from"] == "bin"
     objs = [o for lst in json.loads(idx.read_text())["objects"].values() for o in lst]
     ref = {i["point_cloud"]["lidar_idx"]: i for i in load_infos(kitti_root / "kitti_infos_train.json")}
     for o in objs:  # float32 points: the raw count equals the infos' exact count
         assert o["num_points_in_gt"] == ref[o["image_idx"]]["annos"]["num_points_in_gt"][o["gt_idx"]]
+
+
+def test_gt_database_records_raw_source_and_dataset_warns_on_mismatch(kitti_root, caplog):
+    import logging
+
+    db = json.loads((kitti_root / "kitti_dbinfos_train_mm.json").read_text())
+    assert db["raw_rows_from"] == "velodyne_depth"  # the fixture's database: default (official) rows
+    with caplog.at_level(logging.WARNING, logger="cmfiou_core.data.kitti"):
+        KittiDataset(kitti_root, "train", training=True, cfg=DatasetConfig(raw_points_from_bin=False))
+    assert "GT database" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="cmfiou_core.data.kitti"):
+        KittiDataset(kitti_root, "train", training=True, cfg=DatasetConfig(raw_points_from_bin=True))
+    assert "rebuild it with create_infos --raw-from-bin" in caplog.text

@@ -210,6 +210,9 @@ class GTDatabase:
         if not isinstance(data, dict) or "objects" not in data:
             raise ValueError(f"{index_file}: not a cmfiou GT database index (missing 'objects')")
         self.infos: Dict[str, List[dict]] = data["objects"]
+        # where the objects' raw LiDAR rows came from: "bin" (float32), "velodyne_depth" (float16 file rows),
+        # "none" (custom points_fn) or None (index written before this was recorded)
+        self.raw_rows_from: Optional[str] = data.get("raw_rows_from")
         self._cache: Dict[str, np.ndarray] = {}
 
     def load(self, info: dict) -> np.ndarray:

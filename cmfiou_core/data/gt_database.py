@@ -57,5 +57,6 @@ def create_gt_database(root: Union[str, Path], infos: List[dict], db_dir: str = 
                 "difficulty": int(a["difficulty"][k]), "bbox": np.asarray(a["bbox"][k]).tolist(),
                 "score": float(a["score"][k])})
     index = root / index_name
-    index.write_text(json.dumps({"format": "cmfiou-gt-db-v1", "objects": objects}))
+    raw_source = "none" if points_fn is not None else ("bin" if raw_from_bin else "velodyne_depth")
+    index.write_text(json.dumps({"format": "cmfiou-gt-db-v1", "raw_rows_from": raw_source, "objects": objects}))
     return index

@@ -350,6 +350,12 @@ class KittiDataset:
             idx = self.root / cfg.db_index
             if idx.is_file():
                 db = GTDatabase(self.root, idx)
+                want = "bin" if cfg.raw_points_from_bin else "velodyne_depth"
+                if cfg.use_pseudo and db.raw_rows_from in ("bin", "velodyne_depth") and db.raw_rows_from != want:
+                    log.warning("GT database %s holds raw rows from %s but data.raw_points_from_bin is %s: pasted "
+                                "objects and scenes differ in precision; rebuild it with create_infos%s", idx,
+                                db.raw_rows_from, cfg.raw_points_from_bin,
+                                " --raw-from-bin" if cfg.raw_points_from_bin else " (without --raw-from-bin)")
             else:
                 log.warning("no GT database at %s: gt_sampling/da_sampling disabled", idx)
             self.augmentor = Augmentor(cfg.augment, db)
