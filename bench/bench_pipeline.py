@@ -9,7 +9,7 @@ over the measured frames; peak GPU memory. Writes JSON and a Markdown table.
 Examples::
 
     python bench/bench_pipeline.py --device cuda --frames 200 --kitti ../shared/kitti_samples/object/training \
-        --generated 16 --checkpoint models/cmfiou_synthetic_demo.pt --json out/bench.json --md out/bench.md
+        --generated 16 --checkpoint models/cmfiou_synthetic_demo_fp16.pt --json out/bench.json --md out/bench.md
     python bench/bench_pipeline.py --device cpu --frames 2 --warmup 1 --generated 1   # smoke run (CI)
 """
 from __future__ import annotations
