@@ -439,6 +439,7 @@ def test_localization_quality_hand_computed():
     assert car["near_threshold"] == pytest.approx(1 / 3)
     ped = q["Pedestrian"]
     assert ped["num_gt"] == 1 and ped["mean_best_iou"] == pytest.approx(1.0) and ped["recall"] == 1.0
-    assert q["Cyclist"]["num_gt"] == 0 and math.isnan(q["Cyclist"]["mean_best_iou"])
+    assert q["Cyclist"]["num_gt"] == 0 and q["Cyclist"]["mean_best_iou"] is None
+    json.dumps(q, allow_nan=False)  # strict JSON
     with pytest.raises(ValueError, match="frames"):
         ke.localization_quality([g0], [d0, d1])

@@ -438,13 +438,14 @@ LOCALIZATION_BAND = 0.05
 
 def localization_quality(gt_annos: Sequence[Dict[str, np.ndarray]], dt_annos: Sequence[Dict[str, np.ndarray]],
                          classes: Sequence[str] = ("Car", "Pedestrian", "Cyclist"),
-                         band: float = LOCALIZATION_BAND) -> Dict[str, Dict[str, float]]:
+                         band: float = LOCALIZATION_BAND) -> Dict[str, Dict[str, Optional[float]]]:
     """How far the boxes sit from the AP overlap threshold, per class (a diagnostic beside AP, not a KITTI metric).
 
     For every ground-truth object of the class (all difficulties; DontCare and neighbour classes excluded) take the
     best 3D IoU of a same-class detection of its frame, whatever its score (0 when there is none). Reported:
     ``num_gt``, ``mean_best_iou``, ``median_best_iou``, ``recall`` (best IoU > the class's first-set 3D threshold,
-    0.7 / 0.5 / 0.5) and ``near_threshold`` (share of objects whose best IoU lies within ``band`` of that threshold).
+    0.7 / 0.5 / 0.5) and ``near_threshold`` (share of objects whose best IoU lies within ``band`` of that threshold);
+    None for a class without ground truth.
     A model with many objects near the threshold has an AP that swings with small changes of its boxes (a 2 %
     scale, a 2.5 cm shift, a different test view); its ``mean_best_iou`` moves far less."""
     if len(gt_annos) != len(dt_annos):
@@ -466,10 +467,11 @@ def localization_quality(gt_annos: Sequence[Dict[str, np.ndarray]], dt_annos: Se
                 pos = np.searchsorted(g_idx, pg)
                 np.maximum.at(best, pos, iou)
         n = int(g_idx.size)
-        out[c] = {"num_gt": n,
-                  "mean_best_iou": float(best.mean()) if n else float("nan"),
-                  "median_best_iou": float(np.median(best)) if n else float("nan"),
-                  "recall": float((best > thr).mean()) if n else float("nan"),
-                  "near_threshold": float((np.abs(best - thr) <= band).mean()) if n else float("nan"),
+        if n == 0:  # None, not NaN: the summary is written as strict JSON
+            out[c] = {"num_gt": 0, "mean_best_iou": None, "median_best_iou": None, "recall": None,
+                      "near_threshold": None, "threshold": thr}
+            continue
+        out[c] = {"num_gt": n, "mean_best_iou": float(best.mean()), "median_best_iou": float(np.median(best)),
+                  "recall": float((best > thr).mean()), "near_threshold": float((np.abs(best - thr) <= band).mean()),
                   "threshold": thr}
     return out
