@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         "stages": {k: percentiles(v) for k, v in per_stage.items()},
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
-    lines = [f"| stage | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
+    lines = ["| stage | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
     for k, s in result["stages"].items():
         lines.append(f"| {k} | {s['p50']:.2f} | {s['p95']:.2f} | {s['p99']:.2f} |")
     md = (f"**{result['label'] or 'pipeline'}** — {result['device_name']} ({args.device}), {result['date']}, "

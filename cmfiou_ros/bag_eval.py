@@ -27,7 +27,6 @@ import importlib
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Callable, List, Optional
 
 import numpy as np

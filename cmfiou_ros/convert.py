@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import array
 import math
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 

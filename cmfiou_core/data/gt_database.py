@@ -25,7 +25,8 @@ def create_gt_database(root: Union[str, Path], infos: List[dict], db_dir: str = 
     """Write the per-object point files and the JSON index; returns the index path.
 
     ``points_fn(info) -> (N, 8)`` overrides how the combined cloud is obtained (default: :func:`load_points_mm`,
-    which reads ``velodyne_depth`` or generates + caches pseudo points; ``raw_from_bin`` as there)."""
+    which reads ``velodyne_depth`` or generates + caches pseudo points; ``raw_from_bin`` as there). The index records
+    where the raw rows came from (``raw_rows_from``: bin / velodyne_depth / none)."""
     root = Path(root)
     out_dir = root / db_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -57,6 +58,7 @@ def create_gt_database(root: Union[str, Path], infos: List[dict], db_dir: str = 
                 "difficulty": int(a["difficulty"][k]), "bbox": np.asarray(a["bbox"][k]).tolist(),
                 "score": float(a["score"][k])})
     index = root / index_name
-    raw_source = "none" if points_fn is not None else ("bin" if raw_from_bin else "velodyne_depth")
+    # recorded for the dataset's consistency check; with a custom points_fn, raw_from_bin=True declares .bin rows
+    raw_source = "bin" if raw_from_bin else ("velodyne_depth" if points_fn is None else "none")
     index.write_text(json.dumps({"format": "cmfiou-gt-db-v1", "raw_rows_from": raw_source, "objects": objects}))
     return index

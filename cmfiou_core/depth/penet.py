@@ -15,10 +15,9 @@ multiples of 32. Note the public KITTI pipeline used one fixed 2011_09_26 K (cx 
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Union
 
 import torch
 import torch.nn as nn

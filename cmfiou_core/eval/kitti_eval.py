@@ -76,7 +76,6 @@ class _Flat:
 
 def _same_frame_pairs(gt_idx: np.ndarray, gt_frame: np.ndarray, dt_frame: np.ndarray, n_frames: int):
     """All (gt, det) index pairs within the same frame for the GT rows ``gt_idx`` (global det indices)."""
-    g_per = np.bincount(gt_frame[gt_idx], minlength=n_frames)
     d_per = np.bincount(dt_frame, minlength=n_frames)
     d_off = np.concatenate([[0], np.cumsum(d_per)])
     # gt_idx is sorted by frame (rows are frame-ordered); each GT row pairs with d_per[frame] dets
@@ -210,7 +209,6 @@ def _greedy(eg, ed, ov, ign_gt, ign_dt, score, gt_alpha, dt_alpha, thresholds, p
         Tb = 1 if pass1 else T
         assigned = np.zeros((K, Tb, D), bool)
         krange = np.arange(K)[:, None]
-        trange = np.arange(Tb)[None, :]
         for g in range(G):
             gi = GI[:, g]
             has_gt = gi >= 0

@@ -20,7 +20,6 @@ Layout (see ``config/cmfiou_kitti_official.yaml`` for the official values, spec 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union

@@ -7,8 +7,7 @@ channel layout of ``conv_cls`` (A*K), ``conv_box`` (A*7) and ``conv_dir_cls`` (A
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch

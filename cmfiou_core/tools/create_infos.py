@@ -31,14 +31,12 @@ def main(argv=None) -> int:
         infos[s] = create_infos(a.root, s, out="default")
         print(f"{s}: {len(infos[s])} frames")
     if not a.no_db and "train" in infos:
-        fn = None
-        if a.no_pseudo:
-            from pathlib import Path
+        from pathlib import Path
 
-            def fn(info):
-                fid = info["point_cloud"]["lidar_idx"]
-                return raw_rows_from_bin(Path(a.root) / "training" / "velodyne" / f"{fid}.bin")
-        idx = create_gt_database(a.root, infos["train"], points_fn=fn, raw_from_bin=a.raw_from_bin)
+        def raw_only(info):
+            return raw_rows_from_bin(Path(a.root) / "training" / "velodyne" / f"{info['point_cloud']['lidar_idx']}.bin")
+        idx = create_gt_database(a.root, infos["train"], points_fn=raw_only if a.no_pseudo else None,
+                                 raw_from_bin=a.raw_from_bin or a.no_pseudo)
         print(f"GT database index: {idx}")
     print(f"done in {time.perf_counter() - t:.1f} s")
     return 0
