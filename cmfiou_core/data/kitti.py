@@ -224,20 +224,13 @@ def _pseudo_generator():
     return _GENERATOR
 
 
-def raw_rows_from_bin(path: Union[str, Path]) -> np.ndarray:
-    """(N, 8) float32 raw LiDAR rows ``[x, y, z, 10 i, 0, 0, 0, 2]`` of every point of a velodyne ``.bin`` (the numpy
-    counterpart of ``depth.pseudo.raw_rows_from_points``)."""
-    pts = read_velodyne_bin(path)
-    raw = np.zeros((pts.shape[0], 8), np.float32)
-    raw[:, :3], raw[:, 3], raw[:, 7] = pts[:, :3], pts[:, 3] * 10.0, 2.0
-    return raw
+def raw_rows_from_bin(path: Union[str, Path], pts: Optional[np.ndarray] = None) -> np.ndarray:
+    """(N, 8) float32 raw LiDAR rows ``[x, y, z, 10 i, 0, 0, 0, 2]`` of every point of a velodyne ``.bin`` (``pts``:
+    that file's points when already read), built by ``depth.pseudo.raw_rows_from_points`` as at inference."""
+    from ..depth.pseudo import raw_rows_from_points
 
-
-def _with_raw_rows_from_bin(rows: np.ndarray, base: Path, frame_id: str) -> np.ndarray:
-    """Replace the file's raw rows (flag 2; float16 in ``velodyne_depth``) by the float32 points of the ``.bin``
-    (all of them: the dataset's FOV filter applies afterwards, as to the file's rows)."""
-    raw = raw_rows_from_bin(base / "velodyne" / f"{frame_id}.bin")
-    return np.concatenate([raw, rows[rows[:, 7] != 2].astype(np.float32)], 0)
+    pts = read_velodyne_bin(path) if pts is None else pts
+    return raw_rows_from_points(torch.from_numpy(pts)).numpy()
 
 
 def load_points_mm(root: Union[str, Path], frame_id: str, split_dir: str = "training", cache: bool = True,
@@ -247,33 +240,38 @@ def load_points_mm(root: Union[str, Path], frame_id: str, split_dir: str = "trai
 
     ``raw_from_bin``: take the raw LiDAR rows from ``velodyne/<id>.bin`` (float32, what the deployed pipeline sees)
     instead of the ``velodyne_depth`` file, which stores them as float16 (official format: 1.5-3 cm steps at 16-64 m).
+    All of the file's points are taken: the dataset's FOV filter applies afterwards, as to the file's rows.
     """
     from ..depth.io import read_velodyne_depth, write_velodyne_depth
 
     base = Path(root) / split_dir
+    bin_path = base / "velodyne" / f"{frame_id}.bin"
     p = base / "velodyne_depth" / f"{frame_id}.npy"
+    pts = None
     if p.is_file():
-        rows = read_velodyne_depth(p).astype(np.float32)
-        return _with_raw_rows_from_bin(rows, base, frame_id) if raw_from_bin else rows
-    pts = read_velodyne_bin(base / "velodyne" / f"{frame_id}.bin")
-    img = np.array(read_image(base / "image_2" / f"{frame_id}.png"))
-    if calib is None:
-        calib = Calibration.from_kitti_object_file(base / "calib" / f"{frame_id}.txt", img.shape[1], img.shape[0])
-    gen = generator if generator is not None else _pseudo_generator()
-    with torch.no_grad():
-        res = gen(torch.from_numpy(pts), torch.from_numpy(np.ascontiguousarray(img)), calib)
-    rows = res.all_rows.cpu().numpy()
-    if cache:
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_suffix(".tmp.npy")
-            write_velodyne_depth(tmp, rows)
-            tmp.replace(p)
-            rows = read_velodyne_depth(p)  # exactly what later reads see (float16)
-        except OSError as e:  # read-only datasets still work
-            log.warning("could not cache pseudo points at %s: %s", p, e)
+        rows = read_velodyne_depth(p)
+    else:
+        pts = read_velodyne_bin(bin_path)
+        img = np.array(read_image(base / "image_2" / f"{frame_id}.png"))
+        if calib is None:
+            calib = Calibration.from_kitti_object_file(base / "calib" / f"{frame_id}.txt", img.shape[1], img.shape[0])
+        gen = generator if generator is not None else _pseudo_generator()
+        with torch.no_grad():
+            res = gen(torch.from_numpy(pts), torch.from_numpy(np.ascontiguousarray(img)), calib)
+        rows = res.all_rows.cpu().numpy()
+        if cache:
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                tmp = p.with_suffix(".tmp.npy")
+                write_velodyne_depth(tmp, rows)
+                tmp.replace(p)
+                rows = read_velodyne_depth(p)  # exactly what later reads see (float16)
+            except OSError as e:  # read-only datasets still work
+                log.warning("could not cache pseudo points at %s: %s", p, e)
     rows = rows.astype(np.float32)
-    return _with_raw_rows_from_bin(rows, base, frame_id) if raw_from_bin else rows
+    if raw_from_bin:
+        rows = np.concatenate([raw_rows_from_bin(bin_path, pts), rows[rows[:, 7] != 2]], 0)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- dataset

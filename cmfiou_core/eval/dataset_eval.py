@@ -28,7 +28,7 @@ class DatasetEvalResult:
     frames: int
     failed: List[str] = field(default_factory=list)
     latency_ms: Dict[str, float] = field(default_factory=dict)
-    localization: Dict[str, Dict[str, float]] = field(default_factory=dict)  # kitti_eval.localization_quality
+    localization: Dict[str, Dict[str, Optional[float]]] = field(default_factory=dict)  # localization_quality
 
     def summary(self) -> Dict:
         js = self.result.to_json()

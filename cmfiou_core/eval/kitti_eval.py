@@ -442,14 +442,14 @@ def localization_quality(gt_annos: Sequence[Dict[str, np.ndarray]], dt_annos: Se
     For every ground-truth object of the class (all difficulties; DontCare and neighbour classes excluded) take the
     best 3D IoU of a same-class detection of its frame, whatever its score (0 when there is none). Reported:
     ``num_gt``, ``mean_best_iou``, ``median_best_iou``, ``recall`` (best IoU > the class's first-set 3D threshold,
-    0.7 / 0.5 / 0.5) and ``near_threshold`` (share of objects whose best IoU lies within ``band`` of that threshold);
+    0.7 / 0.5 / 0.5; also returned as ``threshold``) and ``near_threshold`` (share within ``band`` of it, also returned);
     None for a class without ground truth.
     A model with many objects near the threshold has an AP that swings with small changes of its boxes (a 2 %
     scale, a 2.5 cm shift, a different test view); its ``mean_best_iou`` moves far less."""
     if len(gt_annos) != len(dt_annos):
         raise ValueError(f"{len(gt_annos)} ground-truth frames but {len(dt_annos)} prediction frames")
     gt, dt = _Flat.build(gt_annos), _Flat.build(dt_annos)
-    out: Dict[str, Dict[str, float]] = {}
+    out: Dict[str, Dict[str, Optional[float]]] = {}
     for c in classes:
         if c not in EVAL_CLASSES:
             raise ValueError(f"cannot evaluate class {c!r}: one of {EVAL_CLASSES}")
@@ -467,9 +467,9 @@ def localization_quality(gt_annos: Sequence[Dict[str, np.ndarray]], dt_annos: Se
         n = int(g_idx.size)
         if n == 0:  # None, not NaN: the summary is written as strict JSON
             out[c] = {"num_gt": 0, "mean_best_iou": None, "median_best_iou": None, "recall": None,
-                      "near_threshold": None, "threshold": thr}
+                      "near_threshold": None, "threshold": thr, "band": band}
             continue
         out[c] = {"num_gt": n, "mean_best_iou": float(best.mean()), "median_best_iou": float(np.median(best)),
                   "recall": float((best > thr).mean()), "near_threshold": float((np.abs(best - thr) <= band).mean()),
-                  "threshold": thr}
+                  "threshold": thr, "band": band}
     return out

@@ -11,7 +11,6 @@ import sys
 import time
 
 
-
 def main(argv=None) -> int:
     from ..data.gt_database import create_gt_database
     from ..data.kitti import create_infos, raw_rows_from_bin

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
         if q["num_gt"]:
             print(f"{c} localization: {q['num_gt']} objects, best 3D IoU mean {q['mean_best_iou']:.3f} median "
                   f"{q['median_best_iou']:.3f}, recall@{q['threshold']:.2f} {q['recall']:.3f}, within "
-                  f"+-0.05 of the threshold {q['near_threshold']:.3f}")
+                  f"+-{q['band']:.2f} of the threshold {q['near_threshold']:.3f}")
     print(f"frames {r.frames}, failed {len(r.failed)}, latency ms {r.latency_ms}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
