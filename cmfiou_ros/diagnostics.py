@@ -1,5 +1,6 @@
 """Small diagnostics helpers (the diagnostic_updater ideas without the dependency): windowed rates, latency
-percentiles, counters, and DiagnosticStatus construction. Pure Python except ``to_msg``/``status_msg``."""
+percentiles, counters, DiagnosticStatus construction, the throttled per-topic warnings and the detector node's
+statuses. Pure Python except ``to_msg``/``array_msg``."""
 from __future__ import annotations
 
 import collections
@@ -8,6 +9,8 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from cmfiou_core import memory
 
 OK, WARN, ERROR, STALE = 0, 1, 2, 3
 LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR", STALE: "STALE"}
@@ -113,3 +116,110 @@ def array_msg(statuses: List[Status], stamp_msg):
 
 def values_dict(status_msg) -> Dict[str, str]:
     return {kv.key: kv.value for kv in status_msg.values}
+
+
+class WarnThrottle:
+    """Counts every problem per topic; logs at most once per ``period`` s per topic (with the suppressed count)."""
+
+    def __init__(self, logger, period: float):
+        self.logger, self.period = logger, period
+        self.count: Dict[str, int] = {}
+        self.last_problem: Dict[str, str] = {}
+        self._last_log: Dict[str, float] = {}
+        self._suppressed: Dict[str, int] = {}
+        self.window_count = 0  # since the last diagnostics message
+        self.lock = threading.Lock()
+
+    def __call__(self, topic: str, problem: str) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.count[topic] = self.count.get(topic, 0) + 1
+            self.last_problem[topic] = problem
+            self.window_count += 1
+            if now - self._last_log.get(topic, -1e18) < self.period:
+                self._suppressed[topic] = self._suppressed.get(topic, 0) + 1
+                return
+            n = self._suppressed.pop(topic, 0)
+            self._last_log[topic] = now
+        more = f" ({n} similar warnings suppressed)" if n else ""
+        self.logger.warning(f"[{topic}] {problem}{more}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.count.values())
+
+
+def detector_statuses(node) -> List[Status]:
+    """The detector node's three statuses (inputs, sync, inference) from its counters."""
+    p, name = node.params, node.get_name()
+    now = time.monotonic()
+    inputs = Status(f"{name}: inputs", name)
+    for key, topic in (("lidar", node._lidar_topic), ("image", node._image_topic),
+                       ("camera_info", node._info_topic)):
+        r = node.rates[key]
+        inputs.add(f"{key}_topic", topic)
+        inputs.add(f"{key}_rate_hz", r.rate(now))
+        age = r.age(now)
+        inputs.add(f"{key}_last_msg_age_s", float("nan") if age is None else age)
+        inputs.add(f"{key}_malformed", node.warn.count.get(topic, 0))
+        if topic in node.warn.last_problem:
+            inputs.add(f"{key}_last_problem", node.warn.last_problem[topic])
+    inputs.add("nonfinite_points_dropped", node.points_dropped_nonfinite)
+    inputs.add("empty_clouds", node.empty_clouds)
+    la = node.rates["lidar"].age(now)
+    if la is None or la > 3.0:
+        inputs.raise_level(WARN, "no LiDAR input" if la is None else f"no LiDAR input for {la:.1f} s")
+    with node.warn.lock:
+        bad, node.warn.window_count = node.warn.window_count, 0
+    if bad:
+        inputs.raise_level(WARN, f"{bad} malformed/unusable messages in the last period")
+    inputs.add("malformed_in_period", bad)
+
+    sync = Status(f"{name}: sync", name)
+    sync.add("policy", p["sync_policy"])
+    sync.add("frames_with_camera", node.camera_frames)
+    sync.add("lidar_only_frames", node.lidar_only_frames)
+    sync.add("lidar_only", node.last_lidar_only)
+    sync.add("lidar_only_reason", node.last_lidar_only_reason if node.last_lidar_only else "")
+    sync.add("image_age_ms", node.last_image_age_ms)
+    fa = node.assembler
+    q = fa.queue_sizes()
+    sync.add("sync_queue_sizes", q)
+    if node.last_lidar_only:
+        sync.raise_level(WARN, f"LiDAR-only detections: {node.last_lidar_only_reason}")
+    if fa.approx is not None:
+        try:
+            waiting = [t for t in list(fa.lidar_arrival.values()) if now - t > 1.0]
+        except RuntimeError:  # mutated by a callback thread meanwhile: next period
+            waiting = []
+        sync.add("unmatched_clouds", fa.unmatched_clouds)
+        sync.add("clouds_waiting_over_1s", len(waiting))
+        if waiting:
+            sync.raise_level(WARN, f"{len(waiting)} cloud(s) unmatched for > 1 s by the approx synchroniser "
+                                   "(image stamps outside slop?)")
+
+    inf = Status(f"{name}: inference", name)
+    inf.add("pipeline_loaded", node.pipeline is not None)
+    inf.add("active", node._active)
+    inf.add("frames_in", node.frames_in)
+    inf.add("frames_out", node.frames_out)
+    inf.add("frames_dropped", node.worker.dropped)
+    inf.add("output_rate_hz", node.rates["output"].rate(now))
+    inf.add("processing_ms_p50", node.processing_ms.pct(50))
+    inf.add("processing_ms_p95", node.processing_ms.pct(95))
+    inf.add("latency_ms_p50", node.latency_ms.pct(50))
+    inf.add("latency_ms_p95", node.latency_ms.pct(95))
+    inf.add("pipeline_errors", node.pipeline_errors)
+    inf.add("last_pipeline_error", node.last_pipeline_error)
+    inf.add("rss_mb", memory.rss_mb())
+    inf.add("malloc_trims", node.worker.malloc_trims)
+    inf.add("malloc_trim_ms_p50", node.worker.trim_ms.pct(50))
+    if node.pipeline is None:
+        inf.raise_level(ERROR, "pipeline not loaded")
+    if node._pipeline_errors_window:
+        inf.raise_level(ERROR, f"{node._pipeline_errors_window} inference errors in the last period")
+        node._pipeline_errors_window = 0
+    p95 = node.processing_ms.pct(95)
+    if p95 == p95 and p95 > p["max_processing_ms"]:
+        inf.raise_level(WARN, f"processing p95 {p95:.0f} ms > max_processing_ms {p['max_processing_ms']:.0f}")
+    return [inputs, sync, inf]

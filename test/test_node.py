@@ -347,10 +347,10 @@ def test_kitti_source_layouts(kitti_samples):
 
 def test_worker_trims_the_heap_every_malloc_trim_period_frames(ctx, kitti_samples, monkeypatch):
     from cmfiou_core import memory
-    from cmfiou_ros import detector_node
+    from cmfiou_ros import inference_worker
 
     trims = []
-    monkeypatch.setattr(detector_node.memory, "malloc_trim", lambda pad=0: trims.append(pad) or True)
+    monkeypatch.setattr(inference_worker.memory, "malloc_trim", lambda pad=0: trims.append(pad) or True)
     pipe = TinyPipeline()
     node = make_detector(ctx, pipe, warmup=False, malloc_trim_period=2)
     _up(node)
