@@ -12,6 +12,7 @@ field of view, as in training (``FOV_POINTS_ONLY``).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -62,8 +63,8 @@ class Pipeline:
         self.voxelizer = Voxelizer(self.mcfg.voxel_size, self.mcfg.point_cloud_range, self.mcfg.max_points_per_voxel,
                                    self.mcfg.max_voxels(False))
         self.views = self.mcfg.test_views.params()
-        self._gen = torch.Generator(device=self.device)
-        self._gen.manual_seed(seed)
+        self.seed = int(seed)
+        self._gen = torch.Generator(device=self.device)  # re-seeded from each frame's points (frame_seed)
         r = self.mcfg.point_cloud_range
         self._range_lo = torch.tensor(r[:3], dtype=torch.float32, device=self.device)
         self._range_hi = torch.tensor(r[3:], dtype=torch.float32, device=self.device)
@@ -179,7 +180,8 @@ class Pipeline:
             if isinstance(self.cfg.data, dict) else self.depth_cfg.discard.rate
         if pseudo.shape[0] and rate > 0:
             pseudo = input_point_discard(pseudo, rate=rate, bin_num=self.depth_cfg.discard.bin_num,
-                                         max_dis=self.depth_cfg.discard.max_dis, generator=self._gen)
+                                         max_dis=self.depth_cfg.discard.max_dis,
+                                         generator=self._gen.manual_seed(frame_seed(frame.points, self.seed)))
         # test views (if any) are applied by prepare_batch (model.resvc.view_transform_points, the one implementation)
         tparams = None if len(self.views) == 1 and self.views[0] == [0.0, 0.0, 1.0] else [self.views]
         calib = frame.calib if frame.calib is not None else _identity_calib()
@@ -226,6 +228,14 @@ class Pipeline:
         batch = m.roi_head(batch)
         timer.mark("roi_head")
         return batch
+
+
+def frame_seed(points: np.ndarray, seed: int = 0) -> int:
+    """Seed of a frame's test-time randomness (the pseudo-point discard): a hash of its LiDAR points and the pipeline
+    seed, so a frame's detections depend on the frame alone, never on which frames (or warm-up) ran before it."""
+    h = hashlib.sha1(np.ascontiguousarray(points, np.float32).data)
+    h.update(int(seed).to_bytes(8, "little", signed=True))
+    return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def _identity_calib() -> Calibration:
