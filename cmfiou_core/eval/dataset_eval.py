@@ -69,11 +69,8 @@ def evaluate_split(pipeline, root: Union[str, Path], split: str = "val", out_dir
         try:
             det = pipeline(Frame(pts, None if lidar_only else img, calib, index=fid))
             totals.append(det.timings_ms.get("total", float("nan")))
-            # the KITTI text format has 2 decimals: boxes thinner than 1 cm cannot be written (and are not objects)
-            ok = (det.boxes[:, 3:6] >= 0.01).all(axis=1) & np.isfinite(det.boxes).all(axis=1)
-            if ok.any():
-                text = lidar_boxes_to_result_text(det.boxes[ok], det.labels[ok], det.scores[ok], calib, img.shape[:2],
-                                                  class_names=tuple(det.class_names), pad_small=pad_small)
+            text = lidar_boxes_to_result_text(det.boxes, det.labels, det.scores, calib, img.shape[:2],
+                                              class_names=tuple(det.class_names), pad_small=pad_small)
         except Exception as e:  # noqa: BLE001 - a failed frame is evaluated as empty and reported
             log.error("frame %s failed (%s: %s): evaluated as an empty detection set", fid, type(e).__name__, e)
             failed.append(fid)

@@ -7,11 +7,14 @@ truth, 16 for results). Parsed annotations are plain dicts of numpy arrays (floa
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 KITTI_TYPES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare")
 
@@ -147,6 +150,31 @@ def format_result_lines(names, alpha, bbox, dimensions_lhw, location, rotation_y
     return "".join(ln + "\n" for ln in lines)
 
 
+# largest value with 4 decimals inside [-pi, pi]: "%.4f" of a wrapped angle in (3.14155, pi] would print 3.1416 > pi
+KITTI_ANGLE_LIMIT = 3.1415
+
+
+def wrap_angle(a) -> np.ndarray:
+    """Angles (radians) wrapped to [-pi, pi), float64."""
+    a = np.asarray(a, np.float64)
+    return a - 2.0 * np.pi * np.floor((a + np.pi) / (2.0 * np.pi))
+
+
+def kitti_angle(a) -> np.ndarray:
+    """An angle as a KITTI file writes it: wrapped to [-pi, pi] and kept inside after 4-decimal rounding."""
+    return np.clip(wrap_angle(a), -KITTI_ANGLE_LIMIT, KITTI_ANGLE_LIMIT)
+
+
+def canonical_lidar_boxes(boxes) -> np.ndarray:
+    """(M, 7) LiDAR boxes in the one form every evaluation path converts: float32 values (as the pipeline produces
+    them) with the heading wrapped to [-pi, pi) and rounded to float32 again, as float64. A box that went through a
+    Detection3DArray (float64 fields, yaw as a quaternion) and the same box taken from ``Detections`` directly
+    then give the same result line, digit for digit."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 7).astype(np.float32).astype(np.float64)
+    b[:, 6] = wrap_angle(b[:, 6]).astype(np.float32)
+    return b
+
+
 def lidar_boxes_to_result_text(boxes, labels, scores, calib, image_shape=None, class_names=("Car", "Pedestrian", "Cyclist"),
                                pad_small: bool = False) -> str:
     """LiDAR boxes ``[x, y, z, dx, dy, dz, heading]`` -> KITTI result lines (peers_and_conventions §E.7).
@@ -154,15 +182,24 @@ def lidar_boxes_to_result_text(boxes, labels, scores, calib, image_shape=None, c
     z_bottom = z - dz/2 -> rect frame (R0_rect Tr_velo_to_cam); ry = -heading - pi/2; camera box (l=dx, h=dz, w=dy);
     alpha = -atan2(-y, x) + ry; 2D box = min/max of the 8 P2-projected corners clipped to ``image_shape`` (H, W).
     ``pad_small``: CMF-IOU's release tweak (2D height < 25 px gets 2 px more at the bottom); off = plain §E.7.
+    Boxes are first put in :func:`canonical_lidar_boxes` form; ``rotation_y`` and ``alpha`` are written inside
+    KITTI's [-pi, pi] (:func:`kitti_angle`). Boxes that the format cannot hold (non-finite, or a size under 1 cm,
+    which the parser rejects) are left out with a warning.
     Uses ``cmfiou_core.geometry.boxes`` (one implementation of the conversion in the package).
     """
     from cmfiou_core.geometry.boxes import lidar_boxes_to_kitti
 
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 7)
+    boxes = canonical_lidar_boxes(boxes)
+    labels = np.asarray(labels).reshape(-1)
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    ok = np.isfinite(boxes).all(axis=1) & (boxes[:, 3:6] >= 0.01).all(axis=1) & np.isfinite(scores)
+    if not ok.all():
+        log.warning("%d of %d boxes cannot be written as KITTI result lines (non-finite, or thinner than 1 cm): "
+                    "left out", int((~ok).sum()), len(ok))
+        boxes, labels, scores = boxes[ok], labels[ok], scores[ok]
     if len(boxes) == 0:
         return ""
     k = lidar_boxes_to_kitti(boxes, calib, image_shape, pad_small=pad_small)
-    names = [class_names[int(l) - 1] for l in np.asarray(labels).reshape(-1)]
-    return format_result_lines(names, np.asarray(k["alpha"]), np.asarray(k["bbox"]), np.asarray(k["dimensions"]),
-                               np.asarray(k["location"]), np.asarray(k["rotation_y"]),
-                               np.asarray(scores, np.float64).reshape(-1))
+    names = [class_names[int(l) - 1] for l in labels]
+    return format_result_lines(names, kitti_angle(k["alpha"]), np.asarray(k["bbox"]), np.asarray(k["dimensions"]),
+                               np.asarray(k["location"]), kitti_angle(k["rotation_y"]), scores)
