@@ -71,8 +71,8 @@ def test_roundtrip_bit_identical(tmp_path, kitti_samples, storage):
         calib = bag_io.calibration_from_object_text(m["calib"], "x")
         _, info = seen[bag_io.TOPICS["info"]][k]
         assert np.array_equal(np.asarray(info.p).reshape(3, 4), calib.P2)
-        assert np.array_equal(np.asarray(info.r).reshape(3, 3), calib.R0_rect)
-        # the ROS-style calibration (CameraInfo + TransformStamped) reproduces Tr_velo_to_cam up to the quaternion
+        # the ROS-style calibration (CameraInfo + TransformStamped), as the detector node builds it, gives the same
+        # LiDAR -> rect matrix as the KITTI text to float64 rounding, hence the same float32 matrices in the pipeline
         _, tf = seen[bag_io.TOPICS["extrinsic"]][k]
         assert (tf.header.frame_id, tf.child_frame_id) == (bag_io.CAMERA_FRAME, bag_io.LIDAR_FRAME)
         q = tf.transform.rotation
@@ -82,7 +82,11 @@ def test_roundtrip_bit_identical(tmp_path, kitti_samples, storage):
                       [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
         np.testing.assert_allclose(R, calib.Tr_velo_to_cam[:, :3], atol=1e-4)
         tr = tf.transform.translation
-        assert [tr.x, tr.y, tr.z] == calib.Tr_velo_to_cam[:, 3].tolist()
+        Rr = np.asarray(info.r).reshape(3, 3)
+        np.testing.assert_allclose(Rr, calib.R0_rect, atol=1e-6)  # R0_rect + Tr's non-orthonormal residual
+        v2r = Rr @ np.c_[R, [tr.x, tr.y, tr.z]]
+        np.testing.assert_allclose(v2r, calib.V2R[:3], rtol=0, atol=1e-14)
+        assert np.array_equal(v2r.astype(np.float32), calib.V2R[:3].astype(np.float32))
         # ground truth: every non-DontCare label object, as LiDAR boxes
         _, gt = seen[bag_io.TOPICS["gt"]][k]
         lab = parse_kitti_text(m["label_2"], i)
