@@ -169,6 +169,10 @@ def test_bag_eval_gt_and_empty(tmp_path, object_bag):
     assert r.returncode == 0, r.stderr
     js = json.loads((tmp_path / "empty" / "report.json").read_text())
     assert all(v == 0 for cl in js["ap"]["R40"].values() for m in ("3d", "bev", "bbox") for v in cl[m])
+    # small set: the ceiling (perfect predictions on this ground truth) is printed and recorded beside the AP
+    assert js["ap_ceiling"]["R40"]["Car"]["3d"] == pytest.approx([30.0, 57.5, 77.5], abs=1e-9)
+    assert "ceiling (perfect predictions)" in r.stdout and "30.00 /  57.50 /  77.50" in r.stdout
+    assert "warning: Car has 13 / 24 / 32 objects" in r.stdout and len(js["warnings"]) == 3
 
 
 def test_bag_eval_offline_pipeline_and_skips(tmp_path, object_bag, monkeypatch):

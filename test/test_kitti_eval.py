@@ -184,6 +184,27 @@ def test_perfect_predictions_kitti_samples(kitti_samples):
             np.testing.assert_allclose(js["R40"][c][m], expect_r40[c], atol=1e-9)
             np.testing.assert_allclose(js["R11"][c][m], expect_r11[c], atol=1e-9)
             np.testing.assert_allclose(res.ap["R40"][c][m][1], expect_r40[c], atol=1e-9)  # second overlap set
+    # the ceiling printed beside every AP is that perfect-prediction AP, whatever the predictions are
+    empty = ke.evaluate(gt, [ke.perfect_predictions([a], ())[0] for a in gt])
+    cj = empty.ceiling_json()
+    for c in expect_r40:
+        assert empty.to_json()["R40"][c]["3d"] == [0.0, 0.0, 0.0]
+        for m in ("bbox", "bev", "3d"):
+            np.testing.assert_allclose(cj["R40"][c][m], expect_r40[c], atol=1e-9)
+            np.testing.assert_allclose(cj["R11"][c][m], expect_r11[c], atol=1e-9)
+    table = empty.table()
+    assert "3d   AP:0.0000, 0.0000, 0.0000   (ceiling 30.0000, 57.5000, 77.5000)" in table
+    warn = empty.small_set_warnings()
+    assert len(warn) == 3 and "Car has 13 / 24 / 32 objects" in warn[0] and all(w in table for w in warn)
+
+
+def test_ceiling_reaches_100_from_41_objects():
+    # 41 easy cars (one per frame): R40 needs recall 1/40 ... 40/40 after the first TP -> every point reached, 100;
+    # with 40 the closed form above gives 39/40 = 97.5 and a warning
+    for n, want in ((41, 100.0), (40, 97.5)):
+        res = ke.evaluate([annos(obj()) for _ in range(n)], [annos() for _ in range(n)])
+        assert res.ceiling["R40"]["Car"]["3d"][0][0] == pytest.approx(want)
+        assert any(w.startswith("warning: Car") for w in res.small_set_warnings()) == (n < 41)
 
 
 def test_perfect_predictions_expected_helper():

@@ -32,7 +32,8 @@ class DatasetEvalResult:
 
     def summary(self) -> Dict:
         js = self.result.to_json()
-        return {"ap": js, "frames": self.frames, "failed": self.failed, "latency_ms": self.latency_ms,
+        return {"ap": js, "ap_ceiling": self.result.ceiling_json(), "warnings": self.result.small_set_warnings(),
+                "frames": self.frames, "failed": self.failed, "latency_ms": self.latency_ms,
                 "localization": self.localization}
 
 

@@ -262,6 +262,28 @@ class EvalResult:
     num_valid_gt: Dict[str, List[int]]
     min_overlaps: np.ndarray  # (sets, metrics, classes)
     aos_computed: bool
+    # the same AP for perfect predictions (label_2 fed back, score 1) on this ground truth: what a small set allows
+    ceiling: Optional[Dict[str, Dict[str, Dict[str, np.ndarray]]]] = None
+
+    def ceiling_json(self, overlap_set: int = 0) -> Optional[dict]:
+        if self.ceiling is None:
+            return None
+        return {curve: {c: {m: [float(x) for x in v[overlap_set]] for m, v in d.items() if m != "aos"}
+                        for c, d in per.items()} for curve, per in self.ceiling.items()}
+
+    def small_set_warnings(self) -> List[str]:
+        """One line per class with fewer than 41 valid objects in a difficulty (the R40 curve's 40 recall points
+        then cannot all be reached: AP is capped below 100 even for perfect predictions; see the ceiling)."""
+        out = []
+        for c in self.classes:
+            n = self.num_valid_gt.get(c, [])
+            if n and max(n) == 0:
+                out.append(f"warning: {c} has no objects in this ground truth: its AP is 0 by definition")
+            elif n and min(n) < SMALL_SET:
+                out.append(f"warning: {c} has {' / '.join(str(x) for x in n)} objects (easy / moderate / hard), fewer "
+                           f"than {SMALL_SET} in at least one difficulty: the R40 AP of this set is capped even for "
+                           "perfect predictions; compare with the ceiling printed beside it")
+        return out
 
     def to_json(self, overlap_set: int = 0) -> dict:
         out = {}
@@ -288,7 +310,12 @@ class EvalResult:
                         if m == "aos" and not self.aos_computed:
                             continue
                         v = self.ap[curve][c][m][k]
-                        lines.append(f"{lab}:{v[0]:.4f}, {v[1]:.4f}, {v[2]:.4f}")
+                        line = f"{lab}:{v[0]:.4f}, {v[1]:.4f}, {v[2]:.4f}"
+                        if self.ceiling is not None and m != "aos":
+                            cv = self.ceiling[curve][c][m][k]
+                            line += f"   (ceiling {cv[0]:.4f}, {cv[1]:.4f}, {cv[2]:.4f})"
+                        lines.append(line)
+        lines += self.small_set_warnings()
         return "\n".join(lines) + "\n"
 
 
@@ -299,10 +326,33 @@ def _check_aos(dt_annos) -> bool:
     return False
 
 
+SMALL_SET = 41  # R40 samples recall at 1/40 ... 40/40 (plus 0): below 41 objects not every point is reachable
+
+
+def perfect_predictions(gt_annos: Sequence[Dict[str, np.ndarray]],
+                        classes: Sequence[str] = EVAL_CLASSES) -> List[Dict[str, np.ndarray]]:
+    """The ground truth of the evaluated classes as predictions with score 1 (what a perfect detector outputs)."""
+    out = []
+    for a in gt_annos:
+        keep = np.isin(a["name"], list(classes))
+        d = {k: v[keep] for k, v in a.items()}
+        d["score"] = np.ones(int(keep.sum()))
+        out.append(d)
+    return out
+
+
 def evaluate(gt_annos: Sequence[Dict[str, np.ndarray]], dt_annos: Sequence[Dict[str, np.ndarray]],
              classes: Sequence[str] = ("Car", "Pedestrian", "Cyclist"), overlap_sets: Sequence[int] = (0, 1),
-             compute_aos: Optional[bool] = None) -> EvalResult:
-    """Evaluate frame-aligned lists of annotation dicts (see :mod:`kitti_io`)."""
+             compute_aos: Optional[bool] = None, with_ceiling: bool = True) -> EvalResult:
+    """Evaluate frame-aligned lists of annotation dicts (see :mod:`kitti_io`) with the official formulas.
+
+    ``with_ceiling``: also evaluate :func:`perfect_predictions` of the same ground truth (``EvalResult.ceiling``):
+    with fewer than 41 objects of a class the official R40 AP cannot reach 100 even then."""
+    if with_ceiling:
+        res = evaluate(gt_annos, dt_annos, classes, overlap_sets, compute_aos, with_ceiling=False)
+        res.ceiling = evaluate(gt_annos, perfect_predictions(gt_annos, classes), classes, overlap_sets, False,
+                               with_ceiling=False).ap
+        return res
     if len(gt_annos) != len(dt_annos):
         raise ValueError(f"{len(gt_annos)} ground-truth frames but {len(dt_annos)} prediction frames")
     for c in classes:

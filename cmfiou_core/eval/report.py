@@ -65,6 +65,8 @@ def build_report(frames: Sequence[FrameResult], labels: Sequence[Optional[str]],
         rep["ap"] = res.to_json(0)
         rep["ap_overlap_set_1"] = res.to_json(1)
         rep["num_valid_gt"] = res.num_valid_gt
+        rep["ap_ceiling"] = res.ceiling_json(0)  # perfect predictions on this ground truth (small-set cap)
+        rep["warnings"] = res.small_set_warnings()
     else:
         rep["ap"] = None
         rep["ap_note"] = "no ground truth in the bag (or not for every frame): AP not computed"
@@ -78,15 +80,21 @@ def format_table(rep: dict) -> str:
     lines.append(f"frames: {fr['total']} total, {fr['ok']} ok, {fr['dropped']} dropped, {fr['skipped']} skipped "
                  "(dropped/skipped frames are evaluated as empty detection sets)")
     if rep.get("ap"):
-        lines.append("AP (%; first overlap set: Car 0.7, Ped 0.5, Cyc 0.5)      easy   moderate   hard")
+        ceil = rep.get("ap_ceiling") or {}
+        lines.append("AP (%; first overlap set: Car 0.7, Ped 0.5, Cyc 0.5)      easy   moderate   hard"
+                     + ("   ceiling (perfect predictions)" if ceil else ""))
         for curve in ("R40", "R11"):
             for c, d in rep["ap"][curve].items():
                 for m in ("3d", "bev", "bbox", "aos"):
                     v = d[m]
                     if v[0] is None:
                         continue
-                    lines.append(f"  {curve} {c:<10} {m:<4}                                {v[0]:7.2f} {v[1]:8.2f} "
-                                 f"{v[2]:8.2f}")
+                    line = f"  {curve} {c:<10} {m:<4}                                {v[0]:7.2f} {v[1]:8.2f} {v[2]:8.2f}"
+                    cv = ceil.get(curve, {}).get(c, {}).get(m)
+                    if cv:
+                        line += f"   {cv[0]:6.2f} / {cv[1]:6.2f} / {cv[2]:6.2f}"
+                    lines.append(line)
+        lines += rep.get("warnings", [])
     else:
         lines.append(rep.get("ap_note", "AP not computed"))
     if rep["latency_ms"]:
