@@ -286,8 +286,13 @@ class DetectorNode(LifecycleNode):
                 pass
         self.assembler = FrameAssembler(p, self.warn, tf_lookup)
         timers = [self.create_timer(p["diagnostics_period"], self.publish_diagnostics)]
+        # the wait timer runs only while a cloud waits for its image (armed by _after_input, cancelled by
+        # _poll_policy once nothing waits): no periodic wake-ups of the executor without work
+        self._wait_timer = None
         if p["sync_policy"] == "latest_image" and p["image_wait"] > 0:
-            timers.append(self.create_timer(min(0.01, p["image_wait"] / 2), self._poll_policy))
+            self._wait_timer = self.create_timer(p["image_wait"], self._poll_policy)
+            self._wait_timer.cancel()
+            timers.append(self._wait_timer)
         self._entities = [self.det_pub, self.scores_pub, self.diag_pub] + \
             [x for x in (self.markers_pub, self.timings_pub) if x is not None] + subs + timers
 
@@ -315,8 +320,7 @@ class DetectorNode(LifecycleNode):
             self.warn(self._lidar_topic, f"cloud has no valid points ({dropped} non-finite dropped): publishing "
                                          "empty detections")
         self.frames_in += 1
-        for pairing in self.assembler.add_cloud(msg.header, pts, stamp, t_arrival):
-            self._submit(pairing)
+        self._after_input(self.assembler.add_cloud(msg.header, pts, stamp, t_arrival))
 
     def on_image(self, msg) -> None:
         if not self._active:
@@ -330,8 +334,7 @@ class DetectorNode(LifecycleNode):
         except Exception as e:  # noqa: BLE001
             self.warn(self._image_topic, describe(e))
             return
-        for pairing in self.assembler.add_image(msg.header, rgb, stamp):
-            self._submit(pairing)
+        self._after_input(self.assembler.add_image(msg.header, rgb, stamp))
 
     def on_camera_info(self, msg) -> None:
         if not self._active:
@@ -342,9 +345,19 @@ class DetectorNode(LifecycleNode):
     def on_extrinsic(self, msg) -> None:
         self.assembler.add_extrinsic(msg)
 
+    def _after_input(self, pairings) -> None:
+        for pairing in pairings:
+            self._submit(pairing)
+        t = self._wait_timer
+        if t is not None and t.is_canceled() and self.assembler.waiting():
+            t.reset()
+
     def _poll_policy(self) -> None:
         for pairing in self.assembler.poll(time.monotonic_ns()):
             self._submit(pairing)
+        t = self._wait_timer
+        if t is not None and not self.assembler.waiting():
+            t.cancel()
 
     # ------------------------------------------------------------------------------------------ frame assembly
     def build_frame(self, pairing: Pairing) -> Frame:
@@ -427,7 +440,7 @@ class DetectorNode(LifecycleNode):
 
 
 def main(argv=None) -> int:
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
 
     from .shutdown import spinning
 
@@ -441,7 +454,10 @@ def main(argv=None) -> int:
                     node.get_logger().fatal("configure failed: exiting")
                     return 2
                 node.trigger_activate()
-            ex = MultiThreadedExecutor(num_threads=2)
+            # one thread: the callbacks are short (conversion); a MultiThreadedExecutor's wait loop spins while a
+            # dispatched callback waits for the GIL held by inference (69% of a core at 10 Hz, docs/results/
+            # node_load_cpu.json) and slows the inference thread down
+            ex = SingleThreadedExecutor()
             ex.add_node(node)
             ex.spin()
     finally:

@@ -106,6 +106,10 @@ class FrameAssembler:
         """Pairings whose image wait expired (latest_image policy)."""
         return self.policy.poll(now_ns) if self.policy is not None else []
 
+    def waiting(self) -> bool:
+        """A cloud waits for its image (``poll`` will resolve it)."""
+        return self.policy is not None and self.policy.queue_sizes()[1] > 0
+
     def _approx_add(self, index: int, item) -> List[Pairing]:
         self.approx.add(index, item)
         out, self._approx_out = self._approx_out, []
