@@ -367,3 +367,36 @@ def test_worker_trims_the_heap_every_malloc_trim_period_frames(ctx, kitti_sample
     finally:
         node._teardown()
         node.destroy_node()
+
+
+def test_wait_timer_runs_only_while_a_cloud_waits(ctx, kitti_samples):
+    """latest_image with image_wait: the executor's wait timer is armed by a waiting cloud, resolves it after
+    image_wait (LiDAR-only, reason recorded) and is cancelled again: no periodic wake-ups without work."""
+    from rclpy.executors import SingleThreadedExecutor
+
+    pipe = TinyPipeline()
+    node = make_detector(ctx, pipe, warmup=False, image_wait=0.3, max_image_age=0.15, slop=0.02)
+    _up(node)
+    ex = SingleThreadedExecutor(context=ctx)
+    ex.add_node(node)
+    try:
+        assert node._wait_timer.is_canceled()
+        cloud, img, info, T, _ = kitti_frame_msgs(kitti_samples, 0, 50 * S)
+        node._param_T = T
+        node.on_camera_info(info)
+        node.on_image(img)
+        node.on_cloud(cloud)  # its image is there: no wait
+        assert wait_until(lambda: node.frames_out == 1, 5, spin=lambda t: ex.spin_once(timeout_sec=t))
+        assert node._wait_timer.is_canceled()
+        cloud.header.stamp = C.ns_to_stamp(50 * S + S // 10)  # camera alive, its image not (yet) there: waits
+        t0 = time.monotonic()
+        node.on_cloud(cloud)
+        assert not node._wait_timer.is_canceled() and node.frames_out == 1
+        assert wait_until(lambda: node.frames_out == 2, 5, spin=lambda t: ex.spin_once(timeout_sec=t))
+        assert time.monotonic() - t0 >= 0.29
+        assert [cam for _, cam in pipe.frames] == [True, True]  # the best candidate (age 0.1 s <= max_image_age)
+        assert node._wait_timer.is_canceled()
+    finally:
+        ex.shutdown()
+        node._teardown()
+        node.destroy_node()
