@@ -102,22 +102,59 @@ def test_proposals_exact(reference):
     assert np.array_equal(bd["roi_labels"].numpy(), out["roi_labels"])
 
 
-def _box_err(a, r):
-    # boxes of the random-weight reference reach 1e13 m: absolute 1e-3 plus fp32 relative noise
-    return float((np.abs(a - r) / (1e-3 + 1e-6 * np.abs(r))).max())
+def _coder_scale(boxes, rois):
+    """Per element, the scale by which the ResidualCoder multiplies a regression delta when it decodes ``boxes``
+    relative to ``rois``: x, y by the roi's BEV diagonal, z by its height, sizes by themselves (exp), heading 1.
+    fp32 noise of the regression MLP (~1e-7 relative, and its exact bits depend on the host's BLAS kernels) reaches
+    the decoded box multiplied by this scale."""
+    rois = np.broadcast_to(rois, boxes.shape)
+    diag = np.sqrt(rois[..., 3] ** 2 + rois[..., 4] ** 2)
+    s = np.ones_like(boxes)
+    s[..., 0] = s[..., 1] = diag
+    s[..., 2] = np.abs(rois[..., 5])
+    s[..., 3:6] = np.abs(boxes[..., 3:6])
+    return np.maximum(s, np.abs(boxes))
+
+
+def _box_err(a, r, rois):
+    # random-weight boxes reach 1e13 m: absolute 1e-3 plus 1e-6 relative to the coder's scale (~8 fp32 ulps)
+    return float((np.abs(a - r) / (1e-3 + 1e-6 * _coder_scale(r, rois))).max())
+
+
+def _plausible(rois):
+    """RoIs of physical size (every dimension < 10 m): 11 of the reference's 50. The others inherit the random dense
+    head's absurd sizes (kilometres to 1e13 m); see test_stage_matches_official."""
+    return (np.abs(rois.reshape(-1, 7)[:, 3:6]) < 10.0).all(1)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_stage_matches_official(reference, stage):
+    """The chained head (each stage fed our previous stage's boxes) against the reference, per stage.
+
+    Stage 0 starts from the exact proposals, so every RoI is compared. From stage 1 on, a stage's input boxes are the
+    previous stage's decoded outputs, which carry fp32 noise times the coder scale (up to 0.17 m on the 5e6 m RoIs of
+    this random-weight reference; the exact bits depend on the host's BLAS). Grid pooling is discontinuous in the box
+    (voxel-query radius and grid-cell edges), so for those absurd RoIs the official code itself gives different
+    stage-1/2 features on hosts whose BLAS rounds differently. That part is order-dependent by construction; it is
+    covered exactly by test_isolated_stages_from_stored_rois (each stage fed the stored input boxes). Here the chained
+    stages are compared on every RoI of physical size, where the noise stays ~1e-5, and on all RoIs for the boxes
+    that feed the next stage."""
     _, _, rec, out, _ = reference
     names = [n for n in out if n.startswith(f"s{stage}_")]
     assert len(names) >= 15
+    rows = np.ones(50, dtype=bool) if stage == 0 else _plausible(out["rois"])
+    assert stage == 0 or rows.sum() == 11
     for n in names:
         got = rec[n].numpy().reshape(out[n].shape)
-        if n.endswith(("rois_in", "box_preds")):
-            assert _box_err(got, out[n]) <= 1.0, n
+        want = out[n]
+        if got.shape[0] == 1 and got.ndim == 3:
+            got, want = got[0], want[0]
+        if n.endswith("rois_in") or (n.endswith("box_preds") and stage == 0):
+            assert _box_err(got, want, out[f"s{stage}_rois_in"][0]) <= 1.0, n
+        elif n.endswith("box_preds"):
+            assert np.abs(got[rows] - want[rows]).max() <= 1e-3, n
         else:
-            assert np.abs(got - out[n]).max() <= 1e-3, (n, np.abs(got - out[n]).max())
+            assert np.abs(got[rows] - want[rows]).max() <= 1e-3, (n, np.abs(got[rows] - want[rows]).max())
     assert np.abs(rec["parts_feat"].numpy() - out["parts_feat"]).max() <= 1e-3
 
 
@@ -138,13 +175,20 @@ def test_isolated_stages_from_stored_rois(reference):
             k = f"s{s}_{n}"
             assert np.abs(rec[k].numpy().reshape(out[k].shape) - out[k]).max() <= 1e-3, k
         k = f"s{s}_batch_box_preds"
-        assert _box_err(rec[k].numpy(), out[k]) <= 1.0
+        assert _box_err(rec[k].numpy(), out[k], out[f"s{s}_rois_in"]) <= 1.0
 
 
 def test_final_matches_official(reference):
-    _, bd, _, out, _ = reference
-    assert _box_err(bd["batch_box_preds"].numpy(), out["final_batch_box_preds"]) <= 1.0
-    assert np.abs(bd["batch_cls_preds"].numpy() - out["final_batch_cls_preds"]).max() <= 1e-3
+    """Final = stage mean: exactly the mean of our own stages, and the reference on every RoI of physical size (see
+    test_stage_matches_official for why the chained stages of absurd RoIs are compared per stage instead)."""
+    head, bd, rec, out, _ = reference
+    rows = _plausible(out["rois"])
+    got_box, got_cls = bd["batch_box_preds"].numpy()[0], bd["batch_cls_preds"].numpy()[0]
+    assert np.abs(got_box[rows] - out["final_batch_box_preds"][0][rows]).max() <= 1e-3
+    assert np.abs(got_cls[rows] - out["final_batch_cls_preds"][0][rows]).max() <= 1e-3
+    mean_box = np.mean([rec[f"s{s}_batch_box_preds"].numpy().reshape(1, 50, 7)[0] for s in range(3)], 0)
+    mean_cls = np.mean([rec[f"s{s}_batch_cls_preds"].numpy().reshape(1, 50, 1)[0] for s in range(3)], 0)
+    assert np.allclose(got_box, mean_box, rtol=1e-6, atol=1e-4) and np.allclose(got_cls, mean_cls, atol=1e-5)
     assert bd["cls_preds_normalized"] is False and "batch_iou_preds" not in bd
 
 
