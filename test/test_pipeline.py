@@ -126,6 +126,20 @@ def test_evaluate_tool_on_a_generated_split(tmp_path):
     car = summary["localization"]["Car"]
     assert car["num_gt"] > 0 and car["threshold"] == 0.7
     assert car["mean_best_iou"] > 0.5 and car["recall"] > 0.5  # real detections, not noise
+    assert summary["lidar_only_frames"] == {} and summary["skipped"] == {}
+    # provenance: the code, config, weights, device and command behind the numbers
+    import hashlib
+
+    from kitti_format import check_result_text
+
+    prov = summary["provenance"]
+    head = subprocess.run(["git", "-C", str(DEFAULT_CONFIG.parents[1]), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    if head.returncode == 0:
+        assert prov["git_commit"] == head.stdout.strip() and isinstance(prov["git_dirty"], bool)
+    assert prov["checkpoint_sha256"] == hashlib.sha256(DEMO_CHECKPOINT.read_bytes()).hexdigest()
+    assert prov["config_sha256"] == hashlib.sha256(DEFAULT_CONFIG.read_bytes()).hexdigest()
+    assert prov["device"] == "cpu" and prov["device_name"] and "cmfiou_core.tools.evaluate" in prov["command"]
     for fid in val:
-        lines = (out / "results" / f"{fid}.txt").read_text().splitlines()
-        assert lines and all(len(ln.split()) == 16 for ln in lines)  # KITTI result lines with a score
+        text = (out / "results" / f"{fid}.txt").read_text()
+        assert check_result_text(text, 1242, 375, fid) > 0  # KITTI result lines with a score, angles in [-pi, pi]

@@ -3,37 +3,46 @@
 Every frame of the split goes through :class:`cmfiou_core.pipeline.Pipeline` (the same path as the ROS node), its
 detections are written as KITTI result lines (``label_2`` format with score) and scored against ``label_2`` with
 :func:`cmfiou_core.eval.kitti_eval.evaluate`. A frame whose inference fails is evaluated as an empty detection set
-and counted (never silently dropped).
+and counted (never silently dropped); a frame with a bad input file is named, skipped and counted (``strict``: the
+run stops); frames that ran LiDAR-only (without depth completion) are listed with the reason.
 """
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from ..calib import Calibration
 from ..types import Frame
 from .kitti_eval import EvalResult, evaluate, localization_quality
-from .kitti_io import lidar_boxes_to_result_text, parse_kitti_text, read_ids, read_kitti_file
+from .kitti_io import KittiFormatError, lidar_boxes_to_result_text, parse_kitti_text, read_ids, read_kitti_file
 
 log = logging.getLogger(__name__)
+
+
+class BadInputError(ValueError):
+    """An input file of a split that cannot be used (unreadable, truncated, malformed); the message names it."""
 
 
 @dataclass
 class DatasetEvalResult:
     result: EvalResult
-    frames: int
-    failed: List[str] = field(default_factory=list)
+    frames: int  # frames evaluated (skipped ones not included)
+    failed: List[str] = field(default_factory=list)  # inference failed: evaluated as empty detection sets
     latency_ms: Dict[str, float] = field(default_factory=dict)
     localization: Dict[str, Dict[str, Optional[float]]] = field(default_factory=dict)  # localization_quality
+    skipped: Dict[str, str] = field(default_factory=dict)  # frame id -> bad input file (not evaluated)
+    lidar_only: Dict[str, str] = field(default_factory=dict)  # frame id -> why it ran LiDAR-only (without depth)
 
     def summary(self) -> Dict:
         js = self.result.to_json()
         return {"ap": js, "ap_ceiling": self.result.ceiling_json(), "warnings": self.result.small_set_warnings(),
-                "frames": self.frames, "failed": self.failed, "latency_ms": self.latency_ms,
+                "frames": self.frames, "failed": self.failed, "skipped": self.skipped,
+                "lidar_only_frames": self.lidar_only, "latency_ms": self.latency_ms,
                 "localization": self.localization}
 
 
@@ -44,32 +53,129 @@ def _split_root(root: Path) -> Path:
     raise FileNotFoundError(f"{root}: no KITTI object layout (expected training/{{velodyne,label_2,calib,image_2}})")
 
 
-def evaluate_split(pipeline, root: Union[str, Path], split: str = "val", out_dir: Optional[Union[str, Path]] = None,
-                   lidar_only: bool = False, max_frames: Optional[int] = None,
-                   pad_small: bool = False) -> DatasetEvalResult:
-    from PIL import Image
+SPLIT_ALL = "all"  # without an ImageSets/all.txt: every frame that has a label_2 file
 
+
+def split_ids(root: Union[str, Path], split: str) -> Tuple[Path, List[str]]:
+    """(the folder holding velodyne/ image_2/ calib/ label_2/, the ids of ``split``).
+
+    ``split`` names ``ImageSets/<split>.txt`` (beside ``training/``); ``all`` without such a file means every
+    ``label_2`` file. Errors name what is available: an unknown split, a split without frames, ground truth that
+    is missing for some frame or empty (no label file at all)."""
     root = Path(root)
     data = _split_root(root)
-    ids_file = root / "ImageSets" / f"{split}.txt"
-    ids = read_ids(ids_file) if ids_file.is_file() else sorted(p.stem for p in (data / "label_2").glob("*.txt"))
+    sets_dirs = [d for d in dict.fromkeys((root / "ImageSets", data.parent / "ImageSets")) if d.is_dir()]
+    available = sorted({p.stem for d in sets_dirs for p in d.glob("*.txt")})
+    files = [d / f"{split}.txt" for d in sets_dirs if (d / f"{split}.txt").is_file()]
+    labels = sorted(p.stem for p in (data / "label_2").glob("*.txt"))
+    if not labels:
+        raise ValueError(f"{data / 'label_2'}: no ground truth (no label files): nothing to evaluate")
+    if files:
+        ids = read_ids(files[0])
+    elif split == SPLIT_ALL:
+        ids = labels
+    else:
+        where = ", ".join(str(d) for d in sets_dirs) or f"{root / 'ImageSets'} (missing)"
+        raise ValueError(f"unknown split {split!r}: no {split}.txt in {where}; available splits: "
+                         f"{', '.join(available) or 'none'}{'' if SPLIT_ALL in available else ' (or all = every label_2 file)'}")
+    if not ids:
+        raise ValueError(f"{files[0] if files else data}: split {split!r} has no frames")
+    have = set(labels)
+    missing = [i for i in ids if i not in have]
+    if missing:
+        raise ValueError(f"{data / 'label_2'}: ground truth missing for {len(missing)} of {len(ids)} frames of split "
+                         f"{split!r} (first: {missing[0]}.txt); a split is evaluated only against its labels")
+    evaluated = ("Car", "Pedestrian", "Cyclist")
+    if not any(ln.split()[:1] and ln.split()[0] in evaluated
+               for i in ids for ln in (data / "label_2" / f"{i}.txt").read_text(errors="replace").splitlines()):
+        raise ValueError(f"{data / 'label_2'}: the ground truth of split {split!r} ({len(ids)} frames) has no Car, "
+                         "Pedestrian or Cyclist object: AP is undefined")
+    return data, ids
+
+
+def read_image_rgb(path: Union[str, Path]) -> np.ndarray:
+    """A PNG (or any PIL format) as (H, W, 3) uint8 RGB -- the one decoder of the evaluation paths (kitti2bag
+    writes the same pixels into bags). Unreadable or truncated files raise :class:`BadInputError` naming them."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated data, bad chunks
+        raise BadInputError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def read_velodyne_bin(path: Union[str, Path]) -> np.ndarray:
+    """A KITTI ``velodyne/*.bin`` as (N, 4) float32; a size that is not a multiple of 16 bytes is named as truncated."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    if len(raw) % 16:
+        raise BadInputError(f"{path}: {len(raw)} bytes is not a multiple of 16 (N x 4 float32): truncated file?")
+    return np.frombuffer(raw, np.float32).reshape(-1, 4).copy()
+
+
+def load_frame(data: Path, fid: str):
+    """(label annotations, image, calibration, points) of one frame; a bad file raises :class:`BadInputError` /
+    :class:`KittiFormatError` naming it."""
+    from ..calib import CalibrationError
+
+    gt = read_kitti_file(data / "label_2" / f"{fid}.txt")
+    img = read_image_rgb(data / "image_2" / f"{fid}.png")
+    cp = data / "calib" / f"{fid}.txt"
+    try:
+        calib = Calibration.from_kitti_object_file(cp, img.shape[1], img.shape[0])
+    except (CalibrationError, ValueError, OSError) as e:
+        msg = str(e)
+        raise BadInputError(msg if str(cp) in msg else f"{cp}: {msg}") from None
+    pts = read_velodyne_bin(data / "velodyne" / f"{fid}.bin")
+    return gt, img, calib, pts
+
+
+def _progress(ids, desc: str):
+    """tqdm progress bar on a terminal (stderr), none otherwise (logs, CI)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return ids
+    return tqdm(ids, desc=desc, unit="frame", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def evaluate_split(pipeline, root: Union[str, Path], split: str = "val", out_dir: Optional[Union[str, Path]] = None,
+                   lidar_only: bool = False, max_frames: Optional[int] = None,
+                   pad_small: bool = False, strict: bool = False) -> DatasetEvalResult:
+    """Run ``pipeline`` over ``split`` of ``root`` and evaluate (module doc). A frame with a bad input file
+    (label, image, calibration, point cloud) is named, skipped (not evaluated) and counted; ``strict`` raises
+    instead. Raises ValueError for an unknown split and for missing or empty ground truth."""
+    data, ids = split_ids(root, split)
     if max_frames:
         ids = ids[:max_frames]
-    if not ids:
-        raise ValueError(f"{root}: split {split!r} has no frames")
     out = Path(out_dir) if out_dir else None
     if out:
         (out / "results").mkdir(parents=True, exist_ok=True)
     gt_annos, dt_annos, failed, totals = [], [], [], []
-    for fid in ids:
-        gt_annos.append(read_kitti_file(data / "label_2" / f"{fid}.txt"))
-        img = np.array(Image.open(data / "image_2" / f"{fid}.png").convert("RGB"))
-        calib = Calibration.from_kitti_object_file(data / "calib" / f"{fid}.txt", img.shape[1], img.shape[0])
-        pts = np.fromfile(data / "velodyne" / f"{fid}.bin", np.float32).reshape(-1, 4)
+    skipped: Dict[str, str] = {}
+    lidar_only_frames: Dict[str, str] = {}
+    for fid in _progress(ids, f"evaluate {split}"):
+        try:
+            gt, img, calib, pts = load_frame(data, fid)
+        except (BadInputError, KittiFormatError) as e:
+            if strict:
+                raise
+            log.error("frame %s skipped (not evaluated): %s", fid, e)
+            skipped[fid] = str(e)
+            continue
         text = ""
         try:
             det = pipeline(Frame(pts, None if lidar_only else img, calib, index=fid))
             totals.append(det.timings_ms.get("total", float("nan")))
+            if det.lidar_only:
+                lidar_only_frames[fid] = ("--lidar-only: no camera image given" if lidar_only else
+                                          "the pipeline ran without depth completion (depth disabled in the "
+                                          "configuration)")
             text = lidar_boxes_to_result_text(det.boxes, det.labels, det.scores, calib, img.shape[:2],
                                               class_names=tuple(det.class_names), pad_small=pad_small)
         except Exception as e:  # noqa: BLE001 - a failed frame is evaluated as empty and reported
@@ -77,7 +183,13 @@ def evaluate_split(pipeline, root: Union[str, Path], split: str = "val", out_dir
             failed.append(fid)
         if out:
             (out / "results" / f"{fid}.txt").write_text(text)
+        gt_annos.append(gt)
         dt_annos.append(parse_kitti_text(text, f"{fid}.txt", is_result=True))
+    if skipped:
+        log.error("%d of %d frames skipped for bad input files (not evaluated): %s", len(skipped), len(ids),
+                  ", ".join(skipped))
+    if not gt_annos:
+        raise ValueError(f"{root}: every frame of split {split!r} was skipped (bad input files): nothing to evaluate")
     res = evaluate(gt_annos, dt_annos)
     loc = localization_quality(gt_annos, dt_annos)
     lat = {}
@@ -85,7 +197,7 @@ def evaluate_split(pipeline, root: Union[str, Path], split: str = "val", out_dir
         a = np.asarray(totals)
         lat = {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
                "p99": float(np.percentile(a, 99))}
-    return DatasetEvalResult(res, len(ids), failed, lat, loc)
+    return DatasetEvalResult(res, len(gt_annos), failed, lat, loc, skipped, lidar_only_frames)
 
 
 def make_eval_fn(cfg, root, split: str = "val", use_pseudo: bool = True, max_frames: Optional[int] = None):

@@ -112,8 +112,8 @@ def load_folder(folder: Union[str, Path], ids: Optional[Sequence[str]], is_resul
                 allow_missing: bool = False) -> List[Dict[str, np.ndarray]]:
     """Read ``<folder>/<id>.txt`` for every id (all ``*.txt`` sorted when ``ids`` is None).
 
-    A missing file is an error unless ``allow_missing`` (then it counts as a frame with no objects, which is the
-    right treatment for predictions: a dropped frame is all false negatives, never skipped).
+    A missing file is an error; for predictions (``is_result``) ``allow_missing`` counts it as a frame with no
+    detections instead (a dropped frame is all false negatives, never skipped). Ground truth is never optional.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -130,9 +130,12 @@ def load_folder(folder: Union[str, Path], ids: Optional[Sequence[str]], is_resul
         else:
             missing.append(i)
             out.append(empty_annotations())
+    if missing and not is_result:
+        raise KittiFormatError(f"{folder}: ground truth missing for {len(missing)} of {len(ids)} frames (first: "
+                               f"{missing[0]}.txt): every evaluated frame needs its label file")
     if missing and not allow_missing:
-        raise KittiFormatError(f"{folder}: {len(missing)} of {len(ids)} files missing (first: {missing[0]}.txt); "
-                               "pass allow_missing / --allow-missing to count them as empty")
+        raise KittiFormatError(f"{folder}: {len(missing)} of {len(ids)} prediction files missing (first: "
+                               f"{missing[0]}.txt); pass --allow-missing to count them as frames without detections")
     return out
 
 

@@ -1,6 +1,15 @@
-"""``python -m cmfiou_core.tools.evaluate --data ROOT [--split val] --checkpoint CKPT``: run the inference pipeline
-over a KITTI-layout split (real KITTI or generated scenes) and report KITTI AP (R40 and R11) with the project's
-evaluator. Writes the per-frame result files (``--out``) and a JSON summary (``--json``)."""
+"""``python -m cmfiou_core.tools.evaluate --data ROOT [--split val] [--checkpoint CKPT]``: run the inference pipeline
+over a KITTI-layout split (real KITTI or generated scenes) and report KITTI AP (R40 and R11, each beside the ceiling
+that perfect predictions reach on the same ground truth) with the project's evaluator. Writes the per-frame result
+files (``--out``) and a JSON summary with provenance (``--json``).
+
+Without ``--checkpoint`` (or with ``--checkpoint ''``) the bundled demo checkpoint
+``models/cmfiou_synthetic_demo_fp16.pt`` runs with its config ``config/cmfiou_kitti.yaml``: a camera+LiDAR model
+trained on generated scenes only, not on KITTI. ``--checkpoint none`` runs random weights (meaningless detections).
+
+Exit codes: 0 done; 1 inference failed on every frame; 2 bad arguments or data (unknown split, missing or empty
+ground truth, with ``--strict`` the first bad input file).
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,36 +20,56 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="folder holding training/ and ImageSets/")
-    ap.add_argument("--split", default="val")
+    ap.add_argument("--split", default="val", help="ImageSets/<split>.txt; 'all' = every label_2 file when there is "
+                                                   "no all.txt (default: val)")
     ap.add_argument("--config", default=None, help="model YAML (default: config/cmfiou_kitti.yaml)")
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", default="",
+                    help="weights file (default '': the bundled demo checkpoint models/cmfiou_synthetic_demo_fp16.pt, "
+                         "trained on generated scenes, not KITTI; 'none': random weights)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off")
     ap.add_argument("--lidar-only", action="store_true", help="give the pipeline no camera image (pseudo branch empty)")
     ap.add_argument("--max-frames", type=int, default=None)
+    ap.add_argument("--strict", action="store_true",
+                    help="stop at the first bad input file (default: name it, skip the frame, count it)")
     ap.add_argument("--out", default=None, help="write results/<id>.txt here")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from cmfiou_core.eval.dataset_eval import evaluate_split
+    from cmfiou_core.config import ConfigError
+    from cmfiou_core.eval.dataset_eval import evaluate_split, split_ids
     from cmfiou_core.pipeline import Pipeline
+    from cmfiou_core.provenance import provenance
 
-    pipe = Pipeline.from_config(args.config, args.checkpoint, args.device, amp=args.amp)
-    r = evaluate_split(pipe, args.data, args.split, args.out, lidar_only=args.lidar_only, max_frames=args.max_frames)
+    try:
+        split_ids(args.data, args.split)  # unknown split / missing or empty ground truth: before the model loads
+        pipe = Pipeline.from_config(args.config, args.checkpoint, args.device, amp=args.amp)
+        r = evaluate_split(pipe, args.data, args.split, args.out, lidar_only=args.lidar_only,
+                           max_frames=args.max_frames, strict=args.strict)
+    except (ValueError, FileNotFoundError, ConfigError) as e:  # BadInputError / KittiFormatError are ValueErrors
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
     print(r.result.table())
     for c, q in r.localization.items():
         if q["num_gt"]:
             print(f"{c} localization: {q['num_gt']} objects, best 3D IoU mean {q['mean_best_iou']:.3f} median "
                   f"{q['median_best_iou']:.3f}, recall@{q['threshold']:.2f} {q['recall']:.3f}, within "
                   f"+-{q['band']:.2f} of the threshold {q['near_threshold']:.3f}")
-    print(f"frames {r.frames}, failed {len(r.failed)}, latency ms {r.latency_ms}")
+    for fid, why in r.lidar_only.items():
+        print(f"frame {fid} ran LiDAR-only (without depth): {why}")
+    for fid, why in r.skipped.items():
+        print(f"frame {fid} skipped (not evaluated): {why}")
+    print(f"frames {r.frames} evaluated, skipped {len(r.skipped)} (bad input files), failed {len(r.failed)} "
+          f"(evaluated as empty), LiDAR-only {len(r.lidar_only)}, latency ms {r.latency_ms}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         s = r.summary()
-        s.update(checkpoint=args.checkpoint, split=args.split, lidar_only=args.lidar_only, amp=args.amp)
+        s.update(data=str(args.data), split=args.split, lidar_only=args.lidar_only, amp=args.amp,
+                 provenance=provenance(args.config, args.checkpoint, args.device))
         Path(args.json).write_text(json.dumps(s, indent=1))
     return 1 if r.failed and len(r.failed) == r.frames else 0
 
