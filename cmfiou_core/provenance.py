@@ -90,19 +90,20 @@ def _resolve_checkpoint(checkpoint) -> Optional[str]:
 def provenance(config=None, checkpoint=None, device=None, argv: Optional[Sequence[str]] = None,
                resolve_default_checkpoint: bool = True) -> Dict[str, object]:
     """The provenance record (module doc). ``resolve_default_checkpoint``: '' / None mean the bundled demo
-    checkpoint (as in ``Pipeline.from_config``); pass False where there is no model at all (``checkpoint`` None
-    is then recorded as None)."""
+    checkpoint and the default config (as in ``Pipeline.from_config``); pass False where no model runs at all
+    (ground-truth predictions, a result folder): '' / None are then recorded as None."""
     out: Dict[str, object] = dict(git_state())
-    if config is None or config == "":
+    if (config is None or config == "") and resolve_default_checkpoint:
         from .pipeline import DEFAULT_CONFIG
 
         config = DEFAULT_CONFIG
-    out["config"] = str(config)
-    try:
-        out["config_sha256"] = file_sha256(config)
-    except OSError as e:
-        out["config_sha256"] = None
-        out["config_error"] = f"{type(e).__name__}: {e}"
+    out["config"] = None if config in (None, "") else str(config)
+    out["config_sha256"] = None
+    if out["config"] is not None:
+        try:
+            out["config_sha256"] = file_sha256(config)
+        except OSError as e:
+            out["config_error"] = f"{type(e).__name__}: {e}"
     ck = _resolve_checkpoint(checkpoint) if resolve_default_checkpoint else (
         None if checkpoint in (None, "") else str(checkpoint))
     out["checkpoint"] = ck

@@ -34,6 +34,7 @@ import numpy as np
 from cmfiou_core.eval import bag_io
 from cmfiou_core.eval.kitti_io import lidar_boxes_to_result_text
 from cmfiou_core.eval.report import FrameResult, build_report, format_table, write_report
+from cmfiou_core.provenance import provenance
 
 EVAL_CLASSES = ("Car", "Pedestrian", "Cyclist")
 
@@ -76,11 +77,13 @@ def run_offline(frames: List[bag_io.BagFrame], args) -> List[FrameResult]:
             txt = gt_result_text(f.label_text) if args.predictions_from_gt else ""
             out.append(FrameResult(f.index, f.stamp_ns, txt, {"total": (time.perf_counter() - t) * 1e3}))
         return out
+    from cmfiou_core.eval.dataset_eval import _progress
+
     factory = load_factory(args.pipeline_factory)
     pipe = factory(args.config, checkpoint=args.checkpoint, device=args.device)
     if hasattr(pipe, "warmup"):
         pipe.warmup()
-    for f in frames:
+    for f in _progress(frames, "bag-eval offline"):
         img = None if args.no_camera else f.image
         try:
             fr = Frame(f.points, img, f.calib, f.stamp_ns, bag_io.LIDAR_FRAME, f.index)
@@ -89,7 +92,13 @@ def run_offline(frames: List[bag_io.BagFrame], args) -> List[FrameResult]:
             total = (time.perf_counter() - t) * 1e3
             tm = dict(det.timings_ms)
             tm["total"] = total
-            out.append(FrameResult(f.index, f.stamp_ns, _result_text(det, f, args.pad_small_boxes), tm))
+            why = ""
+            if det.lidar_only:
+                why = ("--no-camera" if args.no_camera else "the bag has no camera image for this frame"
+                       if f.image is None else "the pipeline ran without depth completion (depth disabled in the "
+                       "configuration)")
+            out.append(FrameResult(f.index, f.stamp_ns, _result_text(det, f, args.pad_small_boxes), tm,
+                                   lidar_only=bool(det.lidar_only), lidar_only_reason=why))
         except Exception as e:  # a failing frame is skipped = evaluated as empty, never removed
             out.append(FrameResult(f.index, f.stamp_ns, "", {}, "skipped", f"{type(e).__name__}: {e}"))
     return out
@@ -123,6 +132,9 @@ def run_node(frames: List[bag_io.BagFrame], args) -> List[FrameResult]:
     from cmfiou_ros.msg_types import Detection3DArray, FrameTimings
     from cmfiou_core.types import Detections
 
+    from cmfiou_ros.msg_types import DetectionScores
+
+    reasons = {}  # stamp -> why the node ran that frame LiDAR-only (in-process node only)
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
     nodes = []
@@ -143,10 +155,11 @@ def run_node(frames: List[bag_io.BagFrame], args) -> List[FrameResult]:
             if det_node.trigger_configure() != TCR.SUCCESS or det_node.trigger_activate() != TCR.SUCCESS:
                 raise bag_io.BagError("the detector node failed to configure/activate (see its log above)")
             ex.add_node(det_node)
+            _record_lidar_only_reasons(det_node, reasons)
         io_node = rclpy.create_node("cmfiou_bag_eval", context=ctx)
         nodes.append(io_node)
         ex.add_node(io_node)
-        got_det, got_tim, recv_wall, pub_wall = {}, {}, {}, {}
+        got_det, got_tim, recv_wall, pub_wall, got_lo = {}, {}, {}, {}, {}
 
         def on_det(m):
             st = m.header.stamp.sec * 10**9 + m.header.stamp.nanosec
@@ -157,6 +170,8 @@ def run_node(frames: List[bag_io.BagFrame], args) -> List[FrameResult]:
         io_node.create_subscription(Detection3DArray, args.detections_topic, on_det, q)
         io_node.create_subscription(FrameTimings, args.timings_topic,
                                     lambda m: got_tim.__setitem__(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec, m), q)
+        io_node.create_subscription(DetectionScores, args.scores_topic, lambda m: got_lo.__setitem__(
+            m.header.stamp.sec * 10**9 + m.header.stamp.nanosec, bool(m.lidar_only)), q)
         # player: the raw CDR bytes of the bag, in bag order
         r = bag_io.open_bag(args.bag)
         msgs = importlib.import_module
@@ -219,8 +234,30 @@ def run_node(frames: List[bag_io.BagFrame], args) -> List[FrameResult]:
             tm["total"] = float(ft.total_ms)
         if f.stamp_ns in pub_wall and f.stamp_ns in recv_wall:  # cloud published -> detections received
             tm["end_to_end"] = (recv_wall[f.stamp_ns] - pub_wall[f.stamp_ns]) * 1e3
-        out.append(FrameResult(f.index, f.stamp_ns, _result_text(det, f, args.pad_small_boxes), tm))
+        lo = got_lo.get(f.stamp_ns)
+        why = reasons.get(f.stamp_ns) or ("" if not lo else "reported LiDAR-only by the external node (its "
+                                          "/diagnostics give the reason)" if args.external_node else "")
+        if lo is None:
+            lo, why = False, "no DetectionScores message received: camera use unknown"
+        out.append(FrameResult(f.index, f.stamp_ns, _result_text(det, f, args.pad_small_boxes), tm,
+                               lidar_only=lo, lidar_only_reason=why if lo else ""))
     return out
+
+
+def _record_lidar_only_reasons(det_node, reasons: dict) -> None:
+    """Keep, per LiDAR stamp, the reason the in-process node's frame assembly gave for a frame without camera."""
+    asm = getattr(det_node, "assembler", None)
+    build = getattr(asm, "build", None)
+    if build is None:
+        return
+
+    def recording_build(pairing):
+        frame, reason, *rest = build(pairing)
+        if frame.image is None:
+            reasons[frame.stamp_ns] = reason or "camera unavailable"
+        return (frame, reason, *rest)
+
+    asm.build = recording_build
 
 
 def main(argv=None) -> int:
@@ -243,6 +280,7 @@ def main(argv=None) -> int:
     ap.add_argument("--external-node", action="store_true", help="node mode: the detector node is already running")
     ap.add_argument("--detections-topic", default="/cmfiou_detector/detections")
     ap.add_argument("--timings-topic", default="/cmfiou_detector/timings")
+    ap.add_argument("--scores-topic", default="/cmfiou_detector/scores")
     ap.add_argument("--no-results", action="store_true", help="do not write results/<index>.txt")
     a = ap.parse_args(argv)
     try:
@@ -256,9 +294,12 @@ def main(argv=None) -> int:
         else:
             res = run_node(frames, a)
         predictor = "ground truth" if a.predictions_from_gt else ("empty" if a.empty else a.pipeline_factory)
+        model = not (a.predictions_from_gt or a.empty)
         rep = build_report(res, [f.label_text for f in frames],
                            {"bag": str(a.bag), "mode": a.mode, "predictor": predictor,
-                            "config": a.config, "checkpoint": a.checkpoint})
+                            "config": a.config, "checkpoint": a.checkpoint,
+                            "provenance": provenance(a.config if model else None, a.checkpoint if model else None,
+                                                     a.device if model else None, resolve_default_checkpoint=model)})
     except (bag_io.BagError, ValueError, ImportError) as e:
         print(f"cmfiou-bag-eval: error: {e}", file=sys.stderr)
         return 2

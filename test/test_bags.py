@@ -162,7 +162,9 @@ def test_bag_eval_gt_and_empty(tmp_path, object_bag):
     assert js["ap"]["R40"]["Pedestrian"]["bev"] == pytest.approx([5.0, 5.0, 7.5], abs=1e-9)
     assert js["ap"]["R11"]["Cyclist"]["bbox"] == pytest.approx([0.0, 100 / 11, 100 / 11])
     assert js["frames"] == {"total": 13, "ok": 13, "dropped": 0, "skipped": 0, "dropped_indices": [],
-                            "skipped_indices": [], "errors": {}}
+                            "skipped_indices": [], "errors": {}, "lidar_only": 0, "lidar_only_frames": {}}
+    prov = js["provenance"]
+    assert prov["checkpoint"] is None and prov["config"] is None and "--predictions-from-gt" in prov["command"]
     for f in ("report.html", "pr_curves.png", "latency.png"):
         assert (tmp_path / "gt" / f).stat().st_size > 0
     r = run("cmfiou_ros.bag_eval", object_bag, "--out", tmp_path / "empty", "--empty")
@@ -309,13 +311,20 @@ def test_bag_eval_node_mode_tiny_pipeline(tmp_path, object_bag):
     node, off = outs["node"], outs["offline"]
     assert node["frames"]["ok"] == 13 and node["frames"]["dropped"] == 0
     assert "end_to_end" in node["latency_ms"] and "total" in node["latency_ms"]
+    # every frame the node ran without camera is flagged with the node's reason (TinyPipeline ignores the camera,
+    # so such a frame does not change the results compared below)
+    assert node["frames"]["lidar_only"] == len(node["frames"]["lidar_only_frames"])
+    assert all(why and why != "reason not reported" for why in node["frames"]["lidar_only_frames"].values())
+    assert off["frames"]["lidar_only"] == 0
     for curve in ("R40", "R11"):
         for c in ("Car", "Pedestrian", "Cyclist"):
             for m in ("3d", "bev", "bbox"):
                 assert node["ap"][curve][c][m] == pytest.approx(off["ap"][curve][c][m], abs=1e-6)
-    # (the tiny pipeline's AP is 0: compare the per-frame result lines themselves, up to the quaternion round trip)
+    # (the tiny pipeline's AP is 0: compare the per-frame result files themselves: identical, the quaternion round
+    # trip included)
     n_det = 0
     for f in sorted((tmp_path / "offline" / "results").glob("*.txt")):
+        assert f.read_text() == (tmp_path / "node" / "results" / f.name).read_text(), f.name
         a = parse_kitti_text(f.read_text(), str(f), True)
         b = parse_kitti_text((tmp_path / "node" / "results" / f.name).read_text(), f.name, True)
         assert list(a["name"]) == list(b["name"])

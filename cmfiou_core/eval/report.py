@@ -29,6 +29,8 @@ class FrameResult:
     timings_ms: Dict[str, float] = field(default_factory=dict)
     status: str = "ok"  # ok | dropped | skipped
     error: str = ""
+    lidar_only: bool = False  # detected without camera / depth completion (pseudo branch empty)
+    lidar_only_reason: str = ""
 
 
 def latency_stats(frames: Sequence[FrameResult]) -> Dict[str, Dict[str, float]]:
@@ -55,7 +57,10 @@ def build_report(frames: Sequence[FrameResult], labels: Sequence[Optional[str]],
                      "skipped": sum(f.status == "skipped" for f in frames),
                      "dropped_indices": [f.index for f in frames if f.status == "dropped"],
                      "skipped_indices": [f.index for f in frames if f.status == "skipped"],
-                     "errors": {f.index: f.error for f in frames if f.error}}
+                     "errors": {f.index: f.error for f in frames if f.error},
+                     "lidar_only": sum(f.lidar_only for f in frames),
+                     "lidar_only_frames": {f.index: f.lidar_only_reason or "reason not reported"
+                                           for f in frames if f.lidar_only}}
     rep["latency_ms"] = latency_stats(frames)
     res = None
     if n and all(lb is not None for lb in labels):
@@ -79,6 +84,8 @@ def format_table(rep: dict) -> str:
     fr = rep["frames"]
     lines.append(f"frames: {fr['total']} total, {fr['ok']} ok, {fr['dropped']} dropped, {fr['skipped']} skipped "
                  "(dropped/skipped frames are evaluated as empty detection sets)")
+    for idx, why in fr.get("lidar_only_frames", {}).items():
+        lines.append(f"frame {idx} ran LiDAR-only (without depth completion): {why}")
     if rep.get("ap"):
         ceil = rep.get("ap_ceiling") or {}
         lines.append("AP (%; first overlap set: Car 0.7, Ped 0.5, Cyc 0.5)      easy   moderate   hard"
