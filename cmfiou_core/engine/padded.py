@@ -35,6 +35,27 @@ class PaddedSparse:
     def replace_feature(self, features: torch.Tensor) -> "PaddedSparse":
         return PaddedSparse(features, self.indices, self.count, self.spatial_shape, self.batch_size)
 
+    @classmethod
+    def from_spconv(cls, t, capacity: int) -> "PaddedSparse":
+        """A ``spconv.SparseConvTensor`` (any row order) -> ``PaddedSparse`` of ``capacity`` rows: valid rows sorted by
+        their linear key (b, z, y, x), then padding (features 0, indices -1). Host-side (reads the row count): for
+        tests and for feeding the engine from the eager backbone, not for the hot path. ``capacity`` below the row
+        count is an error."""
+        feats, idx = t.features, t.indices
+        n = int(idx.shape[0])
+        if n > int(capacity):
+            raise ValueError(f"PaddedSparse.from_spconv: {n} rows exceed capacity {int(capacity)}")
+        key = idx[:, 0].long()
+        for d, s in zip(range(1, idx.shape[1]), t.spatial_shape):
+            key = key * int(s) + idx[:, d].long()
+        order = torch.sort(key, stable=True)[1]
+        f = feats.new_zeros((int(capacity), feats.shape[1]))
+        i = torch.full((int(capacity), idx.shape[1]), -1, dtype=torch.int32, device=idx.device)
+        f[:n] = feats[order]
+        i[:n] = idx[order].to(torch.int32)
+        count = torch.tensor(n, dtype=torch.int64, device=idx.device)
+        return cls(f, i, count, tuple(int(s) for s in t.spatial_shape), int(t.batch_size))
+
     def to_dense_rows(self):
         """(features, indices) of the valid rows only (syncs: for tests and debugging, never in the hot path)."""
         n = int(self.count)
