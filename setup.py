@@ -22,10 +22,15 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["cmfiou_core", "cmfiou_core.*", "cmfiou_ros", "cmfiou_ros.*"]),
     package_data={"cmfiou_core": ["**/*.yaml"]},
+    # The resources, where cmfiou_core.resources finds them in a non-editable install (<prefix>/share/cmfiou_ros);
+    # the editable install of scripts/setup.sh links them there instead.
     data_files=[
         ("share/cmfiou_ros", ["package.xml"]),
         ("share/cmfiou_ros/launch", _files("launch")),
         ("share/cmfiou_ros/config", _files("config")),
+        ("share/cmfiou_ros/models", _files("models")),
+        ("share/cmfiou_ros/msg", _files("msg")),
+        ("share/cmfiou_ros/compat/vision_msgs/msg", _files("compat/vision_msgs/msg")),
     ],
     entry_points={
         "console_scripts": [

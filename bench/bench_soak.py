@@ -116,7 +116,7 @@ def main(argv=None) -> int:
 
         ns.data = str(ensure_demo_scenes())
     domain = int(os.environ.get("ROS_DOMAIN_ID", "0")) or random.randint(120, 220)
-    specs = replay_graph({"data": ns.data, "rate": str(ns.rate), "loop": "true",
+    specs = replay_graph({"data": ns.data, "rate": str(ns.rate), "loop": "true", "lockstep": "false",
                           "pipeline_factory": ns.pipeline_factory, "config": ns.config, "checkpoint": ns.checkpoint})
     specs[0].parameters.update(wait_for_subscribers=2, wait_timeout=600.0)
     import yaml

@@ -21,6 +21,7 @@ from typing import Dict, Optional, Union
 import numpy as np
 import torch
 
+from . import resources
 from .calib import Calibration
 from .config import ConfigError
 from .depth.config import DepthConfig
@@ -35,13 +36,26 @@ from .types import Detections, Frame
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "config" / "cmfiou_kitti.yaml"
+DEFAULT_CONFIG_NAME = "cmfiou_kitti.yaml"
 # Trained here on generated scenes (cmfiou-gen-scenes), NOT on KITTI: camera+LiDAR, 1120 iterations (7 epochs) on the
 # H100 with config/cmfiou_kitti.yaml. It detects the generator's objects and serves the demo and the end-to-end tests.
-# See README "Demo checkpoint".
-DEMO_CHECKPOINT = REPO_ROOT / "models" / "cmfiou_synthetic_demo_fp16.pt"
-DEMO_CONFIG = REPO_ROOT / "config" / "cmfiou_kitti.yaml"
+# See README "Demo checkpoint". Both are resources of the installed package (cmfiou_core.resources).
+DEMO_CHECKPOINT_NAME = "cmfiou_synthetic_demo_fp16.pt"
+DEMO_CONFIG_NAME = "cmfiou_kitti.yaml"
+
+
+def default_config() -> Path:
+    """The installed ``config/cmfiou_kitti.yaml`` (ResourceNotFound, naming where it looked, when missing)."""
+    return resources.config(DEFAULT_CONFIG_NAME)
+
+
+def demo_checkpoint() -> Path:
+    """The installed demo checkpoint ``models/cmfiou_synthetic_demo_fp16.pt`` (ResourceNotFound when missing)."""
+    return resources.model(DEMO_CHECKPOINT_NAME)
+
+
+def demo_config() -> Path:
+    return resources.config(DEMO_CONFIG_NAME)
 
 
 class Pipeline:
@@ -90,15 +104,15 @@ class Pipeline:
         if dev.type == "cpu":
             # spconv's multithreaded CPU convolution was measured wrong and non-deterministic with >1 thread
             torch.set_num_threads(1)
-        if (checkpoint is None or checkpoint == "") and DEMO_CHECKPOINT.is_file():
-            checkpoint = str(DEMO_CHECKPOINT)
+        if checkpoint is None or checkpoint == "":
+            checkpoint = str(demo_checkpoint())  # a missing demo checkpoint is an error naming where it looked
             if not config:
-                config = DEMO_CONFIG
+                config = demo_config()
             log.warning("no checkpoint given: using the bundled demo checkpoint %s (camera+LiDAR, trained on "
                         "generated scenes, not on KITTI) with %s", checkpoint, config)
         elif str(checkpoint).lower() == "none":
             checkpoint = None
-        cfg = load_config(config or DEFAULT_CONFIG)
+        cfg = load_config(config or default_config())
         model = build_model(cfg)
         loaded = False
         if checkpoint:

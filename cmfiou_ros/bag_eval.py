@@ -13,8 +13,10 @@ Modes:
   ``Detections.timings_ms`` plus ``total``;
 - ``node``: plays the bag (raw CDR bytes, no re-serialisation) into the detector node (started in this process,
   lifecycle configure+activate, unless ``--external-node``) and records its Detection3DArray + FrameTimings;
-  ``--rate`` = realtime factor (1.0 = 10 Hz as recorded) or 0 = as fast as the node answers (one frame in flight).
-  Frames without an output within ``--node-timeout`` are *dropped* (evaluated as empty).
+  by default in lockstep (``--rate 0``: each cloud is published once the node answered the previous one, so no frame
+  is dropped whatever the node's speed); ``--rate R`` plays in real time (R = realtime factor, 1.0 = 10 Hz as
+  recorded), where the node drops the frames it cannot keep up with. Frames without an output within
+  ``--node-timeout`` are *dropped* (evaluated as empty); the drop count is always printed.
 
 LiDAR boxes become KITTI result lines as OpenPCDet does (peers_and_conventions §E.7; ``--pad-small-boxes`` adds
 CMF-IOU's +2 px to < 25 px boxes). Output: printed table, DIR/report.json, report.html, pr_curves.png,
@@ -125,7 +127,7 @@ def detection_array_to_arrays(msg, class_names=EVAL_CLASSES):
 def run_node(frames: List[bag_io.BagFrame], args) -> List[FrameResult]:
     """Thin layer: a player (bag raw CDR -> rclpy publishers, waits for subscriber match) + a recorder."""
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
@@ -138,7 +140,10 @@ def run_node(frames: List[bag_io.BagFrame], args) -> List[FrameResult]:
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
     nodes = []
-    ex = MultiThreadedExecutor(num_threads=4, context=ctx)
+    # single-threaded: callbacks run inline in spin_once (inference has its own worker thread in the node). rclpy's
+    # MultiThreadedExecutor.shutdown destroys its guard condition while pool threads may still run a handler, which
+    # then fails with "cannot use Destroyable" ("The following exception was never retrieved" at exit).
+    ex = SingleThreadedExecutor(context=ctx)
     try:
         if not args.external_node:
             from cmfiou_ros.detector_node import DetectorNode
@@ -212,13 +217,25 @@ def run_node(frames: List[bag_io.BagFrame], args) -> List[FrameResult]:
         while time.monotonic() < deadline and not all(s in got_det for s in stamps):
             ex.spin_once(timeout_sec=0.02)
     finally:
+        # executor first (it waits for its running callbacks), then the detector's worker, then the nodes: destroying
+        # a node under a live executor leaves "cannot use Destroyable" futures behind
+        ex.shutdown()
         for n in nodes:
             try:
+                if hasattr(n, "_teardown"):
+                    n._teardown()
                 n.destroy_node()
-            except Exception:
+            except Exception:  # noqa: BLE001
                 pass
-        ex.shutdown()
         rclpy.shutdown(context=ctx)
+    node_drops = sum(int(getattr(m, "dropped_frames", 0)) for m in got_tim.values())
+    missing = [f.index for f in frames if f.stamp_ns not in got_det]
+    mode = "lockstep" if args.rate <= 0 else f"real time x{args.rate:g}"
+    print(f"cmfiou-bag-eval: node mode ({mode}): {len(frames) - len(missing)} of {len(frames)} frames answered, "
+          f"{len(missing)} dropped (no output within --node-timeout {args.node_timeout:g} s; evaluated as empty)"
+          + (f": {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}" if missing else "")
+          + (f"; the node reported {node_drops} frame(s) dropped for newer ones" if node_drops else ""),
+          file=sys.stderr)
     out = []
     for f in frames:
         m = got_det.get(f.stamp_ns)
@@ -274,7 +291,9 @@ def main(argv=None) -> int:
     g.add_argument("--empty", action="store_true", help="predict nothing")
     ap.add_argument("--no-camera", action="store_true", help="offline: LiDAR-only frames (image=None)")
     ap.add_argument("--pad-small-boxes", action="store_true", help="CMF-IOU's +2 px for < 25 px 2D boxes")
-    ap.add_argument("--rate", type=float, default=1.0, help="node mode: realtime factor (0 = as fast as possible)")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="node mode: 0 (default) = lockstep, no frame dropped; R > 0 = real time x R (10 Hz as "
+                         "recorded at 1.0): frames the node cannot keep up with are dropped (counted and printed)")
     ap.add_argument("--node-timeout", type=float, default=30.0, help="node mode: seconds to wait for an output")
     ap.add_argument("--match-timeout", type=float, default=10.0, help="node mode: seconds to wait for subscribers")
     ap.add_argument("--external-node", action="store_true", help="node mode: the detector node is already running")

@@ -138,6 +138,7 @@ class DetectorNode(LifecycleNode):
         self.last_pipeline_error = ""
         self.points_dropped_nonfinite = 0
         self.empty_clouds = 0
+        self.unpublished_at_shutdown = 0  # inferred while the context went down (Ctrl-C / SIGTERM): not published
 
     # the worker's and the assembler's counters, under the names the tests and diagnostics always used
     @property
@@ -408,7 +409,10 @@ class DetectorNode(LifecycleNode):
         try:
             self.publish_outputs(det, header, t_arrival, proc_ms)
         except Exception as e:  # noqa: BLE001 - e.g. context shut down while publishing
-            self.warn("publish", f"{type(e).__name__}: {e}")
+            if not self.context.ok():  # Ctrl-C / SIGTERM during inference: counted, reported at exit
+                self.unpublished_at_shutdown += 1
+            else:
+                self.warn("publish", f"{type(e).__name__}: {e}")
             return det
         return det
 
@@ -442,8 +446,13 @@ class DetectorNode(LifecycleNode):
 def main(argv=None) -> int:
     from rclpy.executors import SingleThreadedExecutor
 
-    from .shutdown import spinning
+    from cmfiou_ros.params import DETECTOR_PARAMS
+    from .shutdown import install_signal_latch, node_help, spinning, wants_help
 
+    if wants_help(argv):
+        print(node_help("detector_node", __doc__, DETECTOR_PARAMS), end="")
+        return 0
+    latch = install_signal_latch()  # before rclpy.init: a second Ctrl-C / SIGTERM during teardown stays quiet
     rclpy.init(args=argv)
     node = DetectorNode()
     rc = 0
@@ -461,8 +470,16 @@ def main(argv=None) -> int:
             ex.add_node(node)
             ex.spin()
     finally:
-        node._teardown()
+        waiting = node._slot is not None  # a frame queued for inference, discarded by the teardown
+        node._teardown()  # joins the inference thread: the in-flight frame finishes (published, or not: counted)
+        # a logger of its own: the node's logger would try /rosout through the context that is already down
+        logger = rclpy.logging.get_logger(f"{node.get_name()}.shutdown")
         node.destroy_node()
+        if latch.received:
+            lost = int(waiting) + node.unpublished_at_shutdown
+            logger.info(f"shutdown ({latch.name}): {node.frames_in} frames in, {node.frames_out} published, "
+                        f"{node.frames_dropped + lost} dropped ({lost} at shutdown: {node.unpublished_at_shutdown} "
+                        f"in flight when the context went down, {int(waiting)} queued)")
         if rclpy.ok():
             rclpy.shutdown()
     return rc

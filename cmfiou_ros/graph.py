@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 PACKAGE = "cmfiou_ros"
-REPO = Path(__file__).resolve().parents[1]
 
 # (name, default, description): the launch arguments, and the run_graph command-line options
 LAUNCH_ARGUMENTS: List[Tuple[str, str, str]] = [
     ("data", "", "KITTI object/raw folder or generated scenes to replay"),
     ("checkpoint", "", "CMF-IOU checkpoint ('' = the bundled camera+LiDAR demo checkpoint)"),
     ("config", "", "model/pipeline config YAML ('' = pipeline default)"),
-    ("rate", "10.0", "replay rate (frames per second)"),
+    ("rate", "10.0", "replay rate (frames per second; the maximum in lockstep)"),
+    ("lockstep", "true", "publish the next frame only after the detector's output for the previous one: no frame "
+                         "dropped whatever the detector's speed (false: real time at rate; frames the detector "
+                         "cannot keep up with are dropped, counted and printed)"),
+    ("print_frames", "true", "the replay logs one line per frame output (detections) and per dropped frame"),
     ("loop", "false", "replay in a loop"),
     ("use_sim_time", "false", "replay publishes /clock and every node uses sim time"),
     ("rviz", "false", "start RViz (real ROS only)"),
@@ -26,7 +29,7 @@ LAUNCH_ARGUMENTS: List[Tuple[str, str, str]] = [
     ("pipeline_factory", "cmfiou_core.pipeline:Pipeline.from_config", "import path of the pipeline factory"),
     ("sync_policy", "latest_image", "approx or latest_image"),
     ("max_frames", "0", "play at most this many frames (0 = all)"),
-    ("exit_on_end", "false", "replay exits after the last frame"),
+    ("exit_on_end", "false", "end the graph after the last frame, once the detector has answered it (drained)"),
 ]
 DEFAULTS: Dict[str, str] = {n: d for n, d, _ in LAUNCH_ARGUMENTS}
 
@@ -67,15 +70,11 @@ def _bool(v) -> bool:
 
 
 def config_dir() -> Path:
-    """config/ of the source tree, else share/cmfiou_ros/config of an installed package."""
-    if (REPO / "config" / "detector_node.yaml").is_file():
-        return REPO / "config"
-    try:
-        from ament_index_python.packages import get_package_share_directory
+    """share/cmfiou_ros/config of the installed package (:mod:`cmfiou_core.resources`; an error naming where it
+    looked when missing)."""
+    from cmfiou_core import resources
 
-        return Path(get_package_share_directory(PACKAGE)) / "config"
-    except Exception:  # noqa: BLE001
-        return REPO / "config"
+    return resources.find("config")
 
 
 def replay_graph(args: Optional[Dict[str, object]] = None) -> List[NodeSpec]:
@@ -101,6 +100,9 @@ def replay_graph(args: Optional[Dict[str, object]] = None) -> List[NodeSpec]:
             "lidar_topic": TOPICS["lidar"], "image_topic": TOPICS["image"],
             "camera_info_topic": TOPICS["camera_info"], "extrinsic_topic": TOPICS["extrinsic"],
             "frame_map_topic": TOPICS["frame_map"],
+            "output_topic": TOPICS["detections"],
+            "lockstep_topic": TOPICS["detections"] if _bool(a["lockstep"]) else "",
+            "print_frames": _bool(a["print_frames"]),
         },
     )
     detector = NodeSpec(

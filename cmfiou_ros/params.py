@@ -137,8 +137,13 @@ REPLAY_PARAMS: List[P] = [
     P("lockstep_topic", str, "", "Detection3DArray topic: publish the next frame only after the output for the "
       "previous one arrived (or lockstep_timeout): no drops with a detector slower than rate ('' = off)", True,
       _opt_topic),
-    P("lockstep_timeout", float, 60.0, "Seconds to wait for an output in lockstep mode before moving on", True,
-      _rng(0.0, 3600.0, lo_open=True)),
+    P("lockstep_timeout", float, 60.0, "Seconds to wait for an output in lockstep mode (and, with exit_on_end, "
+      "for the last frame's output) before moving on", True, _rng(0.0, 3600.0, lo_open=True)),
+    P("output_topic", str, "", "Detection3DArray topic of the detector's output to follow ('' = lockstep_topic): "
+      "frames without an output are counted as dropped, exit_on_end waits for the last frame's output", True,
+      _opt_topic),
+    P("print_frames", bool, False, "Log one line per frame output (detections, their distance, delay) and per "
+      "dropped frame", False),
     P("publish_image", bool, True, "Publish images (false: simulate a dead camera from the start)", False),
     P("stop_camera_after", int, -1, "Stop publishing image/camera_info after this many frames (-1 = never)", False,
       _rng(-1, 10**9)),

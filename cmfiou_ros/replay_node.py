@@ -12,13 +12,20 @@ PointCloud2 (x, y, z, intensity float32) + Image rgb8 + CameraInfo + the LiDAR->
   outputs can be mapped back for evaluation; ``"done": true`` after the last frame.
 - ``lockstep_topic``: publish the next frame only once the detector's output for the previous one arrived (or after
   ``lockstep_timeout``), so evaluation/tests lose no frame whatever the detector's speed; ``rate`` stays the maximum.
+- ``output_topic`` (default: ``lockstep_topic``): the detector's Detection3DArray output is followed. A published frame
+  whose output never comes (the detector was busy and kept a newer frame, or it failed) is counted as dropped, logged
+  with ``print_frames`` (one line per output or drop) and reported in the frame map and the final log line. With
+  ``exit_on_end`` the node exits only after the last frame's output arrived (at most ``lockstep_timeout`` s): the
+  detector has drained, so ending the graph then loses nothing.
 
 Run: ``python -m cmfiou_ros.replay_node --ros-args --params-file config/replay_node.yaml -p data_dir:=...``.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -151,10 +158,15 @@ class ReplayNode(Node):
         self._await_t0 = 0.0
         self.lockstep_timeouts = 0
         self._last_tf = None
-        if p["lockstep_topic"]:
+        self._follow = p["output_topic"] or p["lockstep_topic"]
+        self._pending: "OrderedDict[int, tuple]" = OrderedDict()  # stamp -> (seq, index, t_publish): awaiting output
+        self.outputs = 0
+        self.dropped = 0  # published frames that got no output
+        self._drain_until: Optional[float] = None
+        if self._follow:
             from vision_msgs.msg import Detection3DArray
 
-            self.create_subscription(Detection3DArray, p["lockstep_topic"], self._on_output,
+            self.create_subscription(Detection3DArray, self._follow, self._on_output,
                                      QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
         self.period_ns = int(round(1e9 / p["rate"]))
         self.seq = 0
@@ -227,8 +239,39 @@ class ReplayNode(Node):
         return item
 
     def _on_output(self, msg) -> None:
-        if self._awaiting is not None and C.stamp_to_ns(msg.header.stamp) == self._awaiting:
+        stamp = C.stamp_to_ns(msg.header.stamp)
+        if self._awaiting is not None and stamp == self._awaiting:
             self._awaiting = None
+        if stamp not in self._pending:
+            return  # not ours (another publisher) or already counted
+        # the detector works in order: a frame published before this one that got no output was dropped
+        for s in [s for s in self._pending if s < stamp]:
+            self._count_drop(s, "dropped by the detector (no output: it kept a newer frame)")
+        seq, index, t_pub = self._pending.pop(stamp)
+        self.outputs += 1
+        if self.p["print_frames"]:
+            self.get_logger().info(f"frame {seq + 1} ({index}): {self._describe_output(msg)}; output "
+                                   f"{time.monotonic() - t_pub:.2f} s after publish")
+
+    def _count_drop(self, stamp: int, why: str) -> None:
+        seq, index, _ = self._pending.pop(stamp)
+        self.dropped += 1
+        if self.p["print_frames"]:
+            self.get_logger().warning(f"frame {seq + 1} ({index}): {why}")
+
+    @staticmethod
+    def _describe_output(msg) -> str:
+        dets = list(msg.detections)
+        if not dets:
+            return "0 detections"
+        items = []
+        for d in dets[:4]:
+            h = d.results[0].hypothesis if len(d.results) else None
+            c = d.bbox.center.position
+            name, score = (h.class_id, h.score) if h is not None else ("?", float("nan"))
+            items.append(f"{name} {score:.2f} @ {math.hypot(c.x, c.y):.1f} m")
+        more = f", +{len(dets) - 4} more" if len(dets) > 4 else ""
+        return f"{len(dets)} detection{'s' if len(dets) != 1 else ''}: " + ", ".join(items) + more
 
     def _tick(self) -> None:
         if self.done or not self._ready():
@@ -279,6 +322,10 @@ class ReplayNode(Node):
         cloud.header.stamp = stamp
         if p["lockstep_topic"]:
             self._awaiting, self._await_t0 = stamp_ns, time.monotonic()
+        if self._follow:
+            self._pending[stamp_ns] = (self.seq, index, time.monotonic())
+            while len(self._pending) > FRAME_MAP_MAX:  # nobody answers (loop without a detector): bounded
+                self._count_drop(next(iter(self._pending)), "no output")
         self.cloud_pub.publish(cloud)
         self.frame_map.append([self.seq, index, stamp_ns, bool(camera_on and img is not None)])
         del self.frame_map[: max(0, len(self.frame_map) - FRAME_MAP_MAX)]
@@ -291,26 +338,46 @@ class ReplayNode(Node):
 
         doc = {"source": str(self.source.root), "dataset": self.source.dataset, "rate": self.p["rate"],
                "n_frames": len(self.source), "published": self.seq, "done": self.done,
-               "lockstep_timeouts": self.lockstep_timeouts,
+               "lockstep_timeouts": self.lockstep_timeouts, "outputs": self.outputs, "dropped": self.dropped,
                "columns": ["seq", "index", "stamp_ns", "camera"], "frames": self.frame_map}
         self.map_pub.publish(String(data=json.dumps(doc)))
 
     def _finish(self) -> None:
         self.done = True
         self._publish_map()
-        self.get_logger().info(f"replay finished: {self.seq} frames")
-        if self.p["exit_on_end"]:
-            self._exit_at = time.monotonic() + 1.0  # let the latched map reach late subscribers
+        if not self.p["exit_on_end"]:
+            self.get_logger().info(f"replay finished: {self._counts()}")
+        else:  # exit once the detector has answered the last frame (drained), at most lockstep_timeout from now
+            self._drain_until = time.monotonic() + self.p["lockstep_timeout"]
+
+    def _counts(self) -> str:
+        s = f"{self.seq} frames published"
+        if self._follow:
+            s += f", {self.outputs} outputs, {self.dropped} dropped (no output)"
+        return s
 
     def should_exit(self) -> bool:
+        """exit_on_end: True 1 s (the latched frame map reaching late subscribers) after the last output arrived."""
+        if self._drain_until is not None and getattr(self, "_exit_at", None) is None:
+            if self._pending and time.monotonic() < self._drain_until:
+                return False
+            for s in list(self._pending):
+                self._count_drop(s, f"no output within lockstep_timeout {self.p['lockstep_timeout']} s of the end")
+            self._publish_map()
+            self.get_logger().info(f"replay finished: {self._counts()}")
+            self._exit_at = time.monotonic() + 1.0
         return getattr(self, "_exit_at", None) is not None and time.monotonic() >= self._exit_at
 
 
 def main(argv=None) -> int:
     from rclpy.executors import SingleThreadedExecutor
 
-    from .shutdown import spinning
+    from .shutdown import install_signal_latch, node_help, spinning, wants_help
 
+    if wants_help(argv):
+        print(node_help("kitti_replay_node", __doc__, REPLAY_PARAMS), end="")
+        return 0
+    latch = install_signal_latch()  # before rclpy.init: a second Ctrl-C / SIGTERM during teardown stays quiet
     rclpy.init(args=argv)
     try:
         node = ReplayNode()
@@ -325,7 +392,12 @@ def main(argv=None) -> int:
             while rclpy.ok() and not node.should_exit():
                 ex.spin_once(timeout_sec=0.05)
     finally:
+        ex.shutdown()
+        # a logger of its own: the node's logger would try /rosout through the context that is already down
+        logger = rclpy.logging.get_logger(f"{node.get_name()}.shutdown")
         node.destroy_node()
+        if latch.received:
+            logger.info(f"shutdown ({latch.name}): {node._counts()}")
         if rclpy.ok():
             rclpy.shutdown()
     return 0

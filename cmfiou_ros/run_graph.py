@@ -1,9 +1,15 @@
-"""Pip-world launcher: starts the replay graph of :mod:`cmfiou_ros.graph` as subprocesses
-(``python -m <module> --ros-args -r __node:=<name> --params-file <yaml> --params-file <overrides> -r a:=b``),
-supervises them (a node that exits with an error tears the graph down, exit code propagated), forwards SIGINT/SIGTERM
-and tears everything down (SIGINT, then SIGTERM, then SIGKILL).
+"""Starts the replay graph of :mod:`cmfiou_ros.graph` (the graph of ``launch/kitti_replay.launch.py``) as
+subprocesses: ``<executable> --ros-args -r __node:=<name> --params-file <yaml> --params-file <overrides> -r a:=b``,
+with the installed node executables (``<prefix>/lib/cmfiou_ros/<exe>`` of the ament index, as ``ros2 run``) where they
+exist, else ``python -m <module>`` (pip world).
 
-Usage: ``python -m cmfiou_ros.run_graph data:=../shared/kitti_samples/object rate:=5 [--duration 30]``
+Semantics (the launch file's too): frames go in lockstep with the detector unless ``lockstep:=false``; the replay
+logs one line per frame output or dropped frame (``--quiet``: none); any node exiting ends the graph: with an error
+(exit code 1 or the node's code) when it failed, cleanly when the replay finished with ``exit_on_end:=true`` (it exits
+only once the detector answered its last frame). Ctrl-C / SIGTERM: forwarded to every node (SIGINT, then SIGTERM,
+then SIGKILL), exit 0 when every node ended cleanly.
+
+Usage: ``python -m cmfiou_ros.run_graph data:=../shared/kitti_samples/object rate:=5 [--duration 30] [--quiet]``
 (the same ``name:=value`` arguments as ``launch/kitti_replay.launch.py``).
 """
 from __future__ import annotations
@@ -20,11 +26,25 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-from cmfiou_ros.graph import DEFAULTS, LAUNCH_ARGUMENTS, REPO, NodeSpec, replay_graph
+from cmfiou_ros.graph import DEFAULTS, LAUNCH_ARGUMENTS, NodeSpec, replay_graph
 
 
-def node_command(spec: NodeSpec, overrides_file: Optional[str], python: str = sys.executable) -> List[str]:
-    cmd = [python, "-m", spec.module, "--ros-args", "-r", f"__node:={spec.name}"]
+def installed_executable(spec: NodeSpec) -> Optional[str]:
+    """``<prefix>/lib/<package>/<executable>`` of the package's ament prefix (what ``ros2 run`` runs), if present."""
+    from cmfiou_core.resources import ament_share
+
+    share = ament_share(spec.package)
+    if share is None:
+        return None
+    exe = share.parent.parent / "lib" / spec.package / spec.executable
+    return str(exe) if exe.is_file() and os.access(exe, os.X_OK) else None
+
+
+def node_command(spec: NodeSpec, overrides_file: Optional[str], python: str = sys.executable,
+                 use_installed: bool = True) -> List[str]:
+    exe = installed_executable(spec) if use_installed else None
+    cmd = [exe] if exe else [python, "-m", spec.module]
+    cmd += ["--ros-args", "-r", f"__node:={spec.name}"]
     if spec.params_file:
         cmd += ["--params-file", spec.params_file]
     if overrides_file:
@@ -43,14 +63,30 @@ def write_overrides(spec: NodeSpec, directory: str) -> Optional[str]:
     return str(path)
 
 
+def _import_roots() -> List[str]:
+    """The sys.path entries this process imported cmfiou_ros and cmfiou_core from (children import the same code),
+    less the interpreter's own site-packages (on every child's path anyway)."""
+    import site
+
+    import cmfiou_core
+    import cmfiou_ros
+
+    default = {str(Path(p).resolve()) for p in site.getsitepackages() + [site.getusersitepackages()]}
+    roots = [str(Path(p).resolve().parent) for p in list(cmfiou_ros.__path__) + list(cmfiou_core.__path__)]
+    return [r for r in dict.fromkeys(roots) if r not in default]
+
+
 def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    from cmfiou_core import resources
+
     env = dict(os.environ)
-    pp = env.get("PYTHONPATH", "")
-    if str(REPO) not in pp.split(os.pathsep):
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + pp if pp else "")
-    shm = REPO / "config" / "fastdds_shm.xml"
-    if "FASTDDS_DEFAULT_PROFILES_FILE" not in env and shm.is_file():
-        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(shm)  # large clouds between processes (ros2_pip.md section 2)
+    pp = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    missing = [r for r in _import_roots() if r not in pp]
+    if missing:
+        env["PYTHONPATH"] = os.pathsep.join(missing + pp)
+    if "FASTDDS_DEFAULT_PROFILES_FILE" not in env and resources.exists("config", "fastdds_shm.xml"):
+        # large clouds between processes (ros2_pip.md section 2)
+        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(resources.config("fastdds_shm.xml"))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(extra or {})
     return env
@@ -132,13 +168,17 @@ def parse_graph_args(items: Sequence[str]) -> Dict[str, str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="arguments:\n" + "\n".join(f"  {n}:={d!r:<12} {t}" for n, d, t in
-                                                                  LAUNCH_ARGUMENTS))
+                                 epilog="arguments:\n" + "\n".join(f"  {n + ':=' + repr(d):<30} {t}"
+                                                                  for n, d, t in LAUNCH_ARGUMENTS))
     ap.add_argument("args", nargs="*", help="name:=value graph arguments")
     ap.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = until ^C)")
     ap.add_argument("--log-dir", default=None, help="write each node's output to <dir>/<node>.log")
+    ap.add_argument("--quiet", action="store_true", help="no per-frame lines (same as print_frames:=false)")
     ns = ap.parse_args(argv)
-    specs = replay_graph(parse_graph_args(ns.args))
+    gargs = parse_graph_args(ns.args)
+    if ns.quiet:
+        gargs["print_frames"] = "false"
+    specs = replay_graph(gargs)
     g = Graph(specs, log_dir=ns.log_dir)
     stop = {"sig": None}
 
@@ -169,9 +209,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rcs = g.stop()
         for s, h in old.items():
             signal.signal(s, h)
-    bad = {n: c for n, c in rcs.items() if c not in (0, -signal.SIGINT, -signal.SIGTERM)}
-    if bad and rc == 0:
+    bad = {n: c for n, c in rcs.items() if c != 0}
+    if bad:
         print(f"[run_graph] unclean exits: {bad}", file=sys.stderr)
+        if rc == 0:
+            rc = 1
+    else:
+        print(f"[run_graph] every node exited cleanly{' (' + signal.Signals(stop['sig']).name + ')' if stop['sig'] else ''}",
+              file=sys.stderr)
     return rc
 
 

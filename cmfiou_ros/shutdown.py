@@ -32,3 +32,59 @@ def spinning(logger_name: str, context: Optional[object] = None) -> Iterator[Non
         if not is_shutdown_race(e, context):
             raise
         rclpy.logging.get_logger(logger_name).debug(f"shutdown while the executor was waiting: {e}")
+
+
+class SignalLatch:
+    """Records SIGINT / SIGTERM instead of raising ``KeyboardInterrupt`` or dying (``install_signal_latch``)."""
+
+    def __init__(self):
+        self.received: list = []
+
+    def __call__(self, signum, frame) -> None:
+        self.received.append(signum)
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.received[0]).name if self.received else ""
+
+
+def install_signal_latch() -> SignalLatch:
+    """Install non-raising Python handlers for SIGINT and SIGTERM. Call it *before* ``rclpy.init``.
+
+    rclpy's own handlers (installed by ``rclpy.init``) shut the context down and wake the executors, then chain to
+    the handler that was there before them -- this one, which only records the signal. So a second Ctrl-C (a terminal
+    sends SIGINT to the whole process group, launch sends its own SIGINT and later SIGTERM) arriving while the node
+    tears down (joining its inference thread, destroying entities) or after ``rclpy.shutdown`` has uninstalled
+    rclpy's handlers raises no ``KeyboardInterrupt`` traceback, and SIGTERM never kills the process mid-teardown:
+    the process finishes its teardown and exits 0.
+    """
+    import signal
+
+    latch = SignalLatch()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, latch)
+    return latch
+
+
+def wants_help(argv) -> bool:
+    """``-h`` / ``--help`` among the program's own arguments (before ``--ros-args``); ``argv`` as given to
+    ``rclpy.init`` (None = ``sys.argv``)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--ros-args" in args:
+        args = args[:args.index("--ros-args")]
+    return any(a in ("-h", "--help") for a in args)
+
+
+def node_help(prog: str, doc: str, specs) -> str:
+    """Usage text of a node executable: its docstring and its parameter table (name, type, default, meaning)."""
+    lines = [f"usage: {prog} [-h] [--ros-args [--params-file FILE] [-p NAME:=VALUE] [-r FROM:=TO] ...]", "",
+             doc.strip(), "", "parameters (-p NAME:=VALUE or a --params-file):"]
+    for s in specs:
+        t = s.type.__name__ if s.type is not list else f"list of {s.elem.__name__}"
+        ro = ", read-only" if s.read_only else ""
+        lines.append(f"  {s.name} ({t}{ro}, default {s.default!r}): {s.doc}")
+    return "\n".join(lines) + "\n"

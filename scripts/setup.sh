@@ -94,7 +94,8 @@ PYEOF
   # (ros2_pip.md section 3). Idempotent; needed again after any reinstall of the message wheels, hence in this step.
   PYINC=$("$VP" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
   NPINC=$("$VP" -c "import numpy; print(numpy.get_include())")
-  grep -rlE '/opt/python/cp3[0-9]+-cp3[0-9]+' "$V/share" --include='*.cmake' 2>/dev/null | xargs -r sed -i -E \
+  # (grep finds nothing once patched: that is not an error under pipefail)
+  { grep -rlE '/opt/python/cp3[0-9]+-cp3[0-9]+' "$V/share" --include='*.cmake' 2>/dev/null || true; } | xargs -r sed -i -E \
     -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/include/python3\.[0-9]+#$PYINC#g" \
     -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/lib/python3\.[0-9]+/site-packages/numpy/_core/include#$NPINC#g"
   stamp_set deps "$DEPS_HASH"
@@ -156,6 +157,20 @@ case "${CMFIOU_VISION_MSGS:-auto}" in
 esac
 build_iface cmfiou_ros "$ROOT" -DCMFIOU_INTERFACES_ONLY=ON
 
+# ---- 2b. resources: config/, models/, launch/, compat/vision_msgs/msg of the checkout, linked into the interfaces'
+# share directory <venv>/share/cmfiou_ros (msg/ is installed there by the interface build). The code finds them
+# through the ament index (cmfiou_core/resources.py), as in a colcon install; links keep them editable, like the
+# editable install of the code below. Checked on every run (cheap).
+SHARE="$V/share/cmfiou_ros"
+[ -f "$V/share/ament_index/resource_index/packages/cmfiou_ros" ] || die "the cmfiou_ros interfaces are not registered in $V"
+mkdir -p "$SHARE/compat/vision_msgs"
+for d in config models launch compat/vision_msgs/msg; do
+  if [ "$(readlink "$SHARE/$d" 2>/dev/null)" != "$ROOT/$d" ]; then
+    rm -rf "${SHARE:?}/$d"
+    ln -s "$ROOT/$d" "$SHARE/$d"
+  fi
+done
+
 # ---- 3. the project itself, editable (console scripts cmfiou-*) ----------------------------------------------------
 PROJ_HASH=$(hash_of "$ROOT/setup.py")
 if ! stamp_ok project "$PROJ_HASH" || ! compgen -G "$SITE/__editable__*cmfiou*.pth" >/dev/null; then
@@ -176,6 +191,7 @@ export PATH="$V/bin:\$PATH"
 export PYTHONPATH="$ROOT\${PYTHONPATH:+:\$PYTHONPATH}"
 export AMENT_PREFIX_PATH="$V\${AMENT_PREFIX_PATH:+:\$AMENT_PREFIX_PATH}"
 export FASTDDS_DEFAULT_PROFILES_FILE="$ROOT/config/fastdds_shm.xml"
+export CMFIOU_DEMO_DATA="\${CMFIOU_DEMO_DATA:-$ROOT/data/generated/demo}"
 export RMW_IMPLEMENTATION=rmw_fastrtps_cpp
 ENV
 )

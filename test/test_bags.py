@@ -295,8 +295,9 @@ def test_bad_meta_json(tmp_path, kitti_samples):
 
 
 def test_bag_eval_node_mode_tiny_pipeline(tmp_path, object_bag):
-    """Node mode: bag -> rclpy (raw CDR) -> in-process DetectorNode (tiny pipeline) -> recorder. As fast as possible,
-    one frame in flight: every frame answered, and the same AP as offline mode with the same pipeline."""
+    """Node mode: bag -> rclpy (raw CDR) -> in-process DetectorNode (tiny pipeline) -> recorder. The default is
+    lockstep (one frame in flight): every frame answered, the count printed, a clean teardown, and the same AP as
+    offline mode with the same pipeline."""
     pytest.importorskip("rclpy")
     pytest.importorskip("vision_msgs.msg")
     env = {**ENV, "ROS_DOMAIN_ID": str(150 + os.getpid() % 70)}
@@ -304,10 +305,13 @@ def test_bag_eval_node_mode_tiny_pipeline(tmp_path, object_bag):
     outs = {}
     for mode in ("node", "offline"):
         r = subprocess.run([sys.executable, "-m", "cmfiou_ros.bag_eval", str(object_bag), "--out", str(tmp_path / mode),
-                            "--mode", mode, "--rate", "0", "--pipeline-factory", fac], capture_output=True, text=True,
+                            "--mode", mode, "--pipeline-factory", fac], capture_output=True, text=True,
                            cwd=REPO, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         outs[mode] = json.loads((tmp_path / mode / "report.json").read_text())
+        if mode == "node":
+            assert "node mode (lockstep): 13 of 13 frames answered, 0 dropped" in r.stderr, r.stderr[-3000:]
+            assert "never retrieved" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     node, off = outs["node"], outs["offline"]
     assert node["frames"]["ok"] == 13 and node["frames"]["dropped"] == 0
     assert "end_to_end" in node["latency_ms"] and "total" in node["latency_ms"]
@@ -358,6 +362,7 @@ def test_bag_eval_node_mode_realtime_drops(tmp_path, object_bag):
     js = json.loads((out / "report.json").read_text())
     fr = js["frames"]
     assert fr["total"] == 13 and fr["dropped"] > 0 and fr["ok"] + fr["dropped"] == 13
+    assert f"node mode (real time x1): {fr['ok']} of 13 frames answered, {fr['dropped']} dropped" in r.stderr
     assert js["ap"] is not None  # every frame evaluated
     for idx in fr["dropped_indices"]:
         assert (out / "results" / f"{idx}.txt").read_text() == ""

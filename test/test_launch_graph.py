@@ -49,13 +49,17 @@ def _stub_modules():
     actions = types.ModuleType("launch.actions")
     actions.DeclareLaunchArgument = type("DeclareLaunchArgument", (_Rec,), {})
     actions.OpaqueFunction = type("OpaqueFunction", (_Rec,), {})
+    actions.RegisterEventHandler = type("RegisterEventHandler", (_Rec,), {})
+    actions.Shutdown = type("Shutdown", (_Rec,), {})
+    handlers = types.ModuleType("launch.event_handlers")
+    handlers.OnProcessExit = type("OnProcessExit", (_Rec,), {})
     subs = types.ModuleType("launch.substitutions")
     subs.LaunchConfiguration = _LaunchConfiguration
     lr = types.ModuleType("launch_ros")
     lra = types.ModuleType("launch_ros.actions")
     lra.Node = type("Node", (_Rec,), {})
-    return {"launch": launch, "launch.actions": actions, "launch.substitutions": subs, "launch_ros": lr,
-            "launch_ros.actions": lra}
+    return {"launch": launch, "launch.actions": actions, "launch.event_handlers": handlers,
+            "launch.substitutions": subs, "launch_ros": lr, "launch_ros.actions": lra}
 
 
 def _load_launch_with_stubs(monkeypatch):
@@ -85,32 +89,68 @@ def test_launch_file_equals_graph(monkeypatch, overrides):
     cfg = dict(graph.DEFAULTS, **overrides)
     nodes = opaque[0].kwargs["function"](_Context(cfg))
     specs = graph.replay_graph({k: v for k, v in cfg.items() if k != "rviz"})
-    ros_nodes = [n for n in nodes if n.kwargs["package"] == graph.PACKAGE]
+    node_actions = [n for n in nodes if type(n).__name__ == "Node"]
+    ros_nodes = [n for n in node_actions if n.kwargs["package"] == graph.PACKAGE]
     assert len(ros_nodes) == len(specs)
     for n, s in zip(ros_nodes, specs):
         assert n.kwargs["executable"] == s.executable and n.kwargs["name"] == s.name
         assert n.kwargs["parameters"] == [s.params_file, s.parameters]
         assert n.kwargs["remappings"] == s.remappings
-    assert any(n.kwargs["package"] == "rviz2" for n in nodes) == (overrides.get("rviz") == "true")
+    assert any(n.kwargs["package"] == "rviz2" for n in node_actions) == (overrides.get("rviz") == "true")
+    # every graph node has an exit handler (run_graph's semantics: any node exiting ends the graph)
+    handlers = [n.args[0] for n in nodes if type(n).__name__ == "RegisterEventHandler"]
+    assert sorted(id(h.kwargs["target_action"]) for h in handlers) == sorted(id(n) for n in ros_nodes)
+    assert all(h.kwargs["on_exit"] is mod.on_node_exit for h in handlers)
 
 
-@pytest.mark.skipif(not REAL_LAUNCH, reason="launch/launch_ros not installed (not on PyPI); stubs are used instead")
-def test_launch_file_equals_graph_real_launch():
-    from launch import LaunchContext
-    from launch.actions import OpaqueFunction
+def test_launch_node_exit_semantics(monkeypatch):
+    """A node exiting with an error makes the launch fail (the raise becomes launch's exit code 1); a clean exit
+    (the replay after exit_on_end) shuts the launch down."""
+    mod = _load_launch_with_stubs(monkeypatch) if not REAL_LAUNCH else _load_launch_real()
+    ev = types.SimpleNamespace(action=types.SimpleNamespace(name="cmfiou_detector-2"), returncode=2)
+    with pytest.raises(RuntimeError, match="cmfiou_detector-2 died with exit code 2"):
+        mod.on_node_exit(ev, None)
+    ev.returncode = -9
+    with pytest.raises(RuntimeError, match="exit code -9"):
+        mod.on_node_exit(ev, None)
+    ev.returncode = 0
+    out = mod.on_node_exit(ev, None)
+    assert len(out) == 1 and type(out[0]).__name__ == "Shutdown"
 
+
+def _load_launch_real():
     spec = importlib.util.spec_from_file_location("kitti_replay_launch", LAUNCH_FILE)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not REAL_LAUNCH, reason="launch/launch_ros not installed (not on PyPI); stubs are used instead")
+@pytest.mark.parametrize("overrides", ARGSETS)
+def test_launch_file_equals_graph_real_launch(overrides):
+    """With the real launch_ros: names, executables, parameters (files and the generated override file) and
+    remappings of each Node after launch's own substitution equal graph.replay_graph's."""
+    from launch import LaunchContext
+    from launch.actions import OpaqueFunction
+    from launch_ros.actions import Node
+
+    mod = _load_launch_real()
     ld = mod.generate_launch_description()
     ctx = LaunchContext()
-    for name, default, _ in graph.LAUNCH_ARGUMENTS:
-        ctx.launch_configurations[name] = default
+    cfg = dict(graph.DEFAULTS, **overrides)
+    ctx.launch_configurations.update(cfg)
     opaque = [e for e in ld.entities if isinstance(e, OpaqueFunction)][0]
-    nodes = opaque.execute(ctx)
-    specs = graph.replay_graph({k: v for k, v in graph.DEFAULTS.items() if k != "rviz"})
+    nodes = [n for n in opaque.execute(ctx) if isinstance(n, Node) and n.node_package == graph.PACKAGE]
+    specs = graph.replay_graph({k: v for k, v in cfg.items() if k != "rviz"})
     assert [n.node_executable for n in nodes] == [s.executable for s in specs]
-    assert [n.node_package for n in nodes] == [s.package for s in specs]
+    for n, s in zip(nodes, specs):
+        n._perform_substitutions(ctx)
+        assert n.node_name.lstrip("/") == s.name
+        assert [tuple(r) for r in n.expanded_remapping_rules or []] == s.remappings
+        files = [p for p, is_file in n._Node__expanded_parameter_arguments if is_file]
+        assert files[0] == s.params_file
+        generated = yaml.safe_load(Path(files[1]).read_text())
+        assert list(generated.values())[0]["ros__parameters"] == s.parameters
 
 
 def test_launch_file_has_no_second_source_of_truth():

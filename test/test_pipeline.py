@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from cmfiou_core.calib import Calibration
-from cmfiou_core.pipeline import DEFAULT_CONFIG, DEMO_CHECKPOINT, Pipeline
+from cmfiou_core import resources
+from cmfiou_core.pipeline import DEMO_CHECKPOINT_NAME, Pipeline, default_config, demo_checkpoint
+
+DEFAULT_CONFIG = default_config()  # the installed resources (scripts/setup.sh links them into the venv's share)
 from cmfiou_core.types import Detections, Frame
 
 
@@ -66,7 +69,7 @@ def test_bad_inputs_are_clear_errors(fused, kitti_samples):
         fused({"points": pts})
 
 
-@pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(), reason="bundled demo checkpoint missing")
+@pytest.mark.skipif(not resources.exists("models", DEMO_CHECKPOINT_NAME), reason="bundled demo checkpoint missing")
 def test_demo_checkpoint_detects_generated_objects():
     """The shipped model finds most of the generator's cars, pedestrians and cyclists (3D IoU >= 0.7 / 0.5 / 0.5, the
     KITTI thresholds) in scenes it never saw, and its predicted IoU tracks the true IoU.  (Measured on the CPU when the
@@ -96,7 +99,7 @@ def test_demo_checkpoint_detects_generated_objects():
     assert np.corrcoef(true_iou, pred_iou)[0, 1] > 0.7  # the IoU branch is informative
 
 
-@pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(), reason="bundled demo checkpoint missing")
+@pytest.mark.skipif(not resources.exists("models", DEMO_CHECKPOINT_NAME), reason="bundled demo checkpoint missing")
 def test_evaluate_tool_on_a_generated_split(tmp_path):
     """``python -m cmfiou_core.tools.evaluate`` end to end (the command behind every AP in the README) on a generated
     KITTI-layout split it never saw: result files, a strict-JSON summary with AP, latency and the localization summary,
@@ -111,7 +114,7 @@ def test_evaluate_tool_on_a_generated_split(tmp_path):
     val = (root / "ImageSets" / "val.txt").read_text().split()
     out, js = tmp_path / "out", tmp_path / "ap.json"
     r = subprocess.run([sys.executable, "-m", "cmfiou_core.tools.evaluate", "--data", str(root), "--split", "val",
-                        "--config", str(DEFAULT_CONFIG), "--checkpoint", str(DEMO_CHECKPOINT), "--out", str(out),
+                        "--config", str(DEFAULT_CONFIG), "--checkpoint", str(demo_checkpoint()), "--out", str(out),
                         "--json", str(js)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "Car AP_R40@0.70, 0.70, 0.70:" in r.stdout and "Car localization:" in r.stdout

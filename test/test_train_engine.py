@@ -281,8 +281,8 @@ def test_cli_prepare_adapter_feeds_prepare_batch():
     from cmfiou_core.data.collate import collate_batch
     from cmfiou_core.data.synthetic import kitti_calibration
     from cmfiou_core.model.model_config import load_config
-    from cmfiou_core.tools.train import REPO_CONFIG, _make_prepare_fn
-    full = load_config(REPO_CONFIG)
+    from cmfiou_core.tools.train import _make_prepare_fn, default_config
+    full = load_config(default_config())
     rng = np.random.default_rng(0)
 
     def item(n_raw, n_ps, n_gt):

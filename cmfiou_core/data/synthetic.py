@@ -742,12 +742,14 @@ def default_demo_dir() -> Path:
     env = os.environ.get("CMFIOU_DEMO_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "data" / "generated" / "demo"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "cmfiou" / "demo"
 
 
 def ensure_demo_scenes(n: int = 8, root: Optional[Union[str, Path]] = None, seed: int = 2024) -> Path:
-    """Generate ``n`` demo frames into the cache folder on first use (git-ignored ``data/generated/demo`` unless
-    ``root`` / ``$CMFIOU_DEMO_DATA``); later calls return at once. Returns the dataset root."""
+    """Generate ``n`` demo frames into the cache folder on first use (``root``, else ``$CMFIOU_DEMO_DATA`` -- set to
+    the checkout's git-ignored ``data/generated/demo`` by scripts/setup.sh's env file -- else
+    ``$XDG_CACHE_HOME/cmfiou/demo``, never inside the installed package); later calls return at once."""
     root = Path(root) if root is not None else default_demo_dir()
     stamp = root / f".complete_n{n}_s{seed}"
     if stamp.is_file():

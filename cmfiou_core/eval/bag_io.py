@@ -67,7 +67,6 @@ LIDAR_FRAME = "velo_link"
 CAMERA_FRAME = "camera_color_left_optical"
 PERIOD_NS = 100_000_000
 DEFAULT_T0_NS = 1_000_000_000  # non-zero: zero stamps break time synchronisers
-_REPO = Path(__file__).resolve().parents[2]
 
 
 class BagError(RuntimeError):
@@ -76,13 +75,15 @@ class BagError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------ type store
 def typestore():
-    """ROS 2 Kilted types + vision_msgs and cmfiou_ros types registered from the repository's .msg files."""
+    """ROS 2 Kilted types + vision_msgs and cmfiou_ros types registered from the installed .msg files
+    (:func:`cmfiou_core.resources.msg_dir`: the installed vision_msgs, else our compat copy; our msg/)."""
+    from cmfiou_core import resources
     from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
     ts = get_typestore(Stores.ROS2_KILTED)
     add = {}
-    for pkg, d in (("vision_msgs", _REPO / "compat" / "vision_msgs" / "msg"), ("cmfiou_ros", _REPO / "msg")):
-        for f in sorted(d.glob("*.msg")):
+    for pkg in ("vision_msgs", "cmfiou_ros"):
+        for f in sorted(resources.msg_dir(pkg).glob("*.msg")):
             add.update(get_types_from_msg(f.read_text(), f"{pkg}/msg/{f.stem}"))
     ts.register(add)
     return ts

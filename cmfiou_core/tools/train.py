@@ -26,7 +26,13 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 log = logging.getLogger("cmfiou.train")
 
-REPO_CONFIG = str(Path(__file__).resolve().parents[2] / "config" / "cmfiou_kitti.yaml")
+
+
+def default_config() -> str:
+    """The installed config/cmfiou_kitti.yaml (cmfiou_core.resources; an error naming where it looked if missing)."""
+    from cmfiou_core.pipeline import default_config as _default
+
+    return str(_default())
 
 OPT_DEFAULTS = {"optimizer": "adam_onecycle", "epochs": 20, "batch_size_per_gpu": 2, "lr": 0.005,
                 "weight_decay": 0.01, "betas": [0.9, 0.99], "moms": [0.95, 0.85], "div_factor": 10.0,
@@ -35,8 +41,8 @@ OPT_DEFAULTS = {"optimizer": "adam_onecycle", "epochs": 20, "batch_size_per_gpu"
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cmfiou-train", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=REPO_CONFIG,
-                    help="model YAML (model/depth/data sections; default: the repository's config/cmfiou_kitti.yaml)")
+    ap.add_argument("--config", default=None,
+                    help="model YAML (model/depth/data sections; default: the installed config/cmfiou_kitti.yaml)")
     ap.add_argument("--data", help="KITTI root (the folder holding object/training or training/)")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--batch-size", type=int, help="per process/GPU (official: 2 x 2 GPUs)")
@@ -217,6 +223,8 @@ def _toy_setup():
 def main(argv=None) -> int:
     t_origin = time.time()
     args = build_parser().parse_args(argv)
+    if args.config is None and not args.toy:
+        args.config = default_config()
     from cmfiou_core.train import (Trainer, cleanup_distributed, export_fp16, init_distributed, load_model_weights,
                                    seed_everything)
 
