@@ -164,6 +164,7 @@ build_iface cmfiou_ros "$ROOT" -DCMFIOU_INTERFACES_ONLY=ON
 SHARE="$V/share/cmfiou_ros"
 [ -f "$V/share/ament_index/resource_index/packages/cmfiou_ros" ] || die "the cmfiou_ros interfaces are not registered in $V"
 mkdir -p "$SHARE/compat/vision_msgs"
+touch "$V/COLCON_IGNORE"  # a venv inside a colcon workspace's src/ holds share/*/package.xml: never crawl it
 for d in config models launch compat/vision_msgs/msg; do
   if [ "$(readlink "$SHARE/$d" 2>/dev/null)" != "$ROOT/$d" ]; then
     rm -rf "${SHARE:?}/$d"
