@@ -58,6 +58,17 @@ def demo_config() -> Path:
     return resources.config(DEMO_CONFIG_NAME)
 
 
+_LAZY = {"DEFAULT_CONFIG": default_config, "DEMO_CHECKPOINT": demo_checkpoint, "DEMO_CONFIG": demo_config}
+
+
+def __getattr__(name: str):
+    """``DEFAULT_CONFIG`` / ``DEMO_CHECKPOINT`` / ``DEMO_CONFIG``: the installed resources, looked up when used
+    (importing this module never depends on them)."""
+    if name in _LAZY:
+        return _LAZY[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class Pipeline:
     """``Pipeline.from_config(config, checkpoint, device)``; ``pipeline(frame) -> Detections``."""
 
