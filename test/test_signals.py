@@ -1,0 +1,146 @@
+"""Ctrl-C and SIGTERM end every node cleanly -- alone, under a launch-like process group and under run_graph: exit 0,
+no traceback, and the frame in flight at that moment either published or dropped and counted.
+
+Real processes, real rclpy, the tiny pipeline slowed down (CMFIOU_TINY_SLEEP_MS) so that a frame is being inferred
+when the signal arrives. The process-group case is what a terminal + ``ros2 launch`` do: the terminal's Ctrl-C reaches
+every process of the group, then launch sends each node its own SIGINT (and SIGTERM after ``sigterm_timeout``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("rclpy")
+
+from cmfiou_ros import graph  # noqa: E402
+from cmfiou_ros.run_graph import node_command, write_overrides  # noqa: E402
+from rosutil import fresh_domain  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = f"{REPO / 'test' / 'tiny_pipeline.py'}:TinyPipeline.from_config"
+# A minimal launcher: one process group (it leads it), the nodes as its children, which stays up through the signals
+# (a handler, not SIG_IGN: ignored dispositions would be inherited) and reports the nodes' exit codes.
+LAUNCHER = """
+import json, signal, subprocess, sys
+for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, lambda *a: None)
+jobs = json.loads(sys.argv[1])
+procs = [subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT) for cmd, log in jobs]
+print(json.dumps([p.wait() for p in procs]), flush=True)
+"""
+SUMMARY = re.compile(r"shutdown \((SIGINT|SIGTERM)\): (\d+) frames in, (\d+) published, (\d+) dropped")
+
+
+def _env(**extra):
+    env = dict(os.environ, ROS_DOMAIN_ID=str(fresh_domain()), PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "test"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _wait_for(path: Path, pattern: str, procs, timeout: float) -> str:
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        text = path.read_text() if path.is_file() else ""
+        if re.search(pattern, text):
+            return text
+        for p in procs:
+            assert p.poll() is None, f"a node exited early ({p.returncode}):\n{text[-3000:]}"
+        time.sleep(0.1)
+    raise AssertionError(f"{pattern!r} not in {path} after {timeout} s:\n{text[-3000:]}")
+
+
+def _assert_clean(log: str, rc: int, name: str) -> None:
+    assert rc == 0, f"{name} exited with {rc}:\n{log[-3000:]}"
+    for bad in ("Traceback", "KeyboardInterrupt", "never retrieved", "Failed to publish"):
+        assert bad not in log, f"{name}: {bad!r} in its output:\n{log[-3000:]}"
+
+
+def _check_detector_summary(log: str, sig: str) -> None:
+    m = SUMMARY.search(log)
+    assert m, log[-3000:]
+    assert m.group(1) == sig
+    n_in, n_out, n_drop = (int(x) for x in m.groups()[1:])
+    assert n_in >= 2 and n_out >= 1, log[-3000:]
+    # every frame that came in is accounted for: published, or dropped (by the busy worker or at shutdown)
+    assert n_in == n_out + n_drop, log[-3000:]
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGTERM)],
+                         ids=["ctrl-c-then-launch-sigint-sigterm", "sigterm-twice"])
+def test_launch_like_process_group(kitti_samples, signals):
+    """Both nodes (the graph's own commands) in one process group; the group gets the signals in a row while the
+    detector is inferring a frame."""
+    tmp = Path(tempfile.mkdtemp(prefix="cmfiou_sig_"))
+    specs = graph.replay_graph({"data": str(kitti_samples / "object"), "rate": "4", "loop": "true", "lockstep": "false",
+                                "pipeline_factory": TINY})
+    env = _env(CMFIOU_TINY_SLEEP_MS="1200")
+    logs = [tmp / f"{spec.name}.log" for spec in specs]
+    jobs = [(node_command(spec, write_overrides(spec, str(tmp))), str(log)) for spec, log in zip(specs, logs)]
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, json.dumps(jobs)], env=env, cwd=tmp,
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # two outputs seen by the replay: frames flow, and with 1.2 s per frame at 4 Hz one is in flight now
+        _wait_for(logs[0], r"frame \d+ \(\d+\): \d+ detection(s)?: .*\n(.|\n)*frame \d+ \(\d+\): ", [launcher], 90)
+        for s in signals:
+            os.killpg(launcher.pid, s)
+            time.sleep(0.3)
+        out, _ = launcher.communicate(timeout=40)
+        rcs = json.loads(out)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    texts = [log.read_text() for log in logs]
+    for spec, text, rc in zip(specs, texts, rcs):
+        _assert_clean(text, rc, spec.name)
+    _check_detector_summary(texts[1], signal.Signals(signals[0]).name)
+    assert re.search(r"shutdown \(SIG\w+\): \d+ frames published, \d+ outputs, \d+ dropped", texts[0]), texts[0]
+
+
+def test_detector_alone_sigterm():
+    """The detector alone (no input): SIGTERM once -> exit 0, quiet."""
+    spec = graph.replay_graph({"pipeline_factory": TINY})[1]
+    tmp = Path(tempfile.mkdtemp(prefix="cmfiou_sig_"))
+    log = tmp / "det.log"
+    p = subprocess.Popen(node_command(spec, write_overrides(spec, str(tmp))), env=_env(), cwd=tmp,
+                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(log, "configured:", [p], 60)
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    text = log.read_text()
+    _assert_clean(text, rc, "detector")
+    assert "shutdown (SIGTERM): 0 frames in, 0 published, 0 dropped" in text, text
+
+
+def test_run_graph_ctrl_c(kitti_samples, tmp_path):
+    """Ctrl-C in the terminal of run_graph (its process group; the nodes run in their own sessions and get the
+    signal from run_graph): every node ends cleanly and run_graph exits 0."""
+    logs = tmp_path / "logs"
+    proc = subprocess.Popen([sys.executable, "-m", "cmfiou_ros.run_graph", f"data:={kitti_samples / 'object'}",
+                             "rate:=4", "loop:=true", "lockstep:=false", f"pipeline_factory:={TINY}", "--log-dir",
+                             str(logs)], env=_env(CMFIOU_TINY_SLEEP_MS="1200"), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for(logs / "kitti_replay.log", r"frame \d+ \(\d+\): \d+ detection", [proc], 90)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=40)
+        out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0 and "every node exited cleanly (SIGINT)" in out, out
+    for name in ("kitti_replay", "cmfiou_detector"):
+        _assert_clean((logs / f"{name}.log").read_text(), 0, name)
+    _check_detector_summary((logs / "cmfiou_detector.log").read_text(), "SIGINT")
