@@ -84,3 +84,99 @@ def test_proposal_layer_static_equals_eager_official_inputs(shared_dir):
     for k in ("rois", "roi_scores", "roi_labels"):
         assert torch.equal(getattr(pm, k), bd[k]), k
     assert torch.equal(pm.valid.sum(1), pm.count) and torch.all(pm.rois[~pm.valid] == 0)
+
+
+# ------------------------------------------------------------------------------------------------ static RoI head
+from cmfiou_core.engine.nms import StaticProposals, unpad  # noqa: E402
+from cmfiou_core.engine.roi import StaticRoIHead  # noqa: E402
+from cmfiou_core.model.roi_head import RoIHead  # noqa: E402
+
+
+def _padded(sp_dict, extra=29, poison=1e6):
+    """{source: spconv tensor} -> {source: PaddedSparse} with ``extra`` padding rows whose features are ``poison``
+    (a padding row that reached the pooling would show at once)."""
+    out = {}
+    for k, t in sp_dict.items():
+        p = PaddedSparse.from_spconv(t, t.indices.shape[0] + extra)
+        p.features[t.indices.shape[0]:] = poison
+        out[k] = p
+    return out
+
+
+def _close(a, b, atol):
+    return float((a.double() - b.double()).abs().max()) <= atol if a.numel() else True
+
+
+@pytest.fixture(scope="module")
+def official(shared_dir):
+    torch.set_num_threads(1)
+    sd = np.load(shared_dir / "official_roi" / "state_dict.npz")
+    inp = np.load(shared_dir / "official_roi" / "inputs.npz")
+    dense = np.load(shared_dir / "official_dense" / "outputs.npz")
+    head = RoIHead()
+    msd = head.state_dict()
+    head.load_state_dict({k[9:]: torch.from_numpy(sd[k]).to(msd[k[9:]].dtype) for k in sd.files}, strict=True)
+    head.conv_part[1].eps = 1e-3
+    head.eval()
+
+    def sp(p):
+        return spconv.SparseConvTensor(torch.from_numpy(dense[p + "_features"]), torch.from_numpy(dense[p + "_indices"]),
+                                       [int(x) for x in dense[p + "_spatial_shape"]], 1)
+
+    def batch():
+        return {"batch_size": 1,
+                "multi_scale_3d_features": {"x_conv3": sp("raw_x_conv3"), "x_conv4": sp("raw_x_conv4")},
+                "multi_scale_3d_features_mm": {"x_conv3": sp("mm_x_conv3"), "x_conv4": sp("mm_x_conv4")},
+                "st_features_2d": torch.from_numpy(dense["st_features_2d"]),
+                "batch_box_preds": torch.from_numpy(inp["proposal_batch_box_preds"]),
+                "batch_cls_preds": torch.from_numpy(inp["proposal_batch_cls_preds"])}
+    return head, batch
+
+
+def test_static_head_equals_eager_official_reference(official):
+    """Proposals + 3 stages on the official_roi inputs: the static head (PaddedSparse inputs with poisoned padding
+    rows) against the eager RoIHead (same module). Proposals exactly; boxes / logits on the RoIs of physical size
+    (see test_roi_head.test_stage_matches_official for why the absurd random-weight RoIs are order-sensitive)."""
+    head, batch = official
+    bd = batch()
+    with torch.no_grad():
+        head(bd)
+    b2 = batch()
+    out = StaticRoIHead(head)(_padded(b2["multi_scale_3d_features"]), _padded(b2["multi_scale_3d_features_mm"]),
+                              b2["st_features_2d"], b2["batch_box_preds"], b2["batch_cls_preds"])
+    for k in ("rois", "roi_scores", "roi_labels"):
+        assert torch.equal(out[k], bd[k]), k
+    rows = (bd["rois"][0, :, 3:6].abs() < 10).all(1)
+    assert int(rows.sum()) == 11
+    assert _close(out["batch_box_preds"][0, rows], bd["batch_box_preds"][0, rows], 1e-4)
+    assert _close(out["batch_cls_preds"][0, rows], bd["batch_cls_preds"][0, rows], 1e-4)
+    assert torch.isfinite(out["batch_cls_preds"]).all() and not bool(out["overflow"])
+
+
+def test_static_head_lidar_only_empty_pseudo_sources(official):
+    """No pseudo voxels at all (LiDAR-only frame): count 0 PaddedSparse against eager empty spconv tensors, on the 11
+    reference proposals of physical size as given RoIs."""
+    head, batch = official
+    from cmfiou_core.model.proposal import TEST_DEFAULT, proposal_layer
+
+    bd = batch()
+    proposal_layer(bd, TEST_DEFAULT)
+    sel = (bd["rois"][0, :, 3:6].abs() < 10).all(1)
+    for k in ("rois", "roi_scores", "roi_labels"):
+        bd[k] = bd[k][:, sel].clone()
+    empty = {k: spconv.SparseConvTensor(torch.zeros(0, 64), torch.zeros(0, 4, dtype=torch.int32), t.spatial_shape, 1)
+             for k, t in bd["multi_scale_3d_features_mm"].items()}
+    bd["multi_scale_3d_features_mm"] = empty
+    given = {k: bd[k] for k in ("rois", "roi_scores", "roi_labels")}
+    props = StaticProposals(given["rois"], given["roi_scores"], given["roi_labels"],
+                            torch.ones(1, 11, dtype=torch.bool), torch.tensor([11]), torch.tensor(False))
+    with torch.no_grad():
+        head(bd, use_given_rois=True)
+    mm = {k: PaddedSparse(torch.full((8, 64), 1e6), torch.full((8, 4), -1, dtype=torch.int32), torch.tensor(0),
+                          tuple(t.spatial_shape), 1) for k, t in empty.items()}
+    b2 = batch()
+    out = StaticRoIHead(head)(_padded(b2["multi_scale_3d_features"]), mm, b2["st_features_2d"], b2["batch_box_preds"],
+                              b2["batch_cls_preds"], proposals=props)
+    assert given["rois"].shape == (1, 11, 7)
+    assert _close(out["batch_box_preds"], bd["batch_box_preds"], 1e-4)
+    assert _close(out["batch_cls_preds"], bd["batch_cls_preds"], 1e-4)

@@ -1,0 +1,259 @@
+"""Static-shape RoI head (issue 16): the eval forward of ``model.roi_head.RoIHead`` on ``PaddedSparse`` inputs.
+
+``StaticRoIHead(head)`` shares the eager module (same parameters, same submodules: FC stacks, cross attention,
+PART conv, grid-pool MLPs) and runs its eval forward with fixed shapes and no host synchronisation, so it can be
+captured in a CUDA graph:
+
+- the proposal layer is ``engine.nms.proposal_layer_static`` (fixed ``post_max_size`` RoIs + valid mask; padding
+  RoIs are zero boxes, exactly as the eager layer pads, and go through the stages like there);
+- per source (x_conv3 / x_conv4 of each modality) the dense voxel -> row map, the voxel centres and the per-voxel input
+  MLPs (``mlps_in``, independent of the RoIs) are built once per frame from the ``PaddedSparse`` (padding rows are
+  never entered in the map, so they can never be pooled) and reused by the 3 stages;
+- grid pooling (``pool_source``) runs ONE voxel-query pass per source and stage for all its scales: the neighbour
+  table, the occupancy lookup and the distances are computed once on the largest query cube, and each scale reads
+  its (nested, same scan order) sub-cube, instead of one full query per scale;
+- everything after pooling is the eager code path (same modules, same op order).
+
+Equality with the eager head: same proposals (see ``engine.nms``), same neighbour sets (same float32 distance
+arithmetic, same scan order), same MLP/FC ops; the tests compare on the official_roi reference and on the demo
+checkpoint with a real frame.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..model.grid_pool import NeighborVoxelSAModuleMSG, _rows, get_voxel_centers, global_grid_points, voxel_grid_params
+from ..model.iou_joint import decode_iou_pred
+from ..model.roi_head import RoIHead, x_trans_backward, x_trans_forward
+from ..model.roi_targets import decode_rcnn_boxes
+from ..opcount import mark
+from .nms import PaddedDetections, StaticProposals, post_process_static, proposal_layer_static
+from .padded import PaddedSparse
+
+
+# ------------------------------------------------------------------------------------------------- sources
+@dataclass
+class PooledSource:
+    """Per-frame, RoI-independent state of one pooling source (built once, used by every stage)."""
+    v2p_ext: torch.Tensor        # (B*Z*Y*X + 1,) long: row of each occupied voxel, -1 empty; last entry -1 (outside)
+    shape: tuple                 # (B, Z, Y, X)
+    voxel_xyz: torch.Tensor      # (cap, 3) voxel centres (padding rows: never referenced through the map)
+    f_in: List[torch.Tensor]     # per scale: (cap, C') mlps_in outputs
+    stride: int
+    grid: tuple                  # voxel_grid_params(stride, ...)
+
+
+def prepare_source(layer: NeighborVoxelSAModuleMSG, sp: PaddedSparse, stride: int, voxel_size: Sequence[float],
+                   pc_range: Sequence[float]) -> PooledSource:
+    if sp.capacity < 1:
+        raise ValueError("prepare_source: a PaddedSparse source needs capacity >= 1")
+    Z, Y, X = (int(v) for v in sp.spatial_shape)
+    B = int(sp.batch_size)
+    size = B * Z * Y * X
+    idx = sp.indices.long()
+    flat = ((idx[:, 0] * Z + idx[:, 1]) * Y + idx[:, 2]) * X + idx[:, 3]
+    flat = torch.where(sp.valid, flat, size + 1)                        # padding rows -> a discarded slot
+    m = torch.full((size + 2,), -1, dtype=torch.long, device=idx.device)
+    m.scatter_(0, flat, torch.arange(sp.capacity, device=idx.device))
+    v2p_ext = m[:size + 1]                                              # slot ``size`` stays -1 (= eager's -1 index)
+    vxyz = get_voxel_centers(sp.indices[:, 1:4], stride, voxel_size, pc_range)
+    f_in = [_rows(layer.mlps_in[k], sp.features) for k in range(len(layer.mlps_in))]
+    return PooledSource(v2p_ext, (B, Z, Y, X), vxyz, f_in, int(stride), voxel_grid_params(stride, voxel_size, pc_range))
+
+
+def pool_source(layer: NeighborVoxelSAModuleMSG, src: PooledSource, new_coords: torch.Tensor,
+                new_xyz: torch.Tensor) -> torch.Tensor:
+    """One voxel-query pass over the largest query cube for all of ``layer``'s scales, then per scale the eager
+    grouping + max-pool. new_coords (M, 4) int [b, z, y, x], new_xyz (M, 3) -> (M, sum Cout). Equals
+    ``layer(...)`` (``grid_pool.voxel_query`` per scale) on the same voxels."""
+    B, Z, Y, X = src.shape
+    dev = new_xyz.device
+    M = new_coords.shape[0]
+    R = [max(int(q[a]) for q in layer.query_ranges) for a in range(3)]   # (Rz, Ry, Rx)
+    size = B * Z * Y * X
+    if size < (1 << 29):
+        itype, sent = torch.int32, -(1 << 29)
+    else:
+        itype, sent = torch.int64, -4 * (size + 1)
+    c = new_coords.long()
+    q = new_xyz.float()
+    b = c[:, 0:1]
+    z = c[:, 1:2] + torch.arange(-R[0], R[0] + 1, device=dev)
+    y = c[:, 2:3] + torch.arange(-R[1], R[1] + 1, device=dev)
+    x = c[:, 3:4] + torch.arange(-R[2], R[2] + 1, device=dev)
+    fz = torch.where((z >= 0) & (z < Z) & (b >= 0) & (b < B), (b * Z + z) * (Y * X), sent).to(itype)
+    fy = torch.where((y >= 0) & (y < Y), y * X, sent).to(itype)
+    fx = torch.where((x >= 0) & (x < X), x, sent).to(itype)
+    flat = (fz[:, :, None, None] + fy[:, None, :, None]) + fx[:, None, None, :]
+    nb = src.v2p_ext[flat.clamp_min(-1)]                                # (M, Dz, Dy, Dx), -1 empty / outside
+    (vx, vy, vz), (px, py, pz) = src.grid
+    dx = ((x.float() + 0.5) * vx + px) - q[:, 0:1]
+    dy = ((y.float() + 0.5) * vy + py) - q[:, 1:2]
+    dz = ((z.float() + 0.5) * vz + pz) - q[:, 2:3]
+    d2 = ((dx * dx)[:, None, None, :] + (dy * dy)[:, None, :, None]) + (dz * dz)[:, :, None, None]
+    outs = []
+    for k, (rz, ry, rx) in enumerate(layer.query_ranges):
+        sz, sy, sx = R[0] - int(rz), R[1] - int(ry), R[2] - int(rx)
+        cube = (slice(None), slice(sz, sz + 2 * int(rz) + 1), slice(sy, sy + 2 * int(ry) + 1),
+                slice(sx, sx + 2 * int(rx) + 1))
+        nbk = nb[cube].reshape(M, -1)                                   # the scale's cube, eager scan order
+        d2k = d2[cube].reshape(M, -1)
+        r32 = np.float32(layer.radii[k])
+        ns = layer.nsamples[k]
+        hit = (nbk >= 0) & ~(d2k > float(r32 * r32))
+        run = torch.cumsum(hit, 1)
+        cnt = run[:, -1]
+        sel = hit & (run <= ns)
+        out = torch.zeros((M, ns + 1), dtype=torch.long, device=dev)
+        out.scatter_(1, torch.where(sel, run - 1, ns), torch.where(sel, nbk, 0))
+        out = out[:, :ns]
+        idx = torch.where(torch.arange(ns, device=dev) < cnt[:, None], out, out[:, 0:1])
+        empty = cnt == 0
+        # grouping + max-pool: the eager NeighborVoxelSAModuleMSG.forward ops
+        f_in = src.f_in[k]
+        flat_i = idx.reshape(-1)
+        keep = (~empty).to(f_in.dtype)[:, None, None]
+        gf = torch.index_select(f_in, 0, flat_i).view(M, ns, -1) * keep
+        gx = (torch.index_select(src.voxel_xyz, 0, flat_i).view(M, ns, 3) - new_xyz[:, None, :]) * keep
+        pos = _rows(layer.mlps_pos[k], gx.reshape(M * ns, 3).to(f_in.dtype)).view(M, ns, -1)
+        nf = layer.relu(gf + pos).max(dim=1).values
+        outs.append(_rows(layer.mlps_out[k], nf))
+    return torch.cat(outs, dim=1)
+
+
+def grid_pool_static(layers, gp, voxel_size, pc_range, rois: torch.Tensor,
+                     sources: Mapping[str, PooledSource]) -> torch.Tensor:
+    """``grid_pool.roi_grid_pool`` on prepared sources: rois (B, N, 7+) -> (B*N, G^3, C)."""
+    B, N = rois.shape[0], rois.shape[1]
+    G3 = gp.grid_size ** 3
+    xyz = global_grid_points(rois.reshape(-1, rois.shape[-1]), gp.grid_size).view(B, -1, 3)
+    cx = (xyz[:, :, 0:1] - pc_range[0]) // voxel_size[0]
+    cy = (xyz[:, :, 1:2] - pc_range[1]) // voxel_size[1]
+    cz = (xyz[:, :, 2:3] - pc_range[2]) // voxel_size[2]
+    coords = torch.cat([cx, cy, cz], dim=-1)
+    bidx = torch.arange(B, device=rois.device).to(rois.dtype).view(B, 1, 1).expand(B, coords.shape[1], 1)
+    new_xyz = xyz.reshape(-1, 3)
+    pooled = []
+    for i, name in enumerate(gp.sources):
+        src = sources[name]
+        cur = torch.cat([bidx, (coords // src.stride).flip(-1)], dim=-1).int().view(-1, 4)   # [b, z, y, x]
+        pooled.append(pool_source(layers[i], src, cur, new_xyz).view(B * N, G3, -1))
+    return torch.cat(pooled, dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------- head
+Features = Mapping[str, PaddedSparse]
+
+
+class StaticRoIHead:
+    """The eval forward of ``head`` (a ``RoIHead``, shared, not copied) with static shapes.
+
+    ``nms_mode`` / ``pair_capacity``: see ``engine.nms.nms_sorted_static``."""
+
+    def __init__(self, head: RoIHead, nms_mode: str = "auto", pair_capacity: Optional[int] = None):
+        if not isinstance(head, RoIHead):
+            raise TypeError(f"StaticRoIHead needs a RoIHead, got {type(head).__name__}")
+        self.head = head
+        self.nms_mode = nms_mode
+        self.pair_capacity = pair_capacity
+
+    def prepare(self, feats: Features, mm: bool) -> Dict[str, PooledSource]:
+        c = self.head.cfg
+        gp = c.grid_pool_mm if mm else c.grid_pool
+        layers = self.head.roi_grid_pool_layers_mm if mm else self.head.roi_grid_pool_layers
+        out = {}
+        for i, (name, stride) in enumerate(zip(gp.sources, gp.strides)):
+            if name not in feats:
+                raise KeyError(f"StaticRoIHead: no {'pseudo' if mm else 'raw'} source {name!r} (have {sorted(feats)})")
+            out[name] = prepare_source(layers[i], feats[name], int(stride), c.voxel_size, c.point_cloud_range)
+        return out
+
+    @torch.no_grad()
+    def __call__(self, feats: Union[Features, Sequence[Features]], feats_mm: Union[Features, Sequence[Features]],
+                 st_features_2d: Optional[torch.Tensor], box_preds: torch.Tensor, cls_preds: torch.Tensor,
+                 transform_param: Optional[torch.Tensor] = None,
+                 proposals: Optional[StaticProposals] = None) -> Dict[str, torch.Tensor]:
+        """feats / feats_mm: {source: PaddedSparse} (one view) or a list of V such dicts (V = 1 or num_stages, with
+        ``transform_param`` (B, V, 3)); st_features_2d (B, 256, H, W); box_preds (B, A, 7) / cls_preds (B, A, K):
+        the dense head's outputs. Returns the eager RoI head's batch-dict outputs (``rois``, ``roi_scores``,
+        ``roi_labels``, ``batch_box_preds``, ``batch_cls_preds``, ``batch_iou_preds`` with the IoU branch) plus
+        ``roi_valid`` (B, N) and ``overflow`` (() bool, see ``engine.nms``)."""
+        head = self.head
+        if head.training:
+            raise RuntimeError("StaticRoIHead runs the eval forward: call head.eval() first")
+        c = head.cfg
+        views = list(feats) if isinstance(feats, (list, tuple)) else [feats]
+        views_mm = list(feats_mm) if isinstance(feats_mm, (list, tuple)) else [feats_mm]
+        tp = transform_param
+        V = 1 if tp is None else int(tp.shape[1])
+        S = c.num_stages
+        if V not in (1, S) or len(views) not in (1, V) or len(views_mm) != len(views):
+            raise ValueError(f"StaticRoIHead: {len(views)}/{len(views_mm)} feature views for {V} transform views "
+                             f"(expected 1 or num_stages={S})")
+        mark("proposal")
+        if proposals is None:
+            nt = c.nms_test
+            proposals = proposal_layer_static(box_preds, cls_preds, nt.nms_thresh, nt.pre_maxsize, nt.post_max_size,
+                                              self.pair_capacity, self.nms_mode)
+        B = box_preds.shape[0]
+        mark("prepare")
+        src = [self.prepare(v, mm=False) for v in views]
+        src_mm = [self.prepare(v, mm=True) for v in views_mm]
+        parts_feat = head.conv_part(st_features_2d) if head.conv_part is not None else None
+        rois = proposals.rois
+        shared, shared_mm = [], []
+        preds, scores, ious = [], [], []
+        for t in range(S):
+            view = t if V == S else 0
+            if t >= 1 and V > 1:
+                rois = x_trans_forward(x_trans_backward(rois, tp[:, t - 1]), tp[:, t])
+            rois0 = rois if (V == 1 or view == 0) else x_trans_forward(x_trans_backward(rois, tp[:, view]), tp[:, 0])
+            R = rois.shape[0] * rois.shape[1]
+            sv = view if len(src) > 1 else 0
+            mark(f"s{t}.pool_raw")
+            pooled = grid_pool_static(head.roi_grid_pool_layers, c.grid_pool, c.voxel_size, c.point_cloud_range,
+                                      rois, src[sv])
+            mark(f"s{t}.pool_mm")
+            pooled_mm = grid_pool_static(head.roi_grid_pool_layers_mm, c.grid_pool_mm, c.voxel_size,
+                                         c.point_cloud_range, rois, src_mm[sv])
+            mark(f"s{t}.head")
+            sh = head.shared_fc_layers[0](pooled.reshape(R, -1)).unsqueeze(0)
+            sh_mm = head.shared_fc_layers_mm[0](pooled_mm.reshape(R, -1)).unsqueeze(0)
+            shared.append(sh)
+            shared_mm.append(sh_mm)
+            xa = head.cross_attention_layers[0](torch.cat(shared, 0), sh)
+            xa_mm = head.cross_attention_layers_mm[0](torch.cat(shared_mm, 0), sh_mm)
+            cur = torch.cat([xa, sh], -1).squeeze(0)
+            cur_mm = torch.cat([xa_mm, sh_mm], -1).squeeze(0)
+            final = torch.cat([cur_mm, cur], -1)
+            rcnn_cls = head.cls_layers[0](final)
+            rcnn_reg = head.reg_layers[0](final)
+            if parts_feat is not None:
+                rcnn_cls = rcnn_cls + head.part_scores(parts_feat, rois0)
+            boxes = decode_rcnn_boxes(rcnn_reg, rois.reshape(R, -1)[:, :7], head.box_coder).view(B, -1, 7)
+            cls_b = rcnn_cls.view(B, -1, rcnn_cls.shape[-1])
+            if head.iou_layers is not None:
+                ious.append(head.iou_layers[0](final).view(B, -1, 1))
+            rois = boxes
+            preds.append(boxes if tp is None else x_trans_backward(boxes, tp[:, view]))
+            scores.append(cls_b)
+        mark("final")
+        out = {"rois": proposals.rois, "roi_scores": proposals.roi_scores, "roi_labels": proposals.roi_labels,
+               "roi_valid": proposals.valid, "overflow": proposals.overflow,
+               "batch_box_preds": torch.stack(preds).mean(0), "batch_cls_preds": torch.stack(scores).mean(0)}
+        if ious:
+            out["batch_iou_preds"] = decode_iou_pred(torch.stack(ious).mean(0))
+        return out
+
+    def detect(self, out: Mapping[str, torch.Tensor], post_cfg) -> PaddedDetections:
+        """Final post-processing of ``__call__``'s outputs (``model.postprocess`` semantics, fixed capacity)."""
+        mark("postprocess")
+        det = post_process_static(out["batch_box_preds"], out["batch_cls_preds"], out["roi_labels"],
+                                  out.get("batch_iou_preds"), post_cfg, cls_preds_normalized=False,
+                                  has_class_labels=True, pair_capacity=self.pair_capacity, mode=self.nms_mode)
+        det.overflow = det.overflow | out["overflow"]
+        return det
