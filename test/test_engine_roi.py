@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cmfiou_core.engine.nms import greedy_keep, greedy_keep_rows, proposal_layer_static, suppression_matrix
+from cmfiou_core.engine.nms import (greedy_keep, greedy_keep_rows, post_process_static, proposal_layer_static,
+                                    suppression_matrix)
 from cmfiou_core.engine.padded import PaddedSparse
 from cmfiou_core.geometry.nms import nms_sorted
 from cmfiou_core.model.proposal import ProposalConfig, proposal_layer
@@ -180,3 +181,154 @@ def test_static_head_lidar_only_empty_pseudo_sources(official):
     assert given["rois"].shape == (1, 11, 7)
     assert _close(out["batch_box_preds"], bd["batch_box_preds"], 1e-4)
     assert _close(out["batch_cls_preds"], bd["batch_cls_preds"], 1e-4)
+
+
+@pytest.fixture(scope="module")
+def demo_frame(kitti_samples):
+    """The bundled demo checkpoint on real KITTI frame 000008: the RoI head's inputs (captured at its call) and the
+    eager outputs + detections."""
+    from PIL import Image
+
+    from cmfiou_core.calib import Calibration
+    from cmfiou_core.pipeline import DEMO_CHECKPOINT, Pipeline
+    from cmfiou_core.types import Frame
+
+    if not DEMO_CHECKPOINT.is_file():
+        pytest.skip("bundled demo checkpoint missing")
+    pipe = Pipeline.from_config(None, None, "cpu")
+    d = kitti_samples / "object" / "training"
+    img = np.array(Image.open(d / "image_2" / "000008.png").convert("RGB"))
+    cal = Calibration.from_kitti_object_file(d / "calib" / "000008.txt", img.shape[1], img.shape[0])
+    pts = np.fromfile(d / "velodyne" / "000008.bin", np.float32).reshape(-1, 4)
+    seen = {}
+    head = pipe.model.roi_head
+    h1 = head.register_forward_pre_hook(lambda m, args: seen.update({"in": dict(args[0])}))   # returns None
+    h2 = head.register_forward_hook(lambda m, args, out: seen.update({"out": dict(out)}))
+    try:
+        det = pipe(Frame(pts, img, cal))
+    finally:
+        h1.remove()
+        h2.remove()
+    return pipe, seen["in"], seen["out"], det
+
+
+def test_static_head_and_nms_equal_eager_demo_checkpoint_real_frame(demo_frame):
+    """Real weights, real frame, camera + LiDAR: the static proposal layer, 3 stages, IoU branch and the final
+    post-processing (rectified scores, score threshold, class-agnostic NMS) against the eager pipeline's."""
+    from cmfiou_core.model.postprocess import post_process
+
+    pipe, bin_, bout, det = demo_frame
+    head = pipe.model.roi_head
+    assert head.iou_layers is not None and not head.training
+    st = StaticRoIHead(head)
+    out = st(_padded(bin_["multi_scale_3d_features"]), _padded(bin_["multi_scale_3d_features_mm"]),
+             bin_["st_features_2d"], bin_["batch_box_preds"], bin_["batch_cls_preds"])
+    for k in ("rois", "roi_scores", "roi_labels"):
+        assert torch.equal(out[k], bout[k]), k
+    assert int(out["roi_valid"].sum()) == 50
+    for k in ("batch_box_preds", "batch_cls_preds", "batch_iou_preds"):
+        assert _close(out[k], bout[k], 1e-4), (k, float((out[k] - bout[k]).abs().max()))
+    ref = post_process(bout, pipe.model.cfg.post_processing)[0]
+    got = unpad(st.detect(out, _pp_cfg(pipe)))
+    assert len(ref.boxes) == len(det) > 0 and len(got.boxes) == len(ref.boxes)
+    assert torch.equal(got.labels, ref.labels)
+    for k in ("boxes", "cls", "iou", "score"):
+        assert _close(getattr(got, k), getattr(ref, k), 1e-4), k
+    assert np.allclose(got.boxes.numpy(), det.boxes, atol=1e-4)
+
+
+def _pp_cfg(pipe):
+    from cmfiou_core.model.postprocess import PostProcessConfig
+
+    return PostProcessConfig.from_any(pipe.model.cfg.post_processing)
+
+
+def test_post_process_static_equals_eager_constructed():
+    """Score threshold, degenerate boxes, per-class and class-agnostic NMS, cls / rectified scores, a batch of 2:
+    the static post-processing keeps the eager boxes in the eager order."""
+    from cmfiou_core.model.postprocess import PostProcessConfig, post_process
+
+    g = torch.Generator().manual_seed(3)
+    B, N = 2, 60
+    boxes = torch.stack([_random_boxes(N, 10 + b, spread=10.0) for b in range(B)])
+    boxes[0, 7, 3] = 0.0                       # degenerate (zero-padded RoI)
+    cls = torch.randn(B, N, 1, generator=g)
+    labels = torch.randint(1, 4, (B, N), generator=g)
+    iou = torch.rand(B, N, 1, generator=g)
+    bd = {"batch_size": B, "batch_box_preds": boxes, "batch_cls_preds": cls, "roi_labels": labels,
+          "batch_iou_preds": iou, "has_class_labels": True, "cls_preds_normalized": False}
+    cfgs = [PostProcessConfig(), PostProcessConfig(score_mode="rectified", score_thresh=0.1),
+            PostProcessConfig.from_mapping({"class_agnostic_nms": False, "nms_thresh": [0.1, 0.2, 0.05],
+                                            "nms_pre_maxsize": [30, 40, 50], "nms_post_maxsize": [5, 9, 20],
+                                            "score_thresh": 0.2, "score_mode": "add"})]
+    for cfg in cfgs:
+        ref = post_process(bd, cfg)
+        for mode in ("rows", "matrix"):
+            det = post_process_static(boxes, cls, labels, iou, cfg, mode=mode)
+            assert not bool(det.overflow)
+            for b in range(B):
+                got = unpad(det, b)
+                assert len(ref[b].boxes) > 0 and torch.equal(got.boxes, ref[b].boxes), (cfg, mode, b)
+                assert torch.equal(got.labels, ref[b].labels) and _close(got.score, ref[b].score, 1e-6)
+                assert _close(got.iou, ref[b].iou, 1e-6) and _close(got.cls, ref[b].cls, 1e-6)
+            assert torch.all(det.boxes[~det.valid] == 0) and torch.all(det.labels[~det.valid] == 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA-graph capture)")
+def test_static_head_cuda_graph_replay_equals_eager():
+    """Capture the static head + post-processing once, replay on new inputs copied into the captured buffers: the
+    eager RoIHead's outputs on those inputs."""
+    from cmfiou_core.model.postprocess import PostProcessConfig, post_process
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    head = RoIHead({"iou_branch": {"enabled": True}, "part": {"featmap_stride": 1.6}}).to(dev).eval()
+    cfg = PostProcessConfig(score_mode="rectified", score_thresh=0.0)
+
+    def frame(seed):
+        from test_roi_head import _synthetic_batch
+
+        bt = _synthetic_batch(B=1, seed=seed)
+        bt = {k: (v.detach().to(dev) if isinstance(v, torch.Tensor) else v) for k, v in bt.items()}
+        for key in ("multi_scale_3d_features", "multi_scale_3d_features_mm"):
+            bt[key] = {n: spconv.SparseConvTensor(t.features.detach().to(dev), t.indices.to(dev), t.spatial_shape, 1)
+                       for n, t in bt[key].items()}
+        return bt
+
+    def padded(bt, cap=4096):
+        return ({n: PaddedSparse.from_spconv(t, cap) for n, t in bt["multi_scale_3d_features"].items()},
+                {n: PaddedSparse.from_spconv(t, cap) for n, t in bt["multi_scale_3d_features_mm"].items()})
+
+    st = StaticRoIHead(head)
+    b0 = frame(0)
+    raw, mm = padded(b0)
+    inputs = [b0["st_features_2d"], b0["batch_box_preds"], b0["batch_cls_preds"]]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            st.detect(st(raw, mm, *inputs), cfg)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = st(raw, mm, *inputs)
+        det = st.detect(out, cfg)
+    for seed in (1, 2):
+        bt = frame(seed)
+        r2, m2 = padded(bt)
+        for dst, src in ((raw, r2), (mm, m2)):
+            for n in dst:
+                for f in ("features", "indices", "count"):
+                    getattr(dst[n], f).copy_(getattr(src[n], f))
+        for dst, src in zip(inputs, [bt["st_features_2d"], bt["batch_box_preds"], bt["batch_cls_preds"]]):
+            dst.copy_(src)
+        graph.replay()
+        with torch.no_grad():
+            head(bt)
+        for k in ("rois", "roi_labels"):
+            assert torch.equal(out[k], bt[k]), k
+        for k in ("batch_box_preds", "batch_cls_preds", "batch_iou_preds"):
+            assert torch.allclose(out[k], bt[k], atol=1e-4, rtol=1e-5), k
+        ref = post_process(bt, cfg)[0]
+        got = unpad(det)
+        assert torch.equal(got.labels, ref.labels) and torch.allclose(got.boxes, ref.boxes, atol=1e-4)
