@@ -168,7 +168,9 @@ def main(argv=None):
     if syncs is not None:
         print(f"host syncs inside one generator call (sync debug mode): {len(syncs)} (expected 1: the final "
               f"compaction)")
-    write_json(out, a.json)
+    from cmfiou_core.provenance import provenance
+
+    write_json(out, a.json, provenance(None, a.penet_checkpoint, a.device, resolve_default_checkpoint=False))
     return out
 
 

@@ -163,6 +163,9 @@ def main(argv=None) -> int:
           f"peak GPU memory {result['peak_gpu_mem_mb'] and round(result['peak_gpu_mem_mb'])} MB\n\n" + "\n".join(lines))
     print(md)
     if args.json:
+        from cmfiou_core.provenance import provenance
+
+        result["provenance"] = provenance(args.config, args.checkpoint, args.device)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
     if args.md:

@@ -214,7 +214,9 @@ def main(argv=None):
         print(f"  {n:4d} x {s}")
     if cuda_syncs is not None:
         print(f"CUDA syncs in one head + post-processing call (sync debug mode): {len(cuda_syncs)}")
-    write_json(out, a.json)
+    from cmfiou_core.provenance import provenance  # random-weight RoIHead (seed 0): no config, no checkpoint
+
+    write_json(out, a.json, provenance(None, None, a.device, resolve_default_checkpoint=False))
     return out
 
 

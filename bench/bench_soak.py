@@ -198,6 +198,9 @@ def main(argv=None) -> int:
                     for i, x in enumerate(times)],
         "queue_samples": queue_samples[-20:], "logs": log_dir,
     }
+    from cmfiou_core.provenance import provenance
+
+    report["provenance"] = provenance(ns.config, ns.checkpoint, "cpu")
     text = json.dumps(report, indent=2)
     print(text)
     if ns.json:

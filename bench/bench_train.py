@@ -185,6 +185,9 @@ def main(argv=None) -> int:
                    loss_last=float(np.mean(losses[-k:])), losses=losses[::max(1, len(losses) // 50)])
     print(json.dumps({k: v for k, v in out.items() if k != "losses"}, indent=1))
     if args.json:
+        from cmfiou_core.provenance import provenance
+
+        out["provenance"] = provenance(args.config, None, args.device, resolve_default_checkpoint=False)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -37,10 +37,13 @@ def cuda_sync_messages(fn: Callable[[], object]) -> List[str]:
     return [str(x.message).splitlines()[0] for x in w if "synchroniz" in str(x.message).lower()]
 
 
-def write_json(out: dict, path: Optional[str]) -> None:
-    """``--json PATH``: indented JSON to PATH, or to stdout for '-'; nothing for None."""
+def write_json(out: dict, path: Optional[str], provenance: Optional[dict] = None) -> None:
+    """``--json PATH``: indented JSON to PATH, or to stdout for '-'; nothing for None. ``provenance``
+    (``cmfiou_core.provenance.provenance(...)``) is stored under the key ``provenance``."""
     if not path:
         return
+    if provenance is not None:
+        out = {**out, "provenance": provenance}
     txt = json.dumps(out, indent=2)
     if path == "-":
         print(txt)

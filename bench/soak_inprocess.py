@@ -172,6 +172,9 @@ def main(argv=None) -> int:
         "slope_mb_per_frame_last_half": {k: per_frame(half, k) for k in keys},
         "samples": samples,
     }
+    from cmfiou_core.provenance import provenance
+
+    report["provenance"] = provenance(ns.config, ns.checkpoint, "cpu")
     text = json.dumps(report, indent=1)
     if ns.json:
         Path(ns.json).parent.mkdir(parents=True, exist_ok=True)

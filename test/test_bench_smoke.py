@@ -10,6 +10,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+def _check_provenance(d, checkpoint: bool):
+    """Every results JSON records the code, config, weights, device and command (cmfiou_core.provenance)."""
+    import hashlib
+    import subprocess
+
+    p = d["provenance"]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert p["git_commit"] == head.stdout.strip() and isinstance(p["git_dirty"], bool)
+    assert p["device"] == "cpu" and p["device_name"] and p["command"]
+    if checkpoint:
+        assert p["checkpoint_sha256"] == hashlib.sha256(Path(p["checkpoint"]).read_bytes()).hexdigest()
+        assert p["config_sha256"] == hashlib.sha256(Path(p["config"]).read_bytes()).hexdigest()
+    else:
+        assert p["checkpoint_sha256"] is None
+
+
 def test_bench_pipeline_cpu_smoke(tmp_path):
     import bench_pipeline
 
@@ -26,6 +43,7 @@ def test_bench_pipeline_cpu_smoke(tmp_path):
     parts = sum(v["p50"] for k, v in stages.items() if k not in ("end_to_end", "msg_in", "msg_out"))
     assert parts <= stages["end_to_end"]["p50"] * 1.05
     assert "| end_to_end |" in (tmp_path / "b.md").read_text()
+    _check_provenance(res, checkpoint=True)
 
 
 def test_bench_depth_cpu_smoke(tmp_path):
@@ -37,6 +55,8 @@ def test_bench_depth_cpu_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
     assert d  # per-stage figures present
+    _check_provenance(d, checkpoint=False)
+    assert "bench_depth.py" in d["provenance"]["command"]
 
 
 def test_bench_roi_head_cpu_smoke(tmp_path):
@@ -49,3 +69,4 @@ def test_bench_roi_head_cpu_smoke(tmp_path):
     for t in range(3):
         assert d["per_stage"][f"s{t}"]["ops"] > 0 and d["per_stage"][f"s{t}"]["syncs"] == 0
     assert d["aten_ops"]["proposal"] > 0 and d["roi_head_totals"]["syncs"] == res["roi_head_totals"]["syncs"]
+    _check_provenance(d, checkpoint=False)
