@@ -94,6 +94,7 @@ class Pipeline:
         self._range_lo = torch.tensor(r[:3], dtype=torch.float32, device=self.device)
         self._range_hi = torch.tensor(r[3:], dtype=torch.float32, device=self.device)
         self.class_names = tuple(self.mcfg.class_names)
+        self.score_mode = self.mcfg.post_processing.score_mode  # carried in every Detections
         self._use_pinned = self.device.type == "cuda"
         self._pinned: Dict[str, torch.Tensor] = {}
 
@@ -237,7 +238,7 @@ class Pipeline:
         timings["total"] = (time.perf_counter() - wall0) * 1e3
         return Detections(o[:, :7], o[:, 7].astype(np.int64), o[:, 8], o[:, 9], o[:, 10], stamp_ns=frame.stamp_ns,
                           frame_id=frame.frame_id, lidar_only=lidar_only, timings_ms=timings,
-                          class_names=self.class_names)
+                          class_names=self.class_names, score_mode=self.score_mode)
 
     @staticmethod
     def _run_model(m, batch, timer: StageTimer):

@@ -65,6 +65,8 @@ class Detections:
     no IoU branch); scores: the rectified score used for ranking/thresholding (``cls^(1-a) * iou^a`` by default).
     timings_ms: per-stage wall/CUDA-event time in milliseconds, in execution order.
     lidar_only: True when the camera was missing/too old and the pseudo branch ran empty.
+    score_mode: how ``scores`` was computed (``model.post_processing.score_mode`` of the model config: "cls",
+    "rectified" or "add"; cmfiou_core.model.iou_joint.SCORE_MODES).
     """
 
     boxes: np.ndarray
@@ -77,6 +79,7 @@ class Detections:
     lidar_only: bool = False
     timings_ms: Dict[str, float] = field(default_factory=dict)
     class_names: Tuple[str, ...] = CLASS_NAMES
+    score_mode: str = "cls"
 
     def __post_init__(self) -> None:
         m = len(self.boxes)
@@ -96,6 +99,8 @@ class Detections:
         return [self.class_names[int(l) - 1] for l in self.labels]
 
     @classmethod
-    def empty(cls, stamp_ns: int = 0, frame_id: str = "velodyne", lidar_only: bool = False) -> "Detections":
+    def empty(cls, stamp_ns: int = 0, frame_id: str = "velodyne", lidar_only: bool = False,
+              score_mode: str = "cls") -> "Detections":
         z = np.zeros((0,), np.float32)
-        return cls(np.zeros((0, 7), np.float32), np.zeros((0,), np.int64), z, z, z, stamp_ns, frame_id, lidar_only)
+        return cls(np.zeros((0, 7), np.float32), np.zeros((0,), np.int64), z, z, z, stamp_ns, frame_id, lidar_only,
+                   score_mode=score_mode)

@@ -2,7 +2,8 @@
 
 - PointCloud2 <-> numpy for any field layout (offsets, INT8..FLOAT64, padding, endianness, organised clouds),
   through numpy structured dtypes and ``np.frombuffer`` (zero-copy views where the layout allows).
-- Image -> RGB uint8 (rgb8, bgr8, rgba8, bgra8, mono8, mono16, 32FC1; row padding; big-endian), RGB -> Image.
+- Image -> RGB uint8 (rgb8, bgr8, rgba8, bgra8, mono8, mono16; row padding; big-endian) with cv_bridge's semantics
+  (mono16 -> round(x * 255 / 65535); float images such as 32FC1 refused: not a colour format), RGB -> Image.
 - CameraInfo (+ LiDAR->camera extrinsic) -> :class:`cmfiou_core.calib.Calibration`, and the inverse for replay.
 - :class:`cmfiou_core.types.Detections` -> vision_msgs/Detection3DArray, the per-detection scores message,
   visualization_msgs/MarkerArray, the per-frame timings message.
@@ -249,19 +250,25 @@ _ENCODINGS = {
     "rgba8": (4, np.uint8, (0, 1, 2)), "bgra8": (4, np.uint8, (2, 1, 0)),
     "mono8": (1, np.uint8, None), "8uc1": (1, np.uint8, None),
     "mono16": (1, np.uint16, None), "16uc1": (1, np.uint16, None),
-    "32fc1": (1, np.float32, None),
     "8uc3": (3, np.uint8, (2, 1, 0)),  # OpenCV default order is BGR
 }
 SUPPORTED_ENCODINGS = tuple(sorted(_ENCODINGS))
+# depth / float images: cv_bridge refuses them as a colour source ("[32FC1] is not a color format"), and so do we
+_NOT_COLOUR = ("32fc1", "64fc1", "16sc1", "32sc1")
 
 
 def image_to_rgb(msg) -> np.ndarray:
     """sensor_msgs/Image -> (H, W, 3) uint8 RGB.
 
-    mono16 is scaled by 1/256; 32FC1 is taken as intensity in [0, 1] (clipped) and scaled to 0..255.
-    Row padding (``step`` > width * bytes per pixel) and ``is_bigendian`` are honoured.
+    As cv_bridge's ``imgmsg_to_cv2(msg, "rgb8")``: mono16 is scaled to round(x * 255 / 65535) (ties cannot occur:
+    65535 is odd); 32FC1 and other depth/float encodings are refused (a depth image is not a colour image: publish
+    the colour camera's rgb8/bgr8/mono8/mono16 stream). Row padding (``step`` > width * bytes per pixel) and
+    ``is_bigendian`` are honoured.
     """
     enc = str(msg.encoding).lower()
+    if enc in _NOT_COLOUR:
+        raise MessageError(f"[{msg.encoding}] is not a color format (a depth/float image cannot be the camera image; "
+                           f"supported: {', '.join(SUPPORTED_ENCODINGS)})")
     if enc not in _ENCODINGS:
         raise MessageError(f"unsupported image encoding {msg.encoding!r} (supported: {', '.join(SUPPORTED_ENCODINGS)})")
     ch, dt, order = _ENCODINGS[enc]
@@ -282,11 +289,8 @@ def image_to_rgb(msg) -> np.ndarray:
         else raw.reshape(h, w, ch)
     if ch == 1:
         m = px[:, :, 0]
-        if enc in ("mono16", "16uc1"):
-            m = (m >> 8).astype(np.uint8)
-        elif enc == "32fc1":
-            m = np.nan_to_num(m.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-            m = (np.clip(m, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        if enc in ("mono16", "16uc1"):  # round(x * 255 / 65535) in integers: floor((255 x + 32767) / 65535)
+            m = ((m.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
         return np.repeat(m[:, :, None], 3, axis=2)
     if order == (0, 1, 2):
         return np.ascontiguousarray(px[:, :, :3])
@@ -515,8 +519,9 @@ def detections_to_detection3d_array(det, header=None):
 def detections_to_scores_msg(det, header=None, score_mode: Optional[str] = None):
     """Detections -> cmfiou_ros/DetectionScores, index-aligned with Detection3DArray.detections (same header).
 
-    ``score_mode``: how ``score`` was computed ("cls", "rectified", "iou"); default ``det.score_mode`` when the
-    Detections carry one, else "rectified" (the CMF-IOU default). iou_score stays NaN when the model has no IoU branch.
+    ``score_mode``: how ``score`` was computed (one of the message's SCORE_MODE_* constants: "cls", "rectified",
+    "add"); default ``det.score_mode`` (the model config's ``post_processing.score_mode``). iou_score stays NaN when
+    the model has no IoU branch.
     """
     from cmfiou_ros.msg import DetectionScores
 
@@ -528,7 +533,11 @@ def detections_to_scores_msg(det, header=None, score_mode: Optional[str] = None)
     m.cls_score = det.cls_scores.astype(np.float32).tolist()
     m.iou_score = det.iou_scores.astype(np.float32).tolist()
     m.score = det.scores.astype(np.float32).tolist()
-    m.score_mode = str(score_mode or getattr(det, "score_mode", None) or DetectionScores.SCORE_MODE_RECTIFIED)
+    mode = str(score_mode or getattr(det, "score_mode", "") or "")
+    known = {getattr(DetectionScores, c) for c in dir(DetectionScores) if c.startswith("SCORE_MODE_")}
+    if mode not in known:
+        raise ValueError(f"score_mode {mode!r} is not one of DetectionScores' {sorted(known)}")
+    m.score_mode = mode
     m.lidar_only = bool(det.lidar_only)
     return m
 

@@ -74,11 +74,9 @@ def filter_detections(det: Detections, threshold: float) -> Detections:
     keep = det.scores >= threshold
     if keep.all():
         return det
-    out = Detections(det.boxes[keep], det.labels[keep], det.cls_scores[keep], det.iou_scores[keep], det.scores[keep],
-                     det.stamp_ns, det.frame_id, det.lidar_only, dict(det.timings_ms), det.class_names)
-    if hasattr(det, "score_mode"):
-        out.score_mode = det.score_mode
-    return out
+    return Detections(det.boxes[keep], det.labels[keep], det.cls_scores[keep], det.iou_scores[keep],
+                      det.scores[keep], det.stamp_ns, det.frame_id, det.lidar_only, dict(det.timings_ms),
+                      det.class_names, det.score_mode)
 
 
 class DetectorNode(LifecycleNode):
@@ -196,8 +194,11 @@ class DetectorNode(LifecycleNode):
         self._create_entities()
         self._start_worker()
         self._configured = True
+        approx = getattr(self.assembler, "approx", None) if hasattr(self, "assembler") else getattr(self, "approx", None)
+        sync = f"{p['sync_policy']} ({approx.impl})" if approx is not None else \
+            f"{p['sync_policy']} (cmfiou_ros.sync.LatestImagePolicy)"
         self.get_logger().info(
-            f"configured: sync={p['sync_policy']} lidar={self._lidar_topic} image={self._image_topic} "
+            f"configured: sync={sync} lidar={self._lidar_topic} image={self._image_topic} "
             f"camera_info={self._info_topic} -> {self.det_pub.topic_name}")
         return TransitionCallbackReturn.SUCCESS
 
@@ -394,7 +395,8 @@ class DetectorNode(LifecycleNode):
         t0 = time.perf_counter()
         try:
             if len(frame.points) == 0:
-                det = Detections.empty(frame.stamp_ns, frame.frame_id, lidar_only=frame.image is None)
+                det = Detections.empty(frame.stamp_ns, frame.frame_id, lidar_only=frame.image is None,
+                                       score_mode=getattr(self.pipeline, "score_mode", "cls"))
             else:
                 det = self.pipeline(frame)
             det.lidar_only = bool(det.lidar_only or frame.image is None)

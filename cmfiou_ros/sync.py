@@ -31,6 +31,8 @@ class ApproxTimeSync:
     (default ``msg.header.stamp`` in ns). Thread-safe.
     """
 
+    impl = "cmfiou_ros.sync.ApproxTimeSync (message_filters not importable; same greedy semantics)"
+
     def __init__(self, n_inputs: int, queue_size: int, slop_s: float, callback: Callable[..., Any],
                  stamp_fn: Optional[Callable[[Any], int]] = None):
         if n_inputs < 2:
@@ -85,6 +87,8 @@ class ApproxTimeSync:
 
 class _RealApproxSync:
     """Adapter: real message_filters.ApproximateTimeSynchronizer fed through SimpleFilter inputs."""
+
+    impl = "message_filters.ApproximateTimeSynchronizer"
 
     def __init__(self, mf, n_inputs, queue_size, slop_s, callback):
         self.inputs = [mf.SimpleFilter() for _ in range(n_inputs)]

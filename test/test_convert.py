@@ -182,14 +182,35 @@ def test_image_encodings(pad):
     mono = rgb[:, :, 0]
     np.testing.assert_array_equal(C.image_to_rgb(_image(mono, "mono8", pad)), np.repeat(mono[:, :, None], 3, 2))
     m16 = rng.integers(0, 65536, (7, 9), dtype=np.uint16)
+    m16[0, :4] = [0, 255, 65535, 32767]  # 255: >> 8 gives 0, cv_bridge's rounding 1 (0.992)
     for be in (False, True):
         out = C.image_to_rgb(_image(m16, "mono16", pad, be))
-        np.testing.assert_array_equal(out[:, :, 1], (m16 >> 8).astype(np.uint8))
+        # cv_bridge: convertTo(CV_8U, 255 / 65535) = round(x * 255 / 65535), here in float64
+        np.testing.assert_array_equal(out[:, :, 1], np.round(m16.astype(np.float64) * 255 / 65535).astype(np.uint8))
     f = rng.random((7, 9)).astype(np.float32)
-    f[0, 0] = np.nan
-    out = C.image_to_rgb(_image(f, "32FC1", pad))
-    assert out[0, 0, 0] == 0 and out.dtype == np.uint8
-    np.testing.assert_array_equal(out[1:, :, 2], (f[1:] * 255 + 0.5).astype(np.uint8))
+    with pytest.raises(C.MessageError, match=r"\[32FC1\] is not a color format"):
+        C.image_to_rgb(_image(f, "32FC1", pad))
+
+
+def test_mono16_differs_from_a_plain_shift():
+    """The rounding matters: over all 65536 values, round(x*255/65535) and x >> 8 differ by one level for many."""
+    x = np.arange(65536, dtype=np.uint16)
+    out = C.image_to_rgb(_image(x.reshape(256, 256), "mono16", 0))[:, :, 0].reshape(-1)
+    ref = np.round(x.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    np.testing.assert_array_equal(out, ref)
+    assert 0 < np.count_nonzero(out != (x >> 8)) and np.abs(out.astype(int) - (x >> 8)).max() == 1
+
+
+def test_mono16_matches_cv_bridge_when_available():
+    cv_bridge = pytest.importorskip("cv_bridge")
+    rng = np.random.default_rng(3)
+    m16 = rng.integers(0, 65536, (5, 6), dtype=np.uint16)
+    msg = _image(m16, "mono16", 0)
+    ref = cv_bridge.CvBridge().imgmsg_to_cv2(msg, "rgb8")
+    np.testing.assert_array_equal(C.image_to_rgb(msg), ref)
+    f = _image(rng.random((5, 6)).astype(np.float32), "32FC1", 0)
+    with pytest.raises(Exception, match="not a color format"):
+        cv_bridge.CvBridge().imgmsg_to_cv2(f, "rgb8")
 
 
 @pytest.mark.parametrize("mutate,match", [

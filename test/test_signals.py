@@ -106,8 +106,8 @@ def test_launch_like_process_group(kitti_samples, signals):
 
 
 def test_detector_alone_sigterm():
-    """The detector alone (no input): SIGTERM once -> exit 0, quiet."""
-    spec = graph.replay_graph({"pipeline_factory": TINY})[1]
+    """The detector alone (no input): SIGTERM once -> exit 0, quiet. (Its configure line names the synchroniser.)"""
+    spec = graph.replay_graph({"pipeline_factory": TINY, "sync_policy": "approx"})[1]
     tmp = Path(tempfile.mkdtemp(prefix="cmfiou_sig_"))
     log = tmp / "det.log"
     p = subprocess.Popen(node_command(spec, write_overrides(spec, str(tmp))), env=_env(), cwd=tmp,
@@ -122,6 +122,10 @@ def test_detector_alone_sigterm():
     text = log.read_text()
     _assert_clean(text, rc, "detector")
     assert "shutdown (SIGTERM): 0 frames in, 0 published, 0 dropped" in text, text
+    from cmfiou_ros.sync import real_message_filters
+
+    impl = "message_filters.ApproximateTimeSynchronizer" if real_message_filters() else "cmfiou_ros.sync.ApproxTimeSync"
+    assert f"configured: sync=approx ({impl}" in text, text
 
 
 def test_run_graph_ctrl_c(kitti_samples, tmp_path):

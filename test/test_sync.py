@@ -89,15 +89,15 @@ def test_real_message_filters_when_available():
     got = []
     inputs = [mf.SimpleFilter(), mf.SimpleFilter()]
     sync = mf.ApproximateTimeSynchronizer(inputs, 5, 0.05)
-    sync.registerCallback(lambda a, b: got.append((a.stamp.sec, b.stamp.sec)))
+    key = lambda a, b: (a.header.stamp.sec, a.header.stamp.nanosec, b.header.stamp.sec, b.header.stamp.nanosec)  # noqa
+    sync.registerCallback(lambda a, b: got.append(key(a, b)))
     ours = []
-    o = ApproxTimeSync(2, 5, 0.05, lambda a, b: ours.append((a.stamp.sec, b.stamp.sec)),
-                       stamp_fn=lambda h: h.stamp.sec * 10**9 + h.stamp.nanosec)
+    o = ApproxTimeSync(2, 5, 0.05, lambda a, b: ours.append(key(a, b)))  # default stamp: msg.header.stamp
     for i, (sec, ns) in enumerate([(1, 0), (1, 20 * MS), (2, 0), (3, 0), (3, 90 * MS), (4, 0), (4, 10 * MS)]):
-        h = SimpleNamespace(header=Header(stamp=Time(sec=sec, nanosec=ns)))
-        inputs[i % 2].signalMessage(h.header)
-        o.add(i % 2, h.header)
-    assert got == ours
+        m = SimpleNamespace(header=Header(stamp=Time(sec=sec, nanosec=ns)))  # a message: message_filters reads
+        inputs[i % 2].signalMessage(m)                                        # msg.header.stamp
+        o.add(i % 2, m)
+    assert got == ours == [(1, 0, 1, 20 * MS), (4, 10 * MS, 4, 0)]  # (input 0, input 1)
 
 
 # ------------------------------------------------------------------ LatestImagePolicy
