@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     from ..data.gt_database import create_gt_database
     from ..data.kitti import create_infos, raw_rows_from_bin
 
-    ap = argparse.ArgumentParser(prog="cmfiou-create-infos", description=__doc__.strip().splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m cmfiou_core.tools.create_infos", description=__doc__.strip().splitlines()[0])
     ap.add_argument("--root", required=True)
     ap.add_argument("--splits", nargs="+", default=["train", "val"])
     ap.add_argument("--no-db", action="store_true", help="skip the GT database")
