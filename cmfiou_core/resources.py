@@ -113,7 +113,7 @@ def model(name: str) -> Path:
 
 def msg_dir(package: str) -> Path:
     """The folder of ``package``'s .msg files: ``cmfiou_ros`` -> our ``msg/``; ``vision_msgs`` -> the installed
-    vision_msgs' share ``msg/`` (ament index), else our ``compat/vision_msgs/msg`` copy (field-identical)."""
+    vision_msgs' share ``msg/`` (ament index), else our ``compat/vision_msgs/msg`` (a field-identical subset)."""
     if package == PACKAGE:
         return find("msg")
     s = ament_share(package)

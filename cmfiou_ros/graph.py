@@ -102,6 +102,9 @@ def replay_graph(args: Optional[Dict[str, object]] = None) -> List[NodeSpec]:
             "frame_map_topic": TOPICS["frame_map"],
             "output_topic": TOPICS["detections"],
             "lockstep_topic": TOPICS["detections"] if _bool(a["lockstep"]) else "",
+            # lockstep: wait for the detector however long its configure takes (model load + warm-up on a busy
+            # CPU can pass the 30 s default), or the first frame would go out to nobody
+            **({"wait_timeout": 3600.0} if _bool(a["lockstep"]) else {}),
             "print_frames": _bool(a["print_frames"]),
         },
     )

@@ -5,7 +5,7 @@ Usage::
     from cmfiou_ros.msg_types import Detection3DArray, DetectionScores, PointCloud2
 
 Our own types live in ``cmfiou_ros.msg`` (generated from ``msg/*.msg``); vision_msgs is the real package in a ROS 2
-installation or the field-identical copy from ``compat/vision_msgs`` that ``scripts/setup.sh`` builds in the pip world.
+installation or the field-identical subset in ``compat/vision_msgs`` that ``scripts/setup.sh`` builds in the pip world.
 """
 from __future__ import annotations
 

@@ -205,9 +205,10 @@ class ReplayNode(Node):
         cam_pubs = [self.image_pub, self.info_pub] + ([self.ext_pub] if self.ext_pub is not None else [])
         ok = self.cloud_pub.get_subscription_count() >= n and (
             not need_cam or all(pub.get_subscription_count() >= 1 for pub in cam_pubs))
-        if not ok:
+        if not ok and not getattr(self, "_gave_up_waiting", False):
             if waited < self.p["wait_timeout"]:
                 return False
+            self._gave_up_waiting = True
             self.get_logger().warning(f"only {self.cloud_pub.get_subscription_count()} subscriber(s) after "
                                       f"{waited:.1f} s: starting anyway")
         if self.p["start_delay"] > 0:

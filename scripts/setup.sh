@@ -128,7 +128,7 @@ build_iface() {  # $1 = package name, $2 = source dir, $3... extra cmake args
   log "  $name built and installed into $V in $(( $(date +%s) - t )) s"
 }
 
-# vision_msgs: a real installation always wins; the field-identical compat copy is built only when none exists.
+# vision_msgs: a real installation always wins; the compat subset (field-identical messages) is built only when none exists.
 real_vision_msgs() {  # prints where a real (non-venv) vision_msgs was found
   local p
   local -a prefixes

@@ -355,6 +355,28 @@ def test_agrees_with_sensor_msgs_py():
     np.testing.assert_array_equal(C.pointcloud2_to_xyzi(ref_msg)[0], out)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("sensor_msgs_py") is None,
+                    reason="sensor_msgs_py not installed (not on PyPI; present in a real ROS 2 install)")
+def test_documented_differences_from_sensor_msgs_py():
+    """README topic table: rows with inf are dropped (sensor_msgs_py keeps them), uint8 intensity becomes /255
+    (sensor_msgs_py: the raw integer)."""
+    from sensor_msgs.msg import PointField
+    from sensor_msgs_py import point_cloud2 as pc2
+
+    pts = np.array([[1, 2, 3, 0.5], [np.inf, 0, 0, 0.1], [4, 5, 6, 0.2]], np.float32)
+    msg = C.xyzi_to_pointcloud2(pts)
+    ref = pc2.read_points_numpy(msg, field_names=("x", "y", "z", "intensity"), skip_nans=True)
+    ours, dropped = C.pointcloud2_to_xyzi(msg)
+    assert len(ref) == 3 and dropped == 1 and len(ours) == 2  # inf row: kept there, dropped (and counted) here
+    fields = [PointField(name=n, offset=4 * i, datatype=PointField.FLOAT32, count=1) for i, n in enumerate("xyz")]
+    fields.append(PointField(name="intensity", offset=12, datatype=PointField.UINT8, count=1))
+    rows = [(1.0, 2.0, 3.0, 255), (4.0, 5.0, 6.0, 51)]
+    cloud = pc2.create_cloud(msg.header, fields, rows)
+    raw = pc2.read_points(cloud, field_names=("intensity",))
+    assert [int(r[0]) for r in raw] == [255, 51]
+    np.testing.assert_allclose(C.pointcloud2_to_xyzi(cloud)[0][:, 3], [1.0, 0.2])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("cv_bridge") is None,
                     reason="cv_bridge (ROS 2) not installed (not on PyPI; present in a real ROS 2 install)")
 def test_agrees_with_cv_bridge():
