@@ -17,6 +17,10 @@ counted on its CUDA path (matrix mode) on any device. On CUDA the syncs are also
     python bench/bench_roi_head.py --device cpu --threads 1
     python bench/bench_roi_head.py --device cuda --iters 200 --json roi_head.json
     python bench/bench_roi_head.py --smoke --json -            # seconds, for the test suite
+    python bench/bench_roi_head.py --engine static ...         # the static-shape engine (cmfiou_core.engine.roi)
+
+``--engine static``: ``engine.roi.StaticRoIHead`` (same module, PaddedSparse inputs, capacity = voxel count rounded up
+to a multiple of 4096) + ``engine.nms.post_process_static``; the PaddedSparse conversion is outside the timing.
 """
 from __future__ import annotations
 
@@ -112,6 +116,29 @@ def count(head, batch, pp_cfg):
     return oc
 
 
+def static_runner(head, batch, pp_cfg):
+    """() -> detections of the static engine on ``batch`` (inputs converted to PaddedSparse once, here)."""
+    from cmfiou_core.engine.padded import PaddedSparse
+    from cmfiou_core.engine.roi import StaticRoIHead
+    from cmfiou_core.model.postprocess import PostProcessConfig
+
+    st = StaticRoIHead(head)
+    cfg = PostProcessConfig.from_any(pp_cfg)
+
+    def padded(d):
+        return {k: PaddedSparse.from_spconv(t, (t.indices.shape[0] // 4096 + 1) * 4096) for k, t in d.items()}
+
+    raw, mm = padded(batch["multi_scale_3d_features"]), padded(batch["multi_scale_3d_features_mm"])
+    args = (raw, mm, batch["st_features_2d"], batch["batch_box_preds"], batch["batch_cls_preds"])
+
+    def head_call():
+        return st(*args)
+
+    def pp_call(out):
+        return st.detect(out, cfg)
+    return head_call, pp_call
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -121,6 +148,8 @@ def main(argv=None):
     ap.add_argument("--synthetic", action="store_true", help="synthetic frame even when the shared inputs exist")
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic frame, 1 iteration (test suite)")
     ap.add_argument("--exact-layout", action="store_true", help="official per-row conv layout in the grid pooling")
+    ap.add_argument("--engine", default="eager", choices=["eager", "static"],
+                    help="eager RoIHead (default) or the static-shape engine.roi.StaticRoIHead")
     ap.add_argument("--json", default=None, help="write the results as JSON to this path ('-' = stdout)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -142,6 +171,14 @@ def main(argv=None):
         use_exact_official_layout(head)
     batch = make_batch(inp, dev)
     pp_cfg = None  # official KITTI post-processing defaults
+    if a.engine == "static":
+        head_call, pp_call = static_runner(head, batch, pp_cfg)
+    else:
+        def head_call():
+            return head(fresh(batch))
+
+        def pp_call(bd):
+            return post_process(bd, pp_cfg)
 
     def sync():
         if dev.type == "cuda":
@@ -154,17 +191,17 @@ def main(argv=None):
             if dev.type == "cuda":
                 e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
                 e[0].record()
-                bd = head(fresh(batch))
+                bd = head_call()
                 e[1].record()
-                post_process(bd, pp_cfg)
+                pp_call(bd)
                 e[2].record()
                 torch.cuda.synchronize()
                 th, tp = e[0].elapsed_time(e[1]), e[1].elapsed_time(e[2])
             else:
                 t0 = time.perf_counter()
-                bd = head(fresh(batch))
+                bd = head_call()
                 t1 = time.perf_counter()
-                post_process(bd, pp_cfg)
+                pp_call(bd)
                 t2 = time.perf_counter()
                 th, tp = (t1 - t0) * 1e3, (t2 - t1) * 1e3
             if it >= a.warmup:
@@ -173,11 +210,15 @@ def main(argv=None):
 
     def one_call():
         with torch.no_grad():
-            post_process(head(fresh(batch)), pp_cfg)
+            pp_call(head_call())
 
     cuda_syncs = cuda_sync_messages(one_call) if dev.type == "cuda" else None
 
-    oc = count(head, batch, pp_cfg)
+    if a.engine == "static":
+        with torch.no_grad(), OpCounter("proposal", cuda_paths=True) as oc:
+            pp_call(head_call())
+    else:
+        oc = count(head, batch, pp_cfg)
     ops = dict(oc.ops)
     syncs = oc.sync_counts()
     stages = sorted({k.split(".")[0] for k in ops if k.startswith("s") and "." in k})
@@ -185,7 +226,7 @@ def main(argv=None):
                  for s in stages}
     head_sections = [k for k in ops if k != "postprocess"]
     out = {
-        "source": inp["source"], "device": str(dev),
+        "source": inp["source"], "engine": a.engine, "device": str(dev),
         "device_name": device_name(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "iters": a.iters, "warmup": a.warmup, "smoke": a.smoke, "exact_layout": a.exact_layout,
         "voxels": {k: {s: int(v[1].shape[0]) for s, v in inp[k].items()}
@@ -200,7 +241,7 @@ def main(argv=None):
         "sync_sites": oc.sync_sites(), "cuda_syncs_per_call": None if cuda_syncs is None else len(cuda_syncs),
         "cuda_sync_messages": cuda_syncs,
     }
-    print(f"# {out['source']}; {out['device']} ({out['device_name']}), threads {out['threads']}, "
+    print(f"# {a.engine} engine; {out['source']}; {out['device']} ({out['device_name']}), threads {out['threads']}, "
           f"{a.iters} iters after {a.warmup} warm-up")
     for k, v in out["ms"].items():
         print(f"{k:12s} p50 {v['p50']:9.2f} ms  p95 {v['p95']:9.2f} ms")

@@ -137,7 +137,10 @@ def official(shared_dir):
 def test_static_head_equals_eager_official_reference(official):
     """Proposals + 3 stages on the official_roi inputs: the static head (PaddedSparse inputs with poisoned padding
     rows) against the eager RoIHead (same module). Proposals exactly; boxes / logits on the RoIs of physical size
-    (see test_roi_head.test_stage_matches_official for why the absurd random-weight RoIs are order-sensitive)."""
+    (see test_roi_head.test_stage_matches_official for why the absurd random-weight RoIs are order-sensitive).
+    Chained stages: grid pooling is discontinuous in the box, so the fused pooling's fp32 rounding (folded
+    BatchNorms, batched matmuls) may move a later stage's neighbour set on some host: 1e-3 there, as
+    test_roi_head does; the isolated stages are compared at 1e-4 in the real-weight test."""
     head, batch = official
     bd = batch()
     with torch.no_grad():
@@ -149,12 +152,13 @@ def test_static_head_equals_eager_official_reference(official):
         assert torch.equal(out[k], bd[k]), k
     rows = (bd["rois"][0, :, 3:6].abs() < 10).all(1)
     assert int(rows.sum()) == 11
-    assert _close(out["batch_box_preds"][0, rows], bd["batch_box_preds"][0, rows], 1e-4)
-    assert _close(out["batch_cls_preds"][0, rows], bd["batch_cls_preds"][0, rows], 1e-4)
+    assert _close(out["batch_box_preds"][0, rows], bd["batch_box_preds"][0, rows], 1e-3)
+    assert _close(out["batch_cls_preds"][0, rows], bd["batch_cls_preds"][0, rows], 1e-3)
     assert torch.isfinite(out["batch_cls_preds"]).all() and not bool(out["overflow"])
 
 
-def test_static_head_lidar_only_empty_pseudo_sources(official):
+@pytest.mark.parametrize("fused", [True, False])
+def test_static_head_lidar_only_empty_pseudo_sources(official, fused):
     """No pseudo voxels at all (LiDAR-only frame): count 0 PaddedSparse against eager empty spconv tensors, on the 11
     reference proposals of physical size as given RoIs."""
     head, batch = official
@@ -176,8 +180,8 @@ def test_static_head_lidar_only_empty_pseudo_sources(official):
     mm = {k: PaddedSparse(torch.full((8, 64), 1e6), torch.full((8, 4), -1, dtype=torch.int32), torch.tensor(0),
                           tuple(t.spatial_shape), 1) for k, t in empty.items()}
     b2 = batch()
-    out = StaticRoIHead(head)(_padded(b2["multi_scale_3d_features"]), mm, b2["st_features_2d"], b2["batch_box_preds"],
-                              b2["batch_cls_preds"], proposals=props)
+    out = StaticRoIHead(head, fused=fused)(_padded(b2["multi_scale_3d_features"]), mm, b2["st_features_2d"],
+                                           b2["batch_box_preds"], b2["batch_cls_preds"], proposals=props)
     assert given["rois"].shape == (1, 11, 7)
     assert _close(out["batch_box_preds"], bd["batch_box_preds"], 1e-4)
     assert _close(out["batch_cls_preds"], bd["batch_cls_preds"], 1e-4)
@@ -214,7 +218,9 @@ def demo_frame(kitti_samples):
 
 def test_static_head_and_nms_equal_eager_demo_checkpoint_real_frame(demo_frame):
     """Real weights, real frame, camera + LiDAR: the static proposal layer, 3 stages, IoU branch and the final
-    post-processing (rectified scores, score threshold, class-agnostic NMS) against the eager pipeline's."""
+    post-processing (rectified scores, score threshold, class-agnostic NMS) against the eager pipeline's.
+    Each stage isolated (fed the eager stage's input RoIs): 1e-4. Chained: 1e-3 (1 mm; the pooling is discontinuous
+    in the box, see test_static_head_equals_eager_official_reference), the same detections."""
     from cmfiou_core.model.postprocess import post_process
 
     pipe, bin_, bout, det = demo_frame
@@ -227,14 +233,29 @@ def test_static_head_and_nms_equal_eager_demo_checkpoint_real_frame(demo_frame):
         assert torch.equal(out[k], bout[k]), k
     assert int(out["roi_valid"].sum()) == 50
     for k in ("batch_box_preds", "batch_cls_preds", "batch_iou_preds"):
-        assert _close(out[k], bout[k], 1e-4), (k, float((out[k] - bout[k]).abs().max()))
+        assert _close(out[k], bout[k], 1e-3), (k, float((out[k] - bout[k]).abs().max()))
     ref = post_process(bout, pipe.model.cfg.post_processing)[0]
     got = unpad(st.detect(out, _pp_cfg(pipe)))
     assert len(ref.boxes) == len(det) > 0 and len(got.boxes) == len(ref.boxes)
     assert torch.equal(got.labels, ref.labels)
     for k in ("boxes", "cls", "iou", "score"):
-        assert _close(getattr(got, k), getattr(ref, k), 1e-4), k
-    assert np.allclose(got.boxes.numpy(), det.boxes, atol=1e-4)
+        assert _close(getattr(got, k), getattr(ref, k), 1e-3), k
+    assert np.allclose(got.boxes.numpy(), det.boxes, atol=1e-3)
+    # isolated stages
+    bd = dict(bin_)
+    head.record = {}
+    try:
+        with torch.no_grad():
+            head(bd)
+        rec = head.record
+    finally:
+        head.record = None
+    iso = st(_padded(bin_["multi_scale_3d_features"]), _padded(bin_["multi_scale_3d_features_mm"]),
+             bin_["st_features_2d"], bin_["batch_box_preds"], bin_["batch_cls_preds"],
+             stage_rois=[rec[f"s{t}_rois_in"] for t in range(3)])
+    for t in range(3):
+        assert _close(iso["stage_box_preds"][t], rec[f"s{t}_batch_box_preds"], 1e-4), t
+        assert _close(iso["stage_cls_preds"][t], rec[f"s{t}_batch_cls_preds"], 1e-4), t
 
 
 def _pp_cfg(pipe):

@@ -24,6 +24,7 @@ import torch
 
 from ..geometry.iou import bev_intersection_aligned
 from ..model.iou_joint import combine_scores
+from ..opcount import cuda_path
 
 
 def suppression_matrix(boxes: torch.Tensor, valid: torch.Tensor, thresh: float,
@@ -125,9 +126,9 @@ def nms_sorted_static(boxes: torch.Tensor, valid: torch.Tensor, thresh: float, m
 
     ``mode``: ``matrix`` (one suppression matrix over the candidate pairs, then a walk of ~4 ops per step: few large
     kernels, the CUDA choice), ``rows`` (one IoU row per step: fewest pairs, the CPU choice), ``auto`` picks by
-    device. Identical selections."""
+    device (``opcount.cuda_path``: an op counter counts the CUDA choice on the CPU). Identical selections."""
     if mode == "auto":
-        mode = "matrix" if boxes.is_cuda else "rows"
+        mode = "matrix" if cuda_path(boxes) else "rows"
     if mode == "rows":
         pos, kept = greedy_keep_rows(boxes, valid, thresh, max_keep)
         return pos, kept, torch.zeros((), dtype=torch.bool, device=boxes.device)

@@ -26,6 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..device_const import device_const
 from ..model.grid_pool import NeighborVoxelSAModuleMSG, _rows, get_voxel_centers, global_grid_points, voxel_grid_params
 from ..model.iou_joint import decode_iou_pred
 from ..model.roi_head import RoIHead, x_trans_backward, x_trans_forward
@@ -125,9 +126,150 @@ def pool_source(layer: NeighborVoxelSAModuleMSG, src: PooledSource, new_coords: 
     return torch.cat(outs, dim=1)
 
 
+def fold_bn(seq) -> tuple:
+    """``Sequential(1x1 Conv1d|Conv2d (no bias), BatchNorm (eval)[, ReLU])`` -> (W (C_out, C_in), b (C_out,)) with
+    ``seq(x) = x @ W.T + b`` (before the ReLU), computed from the module's live parameters."""
+    conv, bn = seq[0], seq[1]
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    w = conv.weight.reshape(conv.weight.shape[0], -1) * scale[:, None]
+    return w, bn.bias - bn.running_mean * scale
+
+
+@dataclass
+class FusedModality:
+    """Per-frame state of one modality's sources for :func:`fused_grid_pool` (all sources share the query ranges and
+    nsamples, all scales the MLP widths). Source s, scale k reads the tables at rows ``off[s, k] + voxel row``."""
+    v2p: torch.Tensor            # (sum_s B*Z_s*Y_s*X_s + 1,) voxel row within its source, -1 empty; last entry -1
+    base: torch.Tensor           # (S, 1, 1) long: offset of source s in v2p
+    dims: torch.Tensor           # (S, 1, 4) long: (B, Z, Y, X) per source
+    vsize: torch.Tensor          # (S, 1, 3) float32 voxel size at the source's stride (x, y, z)
+    strides: torch.Tensor        # (S, 1, 1) float: the source's stride
+    origin: tuple                # (px, py, pz)
+    f_in: torch.Tensor           # (sum_{s,k} cap_s, C') mlps_in outputs of every (s, k)
+    xyz: torch.Tensor            # (sum_{s,k} cap_s, 3) voxel centres, same rows
+    off: torch.Tensor            # (S, Kn, 1, 1) long table offsets
+    pos_w: torch.Tensor          # (S*Kn, 3, C') folded mlps_pos (A^T)
+    pos_b: torch.Tensor          # (S*Kn, 1, C')
+    out_w: torch.Tensor          # (S*Kn, C', Cout) folded mlps_out
+    out_b: torch.Tensor          # (S*Kn, 1, Cout)
+    ranges: List[List[int]]      # per scale (rz, ry, rx)
+    r2: torch.Tensor             # (S, Kn, 1, 1) float32 radius^2 (the kernel's float32 value)
+    nsample: List[int]
+
+
+def fusable(layers) -> bool:
+    """The fused pass needs equal query ranges / nsamples over the sources, equal nsamples over the scales and one
+    MLP width."""
+    l0 = layers[0]
+    widths = {m[0].out_channels for L in layers for m in list(L.mlps_in) + list(L.mlps_pos)}
+    couts = {m[0].out_channels for L in layers for m in L.mlps_out}
+    return all(L.query_ranges == l0.query_ranges and L.nsamples == l0.nsamples for L in layers) and \
+        len(set(l0.nsamples)) == 1 and len(widths) == 1 and len(couts) == 1
+
+
+def prepare_fused(layers, gp, feats: Mapping[str, PaddedSparse], voxel_size, pc_range) -> FusedModality:
+    dev = next(iter(feats.values())).features.device
+    maps, bases, dims, vsz = [], [], [], []
+    f_in, xyz, off, pw, pb, ow, ob = [], [], [], [], [], [], []
+    n_map = n_tab = 0
+    for i, (name, stride) in enumerate(zip(gp.sources, gp.strides)):
+        sp = feats[name]
+        src = prepare_source(layers[i], sp, int(stride), voxel_size, pc_range)
+        maps.append(src.v2p_ext[:-1])
+        bases.append(n_map)
+        n_map += src.v2p_ext.shape[0] - 1
+        dims += list(src.shape)
+        vsz += list(src.grid[0])
+        L = layers[i]
+        for k in range(len(L.mlps_in)):
+            f_in.append(src.f_in[k])
+            xyz.append(src.voxel_xyz)
+            off.append(n_tab)
+            n_tab += sp.capacity
+            a, a0 = fold_bn(L.mlps_pos[k])                               # (C', 3), (C',)
+            pw.append(a.t())
+            pb.append(a0)
+            w, b = fold_bn(L.mlps_out[k])
+            ow.append(w.t())
+            ob.append(b)
+    S, Kn = len(gp.sources), len(layers[0].mlps_in)
+    r2 = [float(np.float32(r) * np.float32(r)) for L in layers for r in L.radii]
+    return FusedModality(
+        torch.cat(maps + [maps[0].new_full((1,), -1)]), device_const(bases, torch.long, dev).view(S, 1, 1),
+        device_const(dims, torch.long, dev).view(S, 1, 4), device_const(vsz, torch.float32, dev).view(S, 1, 3),
+        device_const([float(v) for v in gp.strides], torch.float32, dev).view(S, 1, 1), src.grid[1],
+        torch.cat(f_in), torch.cat(xyz), device_const(off, torch.long, dev).view(S, Kn, 1, 1),
+        torch.stack(pw), torch.stack(pb)[:, None], torch.stack(ow), torch.stack(ob)[:, None],
+        [list(map(int, q)) for q in layers[0].query_ranges],
+        device_const(r2, torch.float32, dev).view(S, Kn, 1, 1), list(layers[0].nsamples))
+
+
+def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor, new_xyz: torch.Tensor) -> torch.Tensor:
+    """All sources and scales of a modality in one pass: coords (B, M/B, 3) float grid-voxel coordinates at stride 1
+    (x, y, z), bidx (B, M/B, 1), new_xyz (M, 3) -> (M, sum Cout) in the eager channel order (source-major).
+
+    Same neighbour sets as ``grid_pool.voxel_query`` (same coordinates, bounds, float32 distances, scan order): the
+    neighbour table, occupancy lookup and distances are built once on the largest cube for every source (batched
+    over a leading source axis), each scale reads its nested sub-cube; then one gather, one batched pos-MLP, one
+    max-pool and one batched out-MLP for all (source, scale) pairs, with the BatchNorms folded (eval) -- the eager
+    grouping up to float rounding."""
+    dev = new_xyz.device
+    S = fm.base.shape[0]
+    M = new_xyz.shape[0]
+    R = [max(q[a] for q in fm.ranges) for a in range(3)]
+    cur = torch.cat([bidx[None].expand(S, -1, -1, -1),
+                     (coords[None] // fm.strides[..., None]).flip(-1)], dim=-1).int().view(S, M, 4).long()
+    Bt, Zt, Yt, Xt = (fm.dims[..., a:a + 1] for a in range(4))          # (S, 1, 1)
+    size = fm.v2p.shape[0]
+    itype, sent = (torch.int32, -(1 << 29)) if size < (1 << 28) else (torch.int64, -4 * (size + 1))
+    b = cur[..., 0:1]
+    z = cur[..., 1:2] + torch.arange(-R[0], R[0] + 1, device=dev)
+    y = cur[..., 2:3] + torch.arange(-R[1], R[1] + 1, device=dev)
+    x = cur[..., 3:4] + torch.arange(-R[2], R[2] + 1, device=dev)
+    fz = torch.where((z >= 0) & (z < Zt) & (b >= 0) & (b < Bt), (b * Zt + z) * (Yt * Xt) + fm.base, sent).to(itype)
+    fy = torch.where((y >= 0) & (y < Yt), y * Xt, sent).to(itype)
+    fx = torch.where((x >= 0) & (x < Xt), x, sent).to(itype)
+    flat = (fz[..., :, None, None] + fy[..., None, :, None]) + fx[..., None, None, :]
+    nb = fm.v2p[flat.clamp_min(-1)]                                     # (S, M, Dz, Dy, Dx)
+    q = new_xyz.float()
+    px, py, pz = fm.origin
+    vs = fm.vsize
+    dx = ((x.float() + 0.5) * vs[..., 0:1] + px) - q[:, 0:1]
+    dy = ((y.float() + 0.5) * vs[..., 1:2] + py) - q[:, 1:2]
+    dz = ((z.float() + 0.5) * vs[..., 2:3] + pz) - q[:, 2:3]
+    d2 = ((dx * dx)[..., None, None, :] + (dy * dy)[..., None, :, None]) + (dz * dz)[..., :, None, None]
+    ns = fm.nsample[0]
+    slot = torch.arange(ns, device=dev)
+    rows, keeps = [], []
+    for k, (rz, ry, rx) in enumerate(fm.ranges):
+        sz, sy, sx = R[0] - rz, R[1] - ry, R[2] - rx
+        cube = (slice(None), slice(None), slice(sz, sz + 2 * rz + 1), slice(sy, sy + 2 * ry + 1),
+                slice(sx, sx + 2 * rx + 1))
+        nbk = nb[cube].reshape(S, M, -1)
+        hit = (nbk >= 0) & ~(d2[cube].reshape(S, M, -1) > fm.r2[:, k])
+        run = torch.cumsum(hit, -1)
+        sel = hit & (run <= ns)
+        out = torch.zeros((S, M, ns + 1), dtype=torch.long, device=dev)
+        out.scatter_(2, torch.where(sel, run - 1, ns), torch.where(sel, nbk, 0))
+        cnt = run[..., -1:]
+        # slots past the hit count repeat the first hit; no hit -> row 0, zeroed by ``keep`` (eager semantics)
+        rows.append(torch.where(slot < cnt, out[..., :ns], out[..., 0:1]) + fm.off[:, k])
+        keeps.append(cnt > 0)
+    Kn = len(fm.ranges)
+    ti = torch.stack(rows, 1).reshape(-1)                                 # (S, Kn, M, ns) table rows
+    keep = torch.stack(keeps, 1).view(S * Kn, M, 1, 1).to(fm.f_in.dtype)
+    gf = torch.index_select(fm.f_in, 0, ti).view(S * Kn, M, ns, -1) * keep
+    gx = (torch.index_select(fm.xyz, 0, ti).view(S * Kn, M, ns, 3) - q[:, None, :]) * keep
+    pos = torch.baddbmm(fm.pos_b, gx.view(S * Kn, M * ns, 3), fm.pos_w).view(S * Kn, M, ns, -1)
+    nf = (gf + pos).relu().amax(dim=2)                                 # (S*Kn, M, C')
+    o = torch.baddbmm(fm.out_b, nf, fm.out_w).relu()                   # (S*Kn, M, Cout)
+    return o.transpose(0, 1).reshape(M, -1)
+
+
 def grid_pool_static(layers, gp, voxel_size, pc_range, rois: torch.Tensor,
-                     sources: Mapping[str, PooledSource]) -> torch.Tensor:
-    """``grid_pool.roi_grid_pool`` on prepared sources: rois (B, N, 7+) -> (B*N, G^3, C)."""
+                     sources: Union[FusedModality, Mapping[str, PooledSource]]) -> torch.Tensor:
+    """``grid_pool.roi_grid_pool`` on prepared sources (a ``FusedModality`` or per-source ``PooledSource``s):
+    rois (B, N, 7+) -> (B*N, G^3, C)."""
     B, N = rois.shape[0], rois.shape[1]
     G3 = gp.grid_size ** 3
     xyz = global_grid_points(rois.reshape(-1, rois.shape[-1]), gp.grid_size).view(B, -1, 3)
@@ -137,6 +279,8 @@ def grid_pool_static(layers, gp, voxel_size, pc_range, rois: torch.Tensor,
     coords = torch.cat([cx, cy, cz], dim=-1)
     bidx = torch.arange(B, device=rois.device).to(rois.dtype).view(B, 1, 1).expand(B, coords.shape[1], 1)
     new_xyz = xyz.reshape(-1, 3)
+    if isinstance(sources, FusedModality):
+        return fused_grid_pool(sources, coords, bidx, new_xyz).view(B * N, G3, -1)
     pooled = []
     for i, name in enumerate(gp.sources):
         src = sources[name]
@@ -154,34 +298,40 @@ class StaticRoIHead:
 
     ``nms_mode`` / ``pair_capacity``: see ``engine.nms.nms_sorted_static``."""
 
-    def __init__(self, head: RoIHead, nms_mode: str = "auto", pair_capacity: Optional[int] = None):
+    def __init__(self, head: RoIHead, nms_mode: str = "auto", pair_capacity: Optional[int] = None,
+                 fused: bool = True):
         if not isinstance(head, RoIHead):
             raise TypeError(f"StaticRoIHead needs a RoIHead, got {type(head).__name__}")
         self.head = head
         self.nms_mode = nms_mode
         self.pair_capacity = pair_capacity
+        self.fused = fused
 
-    def prepare(self, feats: Features, mm: bool) -> Dict[str, PooledSource]:
+    def prepare(self, feats: Features, mm: bool) -> Union[FusedModality, Dict[str, PooledSource]]:
         c = self.head.cfg
         gp = c.grid_pool_mm if mm else c.grid_pool
         layers = self.head.roi_grid_pool_layers_mm if mm else self.head.roi_grid_pool_layers
-        out = {}
-        for i, (name, stride) in enumerate(zip(gp.sources, gp.strides)):
+        for name in gp.sources:
             if name not in feats:
                 raise KeyError(f"StaticRoIHead: no {'pseudo' if mm else 'raw'} source {name!r} (have {sorted(feats)})")
-            out[name] = prepare_source(layers[i], feats[name], int(stride), c.voxel_size, c.point_cloud_range)
-        return out
+        if self.fused and fusable(layers):
+            return prepare_fused(layers, gp, feats, c.voxel_size, c.point_cloud_range)
+        return {name: prepare_source(layers[i], feats[name], int(stride), c.voxel_size, c.point_cloud_range)
+                for i, (name, stride) in enumerate(zip(gp.sources, gp.strides))}
 
     @torch.no_grad()
     def __call__(self, feats: Union[Features, Sequence[Features]], feats_mm: Union[Features, Sequence[Features]],
                  st_features_2d: Optional[torch.Tensor], box_preds: torch.Tensor, cls_preds: torch.Tensor,
                  transform_param: Optional[torch.Tensor] = None,
-                 proposals: Optional[StaticProposals] = None) -> Dict[str, torch.Tensor]:
+                 proposals: Optional[StaticProposals] = None,
+                 stage_rois: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """feats / feats_mm: {source: PaddedSparse} (one view) or a list of V such dicts (V = 1 or num_stages, with
         ``transform_param`` (B, V, 3)); st_features_2d (B, 256, H, W); box_preds (B, A, 7) / cls_preds (B, A, K):
         the dense head's outputs. Returns the eager RoI head's batch-dict outputs (``rois``, ``roi_scores``,
         ``roi_labels``, ``batch_box_preds``, ``batch_cls_preds``, ``batch_iou_preds`` with the IoU branch) plus
-        ``roi_valid`` (B, N) and ``overflow`` (() bool, see ``engine.nms``)."""
+        ``roi_valid`` (B, N), ``overflow`` (() bool, see ``engine.nms``) and ``stage_box_preds`` /
+        ``stage_cls_preds`` (lists per stage, in the stage's view frame). ``proposals``: given RoIs instead of the
+        proposal layer; ``stage_rois`` (tests): per-stage input RoIs, as the eager ``RoIHead.forward``."""
         head = self.head
         if head.training:
             raise RuntimeError("StaticRoIHead runs the eval forward: call head.eval() first")
@@ -206,11 +356,13 @@ class StaticRoIHead:
         parts_feat = head.conv_part(st_features_2d) if head.conv_part is not None else None
         rois = proposals.rois
         shared, shared_mm = [], []
-        preds, scores, ious = [], [], []
+        preds, scores, ious, stage_boxes = [], [], [], []
         for t in range(S):
             view = t if V == S else 0
             if t >= 1 and V > 1:
                 rois = x_trans_forward(x_trans_backward(rois, tp[:, t - 1]), tp[:, t])
+            if stage_rois is not None:
+                rois = stage_rois[t]
             rois0 = rois if (V == 1 or view == 0) else x_trans_forward(x_trans_backward(rois, tp[:, view]), tp[:, 0])
             R = rois.shape[0] * rois.shape[1]
             sv = view if len(src) > 1 else 0
@@ -239,12 +391,14 @@ class StaticRoIHead:
             if head.iou_layers is not None:
                 ious.append(head.iou_layers[0](final).view(B, -1, 1))
             rois = boxes
+            stage_boxes.append(boxes)
             preds.append(boxes if tp is None else x_trans_backward(boxes, tp[:, view]))
             scores.append(cls_b)
         mark("final")
         out = {"rois": proposals.rois, "roi_scores": proposals.roi_scores, "roi_labels": proposals.roi_labels,
                "roi_valid": proposals.valid, "overflow": proposals.overflow,
-               "batch_box_preds": torch.stack(preds).mean(0), "batch_cls_preds": torch.stack(scores).mean(0)}
+               "batch_box_preds": torch.stack(preds).mean(0), "batch_cls_preds": torch.stack(scores).mean(0),
+               "stage_box_preds": stage_boxes, "stage_cls_preds": scores}
         if ious:
             out["batch_iou_preds"] = decode_iou_pred(torch.stack(ious).mean(0))
         return out
