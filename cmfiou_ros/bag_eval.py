@@ -88,7 +88,9 @@ def run_offline(frames: List[bag_io.BagFrame], args) -> List[FrameResult]:
     for f in _progress(frames, "bag-eval offline"):
         img = None if args.no_camera else f.image
         try:
-            fr = Frame(f.points, img, f.calib, f.stamp_ns, bag_io.LIDAR_FRAME, f.index)
+            # the calibration as the node rebuilds it from CameraInfo + TF (one answer per frame on every path)
+            calib = None if f.calib is None else bag_io.ros_calibration(f.calib)
+            fr = Frame(f.points, img, calib, f.stamp_ns, bag_io.LIDAR_FRAME, f.index)
             t = time.perf_counter()
             det = pipe(fr)
             total = (time.perf_counter() - t) * 1e3

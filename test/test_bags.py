@@ -71,8 +71,8 @@ def test_roundtrip_bit_identical(tmp_path, kitti_samples, storage):
         calib = bag_io.calibration_from_object_text(m["calib"], "x")
         _, info = seen[bag_io.TOPICS["info"]][k]
         assert np.array_equal(np.asarray(info.p).reshape(3, 4), calib.P2)
-        # the ROS-style calibration (CameraInfo + TransformStamped), as the detector node builds it, gives the same
-        # LiDAR -> rect matrix as the KITTI text to float64 rounding, hence the same float32 matrices in the pipeline
+        assert np.array_equal(np.asarray(info.r).reshape(3, 3), calib.R0_rect)
+        # the ROS-style calibration (CameraInfo + TransformStamped) reproduces Tr_velo_to_cam up to the quaternion
         _, tf = seen[bag_io.TOPICS["extrinsic"]][k]
         assert (tf.header.frame_id, tf.child_frame_id) == (bag_io.CAMERA_FRAME, bag_io.LIDAR_FRAME)
         q = tf.transform.rotation
@@ -82,11 +82,13 @@ def test_roundtrip_bit_identical(tmp_path, kitti_samples, storage):
                       [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
         np.testing.assert_allclose(R, calib.Tr_velo_to_cam[:, :3], atol=1e-4)
         tr = tf.transform.translation
-        Rr = np.asarray(info.r).reshape(3, 3)
-        np.testing.assert_allclose(Rr, calib.R0_rect, atol=1e-6)  # R0_rect + Tr's non-orthonormal residual
-        v2r = Rr @ np.c_[R, [tr.x, tr.y, tr.z]]
-        np.testing.assert_allclose(v2r, calib.V2R[:3], rtol=0, atol=1e-14)
-        assert np.array_equal(v2r.astype(np.float32), calib.V2R[:3].astype(np.float32))
+        assert [tr.x, tr.y, tr.z] == calib.Tr_velo_to_cam[:, 3].tolist()
+        # ... and the offline paths' ros_calibration is that calibration bit for bit (one answer per frame)
+        ros = bag_io.ros_calibration(calib)
+        assert np.array_equal(ros.P2, calib.P2) and np.array_equal(ros.R0_rect, calib.R0_rect)
+        assert np.array_equal(ros.Tr_velo_to_cam[:, 3], calib.Tr_velo_to_cam[:, 3])
+        np.testing.assert_allclose(ros.Tr_velo_to_cam[:, :3], R, rtol=0, atol=1e-15)
+        np.testing.assert_allclose(ros.Tr_velo_to_cam, calib.Tr_velo_to_cam, rtol=0, atol=2e-7)
         # ground truth: every non-DontCare label object, as LiDAR boxes
         _, gt = seen[bag_io.TOPICS["gt"]][k]
         lab = parse_kitti_text(m["label_2"], i)
@@ -108,6 +110,36 @@ def test_roundtrip_bit_identical(tmp_path, kitti_samples, storage):
     frames = bag_io.read_frames(out)
     assert [f.index for f in frames] == ids
     assert frames[0].points.tobytes() == (root / "velodyne" / f"{ids[0]}.bin").read_bytes()
+
+
+def test_node_calibration_equals_ros_calibration(object_bag):
+    """The detector node's calibration (CameraInfo + TransformStamped through cmfiou_ros.convert, rclpy messages) is
+    bag_io.ros_calibration of the exact one, bit for bit: what the offline paths give the pipeline."""
+    ser = pytest.importorskip("rclpy.serialization")
+    pytest.importorskip("sensor_msgs.msg")
+    from geometry_msgs.msg import TransformStamped
+    from sensor_msgs.msg import CameraInfo
+
+    from cmfiou_ros import convert as C
+
+    r = bag_io.open_bag(object_bag)
+    infos, tfs = {}, {}
+    try:
+        for c, t, raw in r.messages():
+            if c.topic == bag_io.TOPICS["info"]:
+                infos[t] = ser.deserialize_message(bytes(raw), CameraInfo)
+            elif c.topic == bag_io.TOPICS["extrinsic"]:
+                tfs[t] = ser.deserialize_message(bytes(raw), TransformStamped)
+    finally:
+        r.close()
+    frames = bag_io.read_frames(object_bag)
+    assert frames and set(infos) == set(tfs) == {f.stamp_ns for f in frames}
+    for f in frames:
+        node = C.camera_info_to_calibration(infos[f.stamp_ns], C.transform_msg_to_matrix(tfs[f.stamp_ns]))
+        ros = bag_io.ros_calibration(f.calib)
+        for a in ("P2", "R0_rect", "Tr_velo_to_cam"):
+            assert np.array_equal(getattr(node, a), getattr(ros, a)), (f.index, a)
+        assert (node.image_width, node.image_height) == (ros.image_width, ros.image_height)
 
 
 def test_roundtrip_rclpy_deserialise(object_bag):

@@ -10,8 +10,7 @@ topic                                       type                               c
 ``/kitti/velo/pointcloud``                  sensor_msgs/msg/PointCloud2        x, y, z, intensity float32 (16 B/pt),
                                                                                the .bin bytes verbatim, ``velo_link``
 ``/kitti/camera_color_left/image_raw``      sensor_msgs/msg/Image              rgb8 (decoded PNG), camera frame
-``/kitti/camera_color_left/camera_info``    sensor_msgs/msg/CameraInfo         P = P2, R = R0_rect (+ residual, below),
-                                                                               K = P2[:, :3], D 0
+``/kitti/camera_color_left/camera_info``    sensor_msgs/msg/CameraInfo         P = P2, R = R0_rect, K = P2[:, :3], D 0
 ``/cmfiou/lidar_to_camera``                 geometry_msgs/msg/TransformStamped camera_color_left_optical <- velo_link
                                                                                = Tr_velo_to_cam (per frame)
 ``/tf_static``                              tf2_msgs/msg/TFMessage             same transform, written when it changes
@@ -26,10 +25,10 @@ topic                                       type                               c
 
 The calibration is recoverable two ways: exactly from ``/kitti/frame_meta`` (the KITTI text), or ROS-style from
 CameraInfo + the TransformStamped (``Calibration.from_camera_info(P, w, h, T, R)``), which is what the detector node
-uses. KITTI's Tr_velo_to_cam is not exactly orthonormal (~5e-8) and a quaternion cannot carry that, so the writer folds
-the residual into CameraInfo ``R`` and the translation (:func:`ros_extrinsic`): ``R`` = R0_rect · Tr_rot · Rq^T
-(R0_rect to ~5e-8) and t' = R^-1 · R0_rect · t, so ``R · [Rq | t']`` equals R0_rect · Tr_velo_to_cam to float64 rounding
-and the node projects points with the same float32 matrices as the offline paths (one answer per frame).
+uses. KITTI's Tr_velo_to_cam is not exactly orthonormal (~5e-8, 7-digit text) and no quaternion can carry that, so
+every evaluation path (``cmfiou_core.tools.evaluate``, ``cmfiou-bag-eval`` offline and node) gives the pipeline
+:func:`ros_calibration` -- bit for bit what the node rebuilds from CameraInfo + TransformStamped -- and a frame gets
+one answer whichever path it takes. The KITTI result lines are written with the exact calibration.
 """
 from __future__ import annotations
 
@@ -177,17 +176,15 @@ def _rot_to_quat(R: np.ndarray):
     return tuple(q)
 
 
-def ros_extrinsic(calib: Calibration):
-    """(R_rect (3, 3), quaternion (x, y, z, w), translation (3,)) with ``R_rect @ [R(q) | t]`` = R0_rect @
-    Tr_velo_to_cam up to float64 rounding (module doc); R(q) is the rotation the reader rebuilds from the quaternion."""
-    from cmfiou_core.calib import quaternion_to_matrix
+def ros_calibration(calib: Calibration) -> Calibration:
+    """``calib`` as the bag's CameraInfo + TransformStamped carry it, which is what the detector node rebuilds: P2 and
+    R0_rect exact, Tr_velo_to_cam's rotation replaced by the rotation of its quaternion (the nearest rotation, as
+    ``cmfiou_ros.convert`` computes it from the message; ~5e-8 from KITTI's text), translation exact."""
+    from cmfiou_core.calib import transform_from_tf
 
     Tr = np.asarray(calib.Tr_velo_to_cam, np.float64)
-    q = _rot_to_quat(Tr[:, :3])
-    Rq = quaternion_to_matrix(q)
-    R_rect = calib.R0_rect @ Tr[:, :3] @ Rq.T
-    t = np.linalg.solve(R_rect, calib.R0_rect @ Tr[:, 3])
-    return R_rect, q, t
+    T = transform_from_tf(Tr[:, 3], _rot_to_quat(Tr[:, :3]))
+    return Calibration(calib.P2, calib.R0_rect, T[:3], calib.image_width, calib.image_height)
 
 
 class _Msgs:
@@ -222,15 +219,15 @@ class _Msgs:
         roi = T["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
         return T["sensor_msgs/msg/CameraInfo"](header=self.header(stamp_ns, CAMERA_FRAME), height=h, width=w,
                                                distortion_model="plumb_bob", d=np.zeros(5),
-                                               k=calib.P2[:, :3].reshape(-1).copy(),
-                                               r=ros_extrinsic(calib)[0].reshape(-1).copy(),
+                                               k=calib.P2[:, :3].reshape(-1).copy(), r=calib.R0_rect.reshape(-1).copy(),
                                                p=calib.P2.reshape(-1).copy(), binning_x=0, binning_y=0, roi=roi)
 
     def transform(self, calib: Calibration, stamp_ns: int):
         T = self.T
-        _, (x, y, z, w), tr = ros_extrinsic(calib)
+        Tr = calib.Tr_velo_to_cam
+        x, y, z, w = _rot_to_quat(Tr[:, :3])
         tf = T["geometry_msgs/msg/Transform"](
-            translation=T["geometry_msgs/msg/Vector3"](x=float(tr[0]), y=float(tr[1]), z=float(tr[2])),
+            translation=T["geometry_msgs/msg/Vector3"](x=float(Tr[0, 3]), y=float(Tr[1, 3]), z=float(Tr[2, 3])),
             rotation=T["geometry_msgs/msg/Quaternion"](x=x, y=y, z=z, w=w))
         return T["geometry_msgs/msg/TransformStamped"](header=self.header(stamp_ns, CAMERA_FRAME),
                                                        child_frame_id=LIDAR_FRAME, transform=tf)

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from ..calib import Calibration
+from .bag_io import ros_calibration
 from ..types import Frame
 from .kitti_eval import EvalResult, evaluate, localization_quality
 from .kitti_io import KittiFormatError, lidar_boxes_to_result_text, parse_kitti_text, read_ids, read_kitti_file
@@ -170,7 +171,9 @@ def evaluate_split(pipeline, root: Union[str, Path], split: str = "val", out_dir
             continue
         text = ""
         try:
-            det = pipeline(Frame(pts, None if lidar_only else img, calib, index=fid))
+            # the pipeline sees the calibration as ROS carries it (bag_io.ros_calibration: what the node rebuilds from
+            # CameraInfo + TF), the result lines are written with the exact one
+            det = pipeline(Frame(pts, None if lidar_only else img, ros_calibration(calib), index=fid))
             totals.append(det.timings_ms.get("total", float("nan")))
             if det.lidar_only:
                 lidar_only_frames[fid] = ("--lidar-only: no camera image given" if lidar_only else
