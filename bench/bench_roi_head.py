@@ -116,13 +116,13 @@ def count(head, batch, pp_cfg):
     return oc
 
 
-def static_runner(head, batch, pp_cfg):
+def static_runner(head, batch, pp_cfg, pair_capacity=None):
     """() -> detections of the static engine on ``batch`` (inputs converted to PaddedSparse once, here)."""
     from cmfiou_core.engine.padded import PaddedSparse
     from cmfiou_core.engine.roi import StaticRoIHead
     from cmfiou_core.model.postprocess import PostProcessConfig
 
-    st = StaticRoIHead(head)
+    st = StaticRoIHead(head, pair_capacity=pair_capacity)
     cfg = PostProcessConfig.from_any(pp_cfg)
 
     def padded(d):
@@ -150,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--exact-layout", action="store_true", help="official per-row conv layout in the grid pooling")
     ap.add_argument("--engine", default="eager", choices=["eager", "static"],
                     help="eager RoIHead (default) or the static-shape engine.roi.StaticRoIHead")
+    ap.add_argument("--pair-capacity", type=int, default=None,
+                    help="static engine: NMS candidate-pair capacity of the matrix walk (default: all pairs)")
     ap.add_argument("--json", default=None, help="write the results as JSON to this path ('-' = stdout)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -172,7 +174,7 @@ def main(argv=None):
     batch = make_batch(inp, dev)
     pp_cfg = None  # official KITTI post-processing defaults
     if a.engine == "static":
-        head_call, pp_call = static_runner(head, batch, pp_cfg)
+        head_call, pp_call = static_runner(head, batch, pp_cfg, a.pair_capacity)
     else:
         def head_call():
             return head(fresh(batch))
@@ -226,7 +228,7 @@ def main(argv=None):
                  for s in stages}
     head_sections = [k for k in ops if k != "postprocess"]
     out = {
-        "source": inp["source"], "engine": a.engine, "device": str(dev),
+        "source": inp["source"], "engine": a.engine, "pair_capacity": a.pair_capacity, "device": str(dev),
         "device_name": device_name(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "iters": a.iters, "warmup": a.warmup, "smoke": a.smoke, "exact_layout": a.exact_layout,
         "voxels": {k: {s: int(v[1].shape[0]) for s, v in inp[k].items()}

@@ -121,7 +121,8 @@ def official(shared_dir):
     head.eval()
 
     def sp(p):
-        return spconv.SparseConvTensor(torch.from_numpy(dense[p + "_features"]), torch.from_numpy(dense[p + "_indices"]),
+        return spconv.SparseConvTensor(torch.from_numpy(dense[p + "_features"]),
+                                       torch.from_numpy(dense[p + "_indices"]),
                                        [int(x) for x in dense[p + "_spatial_shape"]], 1)
 
     def batch():

@@ -151,7 +151,8 @@ class StaticProposals:
 
 
 def proposal_layer_static(box_preds: torch.Tensor, cls_preds: torch.Tensor, nms_thresh: float, pre_maxsize: int,
-                          post_max_size: int, pair_capacity: Optional[int] = None, mode: str = "auto") -> StaticProposals:
+                          post_max_size: int, pair_capacity: Optional[int] = None,
+                          mode: str = "auto") -> StaticProposals:
     """``model.proposal.proposal_layer`` with static shapes: box_preds (B, A, 7+), cls_preds (B, A, C) logits."""
     B, A = box_preds.shape[0], box_preds.shape[1]
     scores, labels = torch.max(cls_preds, dim=-1)                       # (B, A)
@@ -252,5 +253,6 @@ def unpad(det: PaddedDetections, b: int = 0):
     return FrameDetections(det.boxes[b, :n], det.labels[b, :n], det.cls[b, :n], det.iou[b, :n], det.score[b, :n])
 
 
-__all__: Sequence[str] = ("suppression_matrix", "greedy_keep", "greedy_keep_rows", "nms_sorted_static", "proposal_layer_static",
+__all__: Sequence[str] = ("suppression_matrix", "greedy_keep", "greedy_keep_rows", "nms_sorted_static",
+                          "proposal_layer_static",
                           "StaticProposals", "post_process_static", "PaddedDetections", "unpad")

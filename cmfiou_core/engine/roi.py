@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from ..device_const import device_const
-from ..model.grid_pool import NeighborVoxelSAModuleMSG, _rows, get_voxel_centers, global_grid_points, voxel_grid_params
+from ..model.grid_pool import (_QUERY_CHUNK_ELEMS, NeighborVoxelSAModuleMSG, _rows, get_voxel_centers,
+                               global_grid_points, voxel_grid_params)
 from ..model.iou_joint import decode_iou_pred
 from ..model.roi_head import RoIHead, x_trans_backward, x_trans_forward
 from ..model.roi_targets import decode_rcnn_boxes
-from ..opcount import mark
+from ..opcount import cuda_path, mark
 from .nms import PaddedDetections, StaticProposals, post_process_static, proposal_layer_static
 from .padded import PaddedSparse
 
@@ -204,21 +205,11 @@ def prepare_fused(layers, gp, feats: Mapping[str, PaddedSparse], voxel_size, pc_
         device_const(r2, torch.float32, dev).view(S, Kn, 1, 1), list(layers[0].nsamples))
 
 
-def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor, new_xyz: torch.Tensor) -> torch.Tensor:
-    """All sources and scales of a modality in one pass: coords (B, M/B, 3) float grid-voxel coordinates at stride 1
-    (x, y, z), bidx (B, M/B, 1), new_xyz (M, 3) -> (M, sum Cout) in the eager channel order (source-major).
-
-    Same neighbour sets as ``grid_pool.voxel_query`` (same coordinates, bounds, float32 distances, scan order): the
-    neighbour table, occupancy lookup and distances are built once on the largest cube for every source (batched
-    over a leading source axis), each scale reads its nested sub-cube; then one gather, one batched pos-MLP, one
-    max-pool and one batched out-MLP for all (source, scale) pairs, with the BatchNorms folded (eval) -- the eager
-    grouping up to float rounding."""
-    dev = new_xyz.device
-    S = fm.base.shape[0]
-    M = new_xyz.shape[0]
-    R = [max(q[a] for q in fm.ranges) for a in range(3)]
-    cur = torch.cat([bidx[None].expand(S, -1, -1, -1),
-                     (coords[None] // fm.strides[..., None]).flip(-1)], dim=-1).int().view(S, M, 4).long()
+def _fused_query(fm: FusedModality, cur: torch.Tensor, q: torch.Tensor):
+    """cur (S, m, 4) long [b, z, y, x] per source, q (m, 3) -> (table rows (S, Kn, m, ns), keep (S, Kn, m) bool)."""
+    dev = q.device
+    S, m = cur.shape[0], cur.shape[1]
+    R = [max(r[a] for r in fm.ranges) for a in range(3)]
     Bt, Zt, Yt, Xt = (fm.dims[..., a:a + 1] for a in range(4))          # (S, 1, 1)
     size = fm.v2p.shape[0]
     itype, sent = (torch.int32, -(1 << 29)) if size < (1 << 28) else (torch.int64, -4 * (size + 1))
@@ -230,8 +221,7 @@ def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor,
     fy = torch.where((y >= 0) & (y < Yt), y * Xt, sent).to(itype)
     fx = torch.where((x >= 0) & (x < Xt), x, sent).to(itype)
     flat = (fz[..., :, None, None] + fy[..., None, :, None]) + fx[..., None, None, :]
-    nb = fm.v2p[flat.clamp_min(-1)]                                     # (S, M, Dz, Dy, Dx)
-    q = new_xyz.float()
+    nb = fm.v2p[flat.clamp_min(-1)]                                     # (S, m, Dz, Dy, Dx)
     px, py, pz = fm.origin
     vs = fm.vsize
     dx = ((x.float() + 0.5) * vs[..., 0:1] + px) - q[:, 0:1]
@@ -245,22 +235,45 @@ def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor,
         sz, sy, sx = R[0] - rz, R[1] - ry, R[2] - rx
         cube = (slice(None), slice(None), slice(sz, sz + 2 * rz + 1), slice(sy, sy + 2 * ry + 1),
                 slice(sx, sx + 2 * rx + 1))
-        nbk = nb[cube].reshape(S, M, -1)
-        hit = (nbk >= 0) & ~(d2[cube].reshape(S, M, -1) > fm.r2[:, k])
+        nbk = nb[cube].reshape(S, m, -1)                                # the scale's cube, eager scan order
+        hit = (nbk >= 0) & ~(d2[cube].reshape(S, m, -1) > fm.r2[:, k])
         run = torch.cumsum(hit, -1)
         sel = hit & (run <= ns)
-        out = torch.zeros((S, M, ns + 1), dtype=torch.long, device=dev)
+        out = torch.zeros((S, m, ns + 1), dtype=torch.long, device=dev)
         out.scatter_(2, torch.where(sel, run - 1, ns), torch.where(sel, nbk, 0))
         cnt = run[..., -1:]
         # slots past the hit count repeat the first hit; no hit -> row 0, zeroed by ``keep`` (eager semantics)
         rows.append(torch.where(slot < cnt, out[..., :ns], out[..., 0:1]) + fm.off[:, k])
-        keeps.append(cnt > 0)
-    Kn = len(fm.ranges)
-    ti = torch.stack(rows, 1).reshape(-1)                                 # (S, Kn, M, ns) table rows
-    keep = torch.stack(keeps, 1).view(S * Kn, M, 1, 1).to(fm.f_in.dtype)
-    gf = torch.index_select(fm.f_in, 0, ti).view(S * Kn, M, ns, -1) * keep
-    gx = (torch.index_select(fm.xyz, 0, ti).view(S * Kn, M, ns, 3) - q[:, None, :]) * keep
-    pos = torch.baddbmm(fm.pos_b, gx.view(S * Kn, M * ns, 3), fm.pos_w).view(S * Kn, M, ns, -1)
+        keeps.append(cnt[..., 0] > 0)
+    return torch.stack(rows, 1), torch.stack(keeps, 1)
+
+
+def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor, new_xyz: torch.Tensor) -> torch.Tensor:
+    """All sources and scales of a modality in one pass: coords (B, M/B, 3) float grid-voxel coordinates at stride 1
+    (x, y, z), bidx (B, M/B, 1), new_xyz (M, 3) -> (M, sum Cout) in the eager channel order (source-major).
+
+    Same neighbour sets as ``grid_pool.voxel_query`` (same coordinates, bounds, float32 distances, scan order): the
+    neighbour table, occupancy lookup and distances are built once on the largest cube for every source (batched
+    over a leading source axis), each scale reads its nested sub-cube; then one gather, one batched pos-MLP, one
+    max-pool and one batched out-MLP for all (source, scale) pairs, with the BatchNorms folded (eval) -- the eager
+    grouping up to float rounding. The query runs in one piece on CUDA and in row chunks (cache-sized, the eager
+    chunking) on the CPU."""
+    S = fm.base.shape[0]
+    M = new_xyz.shape[0]
+    cur = torch.cat([bidx[None].expand(S, -1, -1, -1),
+                     (coords[None] // fm.strides[..., None]).flip(-1)], dim=-1).int().view(S, M, 4).long()
+    q = new_xyz.float()
+    K = int(np.prod([2 * max(r[a] for r in fm.ranges) + 1 for a in range(3)]))
+    rows = M if cuda_path(q) else max(1, _QUERY_CHUNK_ELEMS // (S * K))
+    parts = [_fused_query(fm, cur[:, i:i + rows], q[i:i + rows]) for i in range(0, M, rows)]
+    ti = torch.cat([p[0] for p in parts], 2) if len(parts) > 1 else parts[0][0]
+    kp = torch.cat([p[1] for p in parts], 2) if len(parts) > 1 else parts[0][1]
+    SK, ns = ti.shape[0] * ti.shape[1], ti.shape[-1]
+    keep = kp.reshape(SK, M, 1, 1).to(fm.f_in.dtype)
+    ti = ti.reshape(-1)
+    gf = torch.index_select(fm.f_in, 0, ti).view(SK, M, ns, -1) * keep
+    gx = (torch.index_select(fm.xyz, 0, ti).view(SK, M, ns, 3) - q[:, None, :]) * keep
+    pos = torch.baddbmm(fm.pos_b, gx.view(SK, M * ns, 3), fm.pos_w).view(SK, M, ns, -1)
     nf = (gf + pos).relu().amax(dim=2)                                 # (S*Kn, M, C')
     o = torch.baddbmm(fm.out_b, nf, fm.out_w).relu()                   # (S*Kn, M, Cout)
     return o.transpose(0, 1).reshape(M, -1)
