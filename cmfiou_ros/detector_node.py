@@ -44,6 +44,7 @@ from cmfiou_ros.params import DETECTOR_PARAMS, ParamError, declare
 from cmfiou_ros.sync import Pairing
 
 NODE_NAME = "cmfiou_detector"
+SHUTDOWN_GRACE_S = 4.0  # on SIGINT/SIGTERM: how long the frame in flight may take to finish (then dropped, counted)
 
 
 def load_factory(path: str) -> Callable:
@@ -449,7 +450,7 @@ def main(argv=None) -> int:
     from rclpy.executors import SingleThreadedExecutor
 
     from cmfiou_ros.params import DETECTOR_PARAMS
-    from .shutdown import install_signal_latch, node_help, spinning, wants_help
+    from .shutdown import finish, install_signal_latch, node_help, spinning, wants_help
 
     if wants_help(argv):
         print(node_help("detector_node", __doc__, DETECTOR_PARAMS), end="")
@@ -473,18 +474,28 @@ def main(argv=None) -> int:
             ex.spin()
     finally:
         waiting = node._slot is not None  # a frame queued for inference, discarded by the teardown
+        abandoned = 0
+        worker = getattr(node, "worker", None)
+        if latch.received and worker is not None and worker.thread is not None:
+            # a signal: the frame in flight gets SHUTDOWN_GRACE_S to finish (launch escalates to SIGTERM after 5 s,
+            # run_graph after 10 s, then SIGKILL); a CPU frame can take longer, and a torch op cannot be interrupted
+            t = worker.thread
+            worker.stop(timeout=SHUTDOWN_GRACE_S)
+            abandoned = int(t.is_alive())
         node._teardown()  # joins the inference thread: the in-flight frame finishes (published, or not: counted)
         # a logger of its own: the node's logger would try /rosout through the context that is already down
         logger = rclpy.logging.get_logger(f"{node.get_name()}.shutdown")
         node.destroy_node()
         if latch.received:
-            lost = int(waiting) + node.unpublished_at_shutdown
+            lost = int(waiting) + node.unpublished_at_shutdown + abandoned
             logger.info(f"shutdown ({latch.name}): {node.frames_in} frames in, {node.frames_out} published, "
-                        f"{node.frames_dropped + lost} dropped ({lost} at shutdown: {node.unpublished_at_shutdown} "
-                        f"in flight when the context went down, {int(waiting)} queued)")
+                        f"{node.frames_dropped + lost} dropped ({lost} at shutdown: "
+                        f"{node.unpublished_at_shutdown + abandoned} in flight when the context went down"
+                        + (f", {abandoned} still inferring after {SHUTDOWN_GRACE_S:g} s" if abandoned else "")
+                        + f", {int(waiting)} queued)")
         if rclpy.ok():
             rclpy.shutdown()
-    return rc
+    return finish(latch, rc)  # after a signal: os._exit (no finalization; an abandoned inference thread is fine)
 
 
 if __name__ == "__main__":

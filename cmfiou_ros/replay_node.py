@@ -373,7 +373,7 @@ class ReplayNode(Node):
 def main(argv=None) -> int:
     from rclpy.executors import SingleThreadedExecutor
 
-    from .shutdown import install_signal_latch, node_help, spinning, wants_help
+    from .shutdown import finish, install_signal_latch, node_help, spinning, wants_help
 
     if wants_help(argv):
         print(node_help("kitti_replay_node", __doc__, REPLAY_PARAMS), end="")
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
             logger.info(f"shutdown ({latch.name}): {node._counts()}")
         if rclpy.ok():
             rclpy.shutdown()
-    return 0
+    return finish(latch, 0)  # after a signal: os._exit (a second signal during finalization would kill us)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,23 @@ def node_help(prog: str, doc: str, specs) -> str:
         ro = ", read-only" if s.read_only else ""
         lines.append(f"  {s.name} ({t}{ro}, default {s.default!r}): {s.doc}")
     return "\n".join(lines) + "\n"
+
+
+def finish(latch: SignalLatch, rc: int) -> int:
+    """End of a node's main: after a signal, leave at once with ``rc`` (``os._exit`` after flushing stdio).
+
+    Interpreter finalization restores the default dispositions of SIGINT / SIGTERM, so a second signal arriving then
+    (launch's SIGTERM after its SIGINT, a second Ctrl-C) would kill the process (-15 / -2) after a clean teardown;
+    with torch loaded, finalization is also slow, and an inference thread still inside torch must not meet the
+    library's destructors. Everything is torn down and logged before this is called."""
+    if latch.received:
+        import os
+        import sys
+
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(rc)
+    return rc

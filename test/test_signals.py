@@ -137,7 +137,9 @@ def test_run_graph_ctrl_c(kitti_samples, tmp_path):
                              str(logs)], env=_env(CMFIOU_TINY_SLEEP_MS="1200"), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait_for(logs / "kitti_replay.log", r"frame \d+ \(\d+\): \d+ detection", [proc], 90)
+        # two outputs: the first frame was published completely (detections, scores, markers, timings)
+        _wait_for(logs / "kitti_replay.log", r"frame \d+ \(\d+\): \d+ detection(s)?: .*\n(.|\n)*frame \d+ \(\d+\): ",
+                  [proc], 90)
         os.killpg(proc.pid, signal.SIGINT)
         rc = proc.wait(timeout=40)
         out = proc.stdout.read()
@@ -148,3 +150,36 @@ def test_run_graph_ctrl_c(kitti_samples, tmp_path):
     for name in ("kitti_replay", "cmfiou_detector"):
         _assert_clean((logs / f"{name}.log").read_text(), 0, name)
     _check_detector_summary((logs / "cmfiou_detector.log").read_text(), "SIGINT")
+
+
+def test_frame_longer_than_the_grace_is_dropped_and_counted(kitti_samples):
+    """A frame still inferring SHUTDOWN_GRACE_S after Ctrl-C (a slow CPU) is abandoned: counted as dropped, exit 0
+    at once, so launch's SIGTERM / SIGKILL escalation (5 s + 5 s) never has to kill the node."""
+    from cmfiou_ros.detector_node import SHUTDOWN_GRACE_S
+
+    tmp = Path(tempfile.mkdtemp(prefix="cmfiou_sig_"))
+    specs = graph.replay_graph({"data": str(kitti_samples / "object"), "max_frames": "1", "pipeline_factory": TINY})
+    specs[1].parameters["warmup"] = False
+    logs = [tmp / f"{spec.name}.log" for spec in specs]
+    jobs = [(node_command(spec, write_overrides(spec, str(tmp))), str(log)) for spec, log in zip(specs, logs)]
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, json.dumps(jobs)],
+                                env=_env(CMFIOU_TINY_SLEEP_MS=str(int((SHUTDOWN_GRACE_S + 20) * 1e3))), cwd=tmp,
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(logs[0], "replaying", [launcher], 60)
+        _wait_for(logs[1], "configured:", [launcher], 60)
+        time.sleep(3.0)  # the one frame is published (start_delay 0.5 s) and inferring
+        t0 = time.monotonic()
+        os.killpg(launcher.pid, signal.SIGINT)
+        out, _ = launcher.communicate(timeout=60)
+        took = time.monotonic() - t0
+        rcs = json.loads(out)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    det = logs[1].read_text()
+    _assert_clean(det, rcs[1], "cmfiou_detector")
+    _assert_clean(logs[0].read_text(), rcs[0], "kitti_replay")
+    assert f"1 still inferring after {SHUTDOWN_GRACE_S:g} s" in det, det
+    assert "shutdown (SIGINT): 1 frames in, 0 published, 1 dropped" in det, det
+    assert took < SHUTDOWN_GRACE_S + 8, took
