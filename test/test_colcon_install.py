@@ -10,6 +10,7 @@ on PYTHONPATH and not the working directory. Every import and resource must then
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -141,3 +142,67 @@ def test_console_script_and_graph_with_defaults(install):
     assert "frame 1 (000000): " in out and " detection" in out, out[-5000:]
     assert "1 frames published, 1 outputs, 0 dropped" in out, out[-5000:]
     assert "Traceback" not in out, out[-5000:]
+
+
+REAL_LAUNCH = all(importlib.util.find_spec(m) is not None for m in ("launch", "launch_ros"))
+LAUNCH_RUNNER = """
+import sys
+from launch import LaunchService
+from launch.actions import IncludeLaunchDescription
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+from ament_index_python.packages import get_package_share_directory
+ls = LaunchService()
+path = get_package_share_directory("cmfiou_ros") + "/launch/kitti_replay.launch.py"
+args = dict(a.split(":=", 1) for a in sys.argv[1:])
+ls.include_launch_description(IncludeLaunchDescription(PythonLaunchDescriptionSource(path), launch_arguments=args.items()))
+sys.exit(ls.run())
+"""
+
+
+def _launch_env(env):
+    """The install's environment plus the importable launch / launch_ros (on PYTHONPATH in a ROS installation)."""
+    roots = [str(Path(importlib.util.find_spec(m).origin).parent.parent) for m in ("launch", "launch_ros")]
+    extra = [str(Path(importlib.util.find_spec("composition_interfaces").origin).parent.parent)] \
+        if importlib.util.find_spec("composition_interfaces") else []
+    return dict(env, PYTHONPATH=os.pathsep.join([env.get("PYTHONPATH", "")] + roots + extra))
+
+
+@pytest.mark.skipif(not REAL_LAUNCH, reason="launch/launch_ros not installed (not on PyPI)")
+def test_real_launch_semantics(install, kitti_samples):
+    """The installed launch file under the real launch service: a dying node ends it with an error, exit_on_end ends
+    it cleanly after the detector answered the last frame, Ctrl-C (SIGINT to the process group) ends it cleanly."""
+    import signal
+    import time
+
+    ws, env = install
+    (ws / "run").mkdir(exist_ok=True)
+    env = _launch_env(env)
+    py = str(ws / "venv" / "bin" / "python")
+    tiny = f"pipeline_factory:={REPO / 'test' / 'tiny_pipeline.py'}:TinyPipeline.from_config"
+    r = _run([py, "-c", LAUNCH_RUNNER, f"data:={ws / 'missing'}", tiny], ws, env, timeout=120)
+    assert r.returncode != 0 and "died with exit code 2" in r.stdout + r.stderr, (r.stdout + r.stderr)[-4000:]
+    r = _run([py, "-c", LAUNCH_RUNNER, f"data:={kitti_samples / 'object'}", "max_frames:=2", "exit_on_end:=true",
+              tiny], ws, env, timeout=180)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "2 frames published, 2 outputs, 0 dropped" in out and "Traceback" not in out, out[-4000:]
+    p = subprocess.Popen([py, "-c", LAUNCH_RUNNER, f"data:={kitti_samples / 'object'}", "loop:=true", tiny],
+                         cwd=ws / "run", env=dict(env, CMFIOU_TINY_SLEEP_MS="800"), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        t_end = time.monotonic() + 90
+        buf = ""
+        while time.monotonic() < t_end and buf.count(" detections: ") < 2:
+            line = p.stdout.readline()
+            assert line or p.poll() is None, buf[-4000:]
+            buf += line
+        os.killpg(p.pid, signal.SIGINT)  # the terminal's Ctrl-C: launch and both nodes
+        rest, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    out = buf + rest
+    assert p.returncode == 0, out[-4000:]
+    for bad in ("Traceback", "KeyboardInterrupt", "process has died"):
+        assert bad not in out, out[-4000:]
+    assert "shutdown (SIGINT)" in out, out[-4000:]
