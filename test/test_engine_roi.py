@@ -354,3 +354,35 @@ def test_static_head_cuda_graph_replay_equals_eager():
         ref = post_process(bt, cfg)[0]
         got = unpad(det)
         assert torch.equal(got.labels, ref.labels) and torch.allclose(got.boxes, ref.boxes, atol=1e-4)
+
+
+def test_static_head_three_views_equal_eager(official):
+    """Three test views (stage t pools view t; RoIs carried between the view frames, outputs mapped back): the static
+    head against the eager one, on the 11 physical reference proposals as given RoIs. The views reuse the frame's
+    tensors (as test_roi_head's identity-view test) under non-identity transform params."""
+    head, batch = official
+    from cmfiou_core.model.proposal import TEST_DEFAULT, proposal_layer
+
+    bd = batch()
+    proposal_layer(bd, TEST_DEFAULT)
+    sel = (bd["rois"][0, :, 3:6].abs() < 10).all(1)
+    for k in ("rois", "roi_scores", "roi_labels"):
+        bd[k] = bd[k][:, sel].clone()
+    for k in ("multi_scale_3d_features", "multi_scale_3d_features_mm"):
+        bd[k + "1"] = bd[k]
+        bd[k + "2"] = bd[k]
+    tp = torch.tensor([[[0.0, 0.0, 1.0], [0.1, 1.0, 1.02], [-0.05, 0.0, 0.97]]])
+    bd["transform_param"] = tp
+    props = StaticProposals(bd["rois"], bd["roi_scores"], bd["roi_labels"], torch.ones(1, 11, dtype=torch.bool),
+                            torch.tensor([11]), torch.tensor(False))
+    b2 = batch()
+    raw, mm = _padded(b2["multi_scale_3d_features"]), _padded(b2["multi_scale_3d_features_mm"])
+    out = StaticRoIHead(head)([raw] * 3, [mm] * 3, b2["st_features_2d"], b2["batch_box_preds"],
+                              b2["batch_cls_preds"], transform_param=tp, proposals=props)
+    with torch.no_grad():
+        head(bd, use_given_rois=True)
+    assert _close(out["batch_box_preds"], bd["batch_box_preds"], 1e-3)
+    assert _close(out["batch_cls_preds"], bd["batch_cls_preds"], 1e-3)
+    with pytest.raises(ValueError, match="views"):
+        StaticRoIHead(head)([raw] * 2, [mm] * 2, b2["st_features_2d"], b2["batch_box_preds"], b2["batch_cls_preds"],
+                            transform_param=tp[:, :2], proposals=props)
