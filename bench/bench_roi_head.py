@@ -19,6 +19,10 @@ counted on its CUDA path (matrix mode) on any device. On CUDA the syncs are also
     python bench/bench_roi_head.py --smoke --json -            # seconds, for the test suite
     python bench/bench_roi_head.py --engine static ...         # the static-shape engine (cmfiou_core.engine.roi)
 
+``--kitti-frame ID``: the bundled demo checkpoint (real weights, its config's post-processing) on real KITTI frame ID
+of ``$CMFIOU_KITTI_SAMPLES`` (default ../shared/kitti_samples), camera + LiDAR; the RoI head's inputs are taken at its
+call inside ``Pipeline``.
+
 ``--engine static``: ``engine.roi.StaticRoIHead`` (same module, PaddedSparse inputs, capacity = voxel count rounded up
 to a multiple of 4096) + ``engine.nms.post_process_static``; the PaddedSparse conversion is outside the timing.
 """
@@ -95,6 +99,33 @@ def synthetic_inputs(seed=0, n_obj=20, anchors=64200, voxels=((15000, 7000), (27
     return out
 
 
+def kitti_frame_inputs(fid: str, dev):
+    """(head, batch, post-processing config) of the demo checkpoint on real KITTI frame ``fid``."""
+    from PIL import Image
+
+    from cmfiou_core.calib import Calibration
+    from cmfiou_core.model.postprocess import PostProcessConfig
+    from cmfiou_core.pipeline import Pipeline
+    from cmfiou_core.types import Frame
+
+    root = Path(os.environ.get("CMFIOU_KITTI_SAMPLES", Path(__file__).resolve().parents[2] / "shared" / "kitti_samples"))
+    d = root / "object" / "training"
+    img = np.array(Image.open(d / "image_2" / f"{fid}.png").convert("RGB"))
+    cal = Calibration.from_kitti_object_file(d / "calib" / f"{fid}.txt", img.shape[1], img.shape[0])
+    pts = np.fromfile(d / "velodyne" / f"{fid}.bin", np.float32).reshape(-1, 4)
+    pipe = Pipeline.from_config(None, None, dev)
+    seen = {}
+    h = pipe.model.roi_head.register_forward_pre_hook(lambda m, args: seen.update({"in": dict(args[0])}))
+    try:
+        pipe(Frame(pts, img, cal))
+    finally:
+        h.remove()
+    keys = ("batch_size", "st_features_2d", "batch_box_preds", "batch_cls_preds", "multi_scale_3d_features",
+            "multi_scale_3d_features_mm")
+    return pipe.model.roi_head, {k: seen["in"][k] for k in keys}, \
+        PostProcessConfig.from_any(pipe.model.cfg.post_processing)
+
+
 def make_batch(inp, dev):
     b = {"batch_size": 1, "st_features_2d": inp["st_features_2d"].to(dev),
          "batch_box_preds": inp["batch_box_preds"].to(dev), "batch_cls_preds": inp["batch_cls_preds"].to(dev)}
@@ -150,6 +181,7 @@ def main(argv=None):
     ap.add_argument("--exact-layout", action="store_true", help="official per-row conv layout in the grid pooling")
     ap.add_argument("--engine", default="eager", choices=["eager", "static"],
                     help="eager RoIHead (default) or the static-shape engine.roi.StaticRoIHead")
+    ap.add_argument("--kitti-frame", default=None, help="demo checkpoint on this real KITTI frame id (e.g. 000008)")
     ap.add_argument("--pair-capacity", type=int, default=None,
                     help="static engine: NMS candidate-pair capacity of the matrix walk (default: all pairs)")
     ap.add_argument("--json", default=None, help="write the results as JSON to this path ('-' = stdout)")
@@ -167,12 +199,17 @@ def main(argv=None):
         inp = inp or synthetic_inputs()
     torch.manual_seed(0)
     head = RoIHead().to(dev).eval()
+    batch = make_batch(inp, dev)
+    pp_cfg = None  # official KITTI post-processing defaults
+    if a.kitti_frame:
+        head, batch, pp_cfg = kitti_frame_inputs(a.kitti_frame, dev)
+        inp = {"source": f"demo checkpoint, real KITTI frame {a.kitti_frame}",
+               **{k: {s: (None, t.indices) for s, t in batch[k].items()}
+                  for k in ("multi_scale_3d_features", "multi_scale_3d_features_mm")}}
     if a.exact_layout:
         from cmfiou_core.model.grid_pool import use_exact_official_layout
 
         use_exact_official_layout(head)
-    batch = make_batch(inp, dev)
-    pp_cfg = None  # official KITTI post-processing defaults
     if a.engine == "static":
         head_call, pp_call = static_runner(head, batch, pp_cfg, a.pair_capacity)
     else:

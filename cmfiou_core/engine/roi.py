@@ -41,7 +41,7 @@ from .padded import PaddedSparse
 @dataclass
 class PooledSource:
     """Per-frame, RoI-independent state of one pooling source (built once, used by every stage)."""
-    v2p_ext: torch.Tensor        # (B*Z*Y*X + 1,) long: row of each occupied voxel, -1 empty; last entry -1 (outside)
+    v2p_ext: Optional[torch.Tensor]  # (B*Z*Y*X + 1,) long: row of each voxel, -1 empty; last entry -1 (outside)
     shape: tuple                 # (B, Z, Y, X)
     voxel_xyz: torch.Tensor      # (cap, 3) voxel centres (padding rows: never referenced through the map)
     f_in: List[torch.Tensor]     # per scale: (cap, C') mlps_in outputs
@@ -49,22 +49,35 @@ class PooledSource:
     grid: tuple                  # voxel_grid_params(stride, ...)
 
 
+def _voxel_map(sources: Sequence[PaddedSparse]):
+    """One dense voxel -> row map for several sources: source s occupies ``B*Z_s*Y_s*X_s`` entries from ``base[s]``
+    (its row index within the source, -1 empty); one trailing -1 is the "outside" entry (index -1). Padding rows
+    are written to a discarded slot, so they can never be found. -> (map, bases)."""
+    sizes = [int(sp.batch_size) * int(np.prod(sp.spatial_shape)) for sp in sources]
+    total = sum(sizes)
+    dev = sources[0].indices.device
+    m = torch.full((total + 2,), -1, dtype=torch.long, device=dev)
+    bases, base = [], 0
+    for sp, size in zip(sources, sizes):
+        Z, Y, X = (int(v) for v in sp.spatial_shape)
+        idx = sp.indices.long()
+        flat = ((idx[:, 0] * Z + idx[:, 1]) * Y + idx[:, 2]) * X + idx[:, 3] + base
+        m.scatter_(0, torch.where(sp.valid, flat, total + 1), torch.arange(sp.capacity, device=dev))
+        bases.append(base)
+        base += size
+    return m[:total + 1], bases
+
+
 def prepare_source(layer: NeighborVoxelSAModuleMSG, sp: PaddedSparse, stride: int, voxel_size: Sequence[float],
-                   pc_range: Sequence[float]) -> PooledSource:
+                   pc_range: Sequence[float], with_map: bool = True) -> PooledSource:
     if sp.capacity < 1:
         raise ValueError("prepare_source: a PaddedSparse source needs capacity >= 1")
     Z, Y, X = (int(v) for v in sp.spatial_shape)
-    B = int(sp.batch_size)
-    size = B * Z * Y * X
-    idx = sp.indices.long()
-    flat = ((idx[:, 0] * Z + idx[:, 1]) * Y + idx[:, 2]) * X + idx[:, 3]
-    flat = torch.where(sp.valid, flat, size + 1)                        # padding rows -> a discarded slot
-    m = torch.full((size + 2,), -1, dtype=torch.long, device=idx.device)
-    m.scatter_(0, flat, torch.arange(sp.capacity, device=idx.device))
-    v2p_ext = m[:size + 1]                                              # slot ``size`` stays -1 (= eager's -1 index)
+    v2p_ext = _voxel_map([sp])[0] if with_map else None                 # slot ``size`` = eager's -1 index
     vxyz = get_voxel_centers(sp.indices[:, 1:4], stride, voxel_size, pc_range)
     f_in = [_rows(layer.mlps_in[k], sp.features) for k in range(len(layer.mlps_in))]
-    return PooledSource(v2p_ext, (B, Z, Y, X), vxyz, f_in, int(stride), voxel_grid_params(stride, voxel_size, pc_range))
+    return PooledSource(v2p_ext, (int(sp.batch_size), Z, Y, X), vxyz, f_in, int(stride),
+                        voxel_grid_params(stride, voxel_size, pc_range))
 
 
 def pool_source(layer: NeighborVoxelSAModuleMSG, src: PooledSource, new_coords: torch.Tensor,
@@ -170,15 +183,13 @@ def fusable(layers) -> bool:
 
 def prepare_fused(layers, gp, feats: Mapping[str, PaddedSparse], voxel_size, pc_range) -> FusedModality:
     dev = next(iter(feats.values())).features.device
-    maps, bases, dims, vsz = [], [], [], []
+    v2p, bases = _voxel_map([feats[name] for name in gp.sources])
+    dims, vsz = [], []
     f_in, xyz, off, pw, pb, ow, ob = [], [], [], [], [], [], []
-    n_map = n_tab = 0
+    n_tab = 0
     for i, (name, stride) in enumerate(zip(gp.sources, gp.strides)):
         sp = feats[name]
-        src = prepare_source(layers[i], sp, int(stride), voxel_size, pc_range)
-        maps.append(src.v2p_ext[:-1])
-        bases.append(n_map)
-        n_map += src.v2p_ext.shape[0] - 1
+        src = prepare_source(layers[i], sp, int(stride), voxel_size, pc_range, with_map=False)
         dims += list(src.shape)
         vsz += list(src.grid[0])
         L = layers[i]
@@ -196,7 +207,7 @@ def prepare_fused(layers, gp, feats: Mapping[str, PaddedSparse], voxel_size, pc_
     S, Kn = len(gp.sources), len(layers[0].mlps_in)
     r2 = [float(np.float32(r) * np.float32(r)) for L in layers for r in L.radii]
     return FusedModality(
-        torch.cat(maps + [maps[0].new_full((1,), -1)]), device_const(bases, torch.long, dev).view(S, 1, 1),
+        v2p, device_const(bases, torch.long, dev).view(S, 1, 1),
         device_const(dims, torch.long, dev).view(S, 1, 4), device_const(vsz, torch.float32, dev).view(S, 1, 3),
         device_const([float(v) for v in gp.strides], torch.float32, dev).view(S, 1, 1), src.grid[1],
         torch.cat(f_in), torch.cat(xyz), device_const(off, torch.long, dev).view(S, Kn, 1, 1),
