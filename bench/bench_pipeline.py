@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kitti", action="append", default=[], help="KITTI object 'training' folder (repeatable)")
     ap.add_argument("--generated", type=int, default=0, help="also use N generated scenes")
     ap.add_argument("--gen-dir", default=str(ROOT / "data" / "generated"))
+    ap.add_argument("--engine", choices=("eager", "graph"), default="eager",
+                    help="eager spconv backbone, or the static-shape engine (CUDA graph on CUDA), issue 16")
     ap.add_argument("--views", choices=("config", "1", "3"), default="config",
                     help="override the config's test views: 1 = identity, 3 = the official X_TRANS views")
     ap.add_argument("--no-messages", action="store_true", help="skip ROS message conversion even if available")
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    pipe = Pipeline.from_config(args.config, args.checkpoint, args.device)
+    pipe = Pipeline.from_config(args.config, args.checkpoint, args.device, engine=args.engine)
     if args.views != "config":
         pipe.views = (TestViewsConfig() if args.views == "1" else OFFICIAL_X_TRANS).params()
     frames = load_frames(args.kitti, args.generated, Path(args.gen_dir), max(args.frames, 1))
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
         "label": args.label, "device": args.device,
         "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor(),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "config": args.config,
-        "checkpoint": args.checkpoint, "views": len(pipe.views), "frames": args.frames, "warmup": args.warmup,
+        "checkpoint": args.checkpoint, "engine": args.engine, "views": len(pipe.views), "frames": args.frames,
+        "warmup": args.warmup,
         "inputs": sorted({n.split("/")[0] for n, _ in frames}), "num_inputs": len(frames),
         "mean_detections": float(np.mean(ndet)) if ndet else 0.0,
         "peak_gpu_mem_mb": (torch.cuda.max_memory_allocated() / 2 ** 20) if args.device.startswith("cuda") else None,

@@ -73,7 +73,10 @@ class Pipeline:
     """``Pipeline.from_config(config, checkpoint, device)``; ``pipeline(frame) -> Detections``."""
 
     def __init__(self, cfg: FullConfig, model: torch.nn.Module, device: Union[str, torch.device] = "cpu",
-                 timing: bool = True, seed: int = 0, weights_loaded: bool = True, amp: Optional[str] = None):
+                 timing: bool = True, seed: int = 0, weights_loaded: bool = True, amp: Optional[str] = None,
+                 engine: str = "eager"):
+        if engine not in ("eager", "graph"):
+            raise ConfigError(f"engine must be eager or graph, got {engine!r}")
         if amp not in (None, "off", "fp16", "bf16"):
             raise ConfigError(f"amp must be off, fp16 or bf16, got {amp!r}")
         self.amp = None if amp in (None, "off") else {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
@@ -81,6 +84,12 @@ class Pipeline:
         self.mcfg = cfg.model
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.engine = engine
+        if engine == "graph":
+            # the static-shape backbone (CUDA graph on CUDA; the same static code eagerly on the CPU), issue 16
+            from .engine.runtime import use_engine
+
+            use_engine(self.model)
         self.depth_cfg = DepthConfig.from_dict(cfg.depth, cfg.source)
         self.depth = PseudoPointGenerator(self.depth_cfg)
         self.timing = timing
@@ -102,7 +111,7 @@ class Pipeline:
     @classmethod
     def from_config(cls, config: Union[str, Path, None] = None, checkpoint: Union[str, Path, None] = None,
                     device: Union[str, torch.device] = "cpu", timing: bool = True, seed: int = 0,
-                    amp: Optional[str] = None) -> "Pipeline":
+                    amp: Optional[str] = None, engine: str = "eager") -> "Pipeline":
         """Build from a YAML config and a checkpoint (OpenPCDet-style official file or ours; ``weights_only``).
 
         ``checkpoint`` None or "" selects the bundled demo checkpoint (camera+LiDAR, trained on generated scenes) and,
@@ -136,7 +145,7 @@ class Pipeline:
                             checkpoint, len(missing))
         else:
             log.error("no checkpoint given: the detector runs with RANDOM weights and its detections are meaningless")
-        return cls(cfg, model, dev, timing=timing, seed=seed, weights_loaded=loaded, amp=amp)
+        return cls(cfg, model, dev, timing=timing, seed=seed, weights_loaded=loaded, amp=amp, engine=engine)
 
     # ------------------------------------------------------------------ helpers
     def _to_device(self, array: np.ndarray, slot: str) -> torch.Tensor:

@@ -72,6 +72,17 @@ bench|bench1|bench3)
   $PY bench/bench_pipeline.py --device cuda --frames ${FRAMES:-200} --warmup 10 $kit --generated 16 --gen-dir /tmp/genb $ckarg --label "1 view" --json $OUT/bench_1view.json --md $OUT/bench_1view.md 2>&1 | grep -v Warning | tail -24; }
   [ $stage = bench1 ] || { log "pipeline bench 3 views"
   $PY bench/bench_pipeline.py --device cuda --frames ${FRAMES:-200} --warmup 10 $kit --generated 16 --gen-dir /tmp/genb $ckarg --views 3 --label "3 views" --json $OUT/bench_3view.json --md $OUT/bench_3view.md 2>&1 | grep -v Warning | tail -24; } ;;
+engine)
+  # issue 16: the static-shape backbone engine. CKPT='' (demo, needs models/ present) or none (random weights: the
+  # sparse geometry and so the speed do not depend on the weights)
+  ck=${CKPT-none}; F=${FRAMES:-60}
+  for v in 1 3; do log "bench_engine $v view(s)"
+    $PY bench/bench_engine.py --device cuda --checkpoint "$ck" --generated 8 --gen-dir /tmp/genb --frames $F --views $v \
+      --json $OUT/bench_engine_${v}view.json 2>&1 | grep -v "Warn\|is_fx\|slices" | tail -8; done
+  for e in eager graph; do log "bench_pipeline 1 view engine=$e"
+    $PY bench/bench_pipeline.py --device cuda --frames $F --warmup 8 --generated 8 --gen-dir /tmp/genb \
+      --checkpoint "$ck" --engine $e --label "1 view $e" --json $OUT/bench_1view_$e.json --md $OUT/bench_1view_$e.md \
+      2>&1 | grep -v "Warn\|is_fx\|slices" | tail -22; done ;;
 split_ckpt)
   n=${CKNAME:-full}; ck=/tmp/run_$n/export_fp16.pt; [ -f $ck ] && split -b 15M -d $ck $OUT/ckpt_$n.part && ls -la $OUT ;;
 *) echo "unknown stage $stage"; exit 2 ;;
