@@ -69,6 +69,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# the smallest image side depth completion takes (ipbasic's 5x5 reflect-101 windows need 3 pixels); smaller images
+# run LiDAR-only (Detections.note says so)
+MIN_IMAGE_SIDE = 3
+
+
 class Pipeline:
     """``Pipeline.from_config(config, checkpoint, device)``; ``pipeline(frame) -> Detections``."""
 
@@ -196,8 +201,14 @@ class Pipeline:
         timer = StageTimer(self.device, self.timing)
         wall0 = time.perf_counter()
         timer.mark("start")
+        note = ""
+        image = frame.image
+        if image is not None and min(image.shape[0], image.shape[1]) < MIN_IMAGE_SIDE:
+            note = (f"image {image.shape[1]}x{image.shape[0]} is smaller than the {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} "
+                    "depth completion needs: ran LiDAR-only")
+            image = None
         pts = self._to_device(frame.points, "points")
-        img = self._to_device(frame.image, "image") if frame.image is not None and self.depth_cfg.enabled else None
+        img = self._to_device(image, "image") if image is not None and self.depth_cfg.enabled else None
         timer.mark("h2d")
         lidar_only = img is None or not self.depth_cfg.enabled
         depth_ms: Dict[str, float] = {}
@@ -211,6 +222,15 @@ class Pipeline:
         timer.mark("depth")
         raw = self._range_mask(raw)
         pseudo = self._range_mask(pseudo)
+        if raw.shape[0] == 0:  # nothing for the raw branch (it needs at least one voxel): no detections
+            lo, hi = self._range_lo.tolist(), self._range_hi.tolist()
+            fov = frame.calib is not None and self.depth_cfg.fov_filter_raw
+            where = " and the camera's field of view" if fov else ""
+            det = Detections.empty(frame.stamp_ns, frame.frame_id, lidar_only, score_mode=self.score_mode, note=(
+                f"no LiDAR point inside the detection range x [{lo[0]:g}, {hi[0]:g}] y [{lo[1]:g}, {hi[1]:g}] "
+                f"z [{lo[2]:g}, {hi[2]:g}] m{where}"))
+            det.timings_ms = {"total": (time.perf_counter() - wall0) * 1e3}
+            return det
         rate = float(self.cfg.data.get("input_discard_rate", self.depth_cfg.discard.rate)) \
             if isinstance(self.cfg.data, dict) else self.depth_cfg.discard.rate
         if pseudo.shape[0] and rate > 0:
@@ -247,7 +267,7 @@ class Pipeline:
         timings["total"] = (time.perf_counter() - wall0) * 1e3
         return Detections(o[:, :7], o[:, 7].astype(np.int64), o[:, 8], o[:, 9], o[:, 10], stamp_ns=frame.stamp_ns,
                           frame_id=frame.frame_id, lidar_only=lidar_only, timings_ms=timings,
-                          class_names=self.class_names, score_mode=self.score_mode)
+                          class_names=self.class_names, score_mode=self.score_mode, note=note)
 
     @staticmethod
     def _run_model(m, batch, timer: StageTimer):

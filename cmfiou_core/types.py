@@ -67,6 +67,8 @@ class Detections:
     lidar_only: True when the camera was missing/too old and the pseudo branch ran empty.
     score_mode: how ``scores`` was computed (``model.post_processing.score_mode`` of the model config: "cls",
     "rectified" or "add"; cmfiou_core.model.iou_joint.SCORE_MODES).
+    note: why the frame has no detections or ran without its image although one was given ('' otherwise), e.g.
+    "no LiDAR point inside the detection range".
     """
 
     boxes: np.ndarray
@@ -80,6 +82,7 @@ class Detections:
     timings_ms: Dict[str, float] = field(default_factory=dict)
     class_names: Tuple[str, ...] = CLASS_NAMES
     score_mode: str = "cls"
+    note: str = ""
 
     def __post_init__(self) -> None:
         m = len(self.boxes)
@@ -100,7 +103,7 @@ class Detections:
 
     @classmethod
     def empty(cls, stamp_ns: int = 0, frame_id: str = "velodyne", lidar_only: bool = False,
-              score_mode: str = "cls") -> "Detections":
+              score_mode: str = "cls", note: str = "") -> "Detections":
         z = np.zeros((0,), np.float32)
         return cls(np.zeros((0, 7), np.float32), np.zeros((0,), np.int64), z, z, z, stamp_ns, frame_id, lidar_only,
-                   score_mode=score_mode)
+                   score_mode=score_mode, note=note)

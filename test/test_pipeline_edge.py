@@ -1,0 +1,55 @@
+"""The real pipeline on frames it cannot detect anything in: an answer (empty Detections with the reason in
+``note``), never an exception."""
+import numpy as np
+import pytest
+
+from cmfiou_core.calib import Calibration
+from cmfiou_core.types import Frame
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from cmfiou_core.pipeline import Pipeline
+
+    return Pipeline.from_config(None, None, "cpu")  # bundled demo checkpoint
+
+
+def _cloud(n=5000, x0=5.0):
+    rng = np.random.default_rng(1)
+    return np.stack([rng.uniform(x0, x0 + 40, n), rng.uniform(-15, 15, n), rng.uniform(-1.5, 0.5, n),
+                     rng.uniform(0, 1, n)], 1).astype(np.float32)
+
+
+def _calib(w, h):
+    P2 = np.array([[0.6 * w, 0, w / 2, 0], [0, 0.6 * w, h / 2, 0], [0, 0, 1, 0]])
+    Tr = np.array([[0, -1, 0, 0], [0, 0, -1, -0.08], [1, 0, 0, -0.27]], dtype=np.float64)
+    return Calibration(P2, np.eye(3), Tr, w, h)
+
+
+@pytest.mark.parametrize("where", ["far", "behind", "origin"])
+def test_no_point_in_range_gives_empty_detections_with_the_reason(pipe, where):
+    pts = _cloud()
+    if where == "far":
+        pts[:, 0] += 500.0
+    elif where == "behind":
+        pts[:, 0] = -pts[:, 0]
+    else:
+        pts[:, :3] = 0.0
+        pts[:, 2] = -10.0  # at the origin's x/y, below the range's z
+    det = pipe(Frame(pts, stamp_ns=7, frame_id="velo"))
+    assert len(det) == 0 and det.stamp_ns == 7 and det.frame_id == "velo" and det.lidar_only
+    assert det.note.startswith("no LiDAR point inside the detection range x [0, 70.4]"), det.note
+    # behind the sensor with a camera: nothing in the camera's field of view either
+    img = np.zeros((375, 1242, 3), np.uint8)
+    det = pipe(Frame(pts, img, _calib(1242, 375)))
+    assert len(det) == 0 and "field of view" in det.note
+
+
+def test_tiny_image_runs_lidar_only_and_says_so(pipe):
+    pts = _cloud()
+    det = pipe(Frame(pts, np.full((2, 2, 3), 128, np.uint8), _calib(2, 2)))
+    ref = pipe(Frame(pts, None, _calib(2, 2)))  # the same frame without its image
+    assert det.lidar_only and "image 2x2 is smaller than the 3x3" in det.note
+    assert len(det) == len(ref) and np.allclose(det.boxes, ref.boxes) and np.allclose(det.scores, ref.scores)
+    det3 = pipe(Frame(pts, np.full((3, 3, 3), 128, np.uint8), _calib(3, 3)))  # the smallest image that is used
+    assert not det3.lidar_only and det3.note == ""
