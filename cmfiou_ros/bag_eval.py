@@ -270,11 +270,11 @@ def _record_lidar_only_reasons(det_node, reasons: dict) -> None:
     if build is None:
         return
 
-    def recording_build(pairing):
-        frame, reason, *rest = build(pairing)
-        if frame.image is None:
-            reasons[frame.stamp_ns] = reason or "camera unavailable"
-        return (frame, reason, *rest)
+    def recording_build(pairing, final=True):
+        a = build(pairing, final)
+        if a is not None and a.frame.image is None:
+            reasons[a.frame.stamp_ns] = a.reason or "camera unavailable"
+        return a
 
     asm.build = recording_build
 

@@ -153,14 +153,16 @@ def _field_as_float(arr: np.ndarray, name: str) -> np.ndarray:
 
 
 def pointcloud2_to_xyzi(msg, intensity_scale: float = 0.0, skip_nans: bool = True,
-                        allow_empty: bool = False) -> Tuple[np.ndarray, int]:
+                        allow_empty: bool = False, counts: Optional[Dict[str, int]] = None) -> Tuple[np.ndarray, int]:
     """PointCloud2 -> ((N, 4) float32 x, y, z, intensity; number of dropped non-finite points).
 
     ``x``, ``y``, ``z`` are required (any numeric datatype). Intensity is the first of ``intensity``, ``i``,
     ``reflectance``, ``reflectivity``; 0 when absent. ``intensity_scale``: multiply intensity by it; 0 = auto
     (float fields as they are, integer fields divided by their type maximum, e.g. uint8 / 255 -> [0, 1]).
     Non-finite x/y/z rows are always dropped (and counted): NaN is how ``is_dense=false`` clouds mark invalid
-    returns, and the model cannot use them. ``skip_nans=False`` raises MessageError instead.
+    returns, and the model cannot use them. ``skip_nans=False`` raises MessageError instead. A non-finite intensity
+    of a point with finite x/y/z is set to 0 (the point is kept); ``counts['nonfinite_intensity']`` receives how
+    many, when a dict is given.
     A zero-size cloud (width*height = 0) raises MessageError unless ``allow_empty``.
     """
     arr = pointcloud2_to_structured(msg)
@@ -186,6 +188,14 @@ def pointcloud2_to_xyzi(msg, intensity_scale: float = 0.0, skip_nans: bool = Tru
             out[:, 3] = col / np.float32(np.iinfo(base).max)
         else:
             out[:, 3] = col
+    bad_i = ~np.isfinite(out[:, 3])
+    n_bad_i = int(np.count_nonzero(bad_i))
+    if n_bad_i:
+        bad_i &= np.isfinite(out[:, :3]).all(axis=1)  # rows dropped for x/y/z anyway are not counted here
+        n_bad_i = int(np.count_nonzero(bad_i))
+        out[bad_i, 3] = 0.0
+    if counts is not None:
+        counts["nonfinite_intensity"] = n_bad_i
     finite = np.isfinite(out).all(axis=1)
     dropped = int(finite.size - np.count_nonzero(finite))
     if dropped:

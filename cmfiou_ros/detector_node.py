@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
+import numpy as np
 import rclpy
 import rclpy.time
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
@@ -38,10 +39,9 @@ from cmfiou_core.types import Detections, Frame
 from cmfiou_ros import convert as C
 from cmfiou_ros import diagnostics as D
 from cmfiou_ros.diagnostics import WarnThrottle
-from cmfiou_ros.frame_assembly import FrameAssembler, describe
+from cmfiou_ros.frame_assembly import Assembled, FrameAssembler, describe
 from cmfiou_ros.inference_worker import InferenceWorker
 from cmfiou_ros.params import DETECTOR_PARAMS, ParamError, declare
-from cmfiou_ros.sync import Pairing
 
 NODE_NAME = "cmfiou_detector"
 SHUTDOWN_GRACE_S = 4.0  # on SIGINT/SIGTERM: how long the frame in flight may take to finish (then dropped, counted)
@@ -77,7 +77,7 @@ def filter_detections(det: Detections, threshold: float) -> Detections:
         return det
     return Detections(det.boxes[keep], det.labels[keep], det.cls_scores[keep], det.iou_scores[keep],
                       det.scores[keep], det.stamp_ns, det.frame_id, det.lidar_only, dict(det.timings_ms),
-                      det.class_names, det.score_mode)
+                      det.class_names, det.score_mode, getattr(det, "note", ""))
 
 
 class DetectorNode(LifecycleNode):
@@ -138,6 +138,13 @@ class DetectorNode(LifecycleNode):
         self.points_dropped_nonfinite = 0
         self.empty_clouds = 0
         self.unpublished_at_shutdown = 0  # inferred while the context went down (Ctrl-C / SIGTERM): not published
+        self.empty_outputs = 0  # frames published empty because nothing could be detected (reason in the scores)
+        self.last_empty_reason = ""
+        self.undetectable_frames = 0  # of those: the pipeline found no point in its range
+        self.future_stamped = 0  # inputs rejected for a stamp ahead of the node's clock
+        self.intensity_zeroed = 0  # points whose non-finite intensity was set to 0
+        self.points_capped = 0  # points thinned away by max_points
+        self.oversize_messages = 0
 
     # the worker's and the assembler's counters, under the names the tests and diagnostics always used
     @property
@@ -276,18 +283,20 @@ class DetectorNode(LifecycleNode):
         ]
         if p["extrinsic_topic"]:
             subs.append(self.create_subscription(TransformStamped, p["extrinsic_topic"], self.on_extrinsic, latched))
-        tf_lookup = None
+        tf_lookup = tf_known = None
         if p["use_tf"]:
             try:
                 import tf2_ros
 
                 self._tf_buffer = tf2_ros.Buffer()
                 self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
-                tf_lookup = lambda target, source: self._tf_buffer.lookup_transform(  # noqa: E731
+                tf_lookup = lambda target, source, stamp_ns: self._tf_buffer.lookup_transform(  # noqa: E731
+                    target, source, rclpy.time.Time(nanoseconds=stamp_ns))
+                tf_known = lambda target, source: self._tf_buffer.can_transform(  # noqa: E731
                     target, source, rclpy.time.Time())
             except ImportError:
                 pass
-        self.assembler = FrameAssembler(p, self.warn, tf_lookup)
+        self.assembler = FrameAssembler(p, self.warn, tf_lookup, tf_known, logger=self.get_logger())
         timers = [self.create_timer(p["diagnostics_period"], self.publish_diagnostics)]
         # the wait timer runs only while a cloud waits for its image (armed by _after_input, cancelled by
         # _poll_policy once nothing waits): no periodic wake-ups of the executor without work
@@ -309,15 +318,28 @@ class DetectorNode(LifecycleNode):
             stamp = C.stamp_to_ns(msg.header.stamp)
             if stamp <= 0:
                 raise C.MessageError("header.stamp is zero (driver does not stamp: cannot synchronise)")
-            pts, dropped = C.pointcloud2_to_xyzi(msg, self.params["intensity_scale"], allow_empty=True)
+            self._check_future(stamp)
+            counts: Dict[str, int] = {}
+            pts, dropped = C.pointcloud2_to_xyzi(msg, self.params["intensity_scale"], allow_empty=True, counts=counts)
         except Exception as e:  # noqa: BLE001 - every problem with a message is a warning, never a crash
             self.warn(self._lidar_topic, describe(e))
             return
-        if self.params["lidar_frame"] and msg.header.frame_id != self.params["lidar_frame"]:
-            self.warn(self._lidar_topic, f"frame_id {msg.header.frame_id!r} != lidar_frame "
-                                         f"{self.params['lidar_frame']!r} (boxes are published in the cloud's frame)")
+        self._check_size(self._lidar_topic, msg)
+        self._check_frame_id(self._lidar_topic, msg.header.frame_id, self.params["lidar_frame"], "lidar_frame",
+                             "boxes are published in the cloud's frame")
         if dropped:
             self.points_dropped_nonfinite += dropped
+        if counts.get("nonfinite_intensity"):
+            n = counts["nonfinite_intensity"]
+            self.intensity_zeroed += n
+            self.warn(self._lidar_topic, f"{n} point(s) with finite x/y/z have a non-finite intensity: set to 0 "
+                                         "(points kept)")
+        cap = self.params["max_points"]
+        if len(pts) > cap:
+            self.points_capped += len(pts) - cap
+            self.warn(self._lidar_topic, f"cloud has {len(pts)} points > max_points {cap}: thinned to {cap} "
+                                         "(every k-th point)")
+            pts = pts[np.linspace(0, len(pts) - 1, cap).astype(np.int64)]
         if len(pts) == 0:
             self.empty_clouds += 1
             self.warn(self._lidar_topic, f"cloud has no valid points ({dropped} non-finite dropped): publishing "
@@ -333,56 +355,90 @@ class DetectorNode(LifecycleNode):
             stamp = C.stamp_to_ns(msg.header.stamp)
             if stamp <= 0:
                 raise C.MessageError("header.stamp is zero (cannot synchronise)")
+            self._check_future(stamp)
             rgb = C.image_to_rgb(msg)
         except Exception as e:  # noqa: BLE001
             self.warn(self._image_topic, describe(e))
             return
+        self._check_size(self._image_topic, msg)
+        self._check_frame_id(self._image_topic, msg.header.frame_id, self.params["camera_frame"], "camera_frame",
+                             "the calibration comes from CameraInfo")
         self._after_input(self.assembler.add_image(msg.header, rgb, stamp))
 
     def on_camera_info(self, msg) -> None:
         if not self._active:
             return
         self.rates["camera_info"].tick()
-        self.assembler.add_camera_info(msg)
+        try:
+            self._check_future(C.stamp_to_ns(msg.header.stamp))
+        except C.MessageError as e:
+            self.warn(self._info_topic, str(e))
+            return
+        self._after_input(self.assembler.add_camera_info(msg))
 
     def on_extrinsic(self, msg) -> None:
-        self.assembler.add_extrinsic(msg)
+        if not self._active:
+            return
+        try:
+            self._check_future(C.stamp_to_ns(msg.header.stamp))
+        except C.MessageError as e:
+            self.warn(self.params["extrinsic_topic"], str(e))
+            return
+        self._after_input(self.assembler.add_extrinsic(msg))
 
-    def _after_input(self, pairings) -> None:
-        for pairing in pairings:
-            self._submit(pairing)
+    def _check_size(self, topic: str, msg) -> None:
+        """Warn about messages near the transport's size limit: bigger ones are lost without a trace (docs: the
+        shared-memory segment of config/fastdds_shm.xml)."""
+        mb = len(msg.data) / 2**20
+        if mb > self.params["message_size_warn_mb"]:
+            self.oversize_messages += 1
+            self.warn(topic, f"message of {mb:.1f} MiB > message_size_warn_mb {self.params['message_size_warn_mb']:g}:"
+                             " close to the transport limit (shared-memory segment, config/fastdds_shm.xml); "
+                             "bigger messages are dropped by the middleware without notice")
+
+    def _check_frame_id(self, topic: str, frame_id: str, expected: str, param: str, what: str) -> None:
+        if not frame_id:
+            self.warn(topic, f"header.frame_id is empty (set the driver's frame_id; {what})")
+        elif expected and frame_id != expected:
+            self.warn(topic, f"frame_id {frame_id!r} != {param} {expected!r} ({what})")
+
+    def _check_future(self, stamp: int) -> None:
+        """Inputs stamped more than ``future_tolerance`` ahead of the node's clock are rejected (counted). Skipped while
+        the clock reads 0 (sim time before the first /clock)."""
+        tol = self.params["future_tolerance"]
+        if tol <= 0:
+            return
+        now = self.get_clock().now().nanoseconds
+        if now > 0 and stamp - now > tol * 1e9:
+            self.future_stamped += 1
+            raise C.MessageError(f"header.stamp is {(stamp - now) * 1e-9:.3f} s ahead of the node's clock "
+                                 f"(future_tolerance {tol:g} s): rejected")
+
+    def _after_input(self, assembled) -> None:
+        for a in assembled:
+            self._submit(a)
         t = self._wait_timer
         if t is not None and t.is_canceled() and self.assembler.waiting():
             t.reset()
 
     def _poll_policy(self) -> None:
-        for pairing in self.assembler.poll(time.monotonic_ns()):
-            self._submit(pairing)
+        for a in self.assembler.poll(time.monotonic_ns()):
+            self._submit(a)
         t = self._wait_timer
         if t is not None and not self.assembler.waiting():
             t.cancel()
 
-    # ------------------------------------------------------------------------------------------ frame assembly
-    def build_frame(self, pairing: Pairing) -> Frame:
-        """Pairing -> Frame (via the assembler), counting camera and LiDAR-only frames."""
-        frame, reason, age_ms = self.assembler.build(pairing)
-        lidar_only = frame.image is None
-        self.last_lidar_only = lidar_only
-        if lidar_only:
+    def _submit(self, a: Assembled) -> None:
+        """An assembled frame: count camera / LiDAR-only frames and hand it to the worker (newest wins)."""
+        if a.frame.image is None:
             self.lidar_only_frames += 1
-            self.last_lidar_only_reason = reason
+            self.last_lidar_only = True
+            self.last_lidar_only_reason = a.reason
         else:
             self.camera_frames += 1
-            self.last_image_age_ms = age_ms
-        return frame
-
-    def _submit(self, pairing: Pairing) -> None:
-        try:
-            frame = self.build_frame(pairing)
-        except Exception as e:  # noqa: BLE001
-            self.warn(self._lidar_topic, f"cannot build a frame: {describe(e)}")
-            return
-        self.worker.submit((frame, pairing.lidar[0], pairing.lidar[2]))
+            self.last_lidar_only = False
+            self.last_image_age_ms = a.image_age_ms
+        self.worker.submit((a.frame, a.pairing.lidar[0], a.pairing.lidar[2], a.reason))
 
     # ------------------------------------------------------------------------------------------ worker
     def _start_worker(self) -> None:
@@ -391,26 +447,47 @@ class DetectorNode(LifecycleNode):
     def _stop_worker(self) -> None:
         self.worker.stop()
 
-    def process(self, frame: Frame, header, t_arrival: float) -> Optional[Detections]:
-        """Run the pipeline on one frame and publish everything (called by the worker; callable in tests)."""
+    def process(self, frame: Frame, header, t_arrival: float, lidar_only_reason: str = "") -> Detections:
+        """Run the pipeline on one frame and publish everything (called by the worker; callable in tests).
+
+        Every frame gets its outputs: when nothing could be detected (no valid point, no point in range, inference
+        failed) they are empty and ``DetectionScores.empty_reason`` says why (also warned and counted)."""
         t0 = time.perf_counter()
+        empty_reason = ""
         try:
             if len(frame.points) == 0:
                 det = Detections.empty(frame.stamp_ns, frame.frame_id, lidar_only=frame.image is None,
-                                       score_mode=getattr(self.pipeline, "score_mode", "cls"))
+                                       score_mode=getattr(self.pipeline, "score_mode", "cls"),
+                                       note="the cloud has no valid point")
+                empty_reason = det.note
             else:
                 det = self.pipeline(frame)
+                if len(det) == 0 and getattr(det, "note", ""):
+                    empty_reason = det.note
+                    self.undetectable_frames += 1
+                    self.warn(self._lidar_topic, f"frame stamped {frame.stamp_ns}: {det.note}: publishing empty "
+                                                 "detections")
+                elif frame.image is not None and det.lidar_only and getattr(det, "note", ""):
+                    lidar_only_reason = det.note  # the pipeline could not use the image (e.g. too small)
+                    self.warn(self._image_topic, f"frame stamped {frame.stamp_ns}: {det.note}")
             det.lidar_only = bool(det.lidar_only or frame.image is None)
             det = filter_detections(det, self.params["score_threshold"])
-        except Exception as e:  # noqa: BLE001 - a failing frame must not stop the node
+        except Exception as e:  # noqa: BLE001 - a failing frame must not stop the node, and still gets its outputs
             self.pipeline_errors += 1
             self._pipeline_errors_window += 1
             self.last_pipeline_error = f"{type(e).__name__}: {e}"
-            self.warn("pipeline", f"inference failed on the frame stamped {frame.stamp_ns}: {self.last_pipeline_error}")
-            return None
+            self.warn("pipeline", f"inference failed on the frame stamped {frame.stamp_ns}: {self.last_pipeline_error}"
+                                  ": publishing empty detections")
+            empty_reason = f"inference failed: {self.last_pipeline_error}"
+            det = Detections.empty(frame.stamp_ns, frame.frame_id, lidar_only=frame.image is None,
+                                   score_mode=getattr(self.pipeline, "score_mode", "cls"))
+        if empty_reason:
+            self.empty_outputs += 1
+            self.last_empty_reason = empty_reason
         proc_ms = (time.perf_counter() - t0) * 1e3
         try:
-            self.publish_outputs(det, header, t_arrival, proc_ms)
+            self.publish_outputs(det, header, t_arrival, proc_ms, lidar_only_reason if det.lidar_only else "",
+                                 empty_reason)
         except Exception as e:  # noqa: BLE001 - e.g. context shut down while publishing
             if not self.context.ok():  # Ctrl-C / SIGTERM during inference: counted, reported at exit
                 self.unpublished_at_shutdown += 1
@@ -419,9 +496,13 @@ class DetectorNode(LifecycleNode):
             return det
         return det
 
-    def publish_outputs(self, det: Detections, header, t_arrival: float, proc_ms: float) -> None:
+    def publish_outputs(self, det: Detections, header, t_arrival: float, proc_ms: float, lidar_only_reason: str = "",
+                        empty_reason: str = "") -> None:
         self.det_pub.publish(C.detections_to_detection3d_array(det, header))
-        self.scores_pub.publish(C.detections_to_scores_msg(det, header))
+        scores = C.detections_to_scores_msg(det, header)
+        scores.lidar_only_reason = lidar_only_reason
+        scores.empty_reason = empty_reason
+        self.scores_pub.publish(scores)
         if self.markers_pub is not None:
             self.markers_pub.publish(C.detections_to_markers(det, header))
         now_ns = self.get_clock().now().nanoseconds

@@ -165,7 +165,11 @@ def detector_statuses(node) -> List[Status]:
         if topic in node.warn.last_problem:
             inputs.add(f"{key}_last_problem", node.warn.last_problem[topic])
     inputs.add("nonfinite_points_dropped", node.points_dropped_nonfinite)
+    inputs.add("nonfinite_intensity_zeroed", node.intensity_zeroed)
+    inputs.add("points_capped", node.points_capped)
     inputs.add("empty_clouds", node.empty_clouds)
+    inputs.add("future_stamped_rejected", node.future_stamped)
+    inputs.add("oversize_messages", node.oversize_messages)
     la = node.rates["lidar"].age(now)
     if la is None or la > 3.0:
         inputs.raise_level(WARN, "no LiDAR input" if la is None else f"no LiDAR input for {la:.1f} s")
@@ -185,6 +189,8 @@ def detector_statuses(node) -> List[Status]:
     fa = node.assembler
     q = fa.queue_sizes()
     sync.add("sync_queue_sizes", q)
+    sync.add("time_jumps", fa.time_jumps)
+    sync.add("last_time_jump", fa.last_time_jump)
     if node.last_lidar_only:
         sync.raise_level(WARN, f"LiDAR-only detections: {node.last_lidar_only_reason}")
     if fa.approx is not None:
@@ -209,6 +215,8 @@ def detector_statuses(node) -> List[Status]:
     inf.add("processing_ms_p95", node.processing_ms.pct(95))
     inf.add("latency_ms_p50", node.latency_ms.pct(50))
     inf.add("latency_ms_p95", node.latency_ms.pct(95))
+    inf.add("empty_outputs", node.empty_outputs)
+    inf.add("last_empty_reason", node.last_empty_reason)
     inf.add("pipeline_errors", node.pipeline_errors)
     inf.add("last_pipeline_error", node.last_pipeline_error)
     inf.add("rss_mb", memory.rss_mb())

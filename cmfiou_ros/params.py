@@ -93,6 +93,18 @@ DETECTOR_PARAMS: List[P] = [
       True, _rng(0.0, 60.0)),
     P("image_wait", float, 0.05, "latest_image: wall time (s) a cloud waits for its image before going without",
       True, _rng(0.0, 5.0)),
+    P("calibration_tolerance", float, 0.02, "A frame's CameraInfo / extrinsic_topic message: the one stamped nearest "
+      "its image stamp within this (s). A source whose content never changed serves every frame; once it changed, "
+      "a frame without its own runs LiDAR-only", True, _rng(0.0, 60.0)),
+    P("time_jump_threshold", float, 1.0, "A LiDAR or image stamp this much (s) older than the newest seen (bag loop, "
+      "sim-time reset) resets the sync state, with one warning", True, _rng(0.0, 1e6, lo_open=True)),
+    P("future_tolerance", float, 1.0, "Inputs stamped more than this (s) ahead of the node's clock are rejected and "
+      "counted (0 = accept any stamp)", True, _rng(0.0, 1e9)),
+    P("max_points", int, 1000000, "Clouds with more points are thinned (every k-th point) to this many, with a "
+      "warning (an HDL-64 frame has ~130 000)", True, _rng(1, 10**9)),
+    P("message_size_warn_mb", float, 16.0, "Warn about cloud/image messages bigger than this (MiB): near the "
+      "transport limit (config/fastdds_shm.xml: 32 MiB shared-memory segment), above which they are lost silently",
+      True, _rng(0.0, 1e6, lo_open=True)),
     P("queue_size", int, 5, "approx: per-input queue; also the subscription depth", True, _rng(1, 1000)),
     P("intensity_scale", float, 0.0, "Multiply intensity by this (0 = auto: float as is, uintN / max)", True,
       _rng(0.0, 1e6)),

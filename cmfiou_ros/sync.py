@@ -154,7 +154,7 @@ class LatestImagePolicy:
         self.tol_ns = int(round(match_tol_s * 1e9))
         self.wait_ns = int(round(wait_s * 1e9))
         self.buffer = int(buffer)
-        self.images: List[tuple] = []  # (stamp_ns, img), ascending stamps
+        self.images: List[tuple] = []  # (stamp_ns, img), the ``buffer`` most recently received, in arrival order
         self.pending: Optional[tuple] = None  # (stamp_ns, cloud, deadline_ns)
         self._periods: List[int] = []  # recent image stamp differences
         self.lock = threading.Lock()
@@ -177,11 +177,14 @@ class LatestImagePolicy:
         if not self.images:
             reason = "no image received"
         else:
-            newest = self.images[-1][0]
+            newest = self._newest()
             age = (stamp - newest) * 1e-9
             reason = (f"newest image is {age:.3f} s older than the cloud (max_image_age {self.max_age_ns * 1e-9:.3f} s)"
                       if age > 0 else f"newest image is {-age:.3f} s newer than the cloud")
         return Pairing(cloud, stamp, None, None, reason)
+
+    def _newest(self) -> int:
+        return max(s for s, _ in self.images)
 
     # -- API
     def _camera_period_ns(self) -> float:
@@ -194,9 +197,10 @@ class LatestImagePolicy:
             if self.images and stamp_ns > self.images[-1][0]:
                 self._periods.append(int(stamp_ns) - self.images[-1][0])
                 del self._periods[:-5]
+            # kept by arrival, not by stamp: an image stamped lower than the buffered ones (a bag loop, a late
+            # message) is still used by its cloud
             self.images = [(s, m) for s, m in self.images if s != stamp_ns]
             self.images.append((int(stamp_ns), img))
-            self.images.sort(key=lambda x: x[0])
             del self.images[: max(0, len(self.images) - self.buffer)]
             if self.pending is not None:
                 p = self._resolve(self.pending[0], self.pending[1], final=False)
@@ -214,7 +218,7 @@ class LatestImagePolicy:
             # wait only while the camera looks alive: its newest image is within 2 * max_age (or 1.5 camera periods,
             # for slow/lock-stepped streams) of this cloud
             alive_ns = max(2 * self.max_age_ns, int(1.5 * self._camera_period_ns())) + self.tol_ns
-            alive = bool(self.images) and int(stamp_ns) - self.images[-1][0] <= alive_ns
+            alive = bool(self.images) and int(stamp_ns) - self._newest() <= alive_ns
             p = self._resolve(int(stamp_ns), cloud, final=self.wait_ns == 0 or not alive)
             if p is None:
                 self.pending = (int(stamp_ns), cloud, int(now_ns) + self.wait_ns)
@@ -232,7 +236,7 @@ class LatestImagePolicy:
 
     def newest_image_stamp(self) -> Optional[int]:
         with self.lock:
-            return self.images[-1][0] if self.images else None
+            return self._newest() if self.images else None
 
     def queue_sizes(self) -> List[int]:
         with self.lock:

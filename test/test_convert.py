@@ -111,11 +111,18 @@ def test_nan_inf_rows_dropped_and_counted():
     pts = np.arange(40, dtype=np.float32).reshape(10, 4)
     pts[2, 0] = np.nan
     pts[5, 2] = np.inf
-    pts[7, 3] = np.nan  # intensity NaN also unusable
+    pts[7, 3] = np.nan  # intensity NaN: the point is kept with intensity 0 (counted apart)
+    pts[8, 3] = np.inf
+    pts[5, 3] = np.nan  # a row dropped for its z is not counted as an intensity fix
     msg = C.xyzi_to_pointcloud2(pts)
     assert msg.is_dense is False
-    out, dropped = C.pointcloud2_to_xyzi(msg)
-    assert dropped == 3 and out.shape == (7, 4)
+    counts = {}
+    out, dropped = C.pointcloud2_to_xyzi(msg, counts=counts)
+    assert dropped == 2 and out.shape == (8, 4) and counts == {"nonfinite_intensity": 2}
+    keep = [0, 1, 3, 4, 6, 7, 8, 9]
+    ref = pts[keep].copy()
+    ref[[5, 6], 3] = 0.0  # rows 7 and 8 of the input
+    np.testing.assert_array_equal(out, ref)
     with pytest.raises(C.MessageError, match="non-finite"):
         C.pointcloud2_to_xyzi(msg, skip_nans=False)
 

@@ -140,7 +140,9 @@ def test_pipeline_errors_and_busy_worker_do_not_stop_the_node(ctx, kitti_samples
         time.sleep(0.4)
         assert node.frames_dropped >= 3
         assert node.frames_in == node.frames_dropped + pipe.calls
-        assert node.pipeline_errors == pipe.calls // 2 and node.frames_out == pipe.calls - node.pipeline_errors
+        # every processed frame publishes: a failed one as empty detections with the reason (counted)
+        assert node.pipeline_errors == pipe.calls // 2 and node.frames_out == pipe.calls
+        assert node.empty_outputs == node.pipeline_errors and node.last_empty_reason.startswith("inference failed")
         inf = node.diagnostics_statuses()[2]
         assert inf.level == 2 and "inference errors" in inf.message
         monkeypatch.setenv("CMFIOU_TINY_FAIL_EVERY", "0")
