@@ -8,10 +8,11 @@ Calibration rules (every frame gets its own or none):
 - CameraInfo and extrinsic_topic messages are kept by stamp (content-keyed, never by object identity), valid and
   rejected ones alike. A frame takes the one nearest its image stamp within ``calibration_tolerance``; if that one
   was rejected, the frame is LiDAR-only (never fused with an older one instead).
-- A source whose content never changed (one camera, one mounting) is *static*: its newest message serves every
-  frame. Once its content has changed (KITTI object replay, a recalibration), each frame needs its own; a cloud whose
-  image's calibration has not arrived yet waits for it up to ``image_wait`` (like a missing image), then runs
-  LiDAR-only and says why.
+- A source is *per-frame* once one of its messages was stamped like a frame's image (a camera driver's CameraInfo,
+  the KITTI replay's extrinsic) or once its content changed: then every frame needs its own. A cloud whose image's
+  calibration has not arrived yet waits for it up to ``image_wait`` (like a missing image; also while nothing was
+  received yet), then runs LiDAR-only and says why. A source that never matched a frame and never changed (latched
+  once, stamped at start-up) is *static*: its newest message serves every frame.
 - The CameraInfo size must equal the image size.
 - Extrinsic sources, first that has one: extrinsic_topic (once it delivered anything it is the only source), TF at
   the image stamp, the ``lidar_to_camera`` parameter.
@@ -77,6 +78,7 @@ class StampedCalibrations:
         self.entries: deque = deque(maxlen=maxlen)
         self._first_key: Optional[bytes] = None
         self.changing = False  # content has changed at least once: each frame needs its own
+        self.matched = False  # a message was stamped like a frame's image: each frame needs its own
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -100,23 +102,25 @@ class StampedCalibrations:
     def lookup(self, stamp: int, tol_ns: int) -> Tuple[Any, Optional[bytes], str, bool]:
         """-> (value, key, reason, may_still_arrive). ``value`` None: none usable (``reason`` says why)."""
         if not self.entries:
-            return None, None, f"no {self.name} received", False
+            return None, None, f"no {self.name} received", True
         best = None
         for e in self.entries:  # nearest stamp; on a tie the later arrival
             if best is None or abs(e[0] - stamp) <= abs(best[0] - stamp):
                 best = e
         dt = (best[0] - stamp) * 1e-9
         if abs(best[0] - stamp) <= tol_ns:
+            self.matched = True
             if best[3]:
                 return None, None, f"the {self.name} of this frame (stamp {best[0]}) was rejected: {best[3]}", False
             return best[2], best[1], "", False
-        if not self.changing:
+        if not self.changing and not self.matched:
             newest = self.entries[-1]
             if newest[3]:
                 return None, None, f"the newest {self.name} (stamp {newest[0]}) was rejected: {newest[3]}", False
             return newest[2], newest[1], "", False
+        why = "changes" if self.changing else "is stamped per frame"
         return None, None, (f"no {self.name} within {tol_ns * 1e-9:.3f} s of the image stamp (nearest is {dt:+.3f} s "
-                            f"away; the {self.name} changes, so each frame needs its own)"), True
+                            f"away; the {self.name} {why}, so each frame needs its own)"), True
 
 
 class FrameAssembler:
@@ -309,6 +313,7 @@ class FrameAssembler:
         if len(self.extrinsics):
             T, _, reason, later = self.extrinsics.lookup(stamp, self.tol_ns)
             return T, reason, later
+        later = bool(self.extrinsic_topic)  # configured, nothing received yet: it may still come
         if self.tf_lookup is not None:
             target = self.params["camera_frame"] or info.header.frame_id
             lidar_frame = self.params["lidar_frame"] or self.current_lidar_frame
@@ -325,7 +330,7 @@ class FrameAssembler:
                 return T, "", False
         if self.param_T is not None:
             return self.param_T, "", False
-        return None, "no LiDAR->camera extrinsic (no TF, no extrinsic_topic message, lidar_to_camera empty)", False
+        return None, "no LiDAR->camera extrinsic (no TF, no extrinsic_topic message, lidar_to_camera empty)", later
 
     def build(self, pairing: Pairing, final: bool = True) -> Optional[Assembled]:
         """Pairing -> Assembled. Camera problems make a LiDAR-only frame (the reason is returned; problems of a

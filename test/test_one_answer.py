@@ -72,10 +72,6 @@ def test_evaluate_and_offline_bag_write_identical_result_files(three_paths):
     assert n > 0  # the frames have detections to compare
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="open (node pairing/driving, issues 17/18): the node builds the first frame before it has "
-                          "processed that stamp's /cmfiou/lidar_to_camera (LiDAR-only: 'no LiDAR->camera extrinsic') "
-                          "and the second with the previous frame's extrinsic and its own CameraInfo")
 def test_node_mode_writes_the_same_result_files(three_paths):
     tmp, node = three_paths
     assert node["frames"]["ok"] == len(FRAMES)
