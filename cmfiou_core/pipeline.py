@@ -74,6 +74,16 @@ def __getattr__(name: str):
 MIN_IMAGE_SIDE = 3
 
 
+def check_finite_weights(model: torch.nn.Module, source: object = "the model") -> None:
+    """Refuse weights with NaN/inf in any parameter or floating buffer (such a model detects nothing, silently)."""
+    bad = [(k, int((~torch.isfinite(v)).sum())) for k, v in model.state_dict().items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        first = ", ".join(f"{k} ({n})" for k, n in bad[:3])
+        raise ConfigError(f"{source}: {len(bad)} weight tensor(s) contain NaN or inf (non-finite values: {first}"
+                          f"{', ...' if len(bad) > 3 else ''}): refusing to run them")
+
+
 class Pipeline:
     """``Pipeline.from_config(config, checkpoint, device)``; ``pipeline(frame) -> Detections``."""
 
@@ -99,6 +109,8 @@ class Pipeline:
         self.depth = PseudoPointGenerator(self.depth_cfg)
         self.timing = timing
         self.weights_loaded = weights_loaded
+        # where the weights come from ("checkpoint PATH", "demo: ...", "random: ..."), shown by the node's diagnostics
+        self.weights = "checkpoint" if weights_loaded else "random: no checkpoint (detections are meaningless)"
         self.voxelizer = Voxelizer(self.mcfg.voxel_size, self.mcfg.point_cloud_range, self.mcfg.max_points_per_voxel,
                                    self.mcfg.max_voxels(False))
         self.views = self.mcfg.test_views.params()
@@ -130,19 +142,24 @@ class Pipeline:
         if dev.type == "cpu":
             # spconv's multithreaded CPU convolution was measured wrong and non-deterministic with >1 thread
             torch.set_num_threads(1)
+        weights = f"checkpoint {checkpoint}"
         if checkpoint is None or checkpoint == "":
             checkpoint = str(demo_checkpoint())  # a missing demo checkpoint is an error naming where it looked
+            weights = (f"demo: bundled checkpoint {Path(checkpoint).name} (trained on generated scenes only, not for "
+                       "real sensors)")
             if not config:
                 config = demo_config()
             log.warning("no checkpoint given: using the bundled demo checkpoint %s (camera+LiDAR, trained on "
                         "generated scenes, not on KITTI) with %s", checkpoint, config)
         elif str(checkpoint).lower() == "none":
             checkpoint = None
+            weights = "random: no checkpoint (detections are meaningless)"
         cfg = load_config(config or default_config())
         model = build_model(cfg)
         loaded = False
         if checkpoint:
             _, report = load_checkpoint(checkpoint, model, strict=True)
+            check_finite_weights(model, checkpoint)
             loaded = True
             missing = getattr(report, "missing_iou_keys", None)
             if missing:
@@ -150,7 +167,9 @@ class Pipeline:
                             checkpoint, len(missing))
         else:
             log.error("no checkpoint given: the detector runs with RANDOM weights and its detections are meaningless")
-        return cls(cfg, model, dev, timing=timing, seed=seed, weights_loaded=loaded, amp=amp, engine=engine)
+        pipe = cls(cfg, model, dev, timing=timing, seed=seed, weights_loaded=loaded, amp=amp, engine=engine)
+        pipe.weights = weights
+        return pipe
 
     # ------------------------------------------------------------------ helpers
     def _to_device(self, array: np.ndarray, slot: str) -> torch.Tensor:

@@ -93,6 +93,7 @@ class DetectorNode(LifecycleNode):
         except (ParamError, Exception) as e:  # keep the node inspectable; configure fails with the reason
             self.param_error = str(e)
             self.get_logger().error(f"invalid parameters: {e}")
+        self.unknown_parameters = self._warn_unknown_overrides()
         self.add_on_set_parameters_callback(self._on_set_params)
         self.warn = WarnThrottle(self.get_logger(), self.params.get("warn_throttle", 5.0))
         self._active = False
@@ -103,6 +104,20 @@ class DetectorNode(LifecycleNode):
         self._reset_stats()
 
     # ------------------------------------------------------------------------------------------ parameters
+    def _warn_unknown_overrides(self) -> list:
+        """Overrides (``-p name:=v``, params file) of parameters this node does not have are ignored by rclpy without
+        a word: warn about each one, with the closest known name."""
+        import difflib
+
+        known = {s.name for s in DETECTOR_PARAMS} | {"use_sim_time", "start_type_description_service"}
+        unknown = sorted(k for k in getattr(self, "_parameter_overrides", {}) if k not in known
+                         and not k.startswith("qos_overrides."))
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.get_logger().warning(f"unknown parameter {k!r} ignored{hint}")
+        return unknown
+
     def _on_set_params(self, params):
         from rcl_interfaces.msg import SetParametersResult
 
@@ -191,6 +206,9 @@ class DetectorNode(LifecycleNode):
                 self.pipeline = factory(p["model_config"] or None, checkpoint=p["checkpoint"] or None, device=device)
                 self.get_logger().info(f"pipeline loaded by {p['pipeline_factory']} in "
                                        f"{time.perf_counter() - t0:.2f} s")
+            weights = getattr(self.pipeline, "weights", "")
+            if weights.startswith(("random", "demo")):
+                self.get_logger().warning(f"weights: {weights}")
             if p["warmup"] and hasattr(self.pipeline, "warmup"):
                 t0 = time.perf_counter()
                 self.pipeline.warmup()

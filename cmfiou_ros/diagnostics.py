@@ -170,6 +170,9 @@ def detector_statuses(node) -> List[Status]:
     inputs.add("empty_clouds", node.empty_clouds)
     inputs.add("future_stamped_rejected", node.future_stamped)
     inputs.add("oversize_messages", node.oversize_messages)
+    inputs.add("unknown_parameters", ", ".join(node.unknown_parameters))
+    if node.unknown_parameters:
+        inputs.raise_level(WARN, f"unknown parameter(s) ignored: {', '.join(node.unknown_parameters)}")
     la = node.rates["lidar"].age(now)
     if la is None or la > 3.0:
         inputs.raise_level(WARN, "no LiDAR input" if la is None else f"no LiDAR input for {la:.1f} s")
@@ -206,6 +209,10 @@ def detector_statuses(node) -> List[Status]:
 
     inf = Status(f"{name}: inference", name)
     inf.add("pipeline_loaded", node.pipeline is not None)
+    weights = getattr(node.pipeline, "weights", "") if node.pipeline is not None else ""
+    inf.add("weights", weights)
+    if weights.startswith(("random", "demo")):
+        inf.raise_level(WARN, f"weights: {weights}")
     inf.add("active", node._active)
     inf.add("frames_in", node.frames_in)
     inf.add("frames_out", node.frames_out)

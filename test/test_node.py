@@ -203,7 +203,6 @@ def graph_run(kitti_samples, tmp_path_factory):
 
     Also publishes malformed messages into the detector's inputs during the run (cross-process fuzz sample)."""
     import rclpy
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
     from std_msgs.msg import String
@@ -402,3 +401,47 @@ def test_wait_timer_runs_only_while_a_cloud_waits(ctx, kitti_samples):
         ex.shutdown()
         node._teardown()
         node.destroy_node()
+
+
+def test_unknown_parameter_override_is_warned_with_the_closest_name(ctx):
+    node = make_detector(ctx, TinyPipeline(), score_treshold=0.9)
+    try:
+        assert node.unknown_parameters == ["score_treshold"]
+        assert node.params["score_threshold"] == 0.0  # the misspelt override did not set anything
+        _up(node)
+        inputs = node.diagnostics_statuses()[0]
+        assert inputs.level == 1 and "unknown parameter(s) ignored: score_treshold" in inputs.message
+    finally:
+        node._teardown()
+        node.destroy_node()
+
+
+def test_unknown_parameter_warning_reaches_the_log_of_a_real_process(tmp_path):
+    """Cross-process: ``-p score_treshold:=0.9`` on the command line -> a warning naming it and the right name."""
+    import subprocess
+
+    from cmfiou_ros.run_graph import child_env
+
+    factory = f"{Path(__file__).resolve().parent / 'tiny_pipeline.py'}:TinyPipeline.from_config"
+    p = subprocess.Popen([sys.executable, "-m", "cmfiou_ros.detector_node", "--ros-args", "-p",
+                          f"pipeline_factory:={factory}", "-p", "score_treshold:=0.9"],
+                         env=child_env({"ROS_DOMAIN_ID": str(fresh_domain())}), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        t_end = time.monotonic() + 60
+        while time.monotonic() < t_end:
+            line = p.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "configured:" in line:
+                break
+    finally:
+        p.send_signal(__import__("signal").SIGINT)
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    text = "".join(lines)
+    assert "unknown parameter 'score_treshold' ignored (did you mean 'score_threshold'?)" in text, text

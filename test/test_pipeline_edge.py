@@ -53,3 +53,28 @@ def test_tiny_image_runs_lidar_only_and_says_so(pipe):
     assert len(det) == len(ref) and np.allclose(det.boxes, ref.boxes) and np.allclose(det.scores, ref.scores)
     det3 = pipe(Frame(pts, np.full((3, 3, 3), 128, np.uint8), _calib(3, 3)))  # the smallest image that is used
     assert not det3.lidar_only and det3.note == ""
+
+
+def test_checkpoint_with_nan_weights_is_refused(tmp_path):
+    """A checkpoint that loads but holds NaN weights (it would detect nothing, silently) is refused at load."""
+    import torch
+
+    from cmfiou_core.config import ConfigError
+    from cmfiou_core.pipeline import Pipeline, demo_checkpoint
+
+    ck = torch.load(demo_checkpoint(), map_location="cpu", weights_only=True)
+    state = ck["model_state"] if "model_state" in ck else ck
+    key = next(k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1)
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    torch.save(ck, bad)
+    with pytest.raises(ConfigError, match=r"1 weight tensor\(s\) contain NaN or inf .*" + key.replace(".", r"\.")):
+        Pipeline.from_config(None, str(bad), "cpu")
+
+
+def test_weights_source_is_reported(pipe):
+    from cmfiou_core.pipeline import Pipeline
+
+    assert pipe.weights.startswith("demo: bundled checkpoint cmfiou_synthetic_demo_fp16.pt")
+    assert Pipeline.from_config(None, "none", "cpu").weights.startswith("random")
