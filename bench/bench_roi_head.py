@@ -296,7 +296,10 @@ def main(argv=None):
         print(f"CUDA syncs in one head + post-processing call (sync debug mode): {len(cuda_syncs)}")
     from cmfiou_core.provenance import provenance  # random-weight RoIHead (seed 0): no config, no checkpoint
 
-    write_json(out, a.json, provenance(None, None, a.device, resolve_default_checkpoint=False))
+    if a.kitti_frame:  # the bundled demo checkpoint with its config
+        write_json(out, a.json, provenance(None, None, a.device))
+    else:
+        write_json(out, a.json, provenance(None, None, a.device, resolve_default_checkpoint=False))
     return out
 
 
