@@ -68,3 +68,22 @@ class TinyPipeline:
                          lidar_only=frame.image is None)
         det.timings_ms = {"bin": (time.perf_counter() - t0) * 1e3 * 0.5, "boxes": (time.perf_counter() - t0) * 1e3 * 0.5}
         return det
+
+
+class CalibrationEcho:
+    """A recording pipeline: every frame with a camera gets one detection that carries the calibration and image size
+    the node handed over (centre = P2[0,0], P2[0,2], Tr[0,3]; size = image width, height, 1 + |Tr[2,3]|); a LiDAR-only
+    frame gets none. Lets a cross-process test check which calibration each output was fused with."""
+
+    @classmethod
+    def from_config(cls, config_path=None, checkpoint=None, device="cpu"):
+        return cls()
+
+    def __call__(self, frame: Frame) -> Detections:
+        if frame.image is None:
+            return Detections.empty(frame.stamp_ns, frame.frame_id, lidar_only=True)
+        c, (h, w) = frame.calib, frame.image.shape[:2]
+        box = [[c.P2[0, 0], c.P2[0, 2], c.Tr_velo_to_cam[0, 3], w, h, 1.0 + abs(c.Tr_velo_to_cam[2, 3]), 0.0]]
+        one = np.ones(1, np.float32)
+        return Detections(np.asarray(box, np.float32), np.ones(1, np.int64), one, one, one, frame.stamp_ns,
+                          frame.frame_id, lidar_only=False)
