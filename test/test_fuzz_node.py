@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rosutil import fresh_domain, kitti_frame_msgs, make_detector, wait_until  # noqa: E402
 from tiny_pipeline import TinyPipeline  # noqa: E402
 
+from cmfiou_core.calib import Calibration  # noqa: E402
 from cmfiou_ros import convert as C  # noqa: E402
 from cmfiou_ros.detector_node import TransitionCallbackReturn  # noqa: E402
 
@@ -271,3 +272,187 @@ def test_random_then_valid_frame(rig):
     assert node.warn.total >= CASES["cloud"] + CASES["image"] + CASES["camera_info"]
     # throttled: far fewer log lines than warnings
     assert len(node.warn.logger.lines) < node.warn.total / 10
+
+
+# ------------------------------------------------------------------------------ robustness cases (issue 18)
+# Each sends one frame with one defect and asserts: a warning naming the problem, its counter, and (for every
+# accepted LiDAR frame) an output for that very frame.
+def _spy_outputs(node):
+    """Record what the node publishes per stamp (the real publishing still happens)."""
+    if hasattr(node, "_spied"):
+        return node._spied
+    node._spied = {}
+    real = node.publish_outputs
+
+    def publish(det, header, t_arrival, proc_ms, lidar_only_reason="", empty_reason=""):
+        node._spied[C.stamp_to_ns(header.stamp)] = (det, lidar_only_reason, empty_reason)
+        real(det, header, t_arrival, proc_ms, lidar_only_reason, empty_reason)
+
+    node.publish_outputs = publish
+    return node._spied
+
+
+def _send_frame(rig, cloud=None, info=None, img=None, stamp=None, expect_output=True):
+    node = rig["node"]
+    out = _spy_outputs(node)
+    if stamp is None:
+        rig["stamp"][0] += S
+        stamp = rig["stamp"][0]
+    info = rig["info"] if info is None else info
+    img = rig["img"] if img is None else img
+    cloud = rig["cloud"] if cloud is None else cloud
+    for m in (info, img, cloud):
+        m.header.stamp = C.ns_to_stamp(stamp)
+    node.on_camera_info(info)
+    node.on_image(img)
+    node.on_cloud(cloud)
+    if expect_output:
+        assert wait_until(lambda: stamp in out, 10), "no output for the frame"
+        return out[stamp]
+    time.sleep(0.2)
+    assert stamp not in out
+    return None
+
+
+def _warned(node, topic, before, text):
+    assert node.warn.count.get(topic, 0) > before, (topic, node.warn.last_problem.get(topic))
+    assert text in node.warn.last_problem[topic], node.warn.last_problem[topic]
+
+
+def test_infinite_intensity_is_zeroed_and_counted_not_dropped(rig):
+    node = rig["node"]
+    pts = C.pointcloud2_to_xyzi(rig["cloud"])[0].copy()
+    pts[:, 3] = np.inf
+    cloud = C.xyzi_to_pointcloud2(pts, 0, "velo_link")
+    before, zeroed = node.warn.count.get(node._lidar_topic, 0), node.intensity_zeroed
+    det, lo_reason, empty = _send_frame(rig, cloud=cloud)
+    _warned(node, node._lidar_topic, before, "non-finite intensity: set to 0")
+    assert node.intensity_zeroed == zeroed + len(pts)
+    assert len(det) > 0 and not det.lidar_only and empty == ""  # all points kept: the frame detects as usual
+
+
+def test_empty_frame_id_is_warned_and_still_published(rig):
+    node = rig["node"]
+    cloud = _clone_cloud(rig["cloud"])
+    cloud.header.frame_id = ""
+    before = node.warn.count.get(node._lidar_topic, 0)
+    det, _, _ = _send_frame(rig, cloud=cloud)
+    _warned(node, node._lidar_topic, before, "header.frame_id is empty")
+    assert len(det) > 0
+
+
+def test_point_cap_thins_the_cloud_with_a_warning(rig):
+    node = rig["node"]
+    n = len(C.pointcloud2_to_xyzi(rig["cloud"])[0])
+    node.params["max_points"] = n // 2
+    try:
+        before, capped = node.warn.count.get(node._lidar_topic, 0), node.points_capped
+        calls = len(node.pipeline.frames)
+        det, _, _ = _send_frame(rig)
+        _warned(node, node._lidar_topic, before, f"> max_points {n // 2}: thinned")
+        assert node.points_capped == capped + n - n // 2 and len(node.pipeline.frames) == calls + 1
+    finally:
+        node.params["max_points"] = 1000000
+
+
+def test_oversize_message_is_warned_and_still_processed(rig):
+    node = rig["node"]
+    node.params["message_size_warn_mb"] = 0.5  # the KITTI cloud is ~1.9 MiB
+    try:
+        before, n = node.warn.count.get(node._lidar_topic, 0), node.oversize_messages
+        det, _, _ = _send_frame(rig)
+        _warned(node, node._lidar_topic, before, "close to the transport limit")
+        assert node.oversize_messages >= n + 1 and len(det) > 0
+    finally:
+        node.params["message_size_warn_mb"] = 16.0
+
+
+def test_future_stamped_input_is_rejected_and_counted(rig):
+    node = rig["node"]
+    now = node.get_clock().now().nanoseconds
+    before, n = node.warn.count.get(node._lidar_topic, 0), node.future_stamped
+    _send_frame(rig, stamp=now + 1000 * S, expect_output=False)  # all three messages 1000 s ahead
+    _warned(node, node._lidar_topic, before, "ahead of the node's clock")
+    assert node.future_stamped == n + 3
+    det, lo, _ = _send_frame(rig)  # the next frame fuses as before: nothing of the future frame was kept
+    assert not det.lidar_only, lo
+
+
+def test_rejected_camera_info_is_not_replaced_by_an_older_one(rig):
+    node = rig["node"]
+    bad = CameraInfo()
+    bad.header.frame_id = "cam"
+    bad.width, bad.height = rig["info"].width, rig["info"].height
+    bad.k, bad.r, bad.p = [0.0] * 9, list(rig["info"].r), [0.0] * 12
+    _send_frame(rig)  # a good CameraInfo of the previous frame is there
+    before = node.warn.count.get(node._info_topic, 0)
+    det, lo_reason, _ = _send_frame(rig, info=bad)
+    _warned(node, node._info_topic, before, "all zero")
+    assert det.lidar_only and "was rejected" in lo_reason, lo_reason
+    assert node.last_lidar_only_reason == lo_reason
+
+
+def test_stamps_jumping_back_reset_the_sync_state_once(rig):
+    node = rig["node"]
+    asm = node.assembler
+    jumps = asm.time_jumps
+    det, lo, _ = _send_frame(rig)
+    assert not det.lidar_only
+    back = rig["stamp"][0] - 50 * S  # a bag loop: 50 s back
+    det, lo, _ = _send_frame(rig, stamp=back)
+    assert asm.time_jumps == jumps + 1 and "stamp jumped back 50.000 s" in asm.last_time_jump
+    assert not det.lidar_only, lo  # fused at once: the lower-stamped image is not discarded
+    det, lo, _ = _send_frame(rig, stamp=back + S // 10)
+    assert not det.lidar_only and asm.time_jumps == jumps + 1  # one warning per jump
+    vals = dict(node.diagnostics_statuses()[1].values)
+    assert int(vals["time_jumps"]) == jumps + 1
+    rig["stamp"][0] = back + S  # later cases continue on the new timeline
+
+
+@pytest.fixture(scope="module")
+def real_node(kitti_samples):
+    """The node with the real pipeline (demo checkpoint), for the frames only the model can reject."""
+    from cmfiou_core.pipeline import Pipeline
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=fresh_domain())
+    node = make_detector(ctx, Pipeline.from_config(None, None, "cpu"), image_wait=0.0, warmup=False)
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    cloud, img, info, T, _ = kitti_frame_msgs(kitti_samples, 3, S)
+    node._param_T = T
+    yield Rig(node=node, cloud=cloud, img=img, info=info, stamp=[2000 * S])
+    node._teardown()
+    node.destroy_node()
+    rclpy.shutdown(context=ctx)
+
+
+@pytest.mark.parametrize("where", ["far", "behind"])
+def test_cloud_out_of_range_gives_an_empty_output_with_the_reason(real_node, where):
+    node = real_node["node"]
+    pts = C.pointcloud2_to_xyzi(real_node["cloud"])[0].copy()
+    if where == "far":
+        pts[:, 0] += 1000.0
+    else:
+        pts[:, 0] = -np.abs(pts[:, 0]) - 1.0
+    cloud = C.xyzi_to_pointcloud2(pts, 0, "velo_link")
+    before, empty = node.warn.count.get(node._lidar_topic, 0), node.empty_outputs
+    det, _, reason = _send_frame(real_node, cloud=cloud)
+    _warned(node, node._lidar_topic, before, "no LiDAR point inside the detection range")
+    assert len(det) == 0 and reason.startswith("no LiDAR point inside the detection range")
+    assert node.empty_outputs == empty + 1 and node.pipeline_errors == 0
+    inf = dict(node.diagnostics_statuses()[2].values)
+    assert inf["last_empty_reason"] == reason
+
+
+def test_tiny_image_runs_lidar_only_with_the_reason(real_node):
+    node = real_node["node"]
+    img = C.rgb_to_image(np.full((2, 2, 3), 100, np.uint8), 0, "cam")
+    info = C.calibration_to_camera_info(
+        Calibration(np.array([[1.2, 0, 1, 0], [0, 1.2, 1, 0], [0, 0, 1, 0]]), np.eye(3),
+                    real_node["node"]._param_T[:3], 2, 2), 0, "cam")
+    before = node.warn.count.get(node._image_topic, 0)
+    det, lo_reason, empty = _send_frame(real_node, img=img, info=info)
+    _warned(node, node._image_topic, before, "image 2x2 is smaller than the 3x3")
+    assert det.lidar_only and lo_reason.startswith("image 2x2 is smaller") and empty == ""
+    assert node.pipeline_errors == 0
