@@ -386,3 +386,42 @@ def test_static_head_three_views_equal_eager(official):
     with pytest.raises(ValueError, match="views"):
         StaticRoIHead(head)([raw] * 2, [mm] * 2, b2["st_features_2d"], b2["batch_box_preds"], b2["batch_cls_preds"],
                             transform_param=tp[:, :2], proposals=props)
+
+
+def test_static_path_is_sync_free_with_fixed_shapes():
+    """The whole static head + post-processing, counted on its CUDA code path (opcount: every .item(), nonzero,
+    bool-index, host<->device copy), has no host synchronisation, and two frames of different voxel / proposal
+    content give outputs of identical shapes (the CUDA-graph requirements that can be checked on the CPU). Constants
+    (``device_const``) are built by the first call, as a CUDA graph's warm-up does."""
+    import sys
+    from pathlib import Path
+
+    from cmfiou_core.model.postprocess import PostProcessConfig
+    from cmfiou_core.opcount import OpCounter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_roi_head
+
+    torch.manual_seed(0)
+    head = RoIHead({"iou_branch": {"enabled": True}, "part": {"featmap_stride": 1.6},
+                    "nms_test": {"nms_thresh": 0.75, "pre_maxsize": 300, "post_max_size": 12}}).eval()
+    st = StaticRoIHead(head, pair_capacity=1 << 14)
+    cfg = PostProcessConfig(score_mode="rectified", score_thresh=0.0)
+    shapes = []
+    for it, (seed, n_obj) in enumerate(((0, 3), (0, 3), (1, 5))):
+        inp = bench_roi_head.synthetic_inputs(seed=seed, n_obj=n_obj, anchors=300, voxels=((900, 400), (1200, 500)))
+        batch = bench_roi_head.make_batch(inp, "cpu")
+        batch["st_features_2d"] = batch["st_features_2d"][:, :, ::4, ::4].contiguous()  # 1.6 m BEV cells (speed)
+        raw = {k: PaddedSparse.from_spconv(t, 2048) for k, t in batch["multi_scale_3d_features"].items()}
+        mm = {k: PaddedSparse.from_spconv(t, 2048) for k, t in batch["multi_scale_3d_features_mm"].items()}
+        with OpCounter(cuda_paths=True) as oc:
+            out = st(raw, mm, batch["st_features_2d"], batch["batch_box_preds"], batch["batch_cls_preds"])
+            det = st.detect(out, cfg)
+        if it == 0:
+            continue  # warm-up
+        assert oc.n_syncs() == 0, oc.sync_sites()
+        assert oc.n_ops() > 1000  # the counter saw the forward
+        assert not bool(det.overflow) and int(det.count[0]) > 0
+        shapes.append([tuple(v.shape) for k, v in sorted(out.items()) if isinstance(v, torch.Tensor)] +
+                      [tuple(det.boxes.shape), tuple(det.score.shape)])
+    assert len(shapes) == 2 and shapes[0] == shapes[1]

@@ -22,9 +22,12 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..geometry.iou import bev_intersection_aligned
+from ..geometry.iou import _CHUNK, _intersection_area_aligned, bev_intersection_aligned
 from ..model.iou_joint import combine_scores
 from ..opcount import cuda_path
+
+
+_CHUNK_PAIRS_CUDA = 1 << 18
 
 
 def suppression_matrix(boxes: torch.Tensor, valid: torch.Tensor, thresh: float,
@@ -59,7 +62,11 @@ def suppression_matrix(boxes: torch.Tensor, valid: torch.Tensor, thresh: float,
     bb = b.reshape(B * K, 7)
     a_box = bb[bi * K + ii]
     b_box = bb[bi * K + jj]
-    inter = bev_intersection_aligned(a_box, b_box)
+    # one polygon-clipping pass per 2^18 pairs on CUDA (~1.4 GB peak, ~150 kernels per pass), cache-sized on the CPU;
+    # pairs are independent, so the chunking changes no value
+    ch = _CHUNK_PAIRS_CUDA if cuda_path(boxes) else _CHUNK
+    parts = [_intersection_area_aligned(a_box[i:i + ch], b_box[i:i + ch]) for i in range(0, cap, ch)]
+    inter = parts[0] if len(parts) == 1 else torch.cat(parts)
     area_a = a_box[:, 3] * a_box[:, 4]
     area_b = b_box[:, 3] * b_box[:, 4]
     iou = inter / (area_a + area_b - inter).clamp_min(1e-8)
