@@ -425,3 +425,29 @@ def test_static_path_is_sync_free_with_fixed_shapes():
         shapes.append([tuple(v.shape) for k, v in sorted(out.items()) if isinstance(v, torch.Tensor)] +
                       [tuple(det.boxes.shape), tuple(det.score.shape)])
     assert len(shapes) == 2 and shapes[0] == shapes[1]
+
+
+def test_static_head_batch_of_two_equals_eager():
+    """Two frames in one batch (different voxels, proposals and GT-shaped objects; 60 anchors, so the proposal layer
+    pads): the static head against the eager head, both with the IoU branch."""
+    from test_roi_head import _synthetic_batch
+
+    torch.manual_seed(0)
+    head = RoIHead({"iou_branch": {"enabled": True}, "part": {"featmap_stride": 1.6},
+                    "nms_test": {"nms_thresh": 0.3, "pre_maxsize": 60, "post_max_size": 40}}).eval()
+    bd = _synthetic_batch(B=2, seed=4)
+    bd = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in bd.items()}
+    for key in ("multi_scale_3d_features", "multi_scale_3d_features_mm"):
+        bd[key] = {n: spconv.SparseConvTensor(t.features.detach(), t.indices, t.spatial_shape, 2)
+                   for n, t in bd[key].items()}
+    ref = dict(bd)
+    with torch.no_grad():
+        head(ref)
+    out = StaticRoIHead(head)(_padded(bd["multi_scale_3d_features"]), _padded(bd["multi_scale_3d_features_mm"]),
+                              bd["st_features_2d"], bd["batch_box_preds"], bd["batch_cls_preds"])
+    for k in ("rois", "roi_scores", "roi_labels"):
+        assert torch.equal(out[k], ref[k]), k
+    assert out["roi_valid"].sum(1).tolist() == (ref["rois"][..., 3:6].abs().sum(-1) > 0).sum(1).tolist()
+    assert int(out["roi_valid"].sum()) < 80  # padding proposals went through the stages, as in the eager head
+    for k in ("batch_box_preds", "batch_cls_preds", "batch_iou_preds"):
+        assert _close(out[k], ref[k], 1e-3), (k, float((out[k] - ref[k]).abs().max()))
