@@ -79,9 +79,12 @@ def device_name(device: Union[str, "object", None]) -> Optional[str]:
 
 def _resolve_checkpoint(checkpoint) -> Optional[str]:
     if checkpoint is None or checkpoint == "":
-        from .pipeline import DEMO_CHECKPOINT
+        try:
+            from .pipeline import demo_checkpoint
 
-        return str(DEMO_CHECKPOINT)
+            return str(demo_checkpoint())
+        except Exception as e:  # noqa: BLE001 - provenance never fails a run (a missing resource names itself)
+            return f"bundled demo checkpoint ({type(e).__name__}: {e})"
     if str(checkpoint).lower() == "none":
         return None
     return str(checkpoint)
@@ -94,9 +97,12 @@ def provenance(config=None, checkpoint=None, device=None, argv: Optional[Sequenc
     (ground-truth predictions, a result folder): '' / None are then recorded as None."""
     out: Dict[str, object] = dict(git_state())
     if (config is None or config == "") and resolve_default_checkpoint:
-        from .pipeline import DEFAULT_CONFIG
+        try:
+            from .pipeline import default_config
 
-        config = DEFAULT_CONFIG
+            config = default_config()
+        except Exception as e:  # noqa: BLE001
+            out["config_error"] = f"{type(e).__name__}: {e}"
     out["config"] = None if config in (None, "") else str(config)
     out["config_sha256"] = None
     if out["config"] is not None:

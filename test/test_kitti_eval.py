@@ -423,13 +423,19 @@ def test_cli(tmp_path, kitti_samples):
     assert r.returncode == 0, r.stderr
     assert "Car AP_R40@0.70, 0.70, 0.70:" in r.stdout
     js = json.loads(out.read_text())
-    assert set(js) == {"R40", "R11"} and set(js["R40"]) == {"Car", "Pedestrian", "Cyclist"}
+    assert {"R40", "R11", "ap_ceiling", "warnings", "skipped", "provenance"} <= set(js)
+    assert set(js["R40"]) == {"Car", "Pedestrian", "Cyclist"}
     assert set(js["R40"]["Car"]) == {"3d", "bev", "bbox", "aos"}
     assert js["R40"]["Car"]["3d"] == pytest.approx([30.0, 57.5, 77.5])
     (pred / "000001.txt").write_text("Car 0 0 0 1 2 3\n")
+    r = subprocess.run([sys.executable, "-m", "cmfiou_core.tools.eval_kitti", "--gt", str(gt_dir), "--pred", str(pred),
+                        "--strict"], capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and "000001.txt:1: a result line needs 16 fields" in r.stderr
+    # without --strict the frame is named, skipped and counted
     r = subprocess.run([sys.executable, "-m", "cmfiou_core.tools.eval_kitti", "--gt", str(gt_dir), "--pred", str(pred)],
                        capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO)})
-    assert r.returncode == 2 and "000001.txt:1: a result line needs 16 fields" in r.stderr
+    assert r.returncode == 0 and "frame 000001 skipped" in r.stderr and "000001.txt:1: a result line needs 16" in r.stderr
+    assert "skipped 1 of" in r.stdout
 
 
 def test_speed_full_val_size():

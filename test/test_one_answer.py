@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cmfiou_core.pipeline import DEMO_CHECKPOINT, DEMO_CONFIG
+from cmfiou_core import resources
+from cmfiou_core.pipeline import DEMO_CHECKPOINT_NAME, demo_checkpoint, demo_config
 from kitti_format import check_result_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def _run(args, env=None, timeout=600):
 @pytest.fixture(scope="module")
 def three_paths(tmp_path_factory, kitti_samples):
     """The two frames through evaluate, bag-eval offline and bag-eval node mode; -> (folder, node report)."""
-    if not DEMO_CHECKPOINT.is_file():
+    if not resources.exists("models", DEMO_CHECKPOINT_NAME):
         pytest.skip("bundled demo checkpoint missing")
     pytest.importorskip("rosbags")
     pytest.importorskip("rclpy")
@@ -47,7 +48,7 @@ def three_paths(tmp_path_factory, kitti_samples):
     (data / "ImageSets").mkdir()
     ids = data / "ImageSets" / "pair.txt"
     ids.write_text("\n".join(FRAMES) + "\n")
-    model = ["--config", DEMO_CONFIG, "--checkpoint", DEMO_CHECKPOINT]
+    model = ["--config", demo_config(), "--checkpoint", demo_checkpoint()]
     _run(["cmfiou_core.tools.evaluate", "--data", data, "--split", "pair", *model, "--out", tmp / "evaluate"])
     bag = tmp / "bag"
     _run(["cmfiou_core.tools.kitti2bag", "--object", data / "training", "--ids", ids, "--out", bag])

@@ -136,11 +136,13 @@ def test_evaluate_tool_on_a_generated_split(tmp_path):
     from kitti_format import check_result_text
 
     prov = summary["provenance"]
-    head = subprocess.run(["git", "-C", str(DEFAULT_CONFIG.parents[1]), "rev-parse", "HEAD"], capture_output=True,
-                          text=True)
+    from pathlib import Path
+
+    head = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
     if head.returncode == 0:
         assert prov["git_commit"] == head.stdout.strip() and isinstance(prov["git_dirty"], bool)
-    assert prov["checkpoint_sha256"] == hashlib.sha256(DEMO_CHECKPOINT.read_bytes()).hexdigest()
+    assert prov["checkpoint_sha256"] == hashlib.sha256(demo_checkpoint().read_bytes()).hexdigest()
     assert prov["config_sha256"] == hashlib.sha256(DEFAULT_CONFIG.read_bytes()).hexdigest()
     assert prov["device"] == "cpu" and prov["device_name"] and "cmfiou_core.tools.evaluate" in prov["command"]
     for fid in val:
