@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     ap.add_argument("--views", choices=("1", "3"), default="1")
     ap.add_argument("--dilate-ratio", type=float, default=6.0)
     ap.add_argument("--down-ratio", type=float, default=1.0)
+    ap.add_argument("--dtypes", default="fp32", help="comma list of engine dtypes to time: fp32,tf32,bf16,fp16")
+    ap.add_argument("--margin", type=float, default=1.3)
+    ap.add_argument("--profile-top", type=int, default=0, help="print the N heaviest CUDA kernels of the graph engine")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -99,8 +102,14 @@ def main(argv=None) -> int:
     eager = model.backbone_3d
     caps = Capacities(dilate_ratio=args.dilate_ratio, down_ratio=args.down_ratio)
     cap_in = model.cfg.max_voxels(False)
-    engine_nog = EngineBackbone(eager, caps, cap_in, use_graph=False).to(dev).eval()
-    engine_g = EngineBackbone(eager, caps, cap_in, use_graph=dev.type == "cuda").to(dev).eval()
+    engine_nog = EngineBackbone(eager, None, cap_in, use_graph=False, margin=args.margin).to(dev).eval()
+    engine_g = EngineBackbone(eager, None, cap_in, use_graph=dev.type == "cuda", margin=args.margin).to(dev).eval()
+    dtypes = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    variants = [("eager", eager), ("engine", engine_nog), ("engine_graph", engine_g)]
+    for name in [d for d in args.dtypes.split(",") if d and d != "fp32"]:
+        e = EngineBackbone(eager, None, cap_in, use_graph=dev.type == "cuda", margin=args.margin,
+                           dtype=dtypes[name]).to(dev).eval()
+        variants.append((f"engine_graph_{name}", e))
 
     def run(mod, b):
         bb = model.vfe(dict(b))
@@ -134,7 +143,8 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
 
     results = {}
-    for label, mod in (("eager", eager), ("engine", engine_nog), ("engine_graph", engine_g)):
+    for label, mod in variants:
+        torch.backends.cuda.matmul.allow_tf32 = label.endswith("tf32")
         times = []
         for i in range(args.warmup + args.frames):
             b = batches[i % len(batches)][1]
@@ -149,6 +159,28 @@ def main(argv=None) -> int:
         launches, kernel_ms = _kernel_launches(lambda: run(mod, b0)) if cuda else (float("nan"), float("nan"))
         results[label] = {"latency_ms": _percentiles(times), "kernel_launches_per_frame": launches,
                           "cuda_kernel_ms_per_frame": kernel_ms}
+        if hasattr(mod, "engine"):
+            results[label]["capacities"] = dict(sorted(mod.engine.caps.fixed.items()))
+            results[label]["site_counts_last_frame"] = getattr(mod, "last_counts", None)
+            if mod is not eager:
+                with torch.no_grad():
+                    ref = run(eager, batches[0][1])
+                    got = run(mod, batches[0][1])
+                a = ref["multi_scale_3d_features_mm"]["x_conv4"] if "multi_scale_3d_features_mm" in ref else \
+                    ref["multi_scale_3d_features"]["x_conv4"]
+                g = got["multi_scale_3d_features_mm"]["x_conv4"] if "multi_scale_3d_features_mm" in got else \
+                    got["multi_scale_3d_features"]["x_conv4"]
+                oa = torch.argsort(linear_keys(a.indices, a.spatial_shape))
+                og = torch.argsort(linear_keys(g.indices, g.spatial_shape))
+                results[label]["x_conv4_max_rel_diff_vs_eager"] = float(
+                    (a.features[oa] - g.features[og]).abs().max() / a.features.abs().max())
+        if args.profile_top and label == "engine" and cuda:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                with torch.no_grad():
+                    run(mod, b0)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_top))
         print(f"{label:13s} p50 {results[label]['latency_ms']['p50']:7.2f} ms  p99 "
               f"{results[label]['latency_ms']['p99']:7.2f} ms  launches/frame {launches:7.0f}  "
               f"kernel {kernel_ms:6.2f} ms")

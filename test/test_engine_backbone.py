@@ -48,9 +48,18 @@ def _random_sites(n, shape, batch, seed):
     return idx[torch.randperm(len(idx), generator=g)].int(), g
 
 
+@pytest.fixture(params=["sorted", "dense"])
+def table_kind(request, monkeypatch):
+    """Both site-table implementations (sorted keys: the CPU default; dense grid: the CUDA default)."""
+    import cmfiou_core.engine.sparse as sparse
+
+    monkeypatch.setattr(sparse, "_FORCE_DENSE", request.param == "dense")
+    return request.param
+
+
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 2, 1), (3, 2, (0, 1, 1)), (3, 1, 1), ((3, 1, 1), (2, 1, 1), 0),
                                                    (5, 2, 2)])
-def test_conv_and_inverse_match_spconv(kernel, stride, padding):
+def test_conv_and_inverse_match_spconv(kernel, stride, padding, table_kind):
     shape = [11, 40, 36]
     idx, g = _random_sites(600, shape, 2, 0)
     f = torch.randn(len(idx), 8, generator=g)
@@ -75,7 +84,7 @@ def test_conv_and_inverse_match_spconv(kernel, stride, padding):
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_subm_matches_spconv(ndim):
+def test_subm_matches_spconv(ndim, table_kind):
     shape = [11, 40, 36][-ndim:]
     idx, g = _random_sites(500, shape, 2, 1)
     f = torch.randn(len(idx), 8, generator=g)
@@ -191,7 +200,7 @@ def test_engine_backbone_equals_eager(shared_dir, views):
     assert checked > 8000 * views
 
 
-def test_overflow_grows_capacities_and_reruns_the_frame(shared_dir, caplog):
+def test_overflow_grows_capacities_and_reruns_the_frame(shared_dir, caplog, table_kind):
     """Capacities far too small: the overflow is counted on the device, logged, the capacities grow from the exact
     counts and the frame is re-run, so its output still equals the eager backbone."""
     inp, _, _ = _inputs(shared_dir)

@@ -26,7 +26,7 @@ from ..model.resvc import IMAGE_GRID_H, IMAGE_GRID_W, ResConvBlock, _affine4, in
 from ..model.s2d import RAWSDBlock, SparseBasicBlock3D
 from .padded import PaddedSparse
 from .sparse import (Affine, FoldedConv, KernelMap, compact_unique, conv_map, inverse_map, keys_to_indices,
-                     linear_keys, lookup, masked, subm_map)
+                     linear_keys, lookup_sites, masked, subm_map)
 
 
 @dataclass
@@ -317,10 +317,10 @@ def _inverse_view_rows(points: torch.Tensor, param: torch.Tensor) -> torch.Tenso
 
 def _site_table(uv: torch.Tensor, valid: torch.Tensor, shape, batch_size: int, capacity: int):
     keys = linear_keys(uv, shape, valid)
-    table, count, _ = compact_unique(keys, capacity)
+    table, count, _ = compact_unique(keys, capacity, int(batch_size) * int(shape[0]) * int(shape[1]))
     sites = PaddedSparse(uv.new_zeros((capacity, 0), dtype=torch.float32), keys_to_indices(table, shape), count,
                          tuple(shape), batch_size)
-    row_site = lookup(table, keys)        # (cap,) site row of every voxel row (capacity for padding)
+    row_site = lookup_sites(sites, keys)  # (cap,) site row of every voxel row (capacity for padding)
     return sites, row_site
 
 
@@ -328,10 +328,10 @@ def _image_plane_mean(t: PaddedSparse, uv, shape, c1: _Block, c2: _Block) -> tor
     """Unique sites: scatter-mean voxel features onto sites, two 2D SubM convs, gather back per voxel."""
     cap = t.capacity
     sites, row_site = _site_table(uv, t.valid, shape, t.batch_size, cap)
-    feats = t.features
+    feats = t.features.float()      # the scatter-mean accumulates in fp32 whatever the engine's dtype
     acc = feats.new_zeros((cap + 1, feats.shape[1])).index_add_(0, row_site, feats)
     cnt = feats.new_zeros((cap + 1,)).index_add_(0, row_site, torch.ones_like(feats[:, 0]))
-    mean = (acc[:cap] / cnt[:cap].clamp_min(1)[:, None])
+    mean = (acc[:cap] / cnt[:cap].clamp_min(1)[:, None]).to(t.features.dtype)
     mean = masked(mean, sites.valid)
     km = subm_map(sites, c1.kernel)
     h = c1(mean, km)

@@ -33,7 +33,19 @@ class PaddedSparse:
         return torch.arange(self.capacity, device=self.indices.device) < self.count
 
     def replace_feature(self, features: torch.Tensor) -> "PaddedSparse":
-        return PaddedSparse(features, self.indices, self.count, self.spatial_shape, self.batch_size)
+        out = PaddedSparse(features, self.indices, self.count, self.spatial_shape, self.batch_size)
+        grid = self.__dict__.get("_row_grid")
+        if grid is not None:           # the site set is unchanged: keep its dense row grid (engine.sparse.row_grid)
+            out.__dict__["_row_grid"] = grid
+        return out
+
+    @property
+    def key_space(self) -> int:
+        """Number of possible sites: batch_size x prod(spatial_shape)."""
+        n = int(self.batch_size)
+        for s in self.spatial_shape:
+            n *= int(s)
+        return n
 
     @classmethod
     def from_spconv(cls, t, capacity: int) -> "PaddedSparse":

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 class EngineBackbone(nn.Module):
     def __init__(self, backbone: VCEConv8x, capacities: Optional[Capacities] = None, input_capacity: int = 40000,
-                 use_graph: Optional[bool] = None, margin: float = 2.0):
+                 use_graph: Optional[bool] = None, margin: float = 1.3, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.eager = backbone
         # without explicit capacities the first frame runs un-captured with generous ones (2x per strided conv) and
@@ -38,6 +38,7 @@ class EngineBackbone(nn.Module):
         self.engine = BackboneEngine(backbone, capacities or Capacities(dilate_ratio=6.0, down_ratio=2.0))
         self.input_capacity = int(input_capacity)
         self.use_graph = use_graph
+        self.dtype = dtype       # feature / GEMM dtype inside the engine (bf16 / fp16: tensor-core GEMMs, fp32 accum.)
         self._graphs: Dict[Tuple, Any] = {}
         self.last_overflow = 0
         self.captures = 0
@@ -84,11 +85,11 @@ class EngineBackbone(nn.Module):
         shape = self.eager.sparse_shape
         cap = raw_f.shape[0]
         valid = torch.arange(cap, device=raw_f.device) < raw_n
-        raw = sort_sites(raw_f, raw_c, shape, BV, cap, valid)
+        raw = sort_sites(raw_f.to(self.dtype), raw_c, shape, BV, cap, valid)
         pseudo = None
         if mm_f is not None:
             vm = torch.arange(mm_f.shape[0], device=mm_f.device) < mm_n
-            pseudo = sort_sites(mm_f, mm_c, shape, BV, mm_f.shape[0], vm)
+            pseudo = sort_sites(mm_f.to(self.dtype), mm_c, shape, BV, mm_f.shape[0], vm)
         return self.engine(raw, pseudo, {"m_rect": m_rect, "p2_t": p2_t}, trans)
 
     def _run(self, args, BV):
@@ -189,7 +190,7 @@ class EngineBackbone(nn.Module):
                 a, b = cuts[key][v], cuts[key][v + 1]
                 idx = t.indices[a:b].clone()
                 idx[:, 0] -= v * B
-                return spconv.SparseConvTensor(t.features[a:b], idx, list(t.spatial_shape), B)
+                return spconv.SparseConvTensor(t.features[a:b].float(), idx, list(t.spatial_shape), B)
             batch["encoded_spconv_tensor" + s] = sp(("enc", ""), out["encoded"])
             batch["encoded_spconv_tensor_stride" + s] = 8
             batch["multi_scale_3d_features" + s] = {k: sp(("raw", k), out["raw"][k]) for k in strides}
@@ -211,12 +212,12 @@ def _row_batch(t: PaddedSparse) -> torch.Tensor:
 
 
 def use_engine(model: nn.Module, capacities: Optional[Capacities] = None, use_graph: Optional[bool] = None,
-               input_capacity: Optional[int] = None) -> EngineBackbone:
+               input_capacity: Optional[int] = None, **kw) -> EngineBackbone:
     """Swap ``model.backbone_3d`` for an ``EngineBackbone`` (eval only; the eager module is kept inside it)."""
     bb = model.backbone_3d
     if isinstance(bb, EngineBackbone):
         return bb
     cap = input_capacity or model.cfg.max_voxels(False)
-    eng = EngineBackbone(bb, capacities, cap, use_graph).to(next(bb.parameters()).device).eval()
+    eng = EngineBackbone(bb, capacities, cap, use_graph, **kw).to(next(bb.parameters()).device).eval()
     model.backbone_3d = eng
     return eng

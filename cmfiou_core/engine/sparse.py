@@ -19,12 +19,22 @@ import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from .padded import PaddedSparse
 
 SENTINEL = torch.iinfo(torch.int64).max
+# Site tables: on CUDA a dense grid over the key space (prefix-sum compaction, O(1) lookups) when it has at most
+# DENSE_MAX cells, else (and on the CPU) sorted keys with sort / searchsorted. Both give identical tables.
+DENSE_MAX = 1 << 30
+_FORCE_DENSE = None          # tests: True / False to force a path, None = by device
+
+
+def use_dense(device, key_space: int) -> bool:
+    dense = (torch.device(device).type == "cuda") if _FORCE_DENSE is None else _FORCE_DENSE
+    return bool(dense) and key_space <= DENSE_MAX
 
 
 # --------------------------------------------------------------------------------------------------- keys and tables
@@ -60,11 +70,15 @@ def lookup(table_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return torch.where(hit, pos, torch.full_like(pos, cap))
 
 
-def compact_unique(keys: torch.Tensor, capacity: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compact_unique(keys: torch.Tensor, capacity: int, key_space: Optional[int] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unique keys of ``keys`` (SENTINEL = none), sorted, in a (capacity,) buffer padded with SENTINEL.
 
     Returns ``(table, count, overflow)``: count = number of unique keys kept (<= capacity), overflow = how many did not
-    fit (both 0-dim device tensors). Static shapes: sort, first-of-run mask, prefix sum, scatter."""
+    fit (both 0-dim device tensors). Static shapes: sort, first-of-run mask, prefix sum, scatter; or, with
+    ``key_space`` on CUDA, an occupancy grid over all possible keys and its prefix sum (no sort)."""
+    if key_space is not None and use_dense(keys.device, key_space):
+        return _compact_dense(keys, capacity, key_space)
     s, _ = torch.sort(keys)
     first = torch.ones_like(s, dtype=torch.bool)
     first[1:] = s[1:] != s[:-1]
@@ -77,6 +91,47 @@ def compact_unique(keys: torch.Tensor, capacity: int) -> Tuple[torch.Tensor, tor
     table.scatter_(0, dst, torch.where(keep, s, torch.full_like(s, SENTINEL)))
     count = torch.clamp(total, max=capacity)
     return table[:capacity], count, total - count
+
+
+def _compact_dense(keys: torch.Tensor, capacity: int, key_space: int):
+    valid = keys != SENTINEL
+    k = torch.where(valid, keys, torch.full_like(keys, key_space))
+    mark = torch.zeros(key_space + 1, dtype=torch.int32, device=keys.device)
+    mark.scatter_(0, k, torch.ones_like(k, dtype=torch.int32))
+    pos = torch.cumsum(mark[:key_space], 0, dtype=torch.int32)
+    total = pos[-1].long()
+    rank = pos.gather(0, k.clamp(max=key_space - 1)).long() - 1       # rank of each key among the occupied cells
+    keep = valid & (rank < capacity)
+    table = torch.full((capacity + 1,), SENTINEL, dtype=torch.int64, device=keys.device)
+    table.scatter_(0, torch.where(keep, rank, torch.full_like(rank, capacity)),
+                   torch.where(keep, keys, torch.full_like(keys, SENTINEL)))
+    count = torch.clamp(total, max=capacity)
+    return table[:capacity], count, total - count
+
+
+def row_grid(sites: PaddedSparse) -> torch.Tensor:
+    """Dense (key_space + 1,) int32 grid: the row of each occupied site, ``capacity`` elsewhere (cached per site set)."""
+    g = sites.__dict__.get("_row_grid")
+    if g is None:
+        cap = sites.capacity
+        keys = linear_keys(sites.indices, sites.spatial_shape, sites.valid)
+        ks = sites.key_space
+        g = torch.full((ks + 1,), cap, dtype=torch.int32, device=keys.device)
+        g.scatter_(0, torch.where(keys != SENTINEL, keys, torch.full_like(keys, ks)),
+                   torch.arange(cap, dtype=torch.int32, device=keys.device))
+        g[ks] = cap
+        sites.__dict__["_row_grid"] = g
+    return g
+
+
+def lookup_sites(sites: PaddedSparse, query: torch.Tensor) -> torch.Tensor:
+    """Row of each query key among ``sites`` (``capacity`` when absent or SENTINEL)."""
+    ks = sites.key_space
+    if use_dense(query.device, ks):
+        g = row_grid(sites)
+        q = torch.where(query != SENTINEL, query, torch.full_like(query, ks))
+        return g[q].long()
+    return lookup(linear_keys(sites.indices, sites.spatial_shape, sites.valid), query)
 
 
 def sort_sites(features: torch.Tensor, indices: torch.Tensor, spatial_shape: Sequence[int], batch_size: int,
@@ -145,8 +200,7 @@ def _neighbour_rows(sites: PaddedSparse, out_idx: torch.Tensor, out_valid: torch
     for d in range(nd):
         key = key * int(in_shape[d]) + coords[..., d]
     key = torch.where(inside, key, torch.full_like(key, SENTINEL))
-    in_keys = linear_keys(sites.indices, sites.spatial_shape, sites.valid)
-    return lookup(in_keys, key.reshape(-1)).reshape(key.shape)
+    return lookup_sites(sites, key.reshape(-1)).reshape(key.shape)
 
 
 def subm_map(sites: PaddedSparse, kernel) -> KernelMap:
@@ -177,7 +231,8 @@ def conv_map(sites: PaddedSparse, kernel, stride, padding, out_capacity: int) ->
     for d in range(nd):
         key = key * out_shape[d] + o[d]
     key = torch.where(ok, key, torch.full_like(key, SENTINEL))
-    table, count, overflow = compact_unique(key.reshape(-1), out_capacity)
+    space = int(sites.batch_size) * int(np.prod(out_shape))
+    table, count, overflow = compact_unique(key.reshape(-1), out_capacity, space)
     out_idx = keys_to_indices(table, out_shape)
     out = PaddedSparse(sites.features.new_zeros((out_capacity, 0)), out_idx, count, out_shape, sites.batch_size)
     rows = _neighbour_rows(sites, out_idx, out.valid, offs, s, p, sites.spatial_shape)
@@ -201,8 +256,7 @@ def inverse_map(coarse: PaddedSparse, fine: PaddedSparse, kernel, stride, paddin
     for d in range(nd):
         key = key * int(coarse.spatial_shape[d]) + c[d]
     key = torch.where(ok, key, torch.full_like(key, SENTINEL))
-    in_keys = linear_keys(coarse.indices, coarse.spatial_shape, coarse.valid)
-    rows = lookup(in_keys, key.reshape(-1)).reshape(key.shape)
+    rows = lookup_sites(coarse, key.reshape(-1)).reshape(key.shape)
     return KernelMap(rows, fine)
 
 
@@ -216,7 +270,7 @@ class FoldedConv(nn.Module):
         cout, cin = w.shape[0], w.shape[-1]
         self.kernel = tuple(int(v) for v in w.shape[1:-1])
         wf = w.reshape(cout, -1, cin).permute(1, 2, 0).reshape(-1, cout).float()   # (K*Cin, Cout)
-        bias = torch.zeros(cout) if getattr(conv, "bias", None) is None else conv.bias.detach().float()
+        bias = w.new_zeros(cout).float() if getattr(conv, "bias", None) is None else conv.bias.detach().float()
         if bn is not None:
             scale, shift = bn_affine(bn)
             wf = wf * scale[None]
