@@ -304,6 +304,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scores-topic", default="/cmfiou_detector/scores")
     ap.add_argument("--no-results", action="store_true", help="do not write results/<index>.txt")
     a = ap.parse_args(argv)
+    from cmfiou_core.model.checkpoint import CheckpointError
+
     try:
         frames = bag_io.read_frames(a.bag)  # whole bag read and validated before anything runs or is written
         if not frames:
@@ -321,7 +323,8 @@ def main(argv=None) -> int:
                             "config": a.config, "checkpoint": a.checkpoint,
                             "provenance": provenance(a.config if model else None, a.checkpoint if model else None,
                                                      a.device if model else None, resolve_default_checkpoint=model)})
-    except (bag_io.BagError, ValueError, ImportError) as e:
+    except (bag_io.BagError, ValueError, ImportError, CheckpointError, OSError) as e:
+        # bad input (bag, options, config, checkpoint, a missing file): the reason, no traceback, nothing written
         print(f"cmfiou-bag-eval: error: {e}", file=sys.stderr)
         return 2
     print(format_table(rep), end="")

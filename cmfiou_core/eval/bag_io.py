@@ -306,6 +306,10 @@ def write_bag(out: Union[str, Path], frames: Iterable[SourceFrame], storage: str
                     "image_width": None if f.image is None else int(f.image.shape[1]),
                     "image_height": None if f.image is None else int(f.image.shape[0])}
             put("meta", M.string(json.dumps(meta)), t)
+    from . import mcap_crc
+
+    for f in sorted(out.glob("*.mcap")):  # the rosbags writer leaves every CRC at 0
+        mcap_crc.fill(f)
     return {TOPICS[k]: v for k, v in counts.items() if v}
 
 
@@ -324,9 +328,16 @@ class BagFrame:
 def open_bag(path: Union[str, Path]):
     from rosbags.highlevel import AnyReader
 
+    from . import mcap_crc
+
     path = Path(path)
     if not path.exists():
         raise BagError(f"bag not found: {path}")
+    for f in ([path] if path.suffix == ".mcap" else sorted(path.glob("*.mcap"))):  # sqlite3 has no CRC
+        try:
+            mcap_crc.verify(f)
+        except mcap_crc.McapCrcError as e:
+            raise BagError(f"cannot open bag: {e}") from None
     try:
         r = AnyReader([path], default_typestore=typestore())
         r.open()
