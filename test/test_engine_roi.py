@@ -383,6 +383,30 @@ def test_static_head_three_views_equal_eager(official):
         head(bd, use_given_rois=True)
     assert _close(out["batch_box_preds"], bd["batch_box_preds"], 1e-3)
     assert _close(out["batch_cls_preds"], bd["batch_cls_preds"], 1e-3)
+    # the views as samples of one tensor (engine.runtime's layout); distinct views: view v's voxels shifted by v in x
+    def shifted(t, v):
+        idx = t.indices.clone()
+        idx[:, 3] = (idx[:, 3] + v).clamp_max(t.spatial_shape[2] - 1)
+        return spconv.SparseConvTensor(t.features, idx, t.spatial_shape, 1)
+
+    def stacked(d):
+        out = {}
+        for k, t in d.items():
+            views = [shifted(t, v) for v in range(3)]
+            idx = torch.cat([torch.cat([torch.full_like(w.indices[:, :1], v), w.indices[:, 1:]], 1)
+                             for v, w in enumerate(views)])
+            out[k] = PaddedSparse.from_spconv(spconv.SparseConvTensor(torch.cat([w.features for w in views]), idx,
+                                                                      t.spatial_shape, 3), idx.shape[0] + 5)
+        return out, [_padded({k: shifted(t, v) for k, t in d.items()}) for v in range(3)]
+
+    raw_s, raw_l = stacked(b2["multi_scale_3d_features"])
+    mm_s, mm_l = stacked(b2["multi_scale_3d_features_mm"])
+    args = (b2["st_features_2d"], b2["batch_box_preds"], b2["batch_cls_preds"])
+    o_s = StaticRoIHead(head)(raw_s, mm_s, *args, transform_param=tp, proposals=props)
+    o_l = StaticRoIHead(head)(raw_l, mm_l, *args, transform_param=tp, proposals=props)
+    assert _close(o_s["batch_box_preds"], o_l["batch_box_preds"], 1e-5)
+    assert _close(o_s["batch_cls_preds"], o_l["batch_cls_preds"], 1e-5)
+    assert not _close(o_l["batch_box_preds"], out["batch_box_preds"], 1e-3)  # the shifted views do matter
     with pytest.raises(ValueError, match="views"):
         StaticRoIHead(head)([raw] * 2, [mm] * 2, b2["st_features_2d"], b2["batch_box_preds"], b2["batch_cls_preds"],
                             transform_param=tp[:, :2], proposals=props)

@@ -291,9 +291,10 @@ def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor,
 
 
 def grid_pool_static(layers, gp, voxel_size, pc_range, rois: torch.Tensor,
-                     sources: Union[FusedModality, Mapping[str, PooledSource]]) -> torch.Tensor:
+                     sources: Union[FusedModality, Mapping[str, PooledSource]], sample_offset: int = 0) -> torch.Tensor:
     """``grid_pool.roi_grid_pool`` on prepared sources (a ``FusedModality`` or per-source ``PooledSource``s):
-    rois (B, N, 7+) -> (B*N, G^3, C)."""
+    rois (B, N, 7+) -> (B*N, G^3, C). Frame b pools sample ``sample_offset + b`` of the sources (views batched as
+    samples)."""
     B, N = rois.shape[0], rois.shape[1]
     G3 = gp.grid_size ** 3
     xyz = global_grid_points(rois.reshape(-1, rois.shape[-1]), gp.grid_size).view(B, -1, 3)
@@ -301,7 +302,8 @@ def grid_pool_static(layers, gp, voxel_size, pc_range, rois: torch.Tensor,
     cy = (xyz[:, :, 1:2] - pc_range[1]) // voxel_size[1]
     cz = (xyz[:, :, 2:3] - pc_range[2]) // voxel_size[2]
     coords = torch.cat([cx, cy, cz], dim=-1)
-    bidx = torch.arange(B, device=rois.device).to(rois.dtype).view(B, 1, 1).expand(B, coords.shape[1], 1)
+    bidx = (torch.arange(B, device=rois.device) + int(sample_offset)).to(rois.dtype).view(B, 1, 1)
+    bidx = bidx.expand(B, coords.shape[1], 1)
     new_xyz = xyz.reshape(-1, 3)
     if isinstance(sources, FusedModality):
         return fused_grid_pool(sources, coords, bidx, new_xyz).view(B * N, G3, -1)
@@ -350,7 +352,8 @@ class StaticRoIHead:
                  proposals: Optional[StaticProposals] = None,
                  stage_rois: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """feats / feats_mm: {source: PaddedSparse} (one view) or a list of V such dicts (V = 1 or num_stages, with
-        ``transform_param`` (B, V, 3)); st_features_2d (B, 256, H, W); box_preds (B, A, 7) / cls_preds (B, A, K):
+        ``transform_param`` (B, V, 3)), or with V views one dict whose tensors hold the views as samples (batch size
+        V * B, view v of frame b = sample v * B + b, the layout of ``engine.runtime``); st_features_2d (B, 256, H, W); box_preds (B, A, 7) / cls_preds (B, A, K):
         the dense head's outputs. Returns the eager RoI head's batch-dict outputs (``rois``, ``roi_scores``,
         ``roi_labels``, ``batch_box_preds``, ``batch_cls_preds``, ``batch_iou_preds`` with the IoU branch) plus
         ``roi_valid`` (B, N), ``overflow`` (() bool, see ``engine.nms``) and ``stage_box_preds`` /
@@ -365,7 +368,10 @@ class StaticRoIHead:
         tp = transform_param
         V = 1 if tp is None else int(tp.shape[1])
         S = c.num_stages
-        if V not in (1, S) or len(views) not in (1, V) or len(views_mm) != len(views):
+        B = box_preds.shape[0]
+        stacked = V > 1 and len(views) == 1 and all(int(p.batch_size) == V * B for p in views[0].values())
+        if V not in (1, S) or len(views) not in (1, V) or len(views_mm) != len(views) or \
+                (V > 1 and len(views) == 1 and not stacked):
             raise ValueError(f"StaticRoIHead: {len(views)}/{len(views_mm)} feature views for {V} transform views "
                              f"(expected 1 or num_stages={S})")
         mark("proposal")
@@ -373,7 +379,6 @@ class StaticRoIHead:
             nt = c.nms_test
             proposals = proposal_layer_static(box_preds, cls_preds, nt.nms_thresh, nt.pre_maxsize, nt.post_max_size,
                                               self.pair_capacity, self.nms_mode)
-        B = box_preds.shape[0]
         mark("prepare")
         src = [self.prepare(v, mm=False) for v in views]
         src_mm = [self.prepare(v, mm=True) for v in views_mm]
@@ -390,12 +395,13 @@ class StaticRoIHead:
             rois0 = rois if (V == 1 or view == 0) else x_trans_forward(x_trans_backward(rois, tp[:, view]), tp[:, 0])
             R = rois.shape[0] * rois.shape[1]
             sv = view if len(src) > 1 else 0
+            off = view * B if stacked else 0
             mark(f"s{t}.pool_raw")
             pooled = grid_pool_static(head.roi_grid_pool_layers, c.grid_pool, c.voxel_size, c.point_cloud_range,
-                                      rois, src[sv])
+                                      rois, src[sv], off)
             mark(f"s{t}.pool_mm")
             pooled_mm = grid_pool_static(head.roi_grid_pool_layers_mm, c.grid_pool_mm, c.voxel_size,
-                                         c.point_cloud_range, rois, src_mm[sv])
+                                         c.point_cloud_range, rois, src_mm[sv], off)
             mark(f"s{t}.head")
             sh = head.shared_fc_layers[0](pooled.reshape(R, -1)).unsqueeze(0)
             sh_mm = head.shared_fc_layers_mm[0](pooled_mm.reshape(R, -1)).unsqueeze(0)
