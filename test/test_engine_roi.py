@@ -349,11 +349,12 @@ def test_static_head_cuda_graph_replay_equals_eager():
             head(bt)
         for k in ("rois", "roi_labels"):
             assert torch.equal(out[k], bt[k]), k
-        for k in ("batch_box_preds", "batch_cls_preds", "batch_iou_preds"):
-            assert torch.allclose(out[k], bt[k], atol=1e-4, rtol=1e-5), k
+        for k in ("batch_box_preds", "batch_cls_preds", "batch_iou_preds"):  # chained stages: 1e-3, as on the CPU
+            assert torch.allclose(out[k], bt[k], atol=1e-3, rtol=1e-5), (k, float((out[k] - bt[k]).abs().max()))
         ref = post_process(bt, cfg)[0]
         got = unpad(det)
-        assert torch.equal(got.labels, ref.labels) and torch.allclose(got.boxes, ref.boxes, atol=1e-4)
+        assert not bool(det.overflow) and len(got.boxes) == len(ref.boxes) > 0
+        assert torch.equal(got.labels, ref.labels) and torch.allclose(got.boxes, ref.boxes, atol=1e-3)
 
 
 def test_static_head_three_views_equal_eager(official):
