@@ -86,12 +86,12 @@ def greedy_keep(sup: torch.Tensor, valid: torch.Tensor, max_keep: int):
     # survivors after keeping box i: not suppressed by i, and not i itself; row K (no box left) keeps everything
     stay = ~(sup | torch.eye(K, dtype=torch.bool, device=dev))
     stay = torch.cat([stay, stay.new_ones((B, 1, K))], dim=1)          # (B, K + 1, K)
-    alive = valid.clone()
+    cand = torch.where(valid, ar, K)                                   # sorted position of each alive box, else K
     picks: List[torch.Tensor] = []
-    for _ in range(T):
-        i = torch.where(alive, ar, K).amin(dim=1)                      # first alive sorted position, K if none
+    for _ in range(T):                                                 # 3 kernels a step
+        i = cand.amin(dim=1)                                           # first alive sorted position, K if none
         picks.append(i)
-        alive = alive & stay.gather(1, i.view(B, 1, 1).expand(B, 1, K)).view(B, K)
+        cand = torch.where(stay.gather(1, i.view(B, 1, 1).expand(B, 1, K)).view(B, K), cand, K)
     pos = torch.stack(picks, dim=1)
     kept = pos < K
     return pos.clamp_max(K - 1), kept
