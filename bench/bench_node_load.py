@@ -46,34 +46,6 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def provenance(ns) -> dict:
-    """Commit, config and checkpoint (sha256) the node ran with."""
-    out = {"commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip(),
-           "dirty": bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                                        capture_output=True, text=True).stdout.strip())}
-    if ns.tiny_sleep_ms is None:
-        from cmfiou_core import pipeline as P
-
-        cfg = getattr(P, "DEFAULT_CONFIG", None)
-        ckpt = ns.checkpoint or getattr(P, "DEMO_CHECKPOINT", None)
-        if cfg is not None and Path(cfg).is_file():
-            out.update(config=str(Path(cfg).name), config_sha256=sha256(cfg))
-        if ckpt is not None and Path(ckpt).is_file():
-            out.update(checkpoint=str(Path(ckpt).name), checkpoint_sha256=sha256(ckpt))
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", type=float, nargs="+", default=[0.0, 1.0, 10.0, 20.0])
@@ -96,7 +68,10 @@ def main(argv=None) -> int:
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
     from vision_msgs.msg import Detection3DArray
 
+    from cmfiou_ros.msg import FrameTimings
+
     from benchutil import write_json
+    from cmfiou_core.provenance import provenance
     from cmfiou_ros import convert as C
     from cmfiou_ros.replay_node import KittiSource
     from cmfiou_ros.run_graph import child_env
@@ -131,6 +106,9 @@ def main(argv=None) -> int:
             "image": node.create_publisher(Image, "/kitti/camera_color_left/image_raw", rel),
             "cloud": node.create_publisher(PointCloud2, "/kitti/velo/pointcloud", rel),
             "ext": node.create_publisher(TransformStamped, "/bench/lidar_to_camera", latched)}
+    proc_ms = []  # per output: the node's own frame time (FrameTimings.total_ms: callback to publish)
+    node.create_subscription(FrameTimings, "/cmfiou_detector/timings", lambda m: proc_ms.append(m.total_ms),
+                             QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
     got = []  # (receive wall ns, stamp ns)
     node.create_subscription(Detection3DArray, "/cmfiou_detector/detections",
                              lambda m: got.append((time.time_ns(), C.stamp_to_ns(m.header.stamp))),
@@ -138,7 +116,8 @@ def main(argv=None) -> int:
     results = {"command": " ".join(["python", "bench/bench_node_load.py"] + (argv if argv is not None else
                                                                               sys.argv[1:])),
                "pipeline": "tiny" if ns.tiny_sleep_ms is not None else "cmfiou", "device": ns.device,
-               "cpu_count": os.cpu_count(), **provenance(ns), "phases": []}
+               "cpu_count": os.cpu_count(), "phases": [],
+               "provenance": provenance(None, None if ns.tiny_sleep_ms is not None else ns.checkpoint, ns.device)}
     try:
         t_end = time.monotonic() + ns.startup_timeout
         while node.count_subscribers("/kitti/velo/pointcloud") < 1 or \
@@ -161,6 +140,8 @@ def main(argv=None) -> int:
             sent = []
             ex.spin_once(timeout_sec=0.5)
             got.clear()
+            proc_ms.clear()
+            load0 = os.getloadavg()[0]
             c0, p0, w0 = thread_cpu_s(proc.pid, proc.pid), process_cpu_s(proc.pid), time.monotonic()
             period = 1.0 / rate if rate > 0 else None
             t_next = time.monotonic()
@@ -182,6 +163,8 @@ def main(argv=None) -> int:
             ph = {"rate_hz": rate, "seconds": round(w1 - w0, 2), "inputs": len(sent), "outputs": len(got),
                   "main_thread_cpu_pct": round(100.0 * (c1 - c0) / (w1 - w0), 1),
                   "process_cpu_pct": round(100.0 * (p1 - p0) / (w1 - w0), 1),
+                  "frame_ms_p50": float(np.percentile(proc_ms, 50)) if proc_ms else None,
+                  "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
                   "latency_s": {"p50": float(np.percentile(lat, 50)) if lat else None,
                                 "max": max(lat) if lat else None,
                                 "newest": newest[0] if newest else None}}

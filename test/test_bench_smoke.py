@@ -70,3 +70,20 @@ def test_bench_roi_head_cpu_smoke(tmp_path):
         assert d["per_stage"][f"s{t}"]["ops"] > 0 and d["per_stage"][f"s{t}"]["syncs"] == 0
     assert d["aten_ops"]["proposal"] > 0 and d["roi_head_totals"]["syncs"] == res["roi_head_totals"]["syncs"]
     _check_provenance(d, checkpoint=False)
+
+
+def test_bench_node_load_smoke(tmp_path):
+    """The node-load harness end to end with the tiny test pipeline (real detector process, real rclpy)."""
+    pytest.importorskip("rclpy")
+    import bench_node_load
+
+    out = tmp_path / "n.json"
+    assert bench_node_load.main(["--tiny-sleep-ms", "50", "--rates", "0", "5", "--seconds", "2",
+                                 "--domain", str(120 + __import__("os").getpid() % 80), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    idle, busy = res["phases"]
+    assert idle["rate_hz"] == 0 and idle["inputs"] == idle["outputs"] == 0
+    assert busy["inputs"] >= 5 and 1 <= busy["outputs"] <= busy["inputs"] and busy["latency_s"]["newest"] > 0
+    for ph in res["phases"]:
+        assert ph["main_thread_cpu_pct"] >= 0 and ph["process_cpu_pct"] >= ph["main_thread_cpu_pct"] - 1.0
+    assert res["provenance"]["git_commit"]
