@@ -146,6 +146,8 @@ class DetectorNode(LifecycleNode):
         self.camera_frames = 0
         self.last_lidar_only: Optional[bool] = None
         self.last_lidar_only_reason = ""
+        self._lidar_only_logged = -1e18
+        self._lidar_only_kind = ""
         self.last_image_age_ms = float("nan")
         self.pipeline_errors = 0
         self._pipeline_errors_window = 0
@@ -446,10 +448,22 @@ class DetectorNode(LifecycleNode):
         if t is not None and not self.assembler.waiting():
             t.cancel()
 
+    def _log_lidar_only(self, reason: str) -> None:
+        """LiDAR-only frames are logged: at once when the reason changes, else once per warn_throttle s."""
+        import re
+
+        now = time.monotonic()
+        kind = re.sub(r"[-+]?\d[\d.e+-]*", "#", reason)  # "older by 0.1 s" and "by 0.2 s" are one reason
+        if kind != self._lidar_only_kind or not self.last_lidar_only or \
+                now - self._lidar_only_logged >= self.params["warn_throttle"]:
+            self._lidar_only_logged, self._lidar_only_kind = now, kind
+            self.warn.logger.warning(f"LiDAR-only frame ({self.lidar_only_frames} so far): {reason}")
+
     def _submit(self, a: Assembled) -> None:
         """An assembled frame: count camera / LiDAR-only frames and hand it to the worker (newest wins)."""
         if a.frame.image is None:
             self.lidar_only_frames += 1
+            self._log_lidar_only(a.reason)  # before the last_* fields change: it compares with the previous frame
             self.last_lidar_only = True
             self.last_lidar_only_reason = a.reason
         else:

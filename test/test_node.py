@@ -101,6 +101,13 @@ def test_camera_stops_lidar_only_continues(ctx, kitti_samples, policy):
     pipe = TinyPipeline()
     node = make_detector(ctx, pipe, sync_policy=policy, image_wait=0.0, max_image_age=0.05, slop=0.02)
     _up(node)
+    log, first_reason = [], []
+
+    class _Log:
+        def warning(self, text):
+            log.append(text)
+
+    node.warn.logger = _Log()
     try:
         cloud, img, info, T, _ = kitti_frame_msgs(kitti_samples, 0, S)
         node._param_T = T
@@ -112,9 +119,14 @@ def test_camera_stops_lidar_only_continues(ctx, kitti_samples, policy):
                 node.on_camera_info(info)
                 node.on_image(img)
             node.on_cloud(cloud)
+            if k == 3:
+                first_reason.append(node.last_lidar_only_reason)
             assert wait_until(lambda: node.frames_out > k, 10)
         assert [cam for _, cam in pipe.frames] == [True] * 3 + [False] * 3
         assert node.lidar_only_frames == 3 and node.last_lidar_only
+        # logged once: the reason's kind does not change (only the image age in it), the throttle period is 5 s
+        assert [line for line in log if "LiDAR-only frame" in line] == \
+            [f"LiDAR-only frame (1 so far): {first_reason[0]}"], log
         sync = {s.name.split(": ")[1]: s for s in node.diagnostics_statuses()}["sync"]
         vals = dict(sync.values)
         assert vals["lidar_only"] == "True" and "older than the cloud" in vals["lidar_only_reason"]
