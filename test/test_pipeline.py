@@ -9,6 +9,7 @@ from cmfiou_core import resources
 from cmfiou_core.pipeline import DEMO_CHECKPOINT_NAME, Pipeline, default_config, demo_checkpoint
 
 DEFAULT_CONFIG = default_config()  # the installed resources (scripts/setup.sh links them into the venv's share)
+DEMO_CHECKPOINT = demo_checkpoint()
 from cmfiou_core.types import Detections, Frame
 
 
