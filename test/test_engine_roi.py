@@ -186,6 +186,10 @@ def test_static_head_lidar_only_empty_pseudo_sources(official, fused):
     assert given["rois"].shape == (1, 11, 7)
     assert _close(out["batch_box_preds"], bd["batch_box_preds"], 1e-4)
     assert _close(out["batch_cls_preds"], bd["batch_cls_preds"], 1e-4)
+    # feats_mm None: the same LiDAR-only frame
+    out2 = StaticRoIHead(head, fused=fused)(_padded(b2["multi_scale_3d_features"]), None, b2["st_features_2d"],
+                                            b2["batch_box_preds"], b2["batch_cls_preds"], proposals=props)
+    assert torch.equal(out2["batch_box_preds"], out["batch_box_preds"])
 
 
 @pytest.fixture(scope="module")

@@ -315,6 +315,12 @@ def grid_pool_static(layers, gp, voxel_size, pc_range, rois: torch.Tensor,
     return torch.cat(pooled, dim=-1)
 
 
+def empty_like_source(p: PaddedSparse) -> PaddedSparse:
+    """A source with no voxels (count 0, capacity 1) on ``p``'s grid: what a LiDAR-only frame pools from."""
+    return PaddedSparse(p.features.new_zeros((1, p.features.shape[1])), p.indices.new_full((1, p.indices.shape[1]), -1),
+                        torch.zeros((), dtype=torch.long, device=p.indices.device), p.spatial_shape, p.batch_size)
+
+
 # ------------------------------------------------------------------------------------------------- head
 Features = Mapping[str, PaddedSparse]
 
@@ -351,7 +357,7 @@ class StaticRoIHead:
                  transform_param: Optional[torch.Tensor] = None,
                  proposals: Optional[StaticProposals] = None,
                  stage_rois: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-        """feats / feats_mm: {source: PaddedSparse} (one view) or a list of V such dicts (V = 1 or num_stages, with
+        """feats / feats_mm: {source: PaddedSparse} (one view; ``feats_mm`` None: a LiDAR-only frame) or a list of V such dicts (V = 1 or num_stages, with
         ``transform_param`` (B, V, 3)), or with V views one dict whose tensors hold the views as samples (batch size
         V * B, view v of frame b = sample v * B + b, the layout of ``engine.runtime``); st_features_2d (B, 256, H, W); box_preds (B, A, 7) / cls_preds (B, A, K):
         the dense head's outputs. Returns the eager RoI head's batch-dict outputs (``rois``, ``roi_scores``,
@@ -364,6 +370,8 @@ class StaticRoIHead:
             raise RuntimeError("StaticRoIHead runs the eval forward: call head.eval() first")
         c = head.cfg
         views = list(feats) if isinstance(feats, (list, tuple)) else [feats]
+        if feats_mm is None:  # LiDAR-only frame: empty pseudo sources (the eager path's empty spconv tensors)
+            feats_mm = [{k: empty_like_source(p) for k, p in v.items()} for v in views]
         views_mm = list(feats_mm) if isinstance(feats_mm, (list, tuple)) else [feats_mm]
         tp = transform_param
         V = 1 if tp is None else int(tp.shape[1])
