@@ -352,14 +352,16 @@ class StaticRoIHead:
                 for i, (name, stride) in enumerate(zip(gp.sources, gp.strides))}
 
     @torch.no_grad()
-    def __call__(self, feats: Union[Features, Sequence[Features]], feats_mm: Union[Features, Sequence[Features]],
+    def __call__(self, feats: Union[Features, Sequence[Features]],
+                 feats_mm: Union[None, Features, Sequence[Features]],
                  st_features_2d: Optional[torch.Tensor], box_preds: torch.Tensor, cls_preds: torch.Tensor,
                  transform_param: Optional[torch.Tensor] = None,
                  proposals: Optional[StaticProposals] = None,
                  stage_rois: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-        """feats / feats_mm: {source: PaddedSparse} (one view; ``feats_mm`` None: a LiDAR-only frame) or a list of V such dicts (V = 1 or num_stages, with
-        ``transform_param`` (B, V, 3)), or with V views one dict whose tensors hold the views as samples (batch size
-        V * B, view v of frame b = sample v * B + b, the layout of ``engine.runtime``); st_features_2d (B, 256, H, W); box_preds (B, A, 7) / cls_preds (B, A, K):
+        """feats / feats_mm: {source: PaddedSparse} for one view, or a list of V such dicts (V = 1 or num_stages,
+        with ``transform_param`` (B, V, 3)), or for V views one dict whose tensors hold the views as samples (batch
+        size V * B, view v of frame b = sample v * B + b, the layout of ``engine.runtime``); ``feats_mm`` None: a
+        LiDAR-only frame. st_features_2d (B, 256, H, W); box_preds (B, A, 7) / cls_preds (B, A, K):
         the dense head's outputs. Returns the eager RoI head's batch-dict outputs (``rois``, ``roi_scores``,
         ``roi_labels``, ``batch_box_preds``, ``batch_cls_preds``, ``batch_iou_preds`` with the IoU branch) plus
         ``roi_valid`` (B, N), ``overflow`` (() bool, see ``engine.nms``) and ``stage_box_preds`` /
