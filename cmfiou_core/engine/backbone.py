@@ -75,10 +75,7 @@ class _Block(nn.Module):
         self.relu = relu
 
     def forward(self, x: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
-        y = self.conv(x, kmap)
-        if self.relu:
-            y = torch.relu(y)
-        return masked(y, kmap.out.valid)
+        return masked(self.conv(x, kmap, relu=self.relu), kmap.out.valid)
 
 
 class BackboneEngine(nn.Module):
@@ -212,8 +209,7 @@ class _Basic(nn.Module):
         self.c2 = FoldedConv(m.conv2, m.bn2)
 
     def forward(self, x: Sparse, km: KernelMap) -> Sparse:
-        h = torch.relu(self.c1(x.t.features, km))
-        h = masked(h, x.t.valid)
+        h = masked(self.c1(x.t.features, km, relu=True), x.t.valid)
         y = masked(torch.relu(self.c2(h, km) + x.t.features), x.t.valid)
         return Sparse(x.t.replace_feature(y))
 
@@ -253,8 +249,7 @@ class _ResVC(nn.Module):
         d3 = Sparse(d3.t.replace_feature(h))
         d3, _ = eng._subm(d3, self.d3_3)
         km4 = inverse_map(d3.t, x.t, self.d3_1.kernel, self.d3_1.stride, self.d3_1.padding)
-        y = self.d3_4.conv(d3.t.features, km4)
-        y = torch.relu(y)
+        y = self.d3_4.conv(d3.t.features, km4, relu=True)
         y = masked(self.outn(y + x.t.features), x.t.valid)
         return Sparse(x.t.replace_feature(y))
 

@@ -29,6 +29,7 @@ SENTINEL = torch.iinfo(torch.int64).max
 # Site tables: on CUDA a dense grid over the key space (prefix-sum compaction, O(1) lookups) when it has at most
 # DENSE_MAX cells, else (and on the CPU) sorted keys with sort / searchsorted. Both give identical tables.
 DENSE_MAX = 1 << 30
+USE_TRITON = True            # CUDA: the fused Triton conv (engine.triton_conv) instead of gather + GEMM
 _FORCE_DENSE = None          # tests: True / False to force a path, None = by device
 
 
@@ -119,7 +120,7 @@ def row_grid(sites: PaddedSparse) -> torch.Tensor:
         g = torch.full((ks + 1,), cap, dtype=torch.int32, device=keys.device)
         g.scatter_(0, torch.where(keys != SENTINEL, keys, torch.full_like(keys, ks)),
                    torch.arange(cap, dtype=torch.int32, device=keys.device))
-        g[ks] = cap
+        g[ks:].fill_(cap)     # the dump cell of the padding rows
         sites.__dict__["_row_grid"] = g
     return g
 
@@ -279,13 +280,18 @@ class FoldedConv(nn.Module):
         self.register_buffer("bias", bias.contiguous())
         self.cin, self.cout = cin, cout
 
-    def forward(self, x: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kmap: KernelMap, relu: bool = False) -> torch.Tensor:
+        if x.is_cuda and USE_TRITON:
+            from . import triton_conv
+
+            if triton_conv.AVAILABLE:
+                return triton_conv.sparse_conv(x, kmap.rows, self.weight, self.bias, relu=relu)
         cap_in = x.shape[0]
         xp = torch.cat([x, x.new_zeros((1, x.shape[1]))])
         rows = torch.clamp(kmap.rows, max=cap_in)
         g = xp[rows]                                            # (cap_out, K, Cin)
         y = torch.addmm(self.bias.to(x.dtype), g.reshape(g.shape[0], -1), self.weight.to(x.dtype))
-        return y
+        return torch.relu(y) if relu else y
 
 
 def bn_affine(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:

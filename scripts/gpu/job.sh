@@ -6,7 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd); cd "$ROOT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$ROOT NCCL_NVLS_ENABLE=0
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$ROOT NCCL_NVLS_ENABLE=0 CMFIOU_SHARE_DIR=${CMFIOU_SHARE_DIR:-$ROOT}
 PY=python3
 GEN=${GEN:-/tmp/gen}; NGEN=${NGEN:-400}; MIN=${MIN:-12}
 log() { echo "=== $(date +%T) $*"; }
