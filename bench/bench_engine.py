@@ -12,7 +12,6 @@ memory. Writes JSON (with provenance) and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -116,7 +115,7 @@ def main(argv=None) -> int:
         return mod(bb)
 
     # correctness + counts
-    worst, counts = 0.0, []
+    worst = 0.0
     from cmfiou_core.engine.sparse import linear_keys
     for name, b in batches:
         with torch.no_grad():
@@ -194,15 +193,9 @@ def main(argv=None) -> int:
                                                                 "down_ratio": caps.down_ratio},
               "captures": engine_g.captures, "max_rel_feature_diff": worst, "results": results,
               "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
-    try:
-        from cmfiou_core.provenance import provenance
-        report["provenance"] = provenance(config=args.config, checkpoint=args.checkpoint or None,
-                                          device=args.device)
-    except Exception as e:  # noqa: BLE001 - provenance is best effort in a bench
-        report["provenance_error"] = repr(e)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    from cmfiou_core.provenance import write_report
+
+    write_report(args.json, report, config=args.config, checkpoint=args.checkpoint or None, device=args.device)
     return 0
 
 

@@ -83,14 +83,9 @@ def main(argv=None) -> int:
     print("worst:", json.dumps(worst))
     rep = {"what": "eager vs engine=graph per-frame detections", "frames": rows, "worst": worst,
            "score_threshold_for_unmatched": args.score}
-    try:
-        from cmfiou_core.provenance import provenance
-        rep["provenance"] = provenance(config=args.config, checkpoint=args.checkpoint, device=args.device)
-    except Exception as e:  # noqa: BLE001
-        rep["provenance_error"] = repr(e)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rep, indent=1))
+    from cmfiou_core.provenance import write_report
+
+    write_report(args.json, rep, config=args.config, checkpoint=args.checkpoint or None, device=args.device)
     return 0
 
 

@@ -134,3 +134,17 @@ def provenance(config=None, checkpoint=None, device=None, argv: Optional[Sequenc
     out["host"] = platform.node()
     out["time_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return out
+
+
+def write_report(path, report: Dict[str, object], config=None, checkpoint=None, device=None) -> None:
+    """Attach the provenance record to ``report`` and write it as JSON to ``path`` (parents created; no-op for a
+    falsy path). A provenance failure is recorded in the report, never raised: a measurement is not lost for it."""
+    try:
+        report["provenance"] = provenance(config=config, checkpoint=checkpoint, device=device)
+    except Exception as e:  # noqa: BLE001
+        report["provenance_error"] = f"{type(e).__name__}: {e}"
+    if path:
+        import json
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=1))
