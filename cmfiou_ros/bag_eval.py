@@ -178,7 +178,8 @@ def run_node(frames: List[bag_io.BagFrame], args) -> List[FrameResult]:
         io_node.create_subscription(FrameTimings, args.timings_topic,
                                     lambda m: got_tim.__setitem__(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec, m), q)
         io_node.create_subscription(DetectionScores, args.scores_topic, lambda m: got_lo.__setitem__(
-            m.header.stamp.sec * 10**9 + m.header.stamp.nanosec, bool(m.lidar_only)), q)
+            m.header.stamp.sec * 10**9 + m.header.stamp.nanosec,
+            (bool(m.lidar_only), str(getattr(m, "lidar_only_reason", "")))), q)
         # player: the raw CDR bytes of the bag, in bag order
         r = bag_io.open_bag(args.bag)
         msgs = importlib.import_module
@@ -253,9 +254,8 @@ def run_node(frames: List[bag_io.BagFrame], args) -> List[FrameResult]:
             tm["total"] = float(ft.total_ms)
         if f.stamp_ns in pub_wall and f.stamp_ns in recv_wall:  # cloud published -> detections received
             tm["end_to_end"] = (recv_wall[f.stamp_ns] - pub_wall[f.stamp_ns]) * 1e3
-        lo = got_lo.get(f.stamp_ns)
-        why = reasons.get(f.stamp_ns) or ("" if not lo else "reported LiDAR-only by the external node (its "
-                                          "/diagnostics give the reason)" if args.external_node else "")
+        lo, msg_reason = got_lo.get(f.stamp_ns, (None, ""))
+        why = reasons.get(f.stamp_ns) or msg_reason  # in-process: the frame assembly's; else DetectionScores'
         if lo is None:
             lo, why = False, "no DetectionScores message received: camera use unknown"
         out.append(FrameResult(f.index, f.stamp_ns, _result_text(det, f, args.pad_small_boxes), tm,
