@@ -36,9 +36,9 @@ def _batches(pipe, frames):
     got = []
     orig = Pipeline._run_model
 
-    def grab(m, batch, timer):
+    def grab(m, batch, timer, **kw):
         got.append(dict(batch))
-        return orig(m, batch, timer)
+        return orig(m, batch, timer, **kw)
 
     Pipeline._run_model = staticmethod(grab)
     try:

@@ -100,11 +100,14 @@ class Pipeline:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.engine = engine
+        self._graph_roi = None
         if engine == "graph":
-            # the static-shape backbone (CUDA graph on CUDA; the same static code eagerly on the CPU), issue 16
-            from .engine.runtime import use_engine
+            # the static-shape backbone and RoI head (CUDA graphs on CUDA; the same static code eagerly on the CPU)
+            from .engine.runtime import GraphRoIHead, use_engine
 
-            use_engine(self.model)
+            eng = use_engine(self.model)
+            if self.model.roi_head is not None:
+                self._graph_roi = GraphRoIHead(self.model, eng)
         self.depth_cfg = DepthConfig.from_dict(cfg.depth, cfg.source)
         self.depth = PseudoPointGenerator(self.depth_cfg)
         self.timing = timing
@@ -267,12 +270,18 @@ class Pipeline:
         timer.mark("voxelize")
         m = self.model
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            batch = self._run_model(m, batch, timer)
-        if self.amp is not None:
-            for k in ("batch_box_preds", "batch_cls_preds", "batch_iou_preds", "rois"):
-                if isinstance(batch.get(k), torch.Tensor):
-                    batch[k] = batch[k].float()
-        det = m.post_process(batch)[0]
+            if self._graph_roi is not None:
+                batch = self._run_model(m, batch, timer, roi_head=False)
+                det = self._graph_roi(batch)     # static RoI head + post-processing, one D2H copy
+                timer.mark("roi_head")
+            else:
+                batch = self._run_model(m, batch, timer)
+        if self._graph_roi is None:
+            if self.amp is not None:
+                for k in ("batch_box_preds", "batch_cls_preds", "batch_iou_preds", "rois"):
+                    if isinstance(batch.get(k), torch.Tensor):
+                        batch[k] = batch[k].float()
+            det = m.post_process(batch)[0]
         timer.mark("postprocess")
         out = torch.cat([det.boxes.float(), det.labels.float()[:, None], det.cls.float()[:, None],
                          det.iou.float()[:, None], det.score.float()[:, None]], 1).cpu()
@@ -289,7 +298,7 @@ class Pipeline:
                           class_names=self.class_names, score_mode=self.score_mode, note=note)
 
     @staticmethod
-    def _run_model(m, batch, timer: StageTimer):
+    def _run_model(m, batch, timer: StageTimer, roi_head: bool = True):
         batch = m.vfe(batch)
         timer.mark("vfe")
         batch = m.backbone_3d(batch)
@@ -299,8 +308,9 @@ class Pipeline:
         timer.mark("bev")
         batch = m.dense_head(batch)
         timer.mark("rpn")
-        batch = m.roi_head(batch)
-        timer.mark("roi_head")
+        if roi_head:
+            batch = m.roi_head(batch)
+            timer.mark("roi_head")
         return batch
 
 

@@ -108,11 +108,15 @@ class BackboneEngine(nn.Module):
             self.conv_input_pseudo = _Block(backbone.conv_input_pseudo)
             self.vir = nn.ModuleList([_ResVC(getattr(backbone, f"vir_conv{i}")) for i in range(1, 5)])
         self.overflow = None
+        self.dynamic = False      # True: size every conv output to its exact site count (syncs; calibration only)
 
     # ------------------------------------------------------------------ helpers
     def _conv(self, x: Sparse, block: _Block) -> Sparse:
         cap = self.caps.out_capacity(len(self._ovf), x.t.capacity, block.kernel, block.stride)
         km, ov = conv_map(x.t, block.kernel, block.stride, block.padding, cap)
+        if self.dynamic:   # calibration run: exact capacities (host syncs; never inside a graph)
+            n = int(km.out.count) + int(ov)
+            km, ov = conv_map(x.t, block.kernel, block.stride, block.padding, max(n, 1))
         self._ovf.append(ov)
         self._counts.append(km.out.count + ov)
         return Sparse(km.out.replace_feature(block(x.t.features, km))), km

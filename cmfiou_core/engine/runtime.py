@@ -31,8 +31,8 @@ class EngineBackbone(nn.Module):
                  use_graph: Optional[bool] = None, margin: float = 1.3, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.eager = backbone
-        # without explicit capacities the first frame runs un-captured with generous ones (2x per strided conv) and
-        # the capacities are then set from its site counts x ``margin``; an overflow later grows them the same way
+        # without explicit capacities the first frame runs un-captured with every conv sized to its exact site count,
+        # and the capacities are set from those counts x ``margin``; an overflow later grows them the same way
         self.calibrated = capacities is not None
         self.margin = float(margin)
         self.engine = BackboneEngine(backbone, capacities or Capacities(dilate_ratio=6.0, down_ratio=2.0))
@@ -44,6 +44,8 @@ class EngineBackbone(nn.Module):
         self.captures = 0
         self._max_counts = []
         self.regrowths = 0
+        self.last_padded = None
+        self.last_graph_key = None     # the bucket whose graph produced last_padded (None: not a graph replay)
 
     # ------------------------------------------------------------------ inputs
     def _views(self, batch):
@@ -95,7 +97,16 @@ class EngineBackbone(nn.Module):
     def _run(self, args, BV):
         dev = args[0].device
         use_graph = self.use_graph if self.use_graph is not None else dev.type == "cuda"
-        if not use_graph or not self.calibrated:
+        if not self.calibrated:
+            # first frame: every conv sized to its exact site count (host syncs), which calibrates the capacities
+            self.last_graph_key = None
+            self.engine.dynamic = True
+            try:
+                return self._static(*args, BV)
+            finally:
+                self.engine.dynamic = False
+        if not use_graph:
+            self.last_graph_key = None
             return self._static(*args, BV)
         key = (BV,) + tuple(None if a is None else (tuple(a.shape), a.dtype) for a in args)
         g = self._graphs.get(key)
@@ -114,6 +125,7 @@ class EngineBackbone(nn.Module):
             self._graphs[key] = g
             self.captures += 1
             log.info("EngineBackbone: captured a CUDA graph for bucket %s", key[:2])
+        self.last_graph_key = key
         graph, static_in, static_out = g
         for dst, src in zip(static_in, args):
             if dst is not None:
@@ -142,6 +154,7 @@ class EngineBackbone(nn.Module):
         trans = self._trans(batch, B, V, dev)
         args = (raw_f, raw_c, raw_n, mm_f, mm_c, mm_n, cal["m_rect"], cal["p2_t"], trans)
         out = self._run(args, BV)
+        self.last_padded = out
         counts = self._write(batch, out, B, V, sfx, has_mm)
         first = not self.calibrated
         for attempt in range(8):
@@ -160,6 +173,7 @@ class EngineBackbone(nn.Module):
             log.warning("EngineBackbone: capacity overflow (%d sites): capacities grown to %s and the frame re-run; "
                         "the CUDA graph is captured again", self.last_overflow, sorted(self.engine.caps.fixed.values()))
             out = self._static(*args, BV)
+            self.last_padded, self.last_graph_key = out, None
             counts = self._write(batch, out, B, V, sfx, has_mm)
         self.last_counts = counts
         return batch
@@ -221,3 +235,75 @@ def use_engine(model: nn.Module, capacities: Optional[Capacities] = None, use_gr
     eng = EngineBackbone(bb, capacities, cap, use_graph, **kw).to(next(bb.parameters()).device).eval()
     model.backbone_3d = eng
     return eng
+
+
+class GraphRoIHead:
+    """The static RoI head + post-processing (``engine.roi.StaticRoIHead``) as one captured CUDA graph.
+
+    Inputs: the backbone engine's padded x_conv3 / x_conv4 (``EngineBackbone.last_padded``; static buffers when the
+    backbone replays a graph, so the RoI graph reads them in place), and the dense head's outputs, copied into static
+    buffers. Output: ``FrameDetections`` of sample 0 after one device->host copy of the padded detections. Captured
+    again when an input shape changes; on the CPU the same static code runs without a graph."""
+
+    def __init__(self, model: nn.Module, backbone: EngineBackbone, use_graph: Optional[bool] = None):
+        from .roi import StaticRoIHead
+
+        self.model = model
+        self.backbone = backbone
+        from ..model.postprocess import PostProcessConfig
+
+        self.static = StaticRoIHead(model.roi_head)
+        self._post_cfg = PostProcessConfig.from_any(model.cfg.post_processing)
+        self.use_graph = use_graph
+        self._graphs: Dict[Tuple, Any] = {}
+        self.captures = 0
+
+    def _forward(self, padded, st, box, cls, tp):
+        raw = {k: padded["raw"][k] for k in ("x_conv3", "x_conv4")}
+        mm = {k: padded["mm"][k] for k in ("x_conv3", "x_conv4")} if "mm" in padded else None
+        out = self.static(raw, mm, st, box, cls, tp)
+        det = self.static.detect(out, self._post_cfg)
+        return det
+
+    @torch.no_grad()
+    def __call__(self, batch: Dict[str, Any]):
+        from ..model.postprocess import FrameDetections
+
+        padded = self.backbone.last_padded
+        st, box, cls = batch["st_features_2d"], batch["batch_box_preds"], batch["batch_cls_preds"]
+        tp = batch.get("transform_param")
+        use_graph = self.use_graph if self.use_graph is not None else st.is_cuda
+        if use_graph and self.backbone.last_graph_key is not None:
+            key = (self.backbone.last_graph_key, tuple(st.shape), tuple(box.shape), tuple(cls.shape),
+                   None if tp is None else tuple(tp.shape), "mm" in padded)
+            g = self._graphs.get(key)
+            if g is None:
+                ins = [st.clone(), box.clone(), cls.clone(), None if tp is None else tp.clone()]
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    for _ in range(2):
+                        self._forward(padded, *ins)
+                torch.cuda.current_stream().wait_stream(s)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    det_static = self._forward(padded, *ins)
+                g = (graph, ins, det_static)
+                self._graphs[key] = g
+                self.captures += 1
+            graph, ins, det = g
+            for dst, src in zip(ins, (st, box, cls, tp)):
+                if dst is not None:
+                    dst.copy_(src)
+            graph.replay()
+        else:
+            det = self._forward(padded, st, box, cls, tp)
+        # the one device -> host copy of the frame's result
+        packed = torch.cat([det.boxes[0].float(), det.labels[0].float()[:, None], det.cls[0].float()[:, None],
+                            det.iou[0].float()[:, None], det.score[0].float()[:, None]], 1)
+        flat = torch.cat([det.count[:1].float(), det.overflow.view(1).float(), packed.reshape(-1)]).cpu()
+        n, overflow = int(flat[0]), bool(flat[1])
+        rows = flat[2:].view(packed.shape)[:n]
+        if overflow:
+            log.warning("GraphRoIHead: a fixed NMS capacity overflowed on this frame; detections may be incomplete")
+        return FrameDetections(rows[:, :7], rows[:, 7].long(), rows[:, 8], rows[:, 9], rows[:, 10])
