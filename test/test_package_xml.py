@@ -46,7 +46,7 @@ def test_runtime_imports_equal_declared_dependencies():
     assert used - pip == declared, {"imported, not declared": sorted(used - pip - declared),
                                     "declared, not imported": sorted(declared - (used - pip))}
     assert pip <= used, sorted(pip - used)
-    assert {"torch", "spconv", "rosbags"} == pip
+    assert {"torch", "spconv", "rosbags", "triton"} == pip
 
 
 def test_test_only_imports_are_test_depend():
