@@ -104,6 +104,17 @@ def _padded(sp_dict, extra=29, poison=1e6):
     return out
 
 
+def _physical_proposals(bd):
+    """The eager proposal layer on ``bd``, then only the reference's 11 proposals of physical size (< 10 m) kept."""
+    from cmfiou_core.model.proposal import TEST_DEFAULT, proposal_layer
+
+    proposal_layer(bd, TEST_DEFAULT)
+    sel = (bd["rois"][0, :, 3:6].abs() < 10).all(1)
+    for k in ("rois", "roi_scores", "roi_labels"):
+        bd[k] = bd[k][:, sel].clone()
+    return bd
+
+
 def _close(a, b, atol):
     return float((a.double() - b.double()).abs().max()) <= atol if a.numel() else True
 
@@ -112,26 +123,15 @@ def _close(a, b, atol):
 def official(shared_dir):
     torch.set_num_threads(1)
     sd = np.load(shared_dir / "official_roi" / "state_dict.npz")
-    inp = np.load(shared_dir / "official_roi" / "inputs.npz")
-    dense = np.load(shared_dir / "official_dense" / "outputs.npz")
     head = RoIHead()
     msd = head.state_dict()
     head.load_state_dict({k[9:]: torch.from_numpy(sd[k]).to(msd[k[9:]].dtype) for k in sd.files}, strict=True)
     head.conv_part[1].eps = 1e-3
     head.eval()
 
-    def sp(p):
-        return spconv.SparseConvTensor(torch.from_numpy(dense[p + "_features"]),
-                                       torch.from_numpy(dense[p + "_indices"]),
-                                       [int(x) for x in dense[p + "_spatial_shape"]], 1)
+    from official_reference import reference_batch_factory
 
-    def batch():
-        return {"batch_size": 1,
-                "multi_scale_3d_features": {"x_conv3": sp("raw_x_conv3"), "x_conv4": sp("raw_x_conv4")},
-                "multi_scale_3d_features_mm": {"x_conv3": sp("mm_x_conv3"), "x_conv4": sp("mm_x_conv4")},
-                "st_features_2d": torch.from_numpy(dense["st_features_2d"]),
-                "batch_box_preds": torch.from_numpy(inp["proposal_batch_box_preds"]),
-                "batch_cls_preds": torch.from_numpy(inp["proposal_batch_cls_preds"])}
+    batch = reference_batch_factory(shared_dir)
     return head, batch
 
 
@@ -163,13 +163,7 @@ def test_static_head_lidar_only_empty_pseudo_sources(official, fused):
     """No pseudo voxels at all (LiDAR-only frame): count 0 PaddedSparse against eager empty spconv tensors, on the 11
     reference proposals of physical size as given RoIs."""
     head, batch = official
-    from cmfiou_core.model.proposal import TEST_DEFAULT, proposal_layer
-
-    bd = batch()
-    proposal_layer(bd, TEST_DEFAULT)
-    sel = (bd["rois"][0, :, 3:6].abs() < 10).all(1)
-    for k in ("rois", "roi_scores", "roi_labels"):
-        bd[k] = bd[k][:, sel].clone()
+    bd = _physical_proposals(batch())
     empty = {k: spconv.SparseConvTensor(torch.zeros(0, 64), torch.zeros(0, 4, dtype=torch.int32), t.spatial_shape, 1)
              for k, t in bd["multi_scale_3d_features_mm"].items()}
     bd["multi_scale_3d_features_mm"] = empty
@@ -366,13 +360,7 @@ def test_static_head_three_views_equal_eager(official):
     head against the eager one, on the 11 physical reference proposals as given RoIs. The views reuse the frame's
     tensors (as test_roi_head's identity-view test) under non-identity transform params."""
     head, batch = official
-    from cmfiou_core.model.proposal import TEST_DEFAULT, proposal_layer
-
-    bd = batch()
-    proposal_layer(bd, TEST_DEFAULT)
-    sel = (bd["rois"][0, :, 3:6].abs() < 10).all(1)
-    for k in ("rois", "roi_scores", "roi_labels"):
-        bd[k] = bd[k][:, sel].clone()
+    bd = _physical_proposals(batch())
     for k in ("multi_scale_3d_features", "multi_scale_3d_features_mm"):
         bd[k + "1"] = bd[k]
         bd[k + "2"] = bd[k]

@@ -62,8 +62,6 @@ def reference(shared_dir):
     torch.set_num_threads(1)
     sd = np.load(shared_dir / "official_roi" / "state_dict.npz")
     out = dict(np.load(shared_dir / "official_roi" / "outputs.npz"))
-    inp = dict(np.load(shared_dir / "official_roi" / "inputs.npz"))
-    dense = np.load(shared_dir / "official_dense" / "outputs.npz")
     head = RoIHead()
     msd = head.state_dict()
     head.load_state_dict({k[9:]: torch.from_numpy(sd[k]).to(msd[k[9:]].dtype) for k in sd.files}, strict=True)
@@ -75,17 +73,9 @@ def reference(shared_dir):
     from cmfiou_core.model.grid_pool import use_exact_official_layout
     use_exact_official_layout(head)
 
-    def sp(p):
-        return spconv.SparseConvTensor(torch.from_numpy(dense[p + "_features"]), torch.from_numpy(dense[p + "_indices"]),
-                                       [int(x) for x in dense[p + "_spatial_shape"]], 1)
+    from official_reference import reference_batch_factory
 
-    def batch():
-        return {"batch_size": 1,
-                "multi_scale_3d_features": {"x_conv3": sp("raw_x_conv3"), "x_conv4": sp("raw_x_conv4")},
-                "multi_scale_3d_features_mm": {"x_conv3": sp("mm_x_conv3"), "x_conv4": sp("mm_x_conv4")},
-                "st_features_2d": torch.from_numpy(dense["st_features_2d"]),
-                "batch_box_preds": torch.from_numpy(inp["proposal_batch_box_preds"]),
-                "batch_cls_preds": torch.from_numpy(inp["proposal_batch_cls_preds"])}
+    batch = reference_batch_factory(shared_dir)
 
     bd = batch()
     head.record = {}
