@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..model.backbone3d import VCEConv8x
-from ..model.resvc import IMAGE_GRID_H, IMAGE_GRID_W, ResConvBlock, _affine4, inverse_view_transform
+from ..model.resvc import (IMAGE_GRID_H, IMAGE_GRID_W, ResConvBlock, _affine4, inverse_view_transform,
+                           pixels_to_cells, voxel_centers)
 from ..model.s2d import RAWSDBlock, SparseBasicBlock3D
 from .padded import PaddedSparse
 from .sparse import (Affine, FoldedConv, KernelMap, compact_unique, conv_map, inverse_map, keys_to_indices,
@@ -181,7 +182,6 @@ class _RSD(nn.Module):
             self.enc_blocks.append(nn.ModuleList([_Basic(b) for b in mods]))
         self.dec = nn.ModuleList([_Block(d) for d in m.decoder])
         self.dec_norm = nn.ModuleList([Affine(n) for n in m.decoder_norm])
-        self.down_geom = [_conv_params(seq[0][0]) for seq in list(m.encoder)[1:]]
 
     def forward(self, x: Sparse, eng: BackboneEngine) -> Sparse:
         feats = []
@@ -196,8 +196,8 @@ class _RSD(nn.Module):
         levels = len(feats)
         for j, (deconv, norm) in enumerate(zip(self.dec, self.dec_norm)):
             fine = feats[levels - 2 - j]
-            k, s, p = self.down_geom[levels - 2 - j]
-            km = inverse_map(x.t, fine.t, k, s, p)
+            down = self.enc_down[levels - 2 - j]     # the conv this inverse conv undoes (same indice_key)
+            km = inverse_map(x.t, fine.t, down.kernel, down.stride, down.padding)
             y = deconv(x.t.features, km)
             y = masked(norm(y + fine.t.features), fine.t.valid)
             x = Sparse(fine.t.replace_feature(y))
@@ -278,10 +278,7 @@ def image_plane_indices(t: PaddedSparse, calib: Dict[str, torch.Tensor], stride:
     idx = t.indices
     valid = t.valid
     b = idx[:, 0].long().clamp_min(0)
-    f = idx.float()
-    vs = [float(v) * stride for v in voxel_size]
-    mins = [float(pc_range[i]) + vs[i] / 2 for i in range(3)]
-    pts = torch.stack([f[:, 3] * vs[0] + mins[0], f[:, 2] * vs[1] + mins[1], f[:, 1] * vs[2] + mins[2]], dim=1)
+    pts = voxel_centers(idx, stride, pc_range, voxel_size)
     if trans_param is not None:
         tp = trans_param.to(pts.device)
         if tp.dim() == 1:
@@ -295,11 +292,8 @@ def image_plane_indices(t: PaddedSparse, calib: Dict[str, torch.Tensor], stride:
     x0, x1, x2 = pts[:, 0], pts[:, 1], pts[:, 2]
     rect = [_affine4(x0, x1, x2, m[:, 0, j], m[:, 1, j], m[:, 2, j], m[:, 3, j]) for j in range(3)]
     img = [_affine4(rect[0], rect[1], rect[2], p[:, 0, j], p[:, 1, j], p[:, 2, j], p[:, 3, j]) for j in range(2)]
-    uv = torch.stack([img[0] / rect[2], img[1] / rect[2]], dim=1)
-    uv = torch.nan_to_num(uv, nan=0.0).clamp(-2.0 ** 30, 2.0 ** 30).int()
-    u = torch.clamp(uv[:, 0], min=0, max=IMAGE_GRID_W - stride) // stride
-    v = torch.clamp(uv[:, 1], min=0, max=IMAGE_GRID_H - stride) // stride
-    out = torch.stack([idx[:, 0].int(), u, v], dim=1)
+    cells = pixels_to_cells(torch.stack([img[0] / rect[2], img[1] / rect[2]], dim=1), stride)
+    out = torch.cat([idx[:, :1].int(), cells], dim=1)
     return torch.where(valid[:, None], out, torch.full_like(out, -1))
 
 

@@ -153,13 +153,18 @@ def voxels_to_image_indices(indices: torch.Tensor, batch_size: int, calibs: List
         pts = voxel_centers(indices[m], stride, pc_range, voxel_size)
         if trans_param is not None:
             pts = inverse_view_transform(pts, trans_param[b])
-        img = _projector(calibs[b])(pts)
-        # finite, in-int32-range values convert exactly as the official .int(); inf/nan made deterministic
-        img = torch.nan_to_num(img, nan=0.0).clamp(-2.0 ** 30, 2.0 ** 30)
-        uv[m] = img.int()
+        uv[m] = pixels_to_cells(_projector(calibs[b])(pts), stride)
+    return torch.stack([indices[:, 0].int(), uv[:, 0], uv[:, 1]], dim=1)
+
+
+def pixels_to_cells(img: torch.Tensor, stride: int) -> torch.Tensor:
+    """(N, 2) float pixel (u, v) -> (N, 2) int32 image-plane cells at ``stride`` (official ``index2uv``: truncation,
+    clamp to the 1400 x 400 grid, integer division). Finite, in-int32-range values convert exactly as the official
+    ``.int()``; inf / nan are made deterministic."""
+    uv = torch.nan_to_num(img, nan=0.0).clamp(-2.0 ** 30, 2.0 ** 30).int()
     u = torch.clamp(uv[:, 0], min=0, max=IMAGE_GRID_W - stride) // stride
     v = torch.clamp(uv[:, 1], min=0, max=IMAGE_GRID_H - stride) // stride
-    return torch.stack([indices[:, 0].int(), u, v], dim=1)
+    return torch.stack([u, v], dim=1)
 
 
 def image_plane_conv_unique(features: torch.Tensor, uv: torch.Tensor, spatial_shape: Sequence[int], batch_size: int,
