@@ -72,13 +72,14 @@ def test_bench_roi_head_cpu_smoke(tmp_path):
     _check_provenance(d, checkpoint=False)
 
 
-def test_bench_node_load_smoke(tmp_path):
+def test_bench_node_load_smoke(tmp_path, kitti_samples):
     """The node-load harness end to end with the tiny test pipeline (real detector process, real rclpy)."""
     pytest.importorskip("rclpy")
     import bench_node_load
 
     out = tmp_path / "n.json"
-    assert bench_node_load.main(["--tiny-sleep-ms", "50", "--rates", "0", "5", "--seconds", "2",
+    assert bench_node_load.main(["--data", str(kitti_samples / "object"), "--tiny-sleep-ms", "50",
+                                 "--rates", "0", "5", "--seconds", "2",
                                  "--domain", str(120 + __import__("os").getpid() % 80), "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     idle, busy = res["phases"]
