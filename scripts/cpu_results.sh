@@ -38,7 +38,7 @@ for set in "${sets[@]}"; do
     log "evaluate $set $s -> $j"
     # script(1) gives evaluate a terminal, so its tqdm progress bar shows (it is off without one)
     script -qefc "$PY -m cmfiou_core.tools.evaluate --data $g --split val --device cpu $extra $mf --out $OUT/res_${set}_$s --json $j" /dev/null \
-      | grep -v "Warning\|warn(" || true
+      | grep --line-buffered -v "Warning\|warn(" || true
     [ -f "$j" ] || { echo "evaluate wrote no $j" >&2; exit 1; }
   done
 done
