@@ -7,7 +7,7 @@ so far and stays there although the memory in use is flat (a plateau, not a leak
 pages of every arena to the kernel (madvise): between frames the RSS drops to what is really in use, but the next
 frame faults the pages back in (the peak RSS drops much less than the resting RSS; the CPU cost measured ~12% of a
 CPU frame when trimming after every frame).
-Measured in bench/soak_inprocess.py (docs/results/soak_inprocess_cpu.json).
+Measured in bench/soak_inprocess.py (docs/results/archive/soak_inprocess_cpu.json, earlier checkpoint).
 
 Every function is a harmless no-op (False / empty) where glibc is not the C library.
 """

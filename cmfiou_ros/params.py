@@ -115,7 +115,7 @@ DETECTOR_PARAMS: List[P] = [
     P("autostart", bool, True, "Configure and activate the lifecycle node at start-up", True),
     P("malloc_trim_period", int, 0, "Every N processed frames give the C heap's freed pages back to the OS (glibc "
       "malloc_trim; 0 = never). Lowers the resting RSS of CPU inference (glibc keeps ~0.9 GB of freed tensor "
-      "memory resident), not its peak; costs ~12% CPU frame time at N=1 (docs/results/soak_inprocess_cpu.json)", False,
+      "memory resident), not its peak; costs ~12% CPU frame time at N=1 (docs/results/archive/soak_inprocess_cpu.json)", False,
       _rng(0, 1000000)),
 ]
 

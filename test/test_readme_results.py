@@ -51,6 +51,8 @@ def readme_result_names(text: str):
     for lineno, line in enumerate(text.splitlines(), 1):
         for m in _NAME.finditer(line):
             raw = m.group(0).strip(".,")
+            if raw == "README.md" and line[:m.start()].endswith("archive/"):  # the archive's own README
+                continue
             prefixed = line[max(0, m.start() - 13):m.start()].endswith("docs/results/")
             for name in expand(Path(raw).name if "/" in raw else raw):
                 if prefixed or (RESULTS / name).is_file() or (ARCHIVE / name).is_file():
@@ -193,7 +195,7 @@ def test_ap_table_parser_reads_and_rejects():
 
 def test_readme_ap_tables_match_their_json(readme):
     rows = ap_table_rows(readme)
-    assert len(rows) >= 6, f"expected the generated-scene AP tables (>= 6 rows), found {len(rows)}"
+    assert len(rows) >= 3, f"expected the generated-scene AP table (>= 3 rows), found {len(rows)}"
     for line, name, vals in rows:
         report = json.loads((RESULTS / name).read_text())
         r40 = report["ap"]["R40"]
@@ -218,8 +220,6 @@ _SENTENCES = [
      "ap_demo_seed7_1view.json", None, "3d", 1),
     (r"with 1 view and (\d+\.\d+) / (\d+\.\d+) / (\d+\.\d+) with the official 3 views",
      "ap_demo_seed7_3views.json", None, "3d", 1),
-    (r"(\d+\.\d+) / (\d+\.\d+) / (\d+\.\d+) with 1 view on 40 scenes of a seed never used in training",
-     "ap_demo_seed2027_1view.json", None, "3d", 1),
 ]
 
 

@@ -16,7 +16,7 @@ the 2D SubM convs see:
   then keeps one row per site: every duplicate row's output reads the *winner's* features for each tap, so the
   forward depends on spconv's hash order (on the CPU the backward is still its adjoint: test/test_image_plane.py).
   Measured on the H100: full-model training in this mode skipped 106 of 398 steps for non-finite gradients and
-  learned nothing useful; the same run in "mean" mode skipped 0 of 394 (docs/results/metrics_full*.jsonl). Kept for
+  learned nothing useful; the same run in "mean" mode skipped 0 of 394 (docs/results/archive/metrics_full*.jsonl). Kept for
   reproducing the official layout's numbers.
 - ``"mean"`` (ours): duplicates are scatter-meaned onto unique sites, the convs run on unique indices and every voxel
   gathers its site's output. Well-defined, order-independent and correctly differentiable on every backend.

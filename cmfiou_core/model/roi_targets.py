@@ -273,8 +273,9 @@ def rcnn_reg_loss(rcnn_reg: torch.Tensor, targets: Dict[str, torch.Tensor], code
         # e^+-4.1 of the RoI's) so one wild prediction cannot produce an exp-sized gradient; the smooth-L1 term above
         # still pulls such residuals back. On the H100, camera+LiDAR training without it diverged after ~300
         # iterations (grad norm -> 1e13 / inf, loss spikes; largest output gradients at the regression layers:
-        # docs/results/metrics_long*.jsonl, grad_probe_long.jsonl). With it and the Huber centre term of bb_loss
-        # (``w.bb_center_huber``) both 12-minute H100 runs had 0 skipped steps (docs/results/metrics_{full,lidar}.jsonl).
+        # docs/results/archive/metrics_long*.jsonl, grad_probe_long.jsonl). With it and the Huber centre term of bb_loss
+        # (``w.bb_center_huber``) both 12-minute H100 runs had 0 skipped steps
+        # (docs/results/archive/metrics_{full,lidar}.jsonl).
         fr = torch.cat([fr[:, 0:3], fr[:, 3:6].clamp(-LOSS_SIZE_LOG_CLIP, LOSS_SIZE_LOG_CLIP), fr[:, 6:]], dim=1)
         boxes = decode_rcnn_boxes(fr, rois[fg], coder)
         l_corner = corner_loss_lidar(boxes, gt_src[fg]).mean()
