@@ -1,4 +1,4 @@
-"""Static-shape engine, RoI part (issue 16): PaddedSparse.from_spconv, graph-capturable proposal layer / final NMS and
+"""Static-shape engine, RoI part: PaddedSparse.from_spconv, graph-capturable proposal layer / final NMS and
 the static RoI head, each against the eager path (official_roi reference inputs and the demo checkpoint on a real
 KITTI frame)."""
 import numpy as np

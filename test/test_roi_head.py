@@ -456,7 +456,7 @@ def test_reg_loss_gradient_is_bounded_for_wild_size_residuals():
 
 # ------------------------------------------------------------------------------------------------ host syncs
 # The eval RoI head must not read device values on the host inside its refinement stages (each read drains the CUDA
-# stream; issue #8). Counted on the CPU with the aten dispatch mode, following the CUDA branches (matrix NMS):
+# stream). Counted on the CPU with the aten dispatch mode, following the CUDA branches (matrix NMS):
 # per frame, the proposal NMS needs 3 (candidate-pair nonzero, suppression matrix to the host, kept indices back)
 # and post-processing 4 (score/degenerate compaction + the same 3).
 SYNC_BOUND_PROPOSAL_PER_FRAME = 3

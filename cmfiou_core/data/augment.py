@@ -1,4 +1,5 @@
-"""Training augmentation chain of spec §1 on the combined 8-column cloud ``[x, y, z, i*10, R/3, G/3, B/3, flag]``.
+"""Training augmentation chain (the official CMF-IOU-MM ``DATA_AUGMENTOR`` list) on the combined 8-column cloud
+``[x, y, z, i*10, R/3, G/3, B/3, flag]``.
 
 All steps work on a ``dict`` sample (OpenPCDet ``data_dict`` style):
 

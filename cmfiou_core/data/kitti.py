@@ -1,4 +1,4 @@
-"""KITTI object dataset in the OpenPCDet / CMF-IOU layout (spec §2.2, §2.3), without pickle.
+"""KITTI object dataset in the OpenPCDet / CMF-IOU layout without pickle.
 
 Layout under ``root``: ``training/{calib,label_2,image_2,velodyne,velodyne_depth,planes}``, ``testing/...``,
 ``ImageSets/{train,val,test}.txt``. Generated files (JSON instead of the official pickles):
@@ -9,8 +9,8 @@ image_shape (H, W)}, ``calib`` {P2, R0_rect, Tr_velo_to_cam}, ``annos`` (see :mo
 (non-DontCare objects, centre z = bottom + h/2, heading = -(pi/2 + ry)) and ``num_points_in_gt`` (raw .bin points
 inside the FOV; -1 for DontCare).
 
-``KittiDataset.__getitem__`` (spec §2.3): 8-col combined cloud (``velodyne_depth/<id>.npy`` via H4's reader, or
-generated on the fly with H4's ``PseudoPointGenerator`` and cached) -> FOV filter -> augmentation (training) ->
+``KittiDataset.__getitem__``: 8-col combined cloud (``velodyne_depth/<id>.npy`` via ``depth.read_velodyne_depth``,
+or generated on the fly with ``depth.PseudoPointGenerator`` and cached) -> FOV filter -> augmentation (training) ->
 class filter (Van -> Car when ``use_van``, training only) -> range masking -> shuffle (training) -> empty training
 frames are redrawn -> split by flag -> pseudo subsampling (training: random 20 %; test: ``input_point_discard``).
 """
@@ -235,8 +235,8 @@ def raw_rows_from_bin(path: Union[str, Path], pts: Optional[np.ndarray] = None) 
 
 def load_points_mm(root: Union[str, Path], frame_id: str, split_dir: str = "training", cache: bool = True,
                    generator=None, calib: Optional[Calibration] = None, raw_from_bin: bool = False) -> np.ndarray:
-    """(N, 8) float32 combined cloud: ``velodyne_depth/<id>.npy`` when present (H4's reader), else generated from
-    the .bin + image with H4's ``PseudoPointGenerator`` (ipbasic unless another generator is given) and cached.
+    """(N, 8) float32 combined cloud: ``velodyne_depth/<id>.npy`` when present (``read_velodyne_depth``), else generated
+    from the .bin + image with ``PseudoPointGenerator`` (ipbasic unless another generator is given) and cached.
 
     ``raw_from_bin``: take the raw LiDAR rows from ``velodyne/<id>.bin`` (float32, what the deployed pipeline sees)
     instead of the ``velodyne_depth`` file, which stores them as float16 (official format: 1.5-3 cm steps at 16-64 m).

@@ -9,7 +9,8 @@ final compaction (one ``tolist`` of the two output counts and the thinning overf
 CUDA-event timings. Remaining syncs in the hot path (CUDA): that one ``tolist``; a second one only if a thinning
 voxel holds more than ``max_points_per_voxel`` points (sort-based recomputation); one-off H2D copies of small
 cached constants on the first call per device (calibration matrices, tap offsets / weights, grid bounds).
-The pre-#4 implementation is frozen in :mod:`cmfiou_core.depth.reference`; tests assert bit-identical output.
+The implementation before the speed work is frozen in :mod:`cmfiou_core.depth.reference`; tests assert
+bit-identical output.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def _pixel_offsets(calib: Calibration, H: int, W: int, dev) -> Tuple[torch.Tenso
 
 def lift_xyz(depth: torch.Tensor, calib: Calibration, R2V: torch.Tensor) -> torch.Tensor:
     """Every pixel (u = column, v = row, d) -> (H*W, 3) LiDAR xyz in row-major pixel order
-    (``img_to_rect`` then ``rect_to_lidar``; bit-identical to the pre-#4 ``lift_depth``). No host sync."""
+    (``img_to_rect`` then ``rect_to_lidar``; bit-identical to the frozen reference ``lift_depth``). No host sync."""
     H, W = depth.shape
     uc, vc = _pixel_offsets(calib, H, W, depth.device)
     P = calib.P2
@@ -202,7 +203,7 @@ def la_sampling2_order(xyz: torch.Tensor, valid: torch.Tensor, cfg: ThinningConf
 
     ``method``: ``dense`` (default) = :func:`la_sampling2_dense`, falling back to the sort path when a voxel
     overflows -- checking that costs one host sync on CUDA (the generator instead folds the flag into its final
-    sync); ``sort`` = the pre-#4 sort-based code (no sync). Both give identical results.
+    sync); ``sort`` = the frozen reference sort-based code (no sync). Both give identical results.
     """
     grid = thinning_grid(cfg) if method == "dense" else None
     if method not in ("dense", "sort"):

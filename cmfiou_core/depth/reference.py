@@ -1,4 +1,4 @@
-"""Frozen copy of the depth stage as it was before the speed work of issue #4 (commit 0709cb4): the exactness
+"""Frozen copy of the depth stage as it was before its speed work (commit 0709cb4): the exactness
 reference for the optimised code (test/test_depth.py compares both on real KITTI frames and random inputs) and the
 fallback of the sort-free thinning (:func:`la_sampling2_order_sorted`, used when a voxel holds more than
 ``max_points_per_voxel`` points). Do not optimise this file; its point is to stay what it was. The functions the

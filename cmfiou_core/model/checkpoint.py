@@ -1,4 +1,4 @@
-"""Checkpoints: the one place that knows foreign layouts (spec §8).
+"""Checkpoints: the one place that knows foreign layouts.
 
 Formats read (always with ``torch.load(..., weights_only=True)``; files that need pickled objects are refused):
 - OpenPCDet / official CMF-IOU: ``{'epoch', 'it', 'model_state', 'optimizer_state', 'version'}`` (legacy or zip

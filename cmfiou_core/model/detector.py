@@ -28,11 +28,11 @@ NUM_POINT_FEATURES = 8
 
 
 def _build_roi_head(cfg: ModelConfig, backbone: VCEConv8x, num_bev_features: int) -> Optional[nn.Module]:
-    """RoI head construction hook: ``cmfiou_core.model.roi_head.RoIHead`` (H3's module), built from the
+    """RoI head construction hook: ``cmfiou_core.model.roi_head.RoIHead``, built from the
     ``model.roi_head`` Section. Returns None when the config has no roi_head section."""
     if cfg.roi_head is None:
         return None
-    from .roi_head import RoIHead  # H3's module
+    from .roi_head import RoIHead
 
     return RoIHead(cfg.roi_head, input_channels=dict(backbone.multi_scale_channels), num_class=1)
 

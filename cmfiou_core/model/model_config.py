@@ -6,7 +6,7 @@ options, validated by their consumers). ``model.roi_head`` is handed to the RoI 
 validated by ``cmfiou_core.model.roi_head.RoIHeadConfig.from_mapping``, including the proposal NMS ``nms_train`` /
 ``nms_test``); only ``roi_head.iou_branch.enabled`` is read here as well.
 
-Layout (see ``config/cmfiou_kitti_official.yaml`` for the official values, spec §1, §3, §4, §6)::
+Layout (see ``config/cmfiou_kitti_official.yaml`` for the official values)::
 
     model:
       class_names: [Car, Pedestrian, Cyclist]
@@ -39,7 +39,7 @@ class Backbone3DConfig:
     down_kernel_size: Tuple[int, ...] = (3, 3, 3)
     down_stride: Tuple[int, ...] = (1, 2, 2)
     down_filters: Tuple[int, ...] = (2, 1, 1)
-    layer_discard_rate: float = 0.0  # official 0.15 is a no-op under spconv 2 (spec §3.2); >0 enables real discard
+    layer_discard_rate: float = 0.0  # official 0.15 is a no-op under spconv 2 (drops no sites); >0: real discard
     # eval-mode raw-branch batching: "wide" = official test trick (views side by side in a 4x-wide x shape, strict
     # 0 < x < W cut per view); "separate" = each view in its own tensor (no x==0 cut, no cross-view boundary leak)
     view_batching: str = "wide"
@@ -87,7 +87,7 @@ class RPNConfig:
     dir_offset: float = 0.78539
     dir_limit_offset: float = 0.0
     num_dir_bins: int = 2
-    anchor_mask: bool = True         # VirConv anchor-mask quirk (spec §4)
+    anchor_mask: bool = True         # VirConv anchor-mask quirk (anchors outside the raw voxels' BEV footprint masked)
     pos_fraction: Optional[float] = None   # None: no subsampling of anchors (official POS_FRACTION -1)
     sample_size: int = 512
     norm_by_num_examples: bool = False

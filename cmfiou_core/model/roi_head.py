@@ -1,4 +1,4 @@
-"""CMF-IOU RoI head: official ``TEDMHead`` semantics (spec §5.1) + our IoU joint branch (``iou_joint.py``).
+"""CMF-IOU RoI head: official ``TEDMHead`` semantics + our IoU joint branch (``iou_joint.py``).
 
 Forward contract (batch dict keys):
 - reads ``batch_size``; ``batch_box_preds``/``batch_cls_preds`` (RPN, for the proposal layer, skipped when ``rois``
@@ -22,7 +22,7 @@ branch (see ``iou_joint.py`` for its target/loss).
 
 Aux heads (``cls/reg_layers_P`` on the raw 512-d feature, ``_PI`` on the pseudo one): trained by default with weight
 ``loss.aux`` = 0.5 (``train_aux_heads: true``), as VirConv does. Reasons: CMF-IOU not training them is a key-name
-bookkeeping bug of its loss template (spec §0 defect 4), not a design choice -- the heads are built, evaluated and
+bookkeeping bug of its loss template, not a design choice -- the heads are built, evaluated and
 given the PART score; they add deep supervision to each modality branch so neither the raw nor the pseudo feature can
 be ignored by the fused head (robustness when the camera is missing or the pseudo cloud is poor), at negligible cost.
 ``train_aux_heads: false`` reproduces the released behaviour (the heads then get no gradient and are skipped).

@@ -1,4 +1,4 @@
-"""Dense head ``AnchorHeadSingle`` (spec §4): anchors, the VirConv anchor mask, 1x1 convs, box decoding with the
+"""Dense head ``AnchorHeadSingle``: anchors, the VirConv anchor mask, 1x1 convs, box decoding with the
 direction-bin correction, anchor targets (``AxisAlignedTargetAssigner`` semantics) and the RPN losses (sigmoid focal,
 smooth-L1 with the sin-difference trick, direction cross-entropy).
 

@@ -6,9 +6,10 @@
     torchrun --standalone --nproc_per_node=2 -m cmfiou_core.tools.train --config ... --data ...
     cmfiou-train --toy --epochs 2 --out /tmp/toy      # engine smoke test (tiny model + synthetic data, no KITTI)
 
-Optimisation defaults follow spec §1 (adam_onecycle, LR 0.005, 20 epochs, batch 2 per GPU, clip 10).  They can be set
-in the YAML under ``data.optimization`` (keys: optimizer, epochs, batch_size_per_gpu, lr, weight_decay, betas, moms,
-div_factor, final_div_factor, pct_start, grad_norm_clip, num_workers, seed); command-line flags override them.
+Optimisation defaults follow the official KITTI recipe (adam_onecycle, LR 0.005, 20 epochs, batch 2 per GPU, clip
+10).  They can be set in the YAML under ``data.optimization`` (keys: optimizer, epochs, batch_size_per_gpu, lr,
+weight_decay, betas, moms, div_factor, final_div_factor, pct_start, grad_norm_clip, num_workers, seed); command-line
+flags override them.
 
 The engine (``cmfiou_core.train``) is model-agnostic; this file only adapts the detector and the KITTI dataset to it
 (``_build_model``, ``_build_train_data``, ``_make_prepare_fn``, ``_build_eval_fn``); they import lazily.
@@ -17,11 +18,9 @@ Dataset options come from the rest of ``data:`` (``cmfiou_core.data.kitti.Datase
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 log = logging.getLogger("cmfiou.train")
@@ -126,14 +125,6 @@ def _build_model(full_cfg):
     return build_model(full_cfg)
 
 
-def _call_with_supported(fn: Callable, **kw):
-    """Call ``fn`` with the keyword arguments its signature accepts."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(**kw)
-    return fn(**{k: v for k, v in kw.items() if k in params})
-
-
 def _data_section(full_cfg) -> Dict[str, Any]:
     """The YAML ``data:`` section without ``optimization`` (which belongs to the trainer)."""
     return {k: v for k, v in (full_cfg.data or {}).items() if k != "optimization"}
@@ -201,17 +192,10 @@ def _make_prepare_fn(full_cfg, no_pseudo: bool) -> Callable:
     return prepare
 
 
-def _build_eval_fn(full_cfg, data_dir: str, no_pseudo: bool) -> Optional[Callable]:
-    """``eval_fn(model, epoch) -> {metric: value}`` from ``cmfiou_core.data.kitti.make_eval_fn`` if it exists
-    (not yet written: see the engine report)."""
-    try:
-        from cmfiou_core.data import kitti
-    except ImportError:
-        return None
-    make = getattr(kitti, "make_eval_fn", None)
-    if make is None:
-        return None
-    return _call_with_supported(make, cfg=full_cfg, root=data_dir, split="val", use_pseudo=not no_pseudo)
+def _build_eval_fn(full_cfg, data_dir: str, no_pseudo: bool) -> Callable:
+    """``eval_fn(model, epoch) -> {metric: value}``: ``cmfiou_core.data.kitti.make_eval_fn`` on the ``val`` split."""
+    from cmfiou_core.data.kitti import make_eval_fn
+    return make_eval_fn(full_cfg, data_dir, split="val", use_pseudo=not no_pseudo)
 
 
 def _toy_setup():
@@ -256,8 +240,6 @@ def main(argv=None) -> int:
             train_set, collate = _build_train_data(full, args.data, tcfg.seed, args.no_pseudo)
             prepare = _make_prepare_fn(full, args.no_pseudo)
             eval_fn = _build_eval_fn(full, args.data, args.no_pseudo) if args.eval_every > 0 else None
-            if args.eval_every > 0 and eval_fn is None and dist_info.is_main:
-                log.warning("--eval-every given but cmfiou_core.data.kitti has no make_eval_fn; evaluation disabled")
             config = {k: v for k, v in full.raw.items() if k != "_source"}
             find_unused = args.find_unused != "off"
         tcfg.find_unused_parameters = find_unused

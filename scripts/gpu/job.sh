@@ -73,7 +73,7 @@ bench|bench1|bench3)
   [ $stage = bench1 ] || { log "pipeline bench 3 views"
   $PY bench/bench_pipeline.py --device cuda --frames ${FRAMES:-200} --warmup 10 $kit --generated 16 --gen-dir /tmp/genb $ckarg --views 3 --label "3 views" --json $OUT/bench_3view.json --md $OUT/bench_3view.md 2>&1 | grep -v Warning | tail -24; } ;;
 engine)
-  # issue 16: the static-shape backbone engine. CKPT='' (demo, needs models/ present) or none (random weights: the
+  # the static-shape backbone engine. CKPT='' (demo, needs models/ present) or none (random weights: the
   # sparse geometry and so the speed do not depend on the weights)
   ck=${CKPT-none}; F=${FRAMES:-60}
   for v in 1 3; do log "bench_engine $v view(s)"
