@@ -27,7 +27,6 @@ from .config import DepthConfig, ThinningConfig
 from ..timing import StageTimer
 from .ipbasic import ipbasic_complete
 from .projection import fov_flag, project_points, sparse_depth_map
-from .reference import la_sampling2_order_sorted
 
 
 @dataclass
@@ -138,7 +137,7 @@ def la_sampling2_dense(xyz: torch.Tensor, valid: Optional[torch.Tensor], cfg: Th
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort-free ``la_sampling2`` on a dense voxel grid (see :func:`thinning_grid`); no host sync.
 
-    Same binning ops as the sort-based :func:`cmfiou_core.depth.reference.la_sampling2_order_sorted` (bit-identical
+    Same binning ops as the sort-based :func:`la_sampling2_order_sorted` (bit-identical
     voxel indices on every device), then three scatters over the grid instead of sorts:
       * first-arrival index per voxel (``amin`` of the point index) -> voxel creation order and the voxel "heads";
       * point count per voxel -> ``overflow`` = some voxel holds more than ``max_points_per_voxel`` points;
@@ -187,6 +186,58 @@ def la_sampling2_dense(xyz: torch.Tensor, valid: Optional[torch.Tensor], cfg: Th
     order = torch.zeros(N + 1, dtype=torch.int64, device=dev).scatter_(0, torch.where(head, pos - 1, N), winner)
     n = pos[-1] if N else torch.zeros((), dtype=torch.int64, device=dev)
     return order[:N], n, overflow
+
+
+def la_sampling2_order_sorted(xyz: torch.Tensor, valid: torch.Tensor, cfg: ThinningConfig = ThinningConfig()
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Vectorised ``la_sampling2`` on fixed-size inputs.
+
+    Spherical r = |p|, theta = arccos(z / r), phi = arctan(y / x); points with theta <= theta_min are dropped;
+    voxels over (r, theta, phi) (spconv ``Point2VoxelCPU3d`` semantics: floor((c - min) / size), out-of-range dropped,
+    voxels created in order of first arrival, only the first ``max_points_per_voxel`` points per voxel are stored);
+    per voxel the point with the smallest Cartesian z wins (first one on ties).
+
+    Returns (order (N,) int64 indices into the input whose first ``count`` entries are the winners, in voxel
+    creation order; count (0-dim int64 tensor)). No host sync.
+    """
+    N = xyz.shape[0]
+    dev = xyz.device
+    x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    r = torch.linalg.vector_norm(xyz, dim=1)
+    theta = torch.arccos(z / r)
+    phi = torch.atan(y / x)
+    grid = [int(round((cfg.voxel_range[i + 3] - cfg.voxel_range[i]) / cfg.voxel_size[i])) for i in range(3)]
+    ok = valid & (theta > cfg.theta_min)  # NaN compares False
+    cs = []
+    for i, comp in enumerate((r, theta, phi)):  # python-scalar arithmetic: no H2D copies (they would sync)
+        ci = torch.floor((comp - cfg.voxel_range[i]) / cfg.voxel_size[i])
+        ok = ok & (ci >= 0) & (ci < grid[i])
+        cs.append(ci)
+    c = torch.stack(cs, 1)
+    c = c.masked_fill(~ok[:, None], 0.0).to(torch.int64)
+    sentinel = grid[0] * grid[1] * grid[2]
+    key = torch.where(ok, (c[:, 0] * grid[1] + c[:, 1]) * grid[2] + c[:, 2], torch.full_like(c[:, 0], sentinel))
+
+    skey, perm = torch.sort(key, stable=True)  # stable: arrival order inside a voxel
+    pos = torch.arange(N, device=dev)
+    is_start = torch.ones(N, dtype=torch.bool, device=dev)
+    if N > 1:
+        is_start[1:] = skey[1:] != skey[:-1]
+    seg = torch.cumsum(is_start.to(torch.int64), 0) - 1
+    start = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), 0).values
+    rank = pos - start
+    compete = (rank < cfg.max_points_per_voxel) & (skey != sentinel)
+    zs = z[perm].masked_fill(~compete, float("inf"))
+    seg_min = torch.full((N,), float("inf"), dtype=zs.dtype, device=dev).scatter_reduce(
+        0, seg, zs, reduce="amin", include_self=True)
+    cand = compete & (zs == seg_min[seg])
+    first = torch.full((N,), N, dtype=torch.int64, device=dev).scatter_reduce(
+        0, seg, torch.where(cand, pos, torch.full_like(pos, N)), reduce="amin", include_self=True)
+    win = cand & (pos == first[seg])
+    # voxel creation order = original index of the voxel's first point (rank 0 of its segment)
+    okey = torch.where(win, perm[start], torch.full_like(perm, N))
+    o = torch.argsort(okey, stable=True)
+    return perm[o], win.sum()
 
 
 def la_sampling2_order(xyz: torch.Tensor, valid: torch.Tensor, cfg: ThinningConfig = ThinningConfig(),
