@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=5, help="CUDA: frames under torch.profiler (kernel launches per "
                     "frame, kernel time, GPU-busy share); 0 = off")
     ap.add_argument("--profile-top", type=int, default=0, help="CUDA: print the N heaviest kernels")
+    ap.add_argument("--verbose", action="store_true", help="print every frame's latency as it runs (stderr)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
@@ -172,7 +173,10 @@ def main(argv=None) -> int:
         return stages, len(det)
 
     for i in range(args.warmup):
+        t = time.perf_counter()
         run_one(*frames[i % len(frames)])
+        if args.verbose:
+            print(f"[bench] warm-up frame {i}: {(time.perf_counter() - t) * 1e3:.1f} ms", file=sys.stderr, flush=True)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -181,6 +185,8 @@ def main(argv=None) -> int:
     for i in range(args.frames):
         st, n = run_one(*frames[i % len(frames)])
         ndet.append(n)
+        if args.verbose and (i < 5 or i % 20 == 0):
+            print(f"[bench] frame {i}: {st['end_to_end']:.1f} ms", file=sys.stderr, flush=True)
         for k, v in st.items():
             per_stage.setdefault(k, []).append(v)
     prof_stats = None
