@@ -245,14 +245,20 @@ class GraphRoIHead:
     buffers. Output: ``FrameDetections`` of sample 0 after one device->host copy of the padded detections. Captured
     again when an input shape changes; on the CPU the same static code runs without a graph."""
 
-    def __init__(self, model: nn.Module, backbone: EngineBackbone, use_graph: Optional[bool] = None):
+    # candidate box pairs (circle overlap) whose rotated IoU an NMS evaluates, per call: all K(K-1)/2 pairs of the
+    # 2000 proposals would be 2M (8 polygon-clipping passes of ~150 kernels); overlapping pairs of a real frame are far
+    # fewer. More than this sets the overflow flag (a warning; the selection may differ from the eager NMS).
+    PAIR_CAPACITY = 1 << 18
+
+    def __init__(self, model: nn.Module, backbone: EngineBackbone, use_graph: Optional[bool] = None,
+                 pair_capacity: Optional[int] = PAIR_CAPACITY):
         from .roi import StaticRoIHead
 
         self.model = model
         self.backbone = backbone
         from ..model.postprocess import PostProcessConfig
 
-        self.static = StaticRoIHead(model.roi_head)
+        self.static = StaticRoIHead(model.roi_head, pair_capacity=pair_capacity)
         self._post_cfg = PostProcessConfig.from_any(model.cfg.post_processing)
         self.use_graph = use_graph
         self._graphs: Dict[Tuple, Any] = {}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issue 16 benches on the GPU host. PART=a: carried with the spconv bundle (no checkpoint fits beside it): CUDA tests,
+# random-weight pipeline with a kernel profile. PART=b: the next call on the same warm machine (bundle already
+# unpacked in /tmp/site), carrying the demo checkpoint and real KITTI frames: the benches the README quotes.
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD CMFIOU_SHARE_DIR=$PWD
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+log() { echo "=== $(date +%T) $*"; }
+filt() { grep -v "Warn\|is_fx\|slices\|_warn_once\|ret\[" ; }
+kit=""; [ -d .gpu_data/kitti/training ] && kit="--kitti .gpu_data/kitti/training"
+B="python3 bench/bench_pipeline.py --device cuda --generated 8 --gen-dir /tmp/genb $kit"
+scripts/gpu/job.sh setup
+case ${PART:-a} in
+a)
+  log tests; timeout 120 python3 -m pytest -q -p no:cacheprovider test/test_engine_triton.py test/test_engine_roi.py -x -rfE -k "cuda or fused or triton" 2>&1 | filt | tail -8
+  log "pipeline graph, random weights"
+  timeout 200 $B --checkpoint none --engine graph --frames 30 --warmup 16 --profile 3 --profile-top ${TOP:-45} --verbose \
+     --label "1 view graph random" --json $OUT/pipe_graph_random.json 2>&1 | filt ;;
+b)
+  for v in 1 3; do for e in graph eager; do
+    log "pipeline $e, $v view(s), demo checkpoint"
+    timeout 170 $B --checkpoint '' --engine $e --views $v --frames ${FRAMES:-60} --warmup 16 --profile 3 --verbose \
+      --label "$v view(s) $e demo" --json $OUT/bench_${v}view_${e}_demo_h200.json --md $OUT/bench_${v}view_${e}_demo_h200.md 2>&1 | filt | grep -v "^\[bench\] frame"
+  done; done ;;
+esac
+log done
