@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd); cd "$ROOT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$ROOT NCCL_NVLS_ENABLE=0 CMFIOU_SHARE_DIR=${CMFIOU_SHARE_DIR:-$ROOT}
 PY=python3
-GEN=${GEN:-/tmp/gen}; NGEN=${NGEN:-400}; MIN=${MIN:-12}
+GEN=${GEN:-/tmp/gen}; NGEN=${NGEN:-400}; MIN=${MIN:-12}  # gen: GEN_PROFILE (v1|kitti_v2), GEN_SEED, GEN_VAL
 log() { echo "=== $(date +%T) $*"; }
 for stage in "$@"; do case $stage in
 setup)
@@ -18,7 +18,8 @@ setup)
 gen)
   log "gen $NGEN scenes"
   [ -f $GEN/kitti_infos_train.json ] || {
-    $PY -m cmfiou_core.tools.gen_scenes --out $GEN --num $NGEN --seed 7 --val-fraction 0.2 --workers 16 &&
+    $PY -m cmfiou_core.tools.gen_scenes --out $GEN --num $NGEN --seed ${GEN_SEED:-7} --profile ${GEN_PROFILE:-v1} \
+      --val-fraction ${GEN_VAL:-0.2} --workers 16 &&
     $PY -m cmfiou_core.tools.make_depth --root $GEN --device cuda &&
     $PY -m cmfiou_core.tools.create_infos --root $GEN --raw-from-bin; } 2>&1 | grep -v Warn | tail -5 ;;
 gputest)

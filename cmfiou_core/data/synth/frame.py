@@ -3,7 +3,7 @@ from what the sensors see."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Tuple
 
 import numpy as np
@@ -12,7 +12,7 @@ from ...calib import Calibration
 from ...geometry.boxes import boxes3d_kitti_camera_to_imageboxes, boxes_to_corners_3d
 from ..labels import dontcare_line, format_label_line
 from .raycast import Buffers, Prims, render
-from .scene import (SceneConfig, background_prims, ground_material, object_prims, sample_layout,
+from .scene import (PROFILES, SceneConfig, background_prims, ground_material, object_prims, sample_layout,
                     sample_objects)
 from .sensors import (GROUND_Z, IMAGE_H, IMAGE_W, camera_block, camera_rays_cached, ground_hit, lidar_block,
                       lidar_grid, kitti_calibration)
@@ -34,9 +34,17 @@ class SyntheticFrame:
     point_object: np.ndarray  # (N,) object index hit by each point, -1 background
     pixel_object: np.ndarray  # (H, W) object index visible at each pixel, -1 background
     bbox2d: np.ndarray  # (M, 4) clipped projected 2D boxes (labelled objects)
+    extras: dict = field(default_factory=dict)  # profile-specific outputs (kitti_v2: per-ray / per-point materials)
 
 
 def generate_frame(seed: int, index: int, cfg: SceneConfig = SceneConfig()) -> SyntheticFrame:
+    """Frame ``index`` of dataset ``seed`` with the generator profile ``cfg.profile`` ('v1' default, 'kitti_v2')."""
+    if cfg.profile == "kitti_v2":
+        from .frame_v2 import generate_frame_v2
+
+        return generate_frame_v2(seed, index, cfg)
+    if cfg.profile != "v1":
+        raise ValueError(f"unknown generator profile {cfg.profile!r} (expected one of {', '.join(PROFILES)})")
     rng = np.random.default_rng([int(seed), int(index)])
     calib = kitti_calibration()
     layout = sample_layout(rng)
@@ -48,7 +56,6 @@ def generate_frame(seed: int, index: int, cfg: SceneConfig = SceneConfig()) -> S
         ids, col = object_prims(prims, k, cls, box, rng)
         groups.append(ids)
         colours.append(col)
-    n_obj = len(groups)
     for p in background_prims(prims, rng, layout, circles):
         groups.append([p])
     albedo_tab = np.array(prims.albedo, dtype=np.float64).reshape(-1, 3)
@@ -108,6 +115,19 @@ def generate_frame(seed: int, index: int, cfg: SceneConfig = SceneConfig()) -> S
     pix_obj = np.where(on_prim, obj_tab[np.maximum(cb.prim, 0)] if obj_tab.size else -1, -1).astype(np.int32)
 
     # ---------------- labels
+    boxes, lines, labelled, occl, vfrac, bbox2d = make_labels(objs, own, pix_obj, calib, cfg, H, Wi)
+    plane = road_plane(calib)
+    return SyntheticFrame(points=points, image=image, calib=calib, label_text="\n".join(lines) + ("\n" if lines else ""),
+                          plane=plane, names=[c for c, _, _ in objs], boxes_lidar=boxes, labelled=labelled,
+                          occluded=occl, visible_fraction=vfrac, colours=colours, point_object=pobj.astype(np.int32),
+                          pixel_object=pix_obj, bbox2d=bbox2d)
+
+
+def make_labels(objs, own, pix_obj: np.ndarray, calib: Calibration, cfg, H: int, Wi: int):
+    """KITTI label lines of the generated objects ``objs`` [(class, lidar box, rounded camera box)] from what the
+    camera sees: ``own[k]`` = pixels object k covers on its own, ``pix_obj`` = object index per visible pixel.
+    -> (lidar boxes (M, 7), lines (DontCare last), labelled (M,), occlusion (M,), visible fraction (M,), 2D boxes)."""
+    n_obj = len(objs)
     boxes = np.array([b for _, b, _ in objs]).reshape(-1, 7)
     cams = np.array([c for _, _, c in objs]).reshape(-1, 7)
     vis = np.bincount(pix_obj[pix_obj >= 0], minlength=n_obj)[:n_obj] if n_obj else np.zeros(0, int)
@@ -146,11 +166,7 @@ def generate_frame(seed: int, index: int, cfg: SceneConfig = SceneConfig()) -> S
         labelled[k] = True
     # non-DontCare lines first (OpenPCDet assumes DontCare at the end)
     lines.sort(key=lambda s: s.startswith("DontCare"))
-    plane = road_plane(calib)
-    return SyntheticFrame(points=points, image=image, calib=calib, label_text="\n".join(lines) + ("\n" if lines else ""),
-                          plane=plane, names=[c for c, _, _ in objs], boxes_lidar=boxes, labelled=labelled,
-                          occluded=occl, visible_fraction=vfrac, colours=colours, point_object=pobj.astype(np.int32),
-                          pixel_object=pix_obj, bbox2d=bbox2d)
+    return boxes, lines, labelled, occl, vfrac, bbox2d
 
 
 def road_plane(calib: Calibration) -> np.ndarray:

@@ -28,6 +28,22 @@ class SceneConfig:
     num_vans: Tuple[int, int] = (0, 2)
     num_pedestrians: Tuple[int, int] = (1, 7)
     num_cyclists: Tuple[int, int] = (0, 3)
+    # 'v1': the original generator (boxes and cylinders; the default, so existing seeds keep their bytes);
+    # 'kitti_v2': parametric vehicles, articulated people, non-target classes, clutter, HDL-64E + camera models with
+    # domain randomisation (cmfiou_core.data.synth.frame_v2)
+    profile: str = "v1"
+
+
+PROFILES = ("v1", "kitti_v2")
+
+
+def profile_config(profile: str = "v1", **overrides) -> "SceneConfig":
+    """The SceneConfig of a generator profile (kitti_v2 draws more vulnerable road users per frame)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown generator profile {profile!r} (expected one of {', '.join(PROFILES)})")
+    base = {"v1": {}, "kitti_v2": {"num_pedestrians": (1, 8), "num_cyclists": (1, 4)}}[profile]
+    base.update(overrides)
+    return SceneConfig(profile=profile, **base)
 
 
 # ----------------------------------------------------------------------------------------------- materials
