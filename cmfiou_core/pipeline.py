@@ -5,6 +5,9 @@ Stages (each timed; CUDA events on the GPU, so timing adds no host sync until th
 missing) -> ``preprocess`` (range mask, test-time pseudo subsampling) -> ``voxelize`` (test views, voxels) -> ``vfe`` ->
 ``backbone_3d`` -> ``bev`` (height compression + BEV backbone) -> ``rpn`` (dense head + proposal decode) ->
 ``roi_head`` (proposal NMS + 3 refinement stages + IoU branch) -> ``postprocess`` (rectified scores + NMS) -> ``d2h``.
+The model stages (``vfe`` .. ``roi_head``) are the model's own ordered list (``model.detector.STAGES``, run by
+``CMFIOU.run_stages`` with a timing hook); ``engine="graph"`` swaps the backbone module in that list and replaces the
+``roi_head`` stage and the post-processing with the static RoI head.
 
 LiDAR-only operation: when ``frame.image`` is None the pseudo branch receives no points (the flag ``lidar_only`` is
 set on the result). With a calibration that knows the image size the raw points are still restricted to the camera
@@ -16,7 +19,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -126,6 +129,9 @@ class Pipeline:
         self.score_mode = self.mcfg.post_processing.score_mode  # carried in every Detections
         self._use_pinned = self.device.type == "cuda"
         self._pinned: Dict[str, torch.Tensor] = {}
+        # ``hook(stage, batch)`` callables run after ``voxelize`` (the model's input batch) and after each model stage
+        # (``model.detector.STAGES``) that runs on the batch: recording (bench/bench_engine.py), never timing-critical
+        self.stage_hooks: List[Callable[[str, Dict[str, Any]], None]] = []
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -268,14 +274,22 @@ class Pipeline:
         batch = prepare_batch([raw], [pseudo], [calib], self.mcfg, image_shapes=[(h, w)], training=False,
                               transform_params=tparams, device=self.device, voxelizer=self.voxelizer)
         timer.mark("voxelize")
+        hooks = self.stage_hooks
+
+        def after_stage(name, b):
+            timer.mark(name)
+            for h in hooks:
+                h(name, b)
+        for h in hooks:
+            h("voxelize", batch)
         m = self.model
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             if self._graph_roi is not None:
-                batch = self._run_model(m, batch, timer, roi_head=False)
+                batch = m.run_stages(batch, after_stage, skip=("roi_head",))
                 det = self._graph_roi(batch)     # static RoI head + post-processing, one D2H copy
                 timer.mark("roi_head")
             else:
-                batch = self._run_model(m, batch, timer)
+                batch = m.run_stages(batch, after_stage)
         if self._graph_roi is None:
             if self.amp is not None:
                 for k in ("batch_box_preds", "batch_cls_preds", "batch_iou_preds", "rois"):
@@ -296,22 +310,6 @@ class Pipeline:
         return Detections(o[:, :7], o[:, 7].astype(np.int64), o[:, 8], o[:, 9], o[:, 10], stamp_ns=frame.stamp_ns,
                           frame_id=frame.frame_id, lidar_only=lidar_only, timings_ms=timings,
                           class_names=self.class_names, score_mode=self.score_mode, note=note)
-
-    @staticmethod
-    def _run_model(m, batch, timer: StageTimer, roi_head: bool = True):
-        batch = m.vfe(batch)
-        timer.mark("vfe")
-        batch = m.backbone_3d(batch)
-        timer.mark("backbone_3d")
-        batch = m.map_to_bev_module(batch)
-        batch = m.backbone_2d(batch)
-        timer.mark("bev")
-        batch = m.dense_head(batch)
-        timer.mark("rpn")
-        if roi_head:
-            batch = m.roi_head(batch)
-            timer.mark("roi_head")
-        return batch
 
 
 def frame_seed(points: np.ndarray, seed: int = 0) -> int:

@@ -58,6 +58,22 @@ def test_real_kitti_frame_camera_and_lidar_only(fused, kitti_samples):
         np.testing.assert_array_equal(a, b)
 
 
+def test_stage_hooks_see_the_model_input_and_every_stage(fused, kitti_samples):
+    """``Pipeline.stage_hooks`` are called after ``voxelize`` with the model's input batch (before VFE) and after each
+    model stage in the model's order; the timings carry the same stage names."""
+    pts, _, cal = _kitti(kitti_samples, "000008")
+    seen = []
+    fused.stage_hooks.append(lambda name, b: seen.append((name, "voxels" in b, "voxel_features" in b, "rois" in b)))
+    try:
+        det = fused(Frame(pts, None, cal, stamp_ns=5))
+    finally:
+        fused.stage_hooks.clear()
+    assert seen == [("voxelize", True, False, False), ("vfe", True, True, False), ("backbone_3d", True, True, False),
+                    ("bev", True, True, False), ("rpn", True, True, False), ("roi_head", True, True, True)]
+    names = [n for n, *_ in seen]
+    assert [k for k in det.timings_ms if k in names] == names
+
+
 def test_bad_inputs_are_clear_errors(fused, kitti_samples):
     pts, img, cal = _kitti(kitti_samples, "000008")
     with pytest.raises(ValueError, match="points"):
