@@ -8,19 +8,20 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 log() { echo "=== $(date +%T) $*"; }
 filt() { grep -v "Warn\|is_fx\|slices\|_warn_once\|ret\[" ; }
 kit=""; [ -d .gpu_data/kitti/training ] && kit="--kitti .gpu_data/kitti/training"
-B="python3 bench/bench_pipeline.py --device cuda --generated 8 --gen-dir /tmp/genb $kit"
+# --no-messages: the GPU host has no rclpy (message conversion is measured on the CPU)
+B="python3 bench/bench_pipeline.py --device cuda --no-messages --generated 8 --gen-dir /tmp/genb $kit"
 scripts/gpu/job.sh setup
 case ${PART:-a} in
 a)
-  log tests; timeout 120 python3 -m pytest -q -p no:cacheprovider test/test_engine_triton.py test/test_engine_roi.py -x -rfE -k "cuda or fused or triton" 2>&1 | filt | tail -8
+  [ -n "${TESTS:-}" ] && { log tests; timeout 120 python3 -m pytest -q -p no:cacheprovider test/test_engine_triton.py test/test_engine_roi.py -x -rfE -k "cuda or fused or triton" 2>&1 | filt | tail -8; }
   log "pipeline graph, random weights"
-  timeout 200 $B --checkpoint none --engine graph --frames 30 --warmup 16 --profile 3 --profile-top ${TOP:-45} --verbose \
+  timeout 150 $B --checkpoint none --engine graph --frames 20 --warmup 16 --profile 3 --profile-top ${TOP:-45} --verbose \
      --label "1 view graph random" --json $OUT/pipe_graph_random.json 2>&1 | filt ;;
 b)
-  for v in 1 3; do for e in graph eager; do
+  for ve in ${RUNS:-1:graph 1:eager 3:graph}; do v=${ve%:*}; e=${ve#*:}
     log "pipeline $e, $v view(s), demo checkpoint"
-    timeout 170 $B --checkpoint '' --engine $e --views $v --frames ${FRAMES:-60} --warmup 16 --profile 3 --verbose \
+    timeout 120 $B --checkpoint '' --engine $e --views $v --frames ${FRAMES:-60} --warmup 16 --profile 3 --verbose \
       --label "$v view(s) $e demo" --json $OUT/bench_${v}view_${e}_demo_h200.json --md $OUT/bench_${v}view_${e}_demo_h200.md 2>&1 | filt | grep -v "^\[bench\] frame"
-  done; done ;;
+  done ;;
 esac
 log done
