@@ -225,8 +225,9 @@ class DetectorNode(LifecycleNode):
         approx = getattr(self.assembler, "approx", None) if hasattr(self, "assembler") else getattr(self, "approx", None)
         sync = f"{p['sync_policy']} ({approx.impl})" if approx is not None else \
             f"{p['sync_policy']} (cmfiou_ros.sync.LatestImagePolicy)"
+        tf = self.tf.impl if self.tf is not None else "off"
         self.get_logger().info(
-            f"configured: sync={sync} lidar={self._lidar_topic} image={self._image_topic} "
+            f"configured: sync={sync} tf={tf} lidar={self._lidar_topic} image={self._image_topic} "
             f"camera_info={self._info_topic} -> {self.det_pub.topic_name}")
         return TransitionCallbackReturn.SUCCESS
 
@@ -265,6 +266,12 @@ class DetectorNode(LifecycleNode):
             except Exception:  # noqa: BLE001
                 pass
         self._entities = []
+        tf, self.tf = getattr(self, "tf", None), None
+        if tf is not None:
+            try:
+                tf.close()
+            except Exception:  # noqa: BLE001
+                pass
         self.pipeline = None
         self._configured = False
 
@@ -303,20 +310,15 @@ class DetectorNode(LifecycleNode):
         ]
         if p["extrinsic_topic"]:
             subs.append(self.create_subscription(TransformStamped, p["extrinsic_topic"], self.on_extrinsic, latched))
-        tf_lookup = tf_known = None
+        self.tf = None
         if p["use_tf"]:
-            try:
-                import tf2_ros
+            from cmfiou_ros.tf_buffer import make_tf_source
 
-                self._tf_buffer = tf2_ros.Buffer()
-                self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
-                tf_lookup = lambda target, source, stamp_ns: self._tf_buffer.lookup_transform(  # noqa: E731
-                    target, source, rclpy.time.Time(nanoseconds=stamp_ns))
-                tf_known = lambda target, source: self._tf_buffer.can_transform(  # noqa: E731
-                    target, source, rclpy.time.Time())
-            except ImportError:
-                pass
-        self.assembler = FrameAssembler(p, self.warn, tf_lookup, tf_known, logger=self.get_logger())
+            self.tf = make_tf_source(self, self.warn)  # tf2_ros when installed, else our /tf + /tf_static buffer
+            if self.tf is None:
+                self.get_logger().warning("use_tf is true but neither tf2_ros nor tf2_msgs is importable: no TF "
+                                          "(extrinsic from extrinsic_topic or lidar_to_camera only)")
+        self.assembler = FrameAssembler(p, self.warn, self.tf, logger=self.get_logger())
         timers = [self.create_timer(p["diagnostics_period"], self.publish_diagnostics)]
         # the wait timer runs only while a cloud waits for its image (armed by _after_input, cancelled by
         # _poll_policy once nothing waits): no periodic wake-ups of the executor without work

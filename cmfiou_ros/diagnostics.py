@@ -194,6 +194,9 @@ def detector_statuses(node) -> List[Status]:
     sync.add("sync_queue_sizes", q)
     sync.add("time_jumps", fa.time_jumps)
     sync.add("last_time_jump", fa.last_time_jump)
+    sync.add("tf", fa.tf.impl if fa.tf is not None else "off")
+    sync.add("tf_unavailable_frames", fa.tf_unavailable)
+    sync.add("last_tf_problem", fa.last_tf_problem)
     if node.last_lidar_only:
         sync.raise_level(WARN, f"LiDAR-only detections: {node.last_lidar_only_reason}")
     if fa.approx is not None:

@@ -84,7 +84,8 @@ DETECTOR_PARAMS: List[P] = [
     P("camera_frame", str, "", "Camera optical frame for TF ('' = CameraInfo header.frame_id)", True),
     P("lidar_to_camera", list, [], "LiDAR->camera-optical extrinsic: 16 (4x4 row-major), 12 (3x4) or 7 "
       "(x y z qx qy qz qw) numbers; used when TF and extrinsic_topic give none", True, _extrinsic, float),
-    P("use_tf", bool, True, "Look the extrinsic up in TF when tf2_ros is importable", True),
+    P("use_tf", bool, True, "Look the extrinsic up in TF (tf2_ros; without it our own buffer over /tf + "
+      "/tf_static); a frame_id TF cannot connect is warned and counted", True),
     P("sync_policy", str, "latest_image", "approx (message_filters ApproximateTime on cloud+image) or latest_image "
       "(LiDAR-triggered)", True, _choice("approx", "latest_image")),
     P("slop", float, 0.05, "approx: max stamp spread of a set (s); latest_image: match tolerance (s)", True,
