@@ -161,7 +161,8 @@ class DetectorNode(LifecycleNode):
         self.future_stamped = 0  # inputs rejected for a stamp ahead of the node's clock
         self.intensity_zeroed = 0  # points whose non-finite intensity was set to 0
         self.points_capped = 0  # points thinned away by max_points
-        self.oversize_messages = 0
+        self.oversize_messages = 0  # inputs above the transport limit (they arrived; bigger ones may not)
+        self.oversize_outputs = 0  # outputs published above it
 
     # the worker's and the assembler's counters, under the names the tests and diagnostics always used
     @property
@@ -219,6 +220,12 @@ class DetectorNode(LifecycleNode):
             self.get_logger().error(f"configure failed: cannot load the pipeline: {type(e).__name__}: {e}")
             self.pipeline = None
             return TransitionCallbackReturn.FAILURE
+        from cmfiou_ros.transport import active_limit
+
+        self.transport = active_limit()
+        if self.transport.max_message_bytes is None and p["message_size_warn_mb"] <= 0:
+            self.get_logger().warning(f"message size limit unknown ({self.transport.source}): warning above "
+                                      f"{self.transport.describe()}")
         self._create_entities()
         self._start_worker()
         self._configured = True
@@ -408,15 +415,35 @@ class DetectorNode(LifecycleNode):
             return
         self._after_input(self.assembler.add_extrinsic(msg))
 
+    def _size_limit(self):
+        from cmfiou_ros.transport import active_limit
+
+        if getattr(self, "transport", None) is None:
+            self.transport = active_limit()
+        mb = self.params["message_size_warn_mb"]
+        return self.transport.warn_bytes(mb), self.transport.describe(mb)
+
     def _check_size(self, topic: str, msg) -> None:
-        """Warn about messages near the transport's size limit: bigger ones are lost without a trace (docs: the
-        shared-memory segment of config/fastdds_shm.xml)."""
-        mb = len(msg.data) / 2**20
-        if mb > self.params["message_size_warn_mb"]:
+        """Warn about received messages above the transport limit: this one arrived, but best-effort messages this
+        big are lost without a trace whenever a fragment is (docs: cmfiou_ros/transport.py)."""
+        limit, what = self._size_limit()
+        if len(msg.data) > limit:
             self.oversize_messages += 1
-            self.warn(topic, f"message of {mb:.1f} MiB > message_size_warn_mb {self.params['message_size_warn_mb']:g}:"
-                             " close to the transport limit (shared-memory segment, config/fastdds_shm.xml); "
-                             "bigger messages are dropped by the middleware without notice")
+            self.warn(topic, f"message of {len(msg.data) / 2**20:.1f} MiB > {what}: close to the transport limit; "
+                             "messages this big are lost by best-effort subscriptions without notice "
+                             "(raise the limit: python -m cmfiou_ros.transport --help)")
+
+    def _publish_checked(self, pub, msg, what: str) -> None:
+        """Publish ``msg`` serialized once, warning (counted) when it is above the transport limit."""
+        from rclpy.serialization import serialize_message
+
+        data = serialize_message(msg)
+        limit, desc = self._size_limit()
+        if len(data) > limit:
+            self.oversize_outputs += 1
+            self.warn(pub.topic_name, f"published {what} of {len(data) / 2**20:.1f} MiB > {desc}: subscribers with "
+                                      "best-effort QoS may not receive it, without notice")
+        pub.publish(data)
 
     def _check_frame_id(self, topic: str, frame_id: str, expected: str, param: str, what: str) -> None:
         if not frame_id:
@@ -532,13 +559,14 @@ class DetectorNode(LifecycleNode):
 
     def publish_outputs(self, det: Detections, header, t_arrival: float, proc_ms: float, lidar_only_reason: str = "",
                         empty_reason: str = "") -> None:
-        self.det_pub.publish(C.detections_to_detection3d_array(det, header))
+        n = f"Detection3DArray ({len(det)} detections)"
+        self._publish_checked(self.det_pub, C.detections_to_detection3d_array(det, header), n)
         scores = C.detections_to_scores_msg(det, header)
         scores.lidar_only_reason = lidar_only_reason
         scores.empty_reason = empty_reason
-        self.scores_pub.publish(scores)
+        self._publish_checked(self.scores_pub, scores, "DetectionScores")
         if self.markers_pub is not None:
-            self.markers_pub.publish(C.detections_to_markers(det, header))
+            self._publish_checked(self.markers_pub, C.detections_to_markers(det, header), "MarkerArray")
         now_ns = self.get_clock().now().nanoseconds
         age_ms = (now_ns - C.stamp_to_ns(header.stamp)) * 1e-6
         total_ms = (time.monotonic() - t_arrival) * 1e3

@@ -170,6 +170,10 @@ def detector_statuses(node) -> List[Status]:
     inputs.add("empty_clouds", node.empty_clouds)
     inputs.add("future_stamped_rejected", node.future_stamped)
     inputs.add("oversize_messages", node.oversize_messages)
+    inputs.add("oversize_outputs", node.oversize_outputs)
+    lim = getattr(node, "transport", None)
+    if lim is not None:
+        inputs.add("message_size_limit", lim.describe(p["message_size_warn_mb"]))
     inputs.add("unknown_parameters", ", ".join(node.unknown_parameters))
     if node.unknown_parameters:
         inputs.raise_level(WARN, f"unknown parameter(s) ignored: {', '.join(node.unknown_parameters)}")

@@ -103,9 +103,9 @@ DETECTOR_PARAMS: List[P] = [
       "counted (0 = accept any stamp)", True, _rng(0.0, 1e9)),
     P("max_points", int, 1000000, "Clouds with more points are thinned (every k-th point) to this many, with a "
       "warning (an HDL-64 frame has ~130 000)", True, _rng(1, 10**9)),
-    P("message_size_warn_mb", float, 16.0, "Warn about cloud/image messages bigger than this (MiB): near the "
-      "transport limit (config/fastdds_shm.xml: 32 MiB shared-memory segment), above which they are lost silently",
-      True, _rng(0.0, 1e6, lo_open=True)),
+    P("message_size_warn_mb", float, 0.0, "Warn about messages (inputs received, outputs published) bigger than "
+      "this (MiB); 0 = the transport limit: maxMessageSize of the active Fast DDS profile (config/fastdds_shm.xml: "
+      "16 MiB; bigger best-effort messages are lost without notice), 16 when none is known", True, _rng(0.0, 1e6)),
     P("queue_size", int, 5, "approx: per-input queue; also the subscription depth", True, _rng(1, 1000)),
     P("intensity_scale", float, 0.0, "Multiply intensity by this (0 = auto: float as is, uintN / max)", True,
       _rng(0.0, 1e6)),
