@@ -8,9 +8,10 @@ LiDAR (Velodyne HDL-64E S2 as mounted on the KITTI car):
 - a return needs enough reflected power: p(return) = (1 - base) (1 - exp(-k rho sqrt(cos i) (50 m / r)^2)) with the
   material reflectivity rho and the incidence i; glass (car windows, shop windows) returns nothing, fences let half the
   beams through, vegetation returns from inside its volume (range pushed by an exponential depth), retro-reflective
-  signs always return;
-- range noise N(0, sigma), sigma 0.8-2.5 cm (datasheet: < 2 cm 1 sigma); intensity = rho (0.3 + 0.7 cos i) x gain in
-  [0, 1), retro-reflectors near 1, as KITTI's.
+  signs always return; beams grazing a depth edge sometimes report a range between the two surfaces (mixed pixels);
+- range noise N(0, sigma), sigma 0.8-2.5 cm (datasheet: < 2 cm 1 sigma); intensity = rho (0.5 + 0.5 cos i) x gain in
+  [0, 1) (a weak incidence term: the sensor's per-laser intensity calibration, rough surfaces), retro-reflectors
+  near 1, as KITTI's.
 Camera: KITTI P2/R0/Tr, 1242x375; sun direction and overcast, cast shadows of objects and buildings on the ground,
 sky reflections on glass, exposure, white balance, gamma, vignetting, blur and noise, all drawn per frame.
 """
@@ -165,6 +166,7 @@ def generate_frame_v2(seed: int, index: int, cfg) -> SyntheticFrame:
     k_ret = float(rng.uniform(12.0, 30.0))
     sigma_r = float(rng.uniform(0.008, 0.025))
     gain = float(rng.uniform(0.85, 1.15))
+    p_mix = float(rng.uniform(0.05, 0.3))
     win_period, win_storey = float(rng.uniform(1.8, 3.6)), float(rng.uniform(2.8, 3.6))
 
     # ---------------- LiDAR
@@ -208,13 +210,19 @@ def generate_frame_v2(seed: int, index: int, cfg) -> SyntheticFrame:
     depth_in = rng.exponential(0.25, t.shape)
     noise = rng.normal(0.0, sigma_r, t.shape)
     rr = np.where(valid, t + noise + np.where(mat == MAT_VEG, np.minimum(depth_in, 1.2), 0.0), 0.0)
+    # mixed pixels: a beam that grazes a depth edge (its azimuth neighbour is > 0.5 m farther) sometimes reports a
+    # range between the two surfaces (points floating behind object edges, as real scans have)
+    tt = np.where(hit, t, 0.0)
+    tn = np.roll(tt, -1, axis=1)
+    mix = valid & np.roll(hit, -1, axis=1) & (tn - tt > 0.5) & (rng.random(t.shape) < p_mix)
+    rr = np.where(mix, tt + rng.random(t.shape) * (tn - tt), rr)
     pts = ldirs * rr[..., None]
-    inten = refl * (0.3 + 0.7 * cosi) * gain + rng.normal(0.0, 0.02, t.shape)
+    inten = refl * (0.5 + 0.5 * cosi) * gain + rng.normal(0.0, 0.02, t.shape)
     inten = np.where(mat == MAT_RETRO, 0.9 + 0.09 * rng.random(t.shape), inten)
     inten = np.clip(inten, 0.0, 0.99)
     sel = valid.T
     points = np.concatenate([pts.transpose(1, 0, 2)[sel], inten.T[sel][:, None]], 1).astype(np.float32)
-    pobj = np.where(on_prim, obj_tab[pi] if obj_tab.size else -1, -1).T[sel]
+    pobj = np.where(on_prim & ~mix, obj_tab[pi] if obj_tab.size else -1, -1).T[sel]
     pmat = mat.T[sel]
 
     # ---------------- camera

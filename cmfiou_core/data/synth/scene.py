@@ -41,7 +41,7 @@ def profile_config(profile: str = "v1", **overrides) -> "SceneConfig":
     """The SceneConfig of a generator profile (kitti_v2 draws more vulnerable road users per frame)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown generator profile {profile!r} (expected one of {', '.join(PROFILES)})")
-    base = {"v1": {}, "kitti_v2": {"num_pedestrians": (1, 8), "num_cyclists": (1, 4)}}[profile]
+    base = {"v1": {}, "kitti_v2": {"num_pedestrians": (2, 9), "num_cyclists": (2, 6)}}[profile]
     base.update(overrides)
     return SceneConfig(profile=profile, **base)
 

@@ -152,9 +152,11 @@ def build_car(b: Builder, l, w, h, rng, paint, style: str = "car"):
     # lower body (paint): box clear..belt cut by the hood slope, a front bumper chamfer, a rear chamfer and four
     # rounded corners in plan view
     zt = belt
-    planes = [plane_through((hx - 0.02, zt - 0.10), (x_ws, zt), (1, 1)),
-              plane_through((hx, clear + 0.25), (hx - 0.12, zt - 0.10), (1, 1)),
-              plane_through((-hx, zt - 0.08), (-hx + 0.15, zt), (-1, 1))]
+    drop_f = float(rng.uniform(0.10, 0.22)) if style == "car" else float(rng.uniform(0.05, 0.12))  # hood slope
+    drop_r = float(rng.uniform(0.05, 0.15))
+    planes = [plane_through((hx - 0.02, zt - drop_f), (x_ws, zt), (1, 1)),
+              plane_through((hx, clear + 0.25), (hx - 0.12, zt - drop_f), (1, 1)),
+              plane_through((-hx, zt - drop_r), (-hx + 0.25, zt), (-1, 1))]
     cut = 0.18 * min(w, 1.8)
     for sx in (1, -1):
         for sy in (1, -1):
@@ -265,7 +267,7 @@ def build_person(b: Builder, l, w, h, rng, sitting: bool = False):
     head_r = float(np.clip(0.065 * h, 0.08, 0.12))
     hip = 0.50 * h if not sitting else 0.40 * h
     sh = 0.80 * h if not sitting else 0.75 * h
-    hw = min(0.5 * w - 0.04, 0.19)
+    hw = min(0.5 * w - 0.06, 0.19)
     leg_r = min(0.075, 0.25 * w)
     if sitting:
         for sy in (1, -1):
@@ -274,13 +276,13 @@ def build_person(b: Builder, l, w, h, rng, sitting: bool = False):
             b.cyl(knee, (0.5 * l - 0.1, sy * 0.1, 0.06), leg_r * 0.85, trousers, 0.35)
         b.box((-0.05, 0, 0.5 * (hip + 0.2 * h)), (0.2, 0.22, 0.12 * h), (0.3, 0.25, 0.2), 0.3)  # seat
     else:
-        stride = min(0.5 * l - 0.06, 0.35) * float(rng.uniform(-1, 1))
+        stride = min(0.5 * l - 0.1, 0.35) * float(rng.uniform(-1, 1))
         for sy, s in ((1, stride), (-1, -stride)):
             b.cyl((0.0, sy * 0.09, hip), (s, sy * 0.1, leg_r + 0.02), leg_r, trousers, 0.35)
     # torso: slightly flattened ellipsoid from hip to shoulder
     tz = 0.5 * (hip + sh) + 0.02
     b.ell((0.0, 0.0, tz), (min(0.13, 0.5 * l - 0.03), hw, 0.5 * (sh - hip) + 0.06), cloth, 0.4)
-    swing = min(0.5 * l - 0.06, 0.25) * float(rng.uniform(-1, 1))
+    swing = min(0.5 * l - 0.08, 0.25) * float(rng.uniform(-1, 1))
     for sy, s in ((1, -swing), (-1, swing)):
         b.cyl((0.0, sy * (hw - 0.02), sh - 0.03), (s, sy * (hw + 0.0), hip + 0.02), 0.045, cloth, 0.4)
     b.cyl((0, 0, sh), (0, 0, h - 2 * head_r), 0.05, skin, 0.3)  # neck
@@ -291,7 +293,7 @@ def build_person(b: Builder, l, w, h, rng, sitting: bool = False):
     return cloth
 
 
-def build_bicycle(b: Builder, l, rng, col, x0=0.0):
+def build_bicycle(b: Builder, l, rng, col, x0=0.0, w=0.6):
     """Two thin wheels, a diamond frame and a handlebar; returns (seat, bar, pedal height)."""
     r = float(np.clip(0.5 * (l - 0.05) / 2.0, 0.28, 0.36))
     xr, xf = x0 - 0.5 * l + r + 0.02, x0 + 0.5 * l - r - 0.02
@@ -303,14 +305,20 @@ def build_bicycle(b: Builder, l, rng, col, x0=0.0):
     for p0, p1 in ((seat, bb), (bb, (xr, 0, r)), (seat, (xr, 0, r)), (seat, bar - (0, 0, 0.08)), (bb, bar),
                    (bar, (xf, 0, r))):
         b.cyl(p0, p1, 0.022, col, 0.45)
-    b.cyl(bar + (0, -0.25, 0.02), bar + (0, 0.25, 0.02), 0.018, (0.1, 0.1, 0.1), 0.45)
+    hb = hbar(w)
+    b.cyl(bar + (0, -hb, 0.02), bar + (0, hb, 0.02), 0.018, (0.1, 0.1, 0.1), 0.45)
     return seat, bar, bb
+
+
+def hbar(w):
+    return min(0.25, 0.5 * w - 0.04)
 
 
 def build_cyclist(b: Builder, l, w, h, rng):
     """Bicycle + rider leaning forward (hands on the bar, feet on the pedals)."""
     frame_col = tuple(float(v) for v in rng.uniform(0.05, 0.8, 3))
-    seat, bar, bb = build_bicycle(b, l, rng, frame_col)
+    seat, bar, bb = build_bicycle(b, l, rng, frame_col, w=w)
+    ys = min(1.0, (0.5 * w - 0.06) / 0.2)  # lateral scale of the rider's limbs for narrow boxes
     cloth, trousers = CLOTH[int(rng.integers(len(CLOTH)))], CLOTH[int(rng.integers(len(CLOTH)))]
     skin = SKIN[int(rng.integers(len(SKIN)))]
     head_r = 0.1
@@ -321,12 +329,12 @@ def build_cyclist(b: Builder, l, w, h, rng):
     if rng.random() < 0.5:  # helmet
         b.ell(sh + (0.06, 0, head_r + 0.12), (0.12, 0.1, 0.06), CLOTH[int(rng.integers(len(CLOTH)))], 0.5)
     for sy in (1, -1):
-        b.cyl(sh + (0, sy * 0.15, -0.03), bar + (0, sy * 0.2, 0.03), 0.04, cloth, 0.4)  # arm
+        b.cyl(sh + (0, sy * 0.15 * ys, -0.03), bar + (0, sy * min(0.2 * ys, hbar(w)), 0.03), 0.04, cloth, 0.4)  # arm
         ph = float(rng.uniform(0, 2 * math.pi)) + (0 if sy > 0 else math.pi)
-        pedal = bb + (0.17 * math.cos(ph), sy * 0.12, 0.17 * math.sin(ph))
+        pedal = bb + (0.17 * math.cos(ph), sy * 0.12 * ys, 0.17 * math.sin(ph))
         knee = 0.5 * (hip + pedal) + (0.2, 0, 0.12)
-        b.cyl(hip + (0, sy * 0.1, 0), knee + (0, sy * 0.12, 0), 0.065, trousers, 0.35)
-        b.cyl(knee + (0, sy * 0.12, 0), pedal, 0.05, trousers, 0.35)
+        b.cyl(hip + (0, sy * 0.1 * ys, 0), knee + (0, sy * 0.12 * ys, 0), 0.065, trousers, 0.35)
+        b.cyl(knee + (0, sy * 0.12 * ys, 0), pedal, 0.05, trousers, 0.35)
     return cloth
 
 
@@ -383,7 +391,7 @@ def sample_layout_v2(rng: np.random.Generator) -> LayoutV2:
                     two_way=bool(rng.random() < 0.8), hill_u0=float(rng.uniform(8, 40)),
                     hill_c=float(rng.uniform(-0.0008, 0.0008)) if hill else 0.0, bumps=bumps,
                     cross_u=float(rng.uniform(12, 45)) if cross else None, cross_hw=float(rng.uniform(3.5, 6.5)),
-                    tex=rng.random((256, 256)), road_refl=float(rng.uniform(0.14, 0.3)),
+                    tex=rng.random((256, 256)), road_refl=float(rng.uniform(0.2, 0.4)),
                     road_alb=float(rng.uniform(0.22, 0.42)), rural=rural)
 
 
@@ -462,6 +470,19 @@ def sample_objects_v2(rng: np.random.Generator, layout: LayoutV2, calib: Calibra
         r = rng.random()
         return "Van" if r < 0.12 else ("Misc" if r < 0.15 else "Car")
 
+    # trucks and trams first (non-target classes; they need the most room)
+    if rng.random() < 0.35:
+        side = -1.0 if rng.random() < 0.5 else 1.0
+        for _t in range(6):
+            l, w, h = sample_size(rng, "Truck")
+            if put("Truck", float(rng.uniform(-20, 60)), side * (hw - w / 2 - 0.3), 0.0 if side < 0 else math.pi,
+                   (l, w, h)):
+                break
+    if rng.random() < 0.08 and hw >= 4.5:
+        for _t in range(4):
+            if put("Tram", float(rng.uniform(10, 60)), float(rng.normal(0, 0.3)), 0.0 if rng.random() < 0.5 else
+                   math.pi):
+                break
     # parked rows along both kerbs (KITTI's residential streets), sometimes angled/perpendicular bays
     for side in (-1.0, 1.0):
         if rng.random() < (0.75 if not layout.rural else 0.2):
@@ -493,19 +514,6 @@ def sample_objects_v2(rng: np.random.Generator, layout: LayoutV2, calib: Calibra
         cls = "Car" if rng.random() < 0.85 else ("Van" if rng.random() < 0.6 else "Truck")
         for _t in range(6):
             if put(cls, float(rng.uniform(-30, 70)), lw + float(rng.normal(0, 0.35)), yr + float(rng.normal(0, 0.03))):
-                break
-    # trucks / trams / misc (non-target classes)
-    if rng.random() < 0.3:
-        side = -1.0 if rng.random() < 0.5 else 1.0
-        for _t in range(6):
-            l, w, h = sample_size(rng, "Truck")
-            if put("Truck", float(rng.uniform(-20, 60)), side * (hw - w / 2 - 0.3), 0.0 if side < 0 else math.pi,
-                   (l, w, h)):
-                break
-    if rng.random() < 0.08 and hw >= 4.5:
-        for _t in range(4):
-            if put("Tram", float(rng.uniform(10, 60)), float(rng.normal(0, 0.3)), 0.0 if rng.random() < 0.5 else
-                   math.pi):
                 break
     # cross street traffic (perpendicular cars)
     if layout.cross_u is not None:
