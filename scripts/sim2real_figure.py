@@ -16,7 +16,7 @@ import numpy as np
 def bev(ax, pts, title, boxes=None):
     m = (pts[:, 0] > -5) & (pts[:, 0] < 70) & (np.abs(pts[:, 1]) < 35)
     p = pts[m]
-    ax.scatter(-p[:, 1], p[:, 0], s=0.05, c=p[:, 3], cmap="viridis", vmin=0, vmax=0.6, linewidths=0)
+    ax.scatter(-p[:, 1], p[:, 0], s=0.4, c=p[:, 3], cmap="viridis", vmin=0, vmax=0.6, linewidths=0)
     if boxes is not None:
         from cmfiou_core.geometry.boxes import boxes_to_corners_3d
 

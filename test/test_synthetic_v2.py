@@ -63,6 +63,10 @@ def test_hdl64_ring_structure(frames):
         assert counts[63] > 0.85 * W
         assert abs(float(np.median(rxy[low])) - MOUNT / math.tan(math.radians(24.9))) < 0.1
         assert abs(float(np.median(p[low, 2])) + MOUNT) < 0.03
+        # a flat or climbing road: every beam below -1 deg meets something within 1.73 / sin(1 deg) = 99 m < 120 m
+        if fr.extras["layout"].hill_c >= 0:
+            down = np.rad2deg(fr.extras["elevations"]) < -1.0
+            assert not np.any(fr.extras["ray_material"][down] == -2)
         # range limit and KITTI's intensity range
         assert np.linalg.norm(p[:, :3], axis=1).max() <= 120.5
         assert p[:, 3].min() >= 0 and p[:, 3].max() < 1
@@ -117,10 +121,10 @@ def test_classes_and_sizes():
     assert {"Car", "Pedestrian", "Cyclist"} <= set(names)
     assert set(names) & {"Van", "Truck", "Tram", "Misc", "Person_sitting"}  # non-target classes are labelled
     cars = np.array(sizes["Car"])
-    assert cars.shape[0] >= 25
+    assert cars.shape[0] >= 20
     # sizes scatter around the published KITTI means (Frustum PointNets' table), not one template
     assert np.all(np.abs(cars.mean(0) - np.array(KITTI_MEAN_LWH["Car"])) < (0.25, 0.08, 0.08)), cars.mean(0)
-    assert cars[:, 0].std() > 0.2 and len(np.unique(cars[:, 0])) > 20
+    assert cars[:, 0].std() > 0.2 and len(np.unique(cars[:, 0])) > 0.6 * len(cars)
 
 
 def test_pedestrian_returns_span_the_box(frames):

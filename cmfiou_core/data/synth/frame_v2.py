@@ -12,7 +12,7 @@ LiDAR (Velodyne HDL-64E S2 as mounted on the KITTI car):
 - range noise N(0, sigma), sigma 0.8-2.5 cm (datasheet: < 2 cm 1 sigma); intensity = rho (0.5 + 0.5 cos i) x gain in
   [0, 1) (a weak incidence term: the sensor's per-laser intensity calibration, rough surfaces), retro-reflectors
   near 1, as KITTI's.
-Camera: KITTI P2/R0/Tr, 1242x375; sun direction and overcast, cast shadows of objects and buildings on the ground,
+Camera: KITTI P2/R0/Tr, 1242x375, focal length, principal point and mount angles varied per frame; sun direction and overcast, cast shadows of objects and buildings on the ground,
 sky reflections on glass, exposure, white balance, gamma, vignetting, blur and noise, all drawn per frame.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ from .frame import SyntheticFrame, make_labels, road_plane
 from .raycast import Buffers, Prims, render
 from .scene_v2 import (MAT_FACADE, MAT_FENCE, MAT_GLASS, MAT_RETRO, MAT_VEG, LayoutV2, background_prims_v2,
                        object_prims_v2, sample_layout_v2, sample_objects_v2)
-from .sensors import (GROUND_Z, IMAGE_H, IMAGE_W, camera_block_clipped, camera_rays_cached, hdl64_elevations,
-                      kitti_calibration, lidar_block)
+from .sensors import (GROUND_Z, IMAGE_H, IMAGE_W, camera_block_clipped, camera_rays, hdl64_elevations, lidar_block,
+                      perturbed_kitti_calibration)
 
 GROUND_MAT = -1  # material code of ground hits in ray_material
 NO_HIT = -2
@@ -42,9 +42,10 @@ def ground_hit_v2(layout: LayoutV2, o: np.ndarray, dirs: np.ndarray, buf: Buffer
     uo = c_ * o[0] + s_ * o[1]
     with np.errstate(divide="ignore", invalid="ignore"):
         tp = (GROUND_Z - o[2]) / dz
-    tp = np.where((dz < -1e-9) & (uo + tp * du <= layout.hill_u0), tp, np.inf)
-    t = tp
     c = layout.hill_c
+    before_hill = (uo + tp * du <= layout.hill_u0) if c != 0.0 else True
+    tp = np.where((dz < -1e-9) & before_hill, tp, np.inf)
+    t = tp
     if c != 0.0:
         e = uo - layout.hill_u0
         A = c * du * du
@@ -144,7 +145,7 @@ def _blur3(img: np.ndarray) -> np.ndarray:
 
 def generate_frame_v2(seed: int, index: int, cfg) -> SyntheticFrame:
     rng = np.random.default_rng([int(seed), int(index), 2])
-    calib = kitti_calibration()
+    calib = perturbed_kitti_calibration(rng)
     layout = sample_layout_v2(rng)
     objs, placer = sample_objects_v2(rng, layout, calib, cfg)
     prims = Prims()
@@ -227,7 +228,7 @@ def generate_frame_v2(seed: int, index: int, cfg) -> SyntheticFrame:
 
     # ---------------- camera
     H, Wi = IMAGE_H, IMAGE_W
-    co, cdirs = camera_rays_cached(H, Wi)
+    co, cdirs = camera_rays(calib, H, Wi)
     cb = Buffers((H, Wi))
     ground_hit_v2(layout, co, cdirs, cb, 400.0)
     own = render(prims, groups, co, cdirs, lambda g: camera_block_clipped(prims, calib, g, H, Wi), cb,

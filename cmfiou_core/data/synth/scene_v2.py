@@ -381,7 +381,7 @@ class LayoutV2:
 def sample_layout_v2(rng: np.random.Generator) -> LayoutV2:
     rural = bool(rng.random() < 0.2)
     hw = float(rng.uniform(3.2, 7.5))
-    hill = rng.random() < 0.45
+    hill = rng.random() < 0.3
     cross = (not rural) and rng.random() < 0.4
     bumps = np.stack([rng.uniform(0.005, 0.025, 3), rng.uniform(-1.2, 1.2, 3), rng.uniform(-1.2, 1.2, 3),
                       rng.uniform(0, 2 * math.pi, 3)], 1)
@@ -389,7 +389,7 @@ def sample_layout_v2(rng: np.random.Generator) -> LayoutV2:
                                                                           else hw - 1.6)),
                     hw=hw, sw=float(rng.uniform(1.5, 4.0)), curb=float(rng.uniform(0.08, 0.16)) if not rural else 0.0,
                     two_way=bool(rng.random() < 0.8), hill_u0=float(rng.uniform(8, 40)),
-                    hill_c=float(rng.uniform(-0.0008, 0.0008)) if hill else 0.0, bumps=bumps,
+                    hill_c=float(rng.uniform(-0.0005, 0.0008)) if hill else 0.0, bumps=bumps,
                     cross_u=float(rng.uniform(12, 45)) if cross else None, cross_hw=float(rng.uniform(3.5, 6.5)),
                     tex=rng.random((256, 256)), road_refl=float(rng.uniform(0.2, 0.4)),
                     road_alb=float(rng.uniform(0.22, 0.42)), rural=rural)

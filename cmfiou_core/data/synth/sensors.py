@@ -156,3 +156,27 @@ def camera_block_clipped(prims: Prims, calib: Calibration, group, H: int, W: int
     if u0 > u1 or v0 > v1:
         return None
     return np.arange(v0, v1 + 1), np.arange(u0, u1 + 1)
+
+
+def perturbed_kitti_calibration(rng: np.random.Generator) -> Calibration:
+    """The 2011_09_26 calibration with the camera varied as between KITTI's recording days: focal length 707..722 px
+    and principal point cx 598..612, cy 170..185 px (the span of the public per-day KITTI P2 matrices, 2011_09_26 to
+    2011_10_03), and the camera's orientation relative to the LiDAR by N(0, 0.15 deg) per axis. Image size stays
+    1242x375."""
+    P2 = np.array(KITTI_P2, dtype=np.float64).reshape(3, 4)
+    K = P2[:, :3].copy()
+    t = np.linalg.solve(K, P2[:, 3])
+    f = float(rng.uniform(707.0, 722.0))
+    K2 = K.copy()
+    K2[0, 0] = K2[1, 1] = f
+    K2[0, 2] = float(rng.uniform(598.0, 612.0))
+    K2[1, 2] = float(rng.uniform(170.0, 185.0))
+    P2n = np.c_[K2, K2 @ t]
+    a, b, c = np.deg2rad(rng.normal(0.0, 0.15, 3))
+    Rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    Ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    Rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
+    Tr = np.array(KITTI_TR, dtype=np.float64).reshape(3, 4)
+    D = Rx @ Ry @ Rz
+    Tr2 = np.c_[D @ Tr[:, :3], D @ Tr[:, 3]]
+    return Calibration(P2n, np.array(KITTI_R0), Tr2, IMAGE_W, IMAGE_H)
