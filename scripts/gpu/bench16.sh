@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD CMFIOU_SHARE_DIR=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 log() { echo "=== $(date +%T) $*"; }
-filt() { grep -v "Warn\|is_fx\|slices\|_warn_once\|ret\[" ; }
+filt() { grep --line-buffered -v "Warn\|is_fx\|slices\|_warn_once\|ret\[" ; }
 kit=""; [ -d .gpu_data/kitti/training ] && kit="--kitti .gpu_data/kitti/training"
 # --no-messages: the GPU host has no rclpy (message conversion is measured on the CPU)
 # run through -c with a stack dump after DUMP s: as a script it has printed nothing for minutes on the GPU host
@@ -26,7 +26,7 @@ b)
   for ve in ${RUNS:-1:graph 1:eager 3:graph}; do v=${ve%:*}; e=${ve#*:}
     log "pipeline $e, $v view(s), demo checkpoint"
     TO=120 B --checkpoint '' --engine $e --views $v --frames ${FRAMES:-60} --warmup 16 --profile 3 --verbose \
-      --label "$v view(s) $e demo" --json $OUT/bench_${v}view_${e}_demo_h200.json --md $OUT/bench_${v}view_${e}_demo_h200.md 2>&1 | filt | grep -v "^\[bench\] frame"
+      --label "$v view(s) $e demo" --json $OUT/bench_${v}view_${e}_demo_h200.json --md $OUT/bench_${v}view_${e}_demo_h200.md 2>&1 | filt | grep --line-buffered -v "^\[bench\] frame"
   done ;;
 esac
 log done
