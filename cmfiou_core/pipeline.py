@@ -103,14 +103,16 @@ class Pipeline:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.engine = engine
-        self._graph_roi = None
+        self._frame_graph = None
         if engine == "graph":
-            # the static-shape backbone and RoI head (CUDA graphs on CUDA; the same static code eagerly on the CPU)
-            from .engine.runtime import GraphRoIHead, use_engine
+            # every stage after VFE as one static-shape function (engine.frame): one CUDA graph per capacity bucket
+            # on CUDA, the same static code without a graph on the CPU
+            from .engine.frame import FrameGraph
+            from .engine.runtime import use_engine
 
-            eng = use_engine(self.model)
-            if self.model.roi_head is not None:
-                self._graph_roi = GraphRoIHead(self.model, eng)
+            if self.model.roi_head is None:
+                raise ConfigError("engine 'graph' needs a model with a RoI head (model.roi_head)")
+            self._frame_graph = FrameGraph(self.model, use_engine(self.model))
         self.depth_cfg = DepthConfig.from_dict(cfg.depth, cfg.source)
         self.depth = PseudoPointGenerator(self.depth_cfg)
         self.timing = timing
@@ -284,13 +286,13 @@ class Pipeline:
             h("voxelize", batch)
         m = self.model
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            if self._graph_roi is not None:
-                batch = m.run_stages(batch, after_stage, skip=("roi_head",))
-                det = self._graph_roi(batch)     # static RoI head + post-processing, one D2H copy
-                timer.mark("roi_head")
+            if self._frame_graph is not None:
+                batch = m.run_stages(batch, after_stage, skip=("backbone_3d", "bev", "rpn", "roi_head"))
+                det = self._frame_graph(batch)   # backbone .. post-processing, one device->host copy
+                timer.mark("engine")
             else:
                 batch = m.run_stages(batch, after_stage)
-        if self._graph_roi is None:
+        if self._frame_graph is None:
             if self.amp is not None:
                 for k in ("batch_box_preds", "batch_cls_preds", "batch_iou_preds", "rois"):
                     if isinstance(batch.get(k), torch.Tensor):
