@@ -73,10 +73,15 @@ def ground_hit_v2(layout: LayoutV2, o: np.ndarray, dirs: np.ndarray, buf: Buffer
     buf.t[...] = t
     buf.prim[...] = -1
     # normal of the hill (bumps ignored in the shading)
+    if c == 0.0:
+        buf.normal[...] = (0.0, 0.0, 1.0)
+        return
     uh = c_ * P[..., 0] + s_ * P[..., 1]
     g = 2 * c * np.maximum(uh - layout.hill_u0, 0.0)
-    n = np.stack([-g * c_, -g * s_, np.ones_like(g)], -1)
-    buf.normal[...] = n / np.linalg.norm(n, axis=-1, keepdims=True)
+    inv = 1.0 / np.sqrt(1.0 + g * g)
+    buf.normal[..., 0] = -g * c_ * inv
+    buf.normal[..., 1] = -g * s_ * inv
+    buf.normal[..., 2] = inv
 
 
 def ground_material_v2(layout: LayoutV2, x: np.ndarray, y: np.ndarray, rng_tex: np.ndarray):
@@ -115,16 +120,28 @@ def _facade_windows(layout: LayoutV2, P: np.ndarray, period: float, storey: floa
 
 def _shadow_mask(P: np.ndarray, L: np.ndarray, boxes: List[tuple]) -> np.ndarray:
     """Ground points P (K, 3) in the shadow of upright boxes (x, y, z0, z1, l, w, yaw): the sun ray from P, taken at
-    the box's mid height, falls inside its footprint."""
+    the box's mid height, falls inside its footprint. Per box only the points in the x interval its shadow can reach
+    are tested (points sorted by x once)."""
     sh = np.zeros(P.shape[0], bool)
-    if L[2] <= 0.05:
+    if L[2] <= 0.05 or not len(P):
         return sh
+    order = np.argsort(P[:, 0], kind="stable")
+    xs = P[order, 0]
+    zmin = float(P[:, 2].min())
     for x, y, z0, z1, l, w, yaw in boxes:
-        s = (0.5 * (z0 + z1) - P[:, 2]) / L[2]
-        qx, qy = P[:, 0] + s * L[0] - x, P[:, 1] + s * L[1] - y
+        reach = max(0.5 * (z0 + z1) - zmin, 0.0) / L[2]
+        r = 0.5 * math.hypot(l, w) + 0.5
+        xa, xb = min(x - r, x - r - reach * L[0]), max(x + r, x + r - reach * L[0])
+        i0, i1 = np.searchsorted(xs, xa), np.searchsorted(xs, xb, side="right")
+        if i1 <= i0:
+            continue
+        idx = order[i0:i1]
+        Q = P[idx]
+        s = (0.5 * (z0 + z1) - Q[:, 2]) / L[2]
+        qx, qy = Q[:, 0] + s * L[0] - x, Q[:, 1] + s * L[1] - y
         c, sn = math.cos(yaw), math.sin(yaw)
-        lx, ly = c * qx + sn * qy, -sn * qx + c * qy
-        sh |= (np.abs(lx) <= l / 2) & (np.abs(ly) <= w / 2) & (s > 0)
+        m = (np.abs(c * qx + sn * qy) <= l / 2) & (np.abs(-sn * qx + c * qy) <= w / 2) & (s > 0)
+        sh[idx[m]] = True
     return sh
 
 

@@ -54,7 +54,10 @@ class Prims:
         c = np.asarray(c, dtype=np.float64)
         ext = np.asarray(ext, dtype=np.float64)
         self.kind.append(int(kind))
-        self.geom.append((R, c, ext, None if planes is None else np.asarray(planes, dtype=np.float64)))
+        if planes is not None:  # unit normals (the cast returns them as surface normals)
+            planes = np.asarray(planes, dtype=np.float64)
+            planes = planes / np.linalg.norm(planes[:, :3], axis=1, keepdims=True)
+        self.geom.append((R, c, ext, planes))
         self.albedo.append(tuple(float(a) for a in albedo))
         self.refl.append(float(refl))
         self.obj.append(int(obj))
@@ -187,9 +190,7 @@ def cast_cutbox(o: np.ndarray, d: np.ndarray, g) -> Tuple[np.ndarray, np.ndarray
         tf = np.where(miss, -np.inf, tf)
     hit = (tn <= tf) & (tn > 1e-4)
     t = np.where(hit, tn, np.inf)
-    n = nl @ R.T
-    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
-    return t, n
+    return t, nl @ R.T  # unit: slab and (normalised) plane normals, rotated
 
 
 def cast_ocyl(o: np.ndarray, d: np.ndarray, g) -> Tuple[np.ndarray, np.ndarray]:
@@ -216,7 +217,7 @@ def cast_ellipsoid(o: np.ndarray, d: np.ndarray, g) -> Tuple[np.ndarray, np.ndar
     t = np.where(hit, t, np.inf)
     p = ol[None, :] + np.where(hit, t, 0.0)[:, None] * dl
     n = (p / ext) @ R.T
-    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+    n /= np.maximum(np.sqrt(np.einsum("ij,ij->i", n, n)), 1e-12)[:, None]
     return t, n
 
 

@@ -374,8 +374,10 @@ class LayoutV2:
         return GROUND_Z + self.hill_c * e * e
 
     def bump(self, x, y):
-        a = self.bumps
-        return (a[:, 0] * np.sin(np.multiply.outer(x, a[:, 1]) + np.multiply.outer(y, a[:, 2]) + a[:, 3])).sum(-1)
+        out = np.zeros(np.shape(x))
+        for amp, kx, ky, ph in self.bumps:
+            out += amp * np.sin(kx * x + ky * y + ph)
+        return out
 
 
 def sample_layout_v2(rng: np.random.Generator) -> LayoutV2:
