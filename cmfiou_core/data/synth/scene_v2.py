@@ -385,7 +385,7 @@ def sample_layout_v2(rng: np.random.Generator) -> LayoutV2:
     hw = float(rng.uniform(3.2, 7.5))
     hill = rng.random() < 0.3
     cross = (not rural) and rng.random() < 0.4
-    bumps = np.stack([rng.uniform(0.005, 0.025, 3), rng.uniform(-1.2, 1.2, 3), rng.uniform(-1.2, 1.2, 3),
+    bumps = np.stack([rng.uniform(0.002, 0.012, 3), rng.uniform(-0.5, 0.5, 3), rng.uniform(-0.5, 0.5, 3),
                       rng.uniform(0, 2 * math.pi, 3)], 1)
     return LayoutV2(yaw=float(rng.normal(0, 0.06)), c0=float(rng.uniform(-hw + 1.6, min(hw - 1.6, 0.0) if hw > 4.5
                                                                           else hw - 1.6)),
