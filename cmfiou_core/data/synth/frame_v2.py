@@ -269,6 +269,12 @@ def generate_frame_v2(seed: int, index: int, cfg) -> SyntheticFrame:
         m2 = cmat[fpix]
         m2[win] = MAT_GLASS
         cmat[fpix] = m2
+    spix = c_on & (cmat != MAT_GLASS) & (cmat != MAT_VEG)
+    if spix.any():  # fine surface texture (dirt, grain) on every opaque primitive
+        q = CP[spix]
+        ts = rng_tex[np.mod(np.floor(q[:, 0] * 9 + q[:, 2] * 11).astype(np.int64), 64),
+                     np.mod(np.floor(q[:, 1] * 9 - q[:, 2] * 7).astype(np.int64), 64)]
+        alb[spix] *= (0.9 + 0.2 * ts)[:, None]
     vpix = cmat == MAT_VEG
     if vpix.any():
         q = CP[vpix]

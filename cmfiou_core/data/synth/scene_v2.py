@@ -179,6 +179,10 @@ def build_car(b: Builder, l, w, h, rng, paint, style: str = "car"):
     for xa in axles:  # wheel arches: panel above the wheel only
         seg(xa - arch, xa + arch, min(2 * r_w + 0.05, zt - 0.05), zt, hy)
     seg(-hx + 0.2, hx - 0.2, clear + 0.05, zt - 0.1, hy - 0.3)  # inner body behind the wheels
+    # licence plates front and rear (retro-reflective: the brightest LiDAR returns of a car)
+    pz = clear + float(rng.uniform(0.15, 0.3))
+    for sx in (1, -1):
+        b.box((sx * (hx - 0.015), 0, pz), (0.012, min(0.26, hy - 0.2), 0.056), (0.9, 0.9, 0.86), 0.9, MAT_RETRO)
     # cabin: glass volume narrowed upwards (tumblehome), slanted windshield and rear window
     top = h - 0.04
     tumble = float(rng.uniform(0.08, 0.16))
