@@ -32,7 +32,7 @@ from .depth.io import input_point_discard
 from .depth.projection import fov_flag, project_points
 from .depth.pseudo import PseudoPointGenerator, raw_rows_from_points
 from .model.detector import build_model, prepare_batch
-from .model.model_config import FullConfig, load_config
+from .model.model_config import ENGINES, FullConfig, InferenceConfig, load_config
 from .model.voxelize import Voxelizer
 from .timing import StageTimer
 from .types import Detections, Frame
@@ -139,12 +139,13 @@ class Pipeline:
     @classmethod
     def from_config(cls, config: Union[str, Path, None] = None, checkpoint: Union[str, Path, None] = None,
                     device: Union[str, torch.device] = "cpu", timing: bool = True, seed: int = 0,
-                    amp: Optional[str] = None, engine: str = "eager") -> "Pipeline":
+                    amp: Optional[str] = None, engine: Optional[str] = None) -> "Pipeline":
         """Build from a YAML config and a checkpoint (OpenPCDet-style official file or ours; ``weights_only``).
 
         ``checkpoint`` None or "" selects the bundled demo checkpoint (camera+LiDAR, trained on generated scenes) and,
         without ``config``, its config ``config/cmfiou_kitti.yaml``; "none" builds
-        the network with random weights: it runs, but its detections are meaningless (logged as an error)."""
+        the network with random weights: it runs, but its detections are meaningless (logged as an error).
+        ``engine`` eager / graph / auto (graph on CUDA); None = the config's ``inference.engine``."""
         from .model.checkpoint import load_checkpoint
 
         dev = torch.device(device)
@@ -178,6 +179,11 @@ class Pipeline:
                             checkpoint, len(missing))
         else:
             log.error("no checkpoint given: the detector runs with RANDOM weights and its detections are meaningless")
+        if engine is None:
+            engine = cfg.inference.engine
+        if engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        engine = InferenceConfig(engine).resolve(dev)
         pipe = cls(cfg, model, dev, timing=timing, seed=seed, weights_loaded=loaded, amp=amp, engine=engine)
         pipe.weights = weights
         return pipe

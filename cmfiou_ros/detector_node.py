@@ -206,12 +206,16 @@ class DetectorNode(LifecycleNode):
 
                     device = "cuda" if torch.cuda.is_available() else "cpu"
                 t0 = time.perf_counter()
-                self.pipeline = factory(p["model_config"] or None, checkpoint=p["checkpoint"] or None, device=device)
+                extra = {"engine": p["engine"]} if p["engine"] else {}
+                self.pipeline = factory(p["model_config"] or None, checkpoint=p["checkpoint"] or None, device=device,
+                                        **extra)
                 self.get_logger().info(f"pipeline loaded by {p['pipeline_factory']} in "
                                        f"{time.perf_counter() - t0:.2f} s")
             weights = getattr(self.pipeline, "weights", "")
             if weights.startswith(("random", "demo")):
                 self.get_logger().warning(f"weights: {weights}")
+            if getattr(self.pipeline, "engine", None):
+                self.get_logger().info(f"inference engine: {self.pipeline.engine}")
             if p["warmup"] and hasattr(self.pipeline, "warmup"):
                 t0 = time.perf_counter()
                 self.pipeline.warmup()

@@ -218,6 +218,7 @@ def detector_statuses(node) -> List[Status]:
     inf.add("pipeline_loaded", node.pipeline is not None)
     weights = getattr(node.pipeline, "weights", "") if node.pipeline is not None else ""
     inf.add("weights", weights)
+    inf.add("engine", getattr(node.pipeline, "engine", "") if node.pipeline is not None else "")
     if weights.startswith(("random", "demo")):
         inf.raise_level(WARN, f"weights: {weights}")
     inf.add("active", node._active)

@@ -68,6 +68,9 @@ DETECTOR_PARAMS: List[P] = [
     P("model_config", str, "", "Model/pipeline config YAML ('' = the factory's default)", True),
     P("checkpoint", str, "", "Checkpoint file ('' = none: the factory decides, e.g. random init for tests)", True),
     P("device", str, "cpu", "Inference device: cpu, cuda, cuda:N, auto", True, _device),
+    P("engine", str, "", "Inference engine: eager (spconv modules), graph (static-shape engine, CUDA graphs), auto "
+      "(graph on CUDA); '' = the config's inference.engine. Passed to the factory as engine= only when set", True,
+      lambda v: None if v in ("", "eager", "graph", "auto") else "must be '', 'eager', 'graph' or 'auto'"),
     P("warmup", bool, True, "Run pipeline.warmup() at configure time", True),
     P("score_threshold", float, 0.0, "Drop detections whose rectified score is below this (after the pipeline)",
       False, _rng(0.0, 1.0)),

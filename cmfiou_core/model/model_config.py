@@ -171,6 +171,32 @@ class FullConfig:
     data: Dict[str, Any] = field(default_factory=dict)    # untouched; dataset / trainer options
     raw: Dict[str, Any] = field(default_factory=dict)     # the whole parsed YAML (for checkpoints)
     source: str = "<config>"
+    inference: "InferenceConfig" = field(default_factory=lambda: InferenceConfig())
+
+
+ENGINES = ("eager", "graph", "auto")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """``inference`` section. ``engine``: ``eager`` (spconv modules, the reference and the training path), ``graph``
+    (the static-shape engine, ``cmfiou_core.engine``: one CUDA graph per capacity bucket on CUDA, the same static code
+    on the CPU), ``auto`` (graph on CUDA, eager on the CPU, where the graph engine is slower)."""
+    engine: str = "eager"
+
+    def resolve(self, device) -> str:
+        import torch
+
+        if self.engine != "auto":
+            return self.engine
+        return "graph" if torch.device(device).type == "cuda" else "eager"
+
+
+def _parse_inference(raw, source: str) -> InferenceConfig:
+    sec = Section(raw or {}, "inference", source)
+    cfg = InferenceConfig(engine=sec.str("engine", InferenceConfig.engine, choices=ENGINES))
+    sec.finish()
+    return cfg
 
 
 def _tuple_f(sec: Section, key: str, default, length=None):
@@ -373,18 +399,21 @@ def parse_model_config(model: Mapping[str, Any], source: str = "<config>") -> Mo
 
 
 def load_config(path: Union[str, Path]) -> FullConfig:
-    """Load and validate a model YAML. Top-level keys: ``model`` (required), ``depth``, ``data`` (passed through)."""
+    """Load and validate a model YAML. Top-level keys: ``model`` (required), ``depth``, ``data`` (passed through),
+    ``inference`` (:class:`InferenceConfig`)."""
     data = load_yaml(path)
     source = str(data.get("_source", path))
     top = Section(data, "", source)
     model = top.raw("model", required=True)
     depth = top.raw("depth", {}) or {}
     dat = top.raw("data", {}) or {}
+    inf = top.raw("inference", {}) or {}
     top.finish()
-    for name, v in (("depth", depth), ("data", dat)):
+    for name, v in (("depth", depth), ("data", dat), ("inference", inf)):
         if not isinstance(v, Mapping):
             raise ConfigError(f"{source}: '{name}' must be a mapping")
-    return FullConfig(parse_model_config(model, source), dict(depth), dict(dat), data, source)
+    return FullConfig(parse_model_config(model, source), dict(depth), dict(dat), data, source,
+                      _parse_inference(inf, source))
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> FullConfig:
@@ -393,5 +422,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> FullCon
     model = top.raw("model", required=True)
     depth = top.raw("depth", {}) or {}
     dat = top.raw("data", {}) or {}
+    inf = top.raw("inference", {}) or {}
     top.finish()
-    return FullConfig(parse_model_config(model, source), dict(depth), dict(dat), dict(data), source)
+    return FullConfig(parse_model_config(model, source), dict(depth), dict(dat), dict(data), source,
+                      _parse_inference(inf, source))
