@@ -9,7 +9,7 @@ import torch
 
 from cmfiou_core.data.labels import KITTI_TYPES, parse_label_line
 from cmfiou_core.data.synth.scene import SceneConfig, profile_config
-from cmfiou_core.data.synth.scene_v2 import KITTI_MEAN_LWH, MAT_GLASS
+from cmfiou_core.data.synth.scene_v2 import KITTI_MEAN_LWH, MAT_GLASS, MAT_PAINT, MAT_RETRO
 from cmfiou_core.data.synthetic import generate_dataset, generate_frame
 from cmfiou_core.geometry.boxes import boxes3d_kitti_camera_to_lidar
 from cmfiou_core.geometry.points_in_boxes import points_in_boxes_mask
@@ -81,6 +81,24 @@ def test_glass_returns_nothing(frames):
         # the rays that met glass are exactly missing from the cloud: points = valid rays of other materials
         assert fr.points.shape[0] <= int((rays != MAT_GLASS).sum() - (rays == -2).sum())
     assert n_glass > 1000  # car windows and shop windows are there
+
+
+def test_ray_drop_and_intensity_by_material_and_range(frames):
+    """Return rate: glass never, retro-reflectors always, road falls with range (weaker echo, grazing incidence);
+    intensity: licence plates bright, dark paint dim, everything in [0, 1)."""
+    mats = np.concatenate([fr.extras["ray_material"].ravel() for fr in frames])
+    rng_ = np.concatenate([fr.extras["ray_range"].ravel() for fr in frames])
+    ret = np.concatenate([fr.extras["ray_returned"].ravel() for fr in frames])
+    assert not ret[mats == MAT_GLASS].any() and ret[mats == MAT_RETRO].all() and (mats == MAT_RETRO).sum() > 20
+    road = mats == -1
+    near, far = road & (rng_ > 5) & (rng_ < 15), road & (rng_ > 40) & (rng_ < 70)
+    assert near.sum() > 1000 and far.sum() > 100
+    assert ret[near].mean() > 0.9 and ret[far].mean() < ret[near].mean() - 0.1, (ret[near].mean(), ret[far].mean())
+    for fr in frames:
+        pm, it = fr.extras["point_material"], fr.points[:, 3]
+        assert np.all(it[pm == MAT_RETRO] >= 0.9)
+        paint = pm == MAT_PAINT
+        assert paint.sum() > 500 and np.median(it[paint]) < 0.35  # car paint returns weakly (specular)
 
 
 def test_label_boxes_hold_their_objects_returns(frames):

@@ -344,5 +344,6 @@ def generate_frame_v2(seed: int, index: int, cfg) -> SyntheticFrame:
                         occluded=occl, visible_fraction=vfrac, colours=colours, point_object=pobj.astype(np.int32),
                         pixel_object=pix_obj, bbox2d=bbox2d)
     fr.extras = {"profile": "kitti_v2", "ray_material": mat.astype(np.int8), "point_material": pmat.astype(np.int8),
+                 "ray_range": np.where(hit, t, np.inf), "ray_returned": valid,
                  "elevations": elev, "n_objects": n_obj, "layout": layout, "prims": prims}
     return fr

@@ -134,7 +134,7 @@ def pick_paint(rng):
 def build_car(b: Builder, l, w, h, rng, paint, style: str = "car"):
     """Parametric passenger car / van: lower body with sloped hood and trunk, glass cabin with roof and pillars,
     four wheels in arches. Everything stays inside the (l, w, h) box."""
-    refl_paint = 0.08 + 0.55 * float(np.mean(paint))  # dark paint returns less
+    refl_paint = 0.05 + 0.3 * float(np.mean(paint))  # glossy paint returns weakly, dark paint least
     r_w = float(np.clip(rng.normal(0.215 * h if style == "car" else 0.17 * h, 0.02), 0.26, 0.42))
     clear = float(rng.uniform(0.12, 0.2))
     belt = float(rng.uniform(0.50, 0.58) if style == "car" else rng.uniform(0.45, 0.52)) * h
