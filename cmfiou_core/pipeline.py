@@ -267,8 +267,8 @@ class Pipeline:
                 f"z [{lo[2]:g}, {hi[2]:g}] m{where}"))
             det.timings_ms = {"total": (time.perf_counter() - wall0) * 1e3}
             return det
-        rate = float(self.cfg.data.get("input_discard_rate", self.depth_cfg.discard.rate)) \
-            if isinstance(self.cfg.data, dict) else self.depth_cfg.discard.rate
+        rate = self.cfg.dataset.discard_rate  # data.input_discard_rate, validated at load
+        rate = self.depth_cfg.discard.rate if rate is None else rate
         if pseudo.shape[0] and rate > 0:
             pseudo = input_point_discard(pseudo, rate=rate, bin_num=self.depth_cfg.discard.bin_num,
                                          max_dis=self.depth_cfg.discard.max_dis,

@@ -296,8 +296,9 @@ def test_roi_loss_config_bb_center_huber():
     from cmfiou_core.model.model_config import load_config
     ours = load_config(REPO / "config" / "cmfiou_kitti.yaml")
     off = load_config(REPO / "config" / "cmfiou_kitti_official.yaml")
-    assert RoIHeadConfig.from_mapping(ours.model.roi_head).loss.bb_center_huber == 1.0
-    assert RoIHeadConfig.from_mapping(off.model.roi_head).loss.bb_center_huber == 0.0
+    assert isinstance(ours.model.roi_head, RoIHeadConfig)  # parsed at load
+    assert ours.model.roi_head.loss.bb_center_huber == 1.0
+    assert off.model.roi_head.loss.bb_center_huber == 0.0
     with pytest.raises(ConfigError, match="bb_center_huber"):
         RoIHeadConfig.from_mapping({"loss": {"bb_center_huber": -1.0}})
 

@@ -187,13 +187,13 @@ class AugmentConfig:
             if f in kw or not sec.has(f):
                 continue
             if isinstance(default, bool):
-                kw[f] = sec.bool(f)
+                kw[f] = sec.bool(f, default)
             elif isinstance(default, int):
-                kw[f] = sec.int(f, min=0)
+                kw[f] = sec.int(f, default, min=0)
             elif isinstance(default, float):
-                kw[f] = sec.float(f, min=0.0)
+                kw[f] = sec.float(f, default, min=0.0)
             else:
-                kw[f] = tuple(sec.floats(f, length=len(default)))
+                kw[f] = tuple(sec.floats(f, list(default), length=len(default)))
         sec.finish()
         return cls(**{**d.__dict__, **kw})
 

@@ -21,7 +21,7 @@ import argparse
 import logging
 import sys
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 log = logging.getLogger("cmfiou.train")
 
@@ -33,9 +33,7 @@ def default_config() -> str:
 
     return str(_default())
 
-OPT_DEFAULTS = {"optimizer": "adam_onecycle", "epochs": 20, "batch_size_per_gpu": 2, "lr": 0.005,
-                "weight_decay": 0.01, "betas": [0.9, 0.99], "moms": [0.95, 0.85], "div_factor": 10.0,
-                "final_div_factor": 1e4, "pct_start": 0.4, "grad_norm_clip": 10.0, "num_workers": 4, "seed": 0}
+from cmfiou_core.model.model_config import OPT_DEFAULTS, optimization_settings  # noqa: E402,F401  (re-exported)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,30 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------------- config
-def optimization_settings(data_cfg: Optional[Dict[str, Any]], source: str = "<config>") -> Dict[str, Any]:
-    """Validated ``data.optimization`` values merged over the spec defaults."""
-    from cmfiou_core.config import Section
-    sec = Section((data_cfg or {}).get("optimization"), "data.optimization", source)
-    d = OPT_DEFAULTS
-    out = {
-        "optimizer": sec.str("optimizer", d["optimizer"], choices=["adam_onecycle"]),
-        "epochs": sec.int("epochs", d["epochs"], min=1),
-        "batch_size_per_gpu": sec.int("batch_size_per_gpu", d["batch_size_per_gpu"], min=1),
-        "lr": sec.float("lr", d["lr"], min=1e-12),
-        "weight_decay": sec.float("weight_decay", d["weight_decay"], min=0.0),
-        "betas": sec.floats("betas", d["betas"], length=2),
-        "moms": sec.floats("moms", d["moms"], length=2),
-        "div_factor": sec.float("div_factor", d["div_factor"], min=1e-12),
-        "final_div_factor": sec.float("final_div_factor", d["final_div_factor"], min=1e-12),
-        "pct_start": sec.float("pct_start", d["pct_start"], min=0.0, max=1.0),
-        "grad_norm_clip": sec.float("grad_norm_clip", d["grad_norm_clip"]),
-        "num_workers": sec.int("num_workers", d["num_workers"], min=0),
-        "seed": sec.int("seed", d["seed"]),
-    }
-    sec.finish()
-    return out
-
-
 def make_train_config(args, opt: Dict[str, Any]):
     from cmfiou_core.train import TrainConfig
 
@@ -127,7 +101,8 @@ def _build_model(full_cfg):
 
 def _data_section(full_cfg) -> Dict[str, Any]:
     """The YAML ``data:`` section without ``optimization`` (which belongs to the trainer)."""
-    return {k: v for k, v in (full_cfg.data or {}).items() if k != "optimization"}
+    from cmfiou_core.model.model_config import data_section
+    return data_section(full_cfg.data)
 
 
 def _build_train_data(full_cfg, data_dir: str, seed: int, no_pseudo: bool) -> Tuple[Any, Callable]:
@@ -229,7 +204,7 @@ def main(argv=None) -> int:
                 return 2
             from cmfiou_core.model.model_config import load_config
             full = load_config(args.config)
-            tcfg = make_train_config(args, optimization_settings(full.data, full.source))
+            tcfg = make_train_config(args, full.optimization)
             seed_everything(tcfg.seed)
             if dist_info.device.type == "cpu":
                 import torch
