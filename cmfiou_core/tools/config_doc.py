@@ -27,7 +27,8 @@ them (nested lists, per-class lists, class names): see the module named in the s
 # sections -> the module that validates them (for the reader)
 OWNERS = [("model.roi_head", "cmfiou_core/model/roi_head.py"), ("model", "cmfiou_core/model/model_config.py"),
           ("depth", "cmfiou_core/depth/config.py"), ("data.optimization", "cmfiou_core/model/model_config.py"),
-          ("data.augment", "cmfiou_core/data/augment.py"), ("data", "cmfiou_core/data/dataset_config.py")]
+          ("data.augment", "cmfiou_core/data/augment.py"), ("data", "cmfiou_core/data/dataset_config.py"),
+          ("inference", "cmfiou_core/model/model_config.py")]
 
 
 def _variants(raw: dict) -> List[dict]:
