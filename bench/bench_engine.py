@@ -30,22 +30,20 @@ def _percentiles(v):
 
 
 def _batches(pipe, frames):
-    """Frame -> the model's batch dict before VFE, through the pipeline's own preprocessing (depth, voxelization)."""
-    from cmfiou_core.pipeline import Pipeline
-
+    """Frame -> the model's batch dict before VFE, through the pipeline's own preprocessing (depth, voxelization),
+    recorded by a pipeline stage hook after ``voxelize``."""
     got = []
-    orig = Pipeline._run_model
 
-    def grab(m, batch, timer, **kw):
-        got.append(dict(batch))
-        return orig(m, batch, timer, **kw)
+    def grab(stage, batch):
+        if stage == "voxelize":
+            got.append(dict(batch))
 
-    Pipeline._run_model = staticmethod(grab)
+    pipe.stage_hooks.append(grab)
     try:
         for _, fr in frames:
             pipe(fr)
     finally:
-        Pipeline._run_model = staticmethod(orig)
+        pipe.stage_hooks.remove(grab)
     return [(n, b) for (n, _), b in zip(frames, got)]
 
 

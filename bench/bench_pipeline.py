@@ -66,6 +66,40 @@ def percentiles(values: List[float]) -> Dict[str, float]:
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "n": int(a.size)}
 
 
+def profile_frames(step, frames: int, top: int = 0) -> Dict[str, float]:
+    """Run ``step(i)`` for ``frames`` frames under torch.profiler: kernel launches and kernel time per frame, and the
+    GPU-busy share = the union of the kernels' intervals over the wall time (a CUDA graph replay counts its kernels)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for i in range(frames):
+            step(i)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, cur_s, cur_e = 0.0, None, None
+    for s, e in spans:             # union of the kernel intervals (us)
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    kernel_us = sum(e - s for s, e in spans)
+    if top:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top))
+    return {"frames": frames, "kernel_launches_per_frame": len(spans) / frames,
+            "kernel_ms_per_frame": kernel_us / 1e3 / frames, "gpu_busy_ms_per_frame": busy / 1e3 / frames,
+            "wall_ms_per_frame": wall * 1e3 / frames, "gpu_busy_share": busy / 1e6 / wall}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "config" / "cmfiou_kitti.yaml"))
@@ -81,6 +115,10 @@ def main(argv=None) -> int:
     ap.add_argument("--views", choices=("config", "1", "3"), default="config",
                     help="override the config's test views: 1 = identity, 3 = the official X_TRANS views")
     ap.add_argument("--no-messages", action="store_true", help="skip ROS message conversion even if available")
+    ap.add_argument("--profile", type=int, default=5, help="CUDA: frames under torch.profiler (kernel launches per "
+                    "frame, kernel time, GPU-busy share); 0 = off")
+    ap.add_argument("--profile-top", type=int, default=0, help="CUDA: print the N heaviest kernels")
+    ap.add_argument("--verbose", action="store_true", help="print every frame's latency as it runs (stderr)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
@@ -135,7 +173,10 @@ def main(argv=None) -> int:
         return stages, len(det)
 
     for i in range(args.warmup):
+        t = time.perf_counter()
         run_one(*frames[i % len(frames)])
+        if args.verbose:
+            print(f"[bench] warm-up frame {i}: {(time.perf_counter() - t) * 1e3:.1f} ms", file=sys.stderr, flush=True)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -144,8 +185,13 @@ def main(argv=None) -> int:
     for i in range(args.frames):
         st, n = run_one(*frames[i % len(frames)])
         ndet.append(n)
+        if args.verbose and (i < 5 or i % 20 == 0):
+            print(f"[bench] frame {i}: {st['end_to_end']:.1f} ms", file=sys.stderr, flush=True)
         for k, v in st.items():
             per_stage.setdefault(k, []).append(v)
+    prof_stats = None
+    if args.device.startswith("cuda") and args.profile > 0:
+        prof_stats = profile_frames(lambda i: run_one(*frames[i % len(frames)]), args.profile, args.profile_top)
     result = {
         "label": args.label, "device": args.device,
         "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor(),
@@ -156,6 +202,7 @@ def main(argv=None) -> int:
         "mean_detections": float(np.mean(ndet)) if ndet else 0.0,
         "peak_gpu_mem_mb": (torch.cuda.max_memory_allocated() / 2 ** 20) if args.device.startswith("cuda") else None,
         "stages": {k: percentiles(v) for k, v in per_stage.items()},
+        "profile": prof_stats,
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
     lines = ["| stage | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
@@ -163,7 +210,10 @@ def main(argv=None) -> int:
         lines.append(f"| {k} | {s['p50']:.2f} | {s['p95']:.2f} | {s['p99']:.2f} |")
     md = (f"**{result['label'] or 'pipeline'}** — {result['device_name']} ({args.device}), {result['date']}, "
           f"{result['views']} view(s), {args.frames} frames after {args.warmup} warm-up, inputs {result['inputs']}, "
-          f"peak GPU memory {result['peak_gpu_mem_mb'] and round(result['peak_gpu_mem_mb'])} MB\n\n" + "\n".join(lines))
+          f"peak GPU memory {result['peak_gpu_mem_mb'] and round(result['peak_gpu_mem_mb'])} MB"
+          + (f", {prof_stats['kernel_launches_per_frame']:.0f} kernel launches/frame, GPU busy "
+             f"{100 * prof_stats['gpu_busy_share']:.0f}% (profiler, {prof_stats['frames']} frames)" if prof_stats else "")
+          + "\n\n" + "\n".join(lines))
     print(md)
     if args.json:
         from cmfiou_core.provenance import provenance

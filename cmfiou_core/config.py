@@ -25,6 +25,24 @@ def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
     return data
 
 
+# While a list is installed here (``recording``), every typed read of a Section appends what it accepts: the config
+# schema as the validating code states it (``cmfiou_core.tools.config_doc`` turns it into docs/config_parameters.md).
+_RECORD: Optional[list] = None
+
+
+class recording:
+    """``with recording() as entries:`` -> dicts (path, key, type, default, constraints) of every key read."""
+
+    def __enter__(self) -> list:
+        global _RECORD
+        self._prev, _RECORD = _RECORD, []
+        return _RECORD
+
+    def __exit__(self, *exc) -> None:
+        global _RECORD
+        _RECORD = self._prev
+
+
 class Section:
     """Typed access to one mapping of a config with key-path aware errors.
 
@@ -43,6 +61,12 @@ class Section:
     def _err(self, key: str, msg: str) -> ConfigError:
         return ConfigError(f"{self.source}: '{self.path}.{key}' {msg}" if self.path else f"{self.source}: '{key}' {msg}")
 
+    def _note(self, key, kind, default, required=False, **constraints) -> None:
+        if _RECORD is not None:
+            _RECORD.append({"path": self.path, "key": key, "type": kind, "default": default,
+                            "required": bool(required and default is None),
+                            **{k: v for k, v in constraints.items() if v is not None}})
+
     def _get(self, key, default, required):
         self._used.add(key)
         if key not in self.data:
@@ -52,6 +76,7 @@ class Section:
         return self.data[key]
 
     def sub(self, key: str, required: bool = False) -> "Section":
+        self._note(key, "section", None, required)
         v = self._get(key, {}, required)
         return Section(v, f"{self.path}.{key}" if self.path else key, self.source)
 
@@ -59,6 +84,7 @@ class Section:
         return key in self.data
 
     def float(self, key, default=None, *, min=None, max=None, required=False) -> float:
+        self._note(key, "number", default, required, min=min, max=max)
         v = self._get(key, default, required and default is None)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise self._err(key, f"must be a number, got {v!r}")
@@ -68,6 +94,7 @@ class Section:
         return v
 
     def int(self, key, default=None, *, min=None, max=None, required=False) -> int:
+        self._note(key, "integer", default, required, min=min, max=max)
         v = self._get(key, default, required and default is None)
         if isinstance(v, bool) or not isinstance(v, int):
             raise self._err(key, f"must be an integer, got {v!r}")
@@ -76,12 +103,14 @@ class Section:
         return v
 
     def bool(self, key, default=None, required=False) -> bool:
+        self._note(key, "bool", default, required)
         v = self._get(key, default, required and default is None)
         if not isinstance(v, bool):
             raise self._err(key, f"must be true or false, got {v!r}")
         return v
 
     def str(self, key, default=None, *, choices: Optional[Iterable[str]] = None, required=False) -> str:
+        self._note(key, "string", default, required, choices=None if choices is None else list(choices))
         v = self._get(key, default, required and default is None)
         if not isinstance(v, str):
             raise self._err(key, f"must be a string, got {v!r}")
@@ -90,6 +119,7 @@ class Section:
         return v
 
     def floats(self, key, default=None, *, length=None, required=False) -> list:
+        self._note(key, "list of numbers", default, required, length=length)
         v = self._get(key, default, required and default is None)
         if not isinstance(v, Sequence) or isinstance(v, str) or \
                 not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
@@ -99,6 +129,7 @@ class Section:
         return [float(x) for x in v]
 
     def ints(self, key, default=None, *, length=None, required=False) -> list:
+        self._note(key, "list of integers", default, required, length=length)
         v = self._get(key, default, required and default is None)
         if not isinstance(v, Sequence) or isinstance(v, str) or \
                 not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
@@ -108,6 +139,8 @@ class Section:
         return [int(x) for x in v]
 
     def raw(self, key, default=None, required=False):
+        """The value as written (the caller validates it)."""
+        self._note(key, "value", default, required)
         return self._get(key, default, required)
 
     def finish(self) -> None:

@@ -5,6 +5,9 @@ Stages (each timed; CUDA events on the GPU, so timing adds no host sync until th
 missing) -> ``preprocess`` (range mask, test-time pseudo subsampling) -> ``voxelize`` (test views, voxels) -> ``vfe`` ->
 ``backbone_3d`` -> ``bev`` (height compression + BEV backbone) -> ``rpn`` (dense head + proposal decode) ->
 ``roi_head`` (proposal NMS + 3 refinement stages + IoU branch) -> ``postprocess`` (rectified scores + NMS) -> ``d2h``.
+The model stages (``vfe`` .. ``roi_head``) are the model's own ordered list (``model.detector.STAGES``, run by
+``CMFIOU.run_stages`` with a timing hook); ``engine="graph"`` swaps the backbone module in that list and replaces the
+``roi_head`` stage and the post-processing with the static RoI head.
 
 LiDAR-only operation: when ``frame.image`` is None the pseudo branch receives no points (the flag ``lidar_only`` is
 set on the result). With a calibration that knows the image size the raw points are still restricted to the camera
@@ -16,7 +19,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -29,7 +32,7 @@ from .depth.io import input_point_discard
 from .depth.projection import fov_flag, project_points
 from .depth.pseudo import PseudoPointGenerator, raw_rows_from_points
 from .model.detector import build_model, prepare_batch
-from .model.model_config import FullConfig, load_config
+from .model.model_config import ENGINES, FullConfig, InferenceConfig, load_config
 from .model.voxelize import Voxelizer
 from .timing import StageTimer
 from .types import Detections, Frame
@@ -100,14 +103,16 @@ class Pipeline:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.engine = engine
-        self._graph_roi = None
+        self._frame_graph = None
         if engine == "graph":
-            # the static-shape backbone and RoI head (CUDA graphs on CUDA; the same static code eagerly on the CPU)
-            from .engine.runtime import GraphRoIHead, use_engine
+            # every stage after VFE as one static-shape function (engine.frame): one CUDA graph per capacity bucket
+            # on CUDA, the same static code without a graph on the CPU
+            from .engine.frame import FrameGraph
+            from .engine.runtime import use_engine
 
-            eng = use_engine(self.model)
-            if self.model.roi_head is not None:
-                self._graph_roi = GraphRoIHead(self.model, eng)
+            if self.model.roi_head is None:
+                raise ConfigError("engine 'graph' needs a model with a RoI head (model.roi_head)")
+            self._frame_graph = FrameGraph(self.model, use_engine(self.model))
         self.depth_cfg = DepthConfig.from_dict(cfg.depth, cfg.source)
         self.depth = PseudoPointGenerator(self.depth_cfg)
         self.timing = timing
@@ -126,17 +131,21 @@ class Pipeline:
         self.score_mode = self.mcfg.post_processing.score_mode  # carried in every Detections
         self._use_pinned = self.device.type == "cuda"
         self._pinned: Dict[str, torch.Tensor] = {}
+        # ``hook(stage, batch)`` callables run after ``voxelize`` (the model's input batch) and after each model stage
+        # (``model.detector.STAGES``) that runs on the batch: recording (bench/bench_engine.py), never timing-critical
+        self.stage_hooks: List[Callable[[str, Dict[str, Any]], None]] = []
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config: Union[str, Path, None] = None, checkpoint: Union[str, Path, None] = None,
                     device: Union[str, torch.device] = "cpu", timing: bool = True, seed: int = 0,
-                    amp: Optional[str] = None, engine: str = "eager") -> "Pipeline":
+                    amp: Optional[str] = None, engine: Optional[str] = None) -> "Pipeline":
         """Build from a YAML config and a checkpoint (OpenPCDet-style official file or ours; ``weights_only``).
 
         ``checkpoint`` None or "" selects the bundled demo checkpoint (camera+LiDAR, trained on generated scenes) and,
         without ``config``, its config ``config/cmfiou_kitti.yaml``; "none" builds
-        the network with random weights: it runs, but its detections are meaningless (logged as an error)."""
+        the network with random weights: it runs, but its detections are meaningless (logged as an error).
+        ``engine`` eager / graph / auto (graph on CUDA); None = the config's ``inference.engine``."""
         from .model.checkpoint import load_checkpoint
 
         dev = torch.device(device)
@@ -170,6 +179,11 @@ class Pipeline:
                             checkpoint, len(missing))
         else:
             log.error("no checkpoint given: the detector runs with RANDOM weights and its detections are meaningless")
+        if engine is None:
+            engine = cfg.inference.engine
+        if engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        engine = InferenceConfig(engine).resolve(dev)
         pipe = cls(cfg, model, dev, timing=timing, seed=seed, weights_loaded=loaded, amp=amp, engine=engine)
         pipe.weights = weights
         return pipe
@@ -253,8 +267,8 @@ class Pipeline:
                 f"z [{lo[2]:g}, {hi[2]:g}] m{where}"))
             det.timings_ms = {"total": (time.perf_counter() - wall0) * 1e3}
             return det
-        rate = float(self.cfg.data.get("input_discard_rate", self.depth_cfg.discard.rate)) \
-            if isinstance(self.cfg.data, dict) else self.depth_cfg.discard.rate
+        rate = self.cfg.dataset.discard_rate  # data.input_discard_rate, validated at load
+        rate = self.depth_cfg.discard.rate if rate is None else rate
         if pseudo.shape[0] and rate > 0:
             pseudo = input_point_discard(pseudo, rate=rate, bin_num=self.depth_cfg.discard.bin_num,
                                          max_dis=self.depth_cfg.discard.max_dis,
@@ -268,15 +282,23 @@ class Pipeline:
         batch = prepare_batch([raw], [pseudo], [calib], self.mcfg, image_shapes=[(h, w)], training=False,
                               transform_params=tparams, device=self.device, voxelizer=self.voxelizer)
         timer.mark("voxelize")
+        hooks = self.stage_hooks
+
+        def after_stage(name, b):
+            timer.mark(name)
+            for h in hooks:
+                h(name, b)
+        for h in hooks:
+            h("voxelize", batch)
         m = self.model
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            if self._graph_roi is not None:
-                batch = self._run_model(m, batch, timer, roi_head=False)
-                det = self._graph_roi(batch)     # static RoI head + post-processing, one D2H copy
-                timer.mark("roi_head")
+            if self._frame_graph is not None:
+                batch = m.run_stages(batch, after_stage, skip=("backbone_3d", "bev", "rpn", "roi_head"))
+                det = self._frame_graph(batch)   # backbone .. post-processing, one device->host copy
+                timer.mark("engine")
             else:
-                batch = self._run_model(m, batch, timer)
-        if self._graph_roi is None:
+                batch = m.run_stages(batch, after_stage)
+        if self._frame_graph is None:
             if self.amp is not None:
                 for k in ("batch_box_preds", "batch_cls_preds", "batch_iou_preds", "rois"):
                     if isinstance(batch.get(k), torch.Tensor):
@@ -296,22 +318,6 @@ class Pipeline:
         return Detections(o[:, :7], o[:, 7].astype(np.int64), o[:, 8], o[:, 9], o[:, 10], stamp_ns=frame.stamp_ns,
                           frame_id=frame.frame_id, lidar_only=lidar_only, timings_ms=timings,
                           class_names=self.class_names, score_mode=self.score_mode, note=note)
-
-    @staticmethod
-    def _run_model(m, batch, timer: StageTimer, roi_head: bool = True):
-        batch = m.vfe(batch)
-        timer.mark("vfe")
-        batch = m.backbone_3d(batch)
-        timer.mark("backbone_3d")
-        batch = m.map_to_bev_module(batch)
-        batch = m.backbone_2d(batch)
-        timer.mark("bev")
-        batch = m.dense_head(batch)
-        timer.mark("rpn")
-        if roi_head:
-            batch = m.roi_head(batch)
-            timer.mark("roi_head")
-        return batch
 
 
 def frame_seed(points: np.ndarray, seed: int = 0) -> int:

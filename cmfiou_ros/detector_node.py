@@ -161,7 +161,8 @@ class DetectorNode(LifecycleNode):
         self.future_stamped = 0  # inputs rejected for a stamp ahead of the node's clock
         self.intensity_zeroed = 0  # points whose non-finite intensity was set to 0
         self.points_capped = 0  # points thinned away by max_points
-        self.oversize_messages = 0
+        self.oversize_messages = 0  # inputs above the transport limit (they arrived; bigger ones may not)
+        self.oversize_outputs = 0  # outputs published above it
 
     # the worker's and the assembler's counters, under the names the tests and diagnostics always used
     @property
@@ -205,12 +206,16 @@ class DetectorNode(LifecycleNode):
 
                     device = "cuda" if torch.cuda.is_available() else "cpu"
                 t0 = time.perf_counter()
-                self.pipeline = factory(p["model_config"] or None, checkpoint=p["checkpoint"] or None, device=device)
+                extra = {"engine": p["engine"]} if p["engine"] else {}
+                self.pipeline = factory(p["model_config"] or None, checkpoint=p["checkpoint"] or None, device=device,
+                                        **extra)
                 self.get_logger().info(f"pipeline loaded by {p['pipeline_factory']} in "
                                        f"{time.perf_counter() - t0:.2f} s")
             weights = getattr(self.pipeline, "weights", "")
             if weights.startswith(("random", "demo")):
                 self.get_logger().warning(f"weights: {weights}")
+            if getattr(self.pipeline, "engine", None):
+                self.get_logger().info(f"inference engine: {self.pipeline.engine}")
             if p["warmup"] and hasattr(self.pipeline, "warmup"):
                 t0 = time.perf_counter()
                 self.pipeline.warmup()
@@ -219,14 +224,21 @@ class DetectorNode(LifecycleNode):
             self.get_logger().error(f"configure failed: cannot load the pipeline: {type(e).__name__}: {e}")
             self.pipeline = None
             return TransitionCallbackReturn.FAILURE
+        from cmfiou_ros.transport import active_limit
+
+        self.transport = active_limit()
+        if self.transport.max_message_bytes is None and p["message_size_warn_mb"] <= 0:
+            self.get_logger().warning(f"message size limit unknown ({self.transport.source}): warning above "
+                                      f"{self.transport.describe()}")
         self._create_entities()
         self._start_worker()
         self._configured = True
         approx = getattr(self.assembler, "approx", None) if hasattr(self, "assembler") else getattr(self, "approx", None)
         sync = f"{p['sync_policy']} ({approx.impl})" if approx is not None else \
             f"{p['sync_policy']} (cmfiou_ros.sync.LatestImagePolicy)"
+        tf = self.tf.impl if self.tf is not None else "off"
         self.get_logger().info(
-            f"configured: sync={sync} lidar={self._lidar_topic} image={self._image_topic} "
+            f"configured: sync={sync} tf={tf} lidar={self._lidar_topic} image={self._image_topic} "
             f"camera_info={self._info_topic} -> {self.det_pub.topic_name}")
         return TransitionCallbackReturn.SUCCESS
 
@@ -265,6 +277,12 @@ class DetectorNode(LifecycleNode):
             except Exception:  # noqa: BLE001
                 pass
         self._entities = []
+        tf, self.tf = getattr(self, "tf", None), None
+        if tf is not None:
+            try:
+                tf.close()
+            except Exception:  # noqa: BLE001
+                pass
         self.pipeline = None
         self._configured = False
 
@@ -303,20 +321,15 @@ class DetectorNode(LifecycleNode):
         ]
         if p["extrinsic_topic"]:
             subs.append(self.create_subscription(TransformStamped, p["extrinsic_topic"], self.on_extrinsic, latched))
-        tf_lookup = tf_known = None
+        self.tf = None
         if p["use_tf"]:
-            try:
-                import tf2_ros
+            from cmfiou_ros.tf_buffer import make_tf_source
 
-                self._tf_buffer = tf2_ros.Buffer()
-                self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
-                tf_lookup = lambda target, source, stamp_ns: self._tf_buffer.lookup_transform(  # noqa: E731
-                    target, source, rclpy.time.Time(nanoseconds=stamp_ns))
-                tf_known = lambda target, source: self._tf_buffer.can_transform(  # noqa: E731
-                    target, source, rclpy.time.Time())
-            except ImportError:
-                pass
-        self.assembler = FrameAssembler(p, self.warn, tf_lookup, tf_known, logger=self.get_logger())
+            self.tf = make_tf_source(self, self.warn)  # tf2_ros when installed, else our /tf + /tf_static buffer
+            if self.tf is None:
+                self.get_logger().warning("use_tf is true but neither tf2_ros nor tf2_msgs is importable: no TF "
+                                          "(extrinsic from extrinsic_topic or lidar_to_camera only)")
+        self.assembler = FrameAssembler(p, self.warn, self.tf, logger=self.get_logger())
         timers = [self.create_timer(p["diagnostics_period"], self.publish_diagnostics)]
         # the wait timer runs only while a cloud waits for its image (armed by _after_input, cancelled by
         # _poll_policy once nothing waits): no periodic wake-ups of the executor without work
@@ -406,15 +419,35 @@ class DetectorNode(LifecycleNode):
             return
         self._after_input(self.assembler.add_extrinsic(msg))
 
+    def _size_limit(self):
+        from cmfiou_ros.transport import active_limit
+
+        if getattr(self, "transport", None) is None:
+            self.transport = active_limit()
+        mb = self.params["message_size_warn_mb"]
+        return self.transport.warn_bytes(mb), self.transport.describe(mb)
+
     def _check_size(self, topic: str, msg) -> None:
-        """Warn about messages near the transport's size limit: bigger ones are lost without a trace (docs: the
-        shared-memory segment of config/fastdds_shm.xml)."""
-        mb = len(msg.data) / 2**20
-        if mb > self.params["message_size_warn_mb"]:
+        """Warn about received messages above the transport limit: this one arrived, but best-effort messages this
+        big are lost without a trace whenever a fragment is (docs: cmfiou_ros/transport.py)."""
+        limit, what = self._size_limit()
+        if len(msg.data) > limit:
             self.oversize_messages += 1
-            self.warn(topic, f"message of {mb:.1f} MiB > message_size_warn_mb {self.params['message_size_warn_mb']:g}:"
-                             " close to the transport limit (shared-memory segment, config/fastdds_shm.xml); "
-                             "bigger messages are dropped by the middleware without notice")
+            self.warn(topic, f"message of {len(msg.data) / 2**20:.1f} MiB > {what}: close to the transport limit; "
+                             "messages this big are lost by best-effort subscriptions without notice "
+                             "(raise the limit: python -m cmfiou_ros.transport --help)")
+
+    def _publish_checked(self, pub, msg, what: str) -> None:
+        """Publish ``msg`` serialized once, warning (counted) when it is above the transport limit."""
+        from rclpy.serialization import serialize_message
+
+        data = serialize_message(msg)
+        limit, desc = self._size_limit()
+        if len(data) > limit:
+            self.oversize_outputs += 1
+            self.warn(pub.topic_name, f"published {what} of {len(data) / 2**20:.1f} MiB > {desc}: subscribers with "
+                                      "best-effort QoS may not receive it, without notice")
+        pub.publish(data)
 
     def _check_frame_id(self, topic: str, frame_id: str, expected: str, param: str, what: str) -> None:
         if not frame_id:
@@ -530,13 +563,14 @@ class DetectorNode(LifecycleNode):
 
     def publish_outputs(self, det: Detections, header, t_arrival: float, proc_ms: float, lidar_only_reason: str = "",
                         empty_reason: str = "") -> None:
-        self.det_pub.publish(C.detections_to_detection3d_array(det, header))
+        n = f"Detection3DArray ({len(det)} detections)"
+        self._publish_checked(self.det_pub, C.detections_to_detection3d_array(det, header), n)
         scores = C.detections_to_scores_msg(det, header)
         scores.lidar_only_reason = lidar_only_reason
         scores.empty_reason = empty_reason
-        self.scores_pub.publish(scores)
+        self._publish_checked(self.scores_pub, scores, "DetectionScores")
         if self.markers_pub is not None:
-            self.markers_pub.publish(C.detections_to_markers(det, header))
+            self._publish_checked(self.markers_pub, C.detections_to_markers(det, header), "MarkerArray")
         now_ns = self.get_clock().now().nanoseconds
         age_ms = (now_ns - C.stamp_to_ns(header.stamp)) * 1e-6
         total_ms = (time.monotonic() - t_arrival) * 1e3

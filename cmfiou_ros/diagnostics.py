@@ -170,6 +170,10 @@ def detector_statuses(node) -> List[Status]:
     inputs.add("empty_clouds", node.empty_clouds)
     inputs.add("future_stamped_rejected", node.future_stamped)
     inputs.add("oversize_messages", node.oversize_messages)
+    inputs.add("oversize_outputs", node.oversize_outputs)
+    lim = getattr(node, "transport", None)
+    if lim is not None:
+        inputs.add("message_size_limit", lim.describe(p["message_size_warn_mb"]))
     inputs.add("unknown_parameters", ", ".join(node.unknown_parameters))
     if node.unknown_parameters:
         inputs.raise_level(WARN, f"unknown parameter(s) ignored: {', '.join(node.unknown_parameters)}")
@@ -194,6 +198,9 @@ def detector_statuses(node) -> List[Status]:
     sync.add("sync_queue_sizes", q)
     sync.add("time_jumps", fa.time_jumps)
     sync.add("last_time_jump", fa.last_time_jump)
+    sync.add("tf", fa.tf.impl if fa.tf is not None else "off")
+    sync.add("tf_unavailable_frames", fa.tf_unavailable)
+    sync.add("last_tf_problem", fa.last_tf_problem)
     if node.last_lidar_only:
         sync.raise_level(WARN, f"LiDAR-only detections: {node.last_lidar_only_reason}")
     if fa.approx is not None:
@@ -211,6 +218,7 @@ def detector_statuses(node) -> List[Status]:
     inf.add("pipeline_loaded", node.pipeline is not None)
     weights = getattr(node.pipeline, "weights", "") if node.pipeline is not None else ""
     inf.add("weights", weights)
+    inf.add("engine", getattr(node.pipeline, "engine", "") if node.pipeline is not None else "")
     if weights.startswith(("random", "demo")):
         inf.raise_level(WARN, f"weights: {weights}")
     inf.add("active", node._active)

@@ -15,7 +15,9 @@ Calibration rules (every frame gets its own or none):
   once, stamped at start-up) is *static*: its newest message serves every frame.
 - The CameraInfo size must equal the image size.
 - Extrinsic sources, first that has one: extrinsic_topic (once it delivered anything it is the only source), TF at
-  the image stamp, the ``lidar_to_camera`` parameter.
+  the image stamp (camera frame <- LiDAR frame; once TF knows any frame, a cloud or camera frame_id it cannot connect
+  is warned naming the frames and counted, and the frame falls back to the parameter or runs LiDAR-only), the
+  ``lidar_to_camera`` parameter.
 
 Stamps: a LiDAR or image stamp more than ``time_jump_threshold`` behind the newest one seen (a bag loop, a sim-time
 reset) resets the sync state once, with one warning; buffered messages stamped after the new time are dropped.
@@ -126,17 +128,18 @@ class StampedCalibrations:
 class FrameAssembler:
     """Pairs clouds with images and finds each frame's calibration. Called from the node's callbacks.
 
-    ``warn(topic, problem)`` reports (and counts) problems; ``tf_lookup(target, source, stamp_ns)`` returns a
-    TransformStamped or raises; ``tf_known(target, source)`` says whether TF has that transform at all (None: no TF).
+    ``warn(topic, problem)`` reports (and counts) problems; ``tf`` is a :class:`cmfiou_ros.tf_buffer.TfSource` (None:
+    no TF): ``lookup(target, source, stamp_ns)`` -> TransformStamped or raises, ``can_transform(target, source)`` at
+    the latest time, ``frames()`` the frames TF knows.
     """
 
-    def __init__(self, params: Dict[str, Any], warn: Callable[[str, str], None],
-                 tf_lookup: Optional[Callable[[str, str, int], Any]] = None,
-                 tf_known: Optional[Callable[[str, str], bool]] = None, logger=None):
+    def __init__(self, params: Dict[str, Any], warn: Callable[[str, str], None], tf: Any = None, logger=None):
         p = self.params = params
         self.warn = warn
         self.logger = logger
-        self.tf_lookup, self.tf_known = tf_lookup, tf_known
+        self.tf = tf
+        self.tf_unavailable = 0  # frames whose extrinsic TF could not give (warned, counted)
+        self.last_tf_problem = ""
         self.lidar_topic, self.image_topic, self.info_topic = p["lidar_topic"], p["image_topic"], \
             p["camera_info_topic"]
         self.extrinsic_topic = p["extrinsic_topic"]
@@ -308,29 +311,53 @@ class FrameAssembler:
         return list(q) + [int(self.pending is not None)]
 
     # ------------------------------------------------------------------------------------------ calibration
-    def extrinsic_for(self, stamp: int, info) -> Tuple[Optional[np.ndarray], str, bool]:
-        """-> (4x4 or None, reason, may still arrive) for an image stamp (sources: module doc)."""
+    def extrinsic_for(self, stamp: int, info) -> Tuple[Optional[np.ndarray], str, bool, Optional[Tuple[str, str]]]:
+        """-> (4x4 or None, reason, may still arrive, TF problem to warn about as (topic, text) or None) for an image
+        stamp (sources: module doc). TF is asked once it knows any frame (before that it is not in use here): a
+        cloud or camera frame it cannot connect is a problem named in the warning, and the frame falls back to
+        ``lidar_to_camera`` or runs LiDAR-only."""
         if len(self.extrinsics):
             T, _, reason, later = self.extrinsics.lookup(stamp, self.tol_ns)
-            return T, reason, later
+            return T, reason, later, None
         later = bool(self.extrinsic_topic)  # configured, nothing received yet: it may still come
-        if self.tf_lookup is not None:
+        problem = None
+        if self.tf is not None:
             target = self.params["camera_frame"] or info.header.frame_id
-            lidar_frame = self.params["lidar_frame"] or self.current_lidar_frame
-            known = False
+            source = self.params["lidar_frame"] or self.current_lidar_frame
             try:
-                known = bool(self.tf_known(target, lidar_frame)) if self.tf_known is not None else True
+                frames = self.tf.frames()
             except Exception:  # noqa: BLE001
-                known = False
-            if known:
-                try:
-                    T = C.transform_msg_to_matrix(self.tf_lookup(target, lidar_frame, stamp))
-                except Exception as e:  # noqa: BLE001
-                    return None, f"TF {target} <- {lidar_frame} at the image stamp: {type(e).__name__}: {e}", False
-                return T, "", False
+                frames = []
+            if frames:
+                if not source:
+                    problem = (self.lidar_topic, "the cloud's header.frame_id is empty: no TF lookup possible")
+                elif not target:
+                    problem = (self.info_topic, "the camera_info's header.frame_id is empty (and camera_frame is "
+                                                "not set): no TF lookup possible")
+                elif not self.tf.can_transform(target, source):
+                    unknown = [f for f in (source, target) if f not in frames]
+                    what = (f"frame {unknown[0]!r} is not in TF" if len(unknown) == 1 else
+                            f"frames {source!r} and {target!r} are not in TF" if unknown else
+                            "the two frames are in unconnected TF trees")
+                    topic = self.info_topic if unknown == [target] else self.lidar_topic
+                    shown = ", ".join(frames[:12]) + (", ..." if len(frames) > 12 else "")
+                    problem = (topic, f"no TF path from LiDAR frame {source!r} to camera frame {target!r}: {what} "
+                                      f"(TF knows {shown})")
+                else:
+                    try:
+                        T = C.transform_msg_to_matrix(self.tf.lookup(target, source, stamp))
+                    except Exception as e:  # noqa: BLE001 - e.g. extrapolation: no TF at the image stamp
+                        text = f"TF {target} <- {source} at the image stamp {stamp}: {type(e).__name__}: {e}"
+                        return None, text, False, (self.lidar_topic, text)
+                    return T, "", False, None
         if self.param_T is not None:
-            return self.param_T, "", False
-        return None, "no LiDAR->camera extrinsic (no TF, no extrinsic_topic message, lidar_to_camera empty)", later
+            if problem is not None:
+                problem = (problem[0], problem[1] + "; using the lidar_to_camera parameter")
+            return self.param_T, "", False, problem
+        if problem is not None:
+            return None, problem[1], later, (problem[0], problem[1] + "; the frame runs LiDAR-only")
+        return None, "no LiDAR->camera extrinsic (no TF, no extrinsic_topic message, lidar_to_camera empty)", \
+            later, None
 
     def build(self, pairing: Pairing, final: bool = True) -> Optional[Assembled]:
         """Pairing -> Assembled. Camera problems make a LiDAR-only frame (the reason is returned; problems of a
@@ -345,11 +372,15 @@ class FrameAssembler:
             img_header, rgb = pairing.image
             img_stamp = pairing.image_stamp_ns
             info, info_key, reason, later = self.camera_infos.lookup(img_stamp, self.tol_ns)
-            T = None
+            T = tf_problem = None
             if info is not None:
-                T, reason, later = self.extrinsic_for(img_stamp, info)
+                T, reason, later, tf_problem = self.extrinsic_for(img_stamp, info)
             if (info is None or T is None) and later and not final:
                 return None
+            if tf_problem is not None:  # warned and counted once per frame, when the frame is built
+                self.tf_unavailable += 1
+                self.last_tf_problem = tf_problem[1]
+                self.warn(*tf_problem)
             if info is not None and T is not None:
                 key = (info_key, T.tobytes())
                 calib = self.calib_cache.get(key)

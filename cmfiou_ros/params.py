@@ -68,6 +68,9 @@ DETECTOR_PARAMS: List[P] = [
     P("model_config", str, "", "Model/pipeline config YAML ('' = the factory's default)", True),
     P("checkpoint", str, "", "Checkpoint file ('' = none: the factory decides, e.g. random init for tests)", True),
     P("device", str, "cpu", "Inference device: cpu, cuda, cuda:N, auto", True, _device),
+    P("engine", str, "", "Inference engine: eager (spconv modules), graph (static-shape engine, CUDA graphs), auto "
+      "(graph on CUDA); '' = the config's inference.engine. Passed to the factory as engine= only when set", True,
+      lambda v: None if v in ("", "eager", "graph", "auto") else "must be '', 'eager', 'graph' or 'auto'"),
     P("warmup", bool, True, "Run pipeline.warmup() at configure time", True),
     P("score_threshold", float, 0.0, "Drop detections whose rectified score is below this (after the pipeline)",
       False, _rng(0.0, 1.0)),
@@ -84,7 +87,8 @@ DETECTOR_PARAMS: List[P] = [
     P("camera_frame", str, "", "Camera optical frame for TF ('' = CameraInfo header.frame_id)", True),
     P("lidar_to_camera", list, [], "LiDAR->camera-optical extrinsic: 16 (4x4 row-major), 12 (3x4) or 7 "
       "(x y z qx qy qz qw) numbers; used when TF and extrinsic_topic give none", True, _extrinsic, float),
-    P("use_tf", bool, True, "Look the extrinsic up in TF when tf2_ros is importable", True),
+    P("use_tf", bool, True, "Look the extrinsic up in TF (tf2_ros; without it our own buffer over /tf + "
+      "/tf_static); a frame_id TF cannot connect is warned and counted", True),
     P("sync_policy", str, "latest_image", "approx (message_filters ApproximateTime on cloud+image) or latest_image "
       "(LiDAR-triggered)", True, _choice("approx", "latest_image")),
     P("slop", float, 0.05, "approx: max stamp spread of a set (s); latest_image: match tolerance (s)", True,
@@ -102,9 +106,9 @@ DETECTOR_PARAMS: List[P] = [
       "counted (0 = accept any stamp)", True, _rng(0.0, 1e9)),
     P("max_points", int, 1000000, "Clouds with more points are thinned (every k-th point) to this many, with a "
       "warning (an HDL-64 frame has ~130 000)", True, _rng(1, 10**9)),
-    P("message_size_warn_mb", float, 16.0, "Warn about cloud/image messages bigger than this (MiB): near the "
-      "transport limit (config/fastdds_shm.xml: 32 MiB shared-memory segment), above which they are lost silently",
-      True, _rng(0.0, 1e6, lo_open=True)),
+    P("message_size_warn_mb", float, 0.0, "Warn about messages (inputs received, outputs published) bigger than "
+      "this (MiB); 0 = the transport limit: maxMessageSize of the active Fast DDS profile (config/fastdds_shm.xml: "
+      "16 MiB; bigger best-effort messages are lost without notice), 16 when none is known", True, _rng(0.0, 1e6)),
     P("queue_size", int, 5, "approx: per-input queue; also the subscription depth", True, _rng(1, 1000)),
     P("intensity_scale", float, 0.0, "Multiply intensity by this (0 = auto: float as is, uintN / max)", True,
       _rng(0.0, 1e6)),

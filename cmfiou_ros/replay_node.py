@@ -157,6 +157,10 @@ class ReplayNode(Node):
         self._awaiting: Optional[int] = None  # lockstep: stamp whose output we wait for
         self._await_t0 = 0.0
         self.lockstep_timeouts = 0
+        self.oversize_published = 0  # clouds/images above the transport limit (best-effort subscribers lose them)
+        from cmfiou_ros.transport import active_limit
+
+        self.transport = active_limit()
         self._last_tf = None
         self._follow = p["output_topic"] or p["lockstep_topic"]
         self._pending: "OrderedDict[int, tuple]" = OrderedDict()  # stamp -> (seq, index, t_publish): awaiting output
@@ -319,6 +323,7 @@ class ReplayNode(Node):
                 info.header.stamp = stamp
                 self.info_pub.publish(info)
             img.header.stamp = stamp
+            self._check_size(self.image_pub, img)
             self.image_pub.publish(img)
         cloud.header.stamp = stamp
         if p["lockstep_topic"]:
@@ -327,6 +332,7 @@ class ReplayNode(Node):
             self._pending[stamp_ns] = (self.seq, index, time.monotonic())
             while len(self._pending) > FRAME_MAP_MAX:  # nobody answers (loop without a detector): bounded
                 self._count_drop(next(iter(self._pending)), "no output")
+        self._check_size(self.cloud_pub, cloud)
         self.cloud_pub.publish(cloud)
         self.frame_map.append([self.seq, index, stamp_ns, bool(camera_on and img is not None)])
         del self.frame_map[: max(0, len(self.frame_map) - FRAME_MAP_MAX)]
@@ -342,6 +348,17 @@ class ReplayNode(Node):
                "lockstep_timeouts": self.lockstep_timeouts, "outputs": self.outputs, "dropped": self.dropped,
                "columns": ["seq", "index", "stamp_ns", "camera"], "frames": self.frame_map}
         self.map_pub.publish(String(data=json.dumps(doc)))
+
+    def _check_size(self, pub, msg) -> None:
+        """A message above the transport limit is lost by best-effort subscribers (the detector's sensor QoS)
+        without notice on their side: say so here (counted; logged at most every 5 s)."""
+        limit = self.transport.warn_bytes()
+        if len(msg.data) > limit:
+            self.oversize_published += 1
+            self.get_logger().warning(
+                f"[{pub.topic_name}] message of {len(msg.data) / 2**20:.1f} MiB > {self.transport.describe()}: "
+                f"best-effort subscribers will likely not receive it ({self.oversize_published} so far; raise the "
+                "limit: python -m cmfiou_ros.transport --help)", throttle_duration_sec=5.0)
 
     def _finish(self) -> None:
         self.done = True

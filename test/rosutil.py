@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 
 TEST_DIR = Path(__file__).resolve().parent
-# The pipeline the ROS tests run. The lead switches this ONE string to the real pipeline:
-#   "cmfiou_core.pipeline:Pipeline.from_config"
+# The pipeline the ROS tests run (module:callable), overridable from the environment.
 PIPELINE_FACTORY = os.environ.get("CMFIOU_TEST_PIPELINE_FACTORY",
                                   "cmfiou_core.pipeline:Pipeline.from_config")
 PIPELINE_CONFIG = os.environ.get("CMFIOU_TEST_PIPELINE_CONFIG", str(TEST_DIR.parent / "config" / "cmfiou_kitti.yaml"))

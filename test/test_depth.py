@@ -579,8 +579,8 @@ def test_masked_thinning_path_equals_compacted(frames, gen):
     assert torch.equal(rows[order[: int(n)]], res.pseudo_rows)
 
 
-# ----------------------------------------------------------------------------------------------- issue #4: fast paths
-# The optimised depth stage must give the same output as the pre-#4 implementation, frozen in
+# ------------------------------------------------------------------------------------------------------ fast paths
+# The optimised depth stage must give the same output as the implementation before its speed work, frozen in
 # cmfiou_core.depth.reference. The CUDA code paths (single-pool dilation, sort-based median, vectorised bilateral,
 # thinning on the full masked pixel grid) are forced on the CPU with ipbasic.FORCE_GPU_PATHS / cpu_compaction.
 @pytest.fixture
@@ -693,7 +693,7 @@ def test_compact_order_without_sort():
 
 def test_ipbasic_fast_paths_equal_reference_random():
     """Morphology (single / separable pools, diamond as a union of rectangles), median (median and sort paths) and
-    bilateral (per-tap and vectorised) are bit-identical to the pre-#4 code on random sparse maps of odd sizes,
+    bilateral (per-tap and vectorised) are bit-identical to the frozen code on random sparse maps of odd sizes,
     for every kernel and option."""
     from cmfiou_core.depth import ipbasic, reference
 
@@ -721,7 +721,7 @@ def test_ipbasic_fast_paths_equal_reference_random():
 
 
 def test_depth_stage_equals_reference_on_real_frames(frames, gen, gpu_paths):
-    """On every real frame the optimised stage equals the pre-#4 implementation bit for bit: FOV flags, sparse depth,
+    """On every real frame the optimised stage equals the frozen implementation bit for bit: FOV flags, sparse depth,
     IP-Basic completion, and the generator's raw and pseudo rows (CPU paths on all frames; the CUDA paths -- thinning
     on the full masked pixel grid, pool / median / bilateral variants -- on three of them)."""
     from cmfiou_core.depth import reference

@@ -1,4 +1,4 @@
-"""Static-shape engine, RoI part (issue 16): PaddedSparse.from_spconv, graph-capturable proposal layer / final NMS and
+"""Static-shape engine, RoI part: PaddedSparse.from_spconv, graph-capturable proposal layer / final NMS and
 the static RoI head, each against the eager path (official_roi reference inputs and the demo checkpoint on a real
 KITTI frame)."""
 import numpy as np
@@ -278,7 +278,7 @@ def test_post_process_static_equals_eager_constructed():
     bd = {"batch_size": B, "batch_box_preds": boxes, "batch_cls_preds": cls, "roi_labels": labels,
           "batch_iou_preds": iou, "has_class_labels": True, "cls_preds_normalized": False}
     cfgs = [PostProcessConfig(), PostProcessConfig(score_mode="rectified", score_thresh=0.1),
-            PostProcessConfig.from_mapping({"class_agnostic_nms": False, "nms_thresh": [0.1, 0.2, 0.05],
+            PostProcessConfig.from_mapping({"nms_type": "per_class", "nms_thresh": [0.1, 0.2, 0.05],
                                             "nms_pre_maxsize": [30, 40, 50], "nms_post_maxsize": [5, 9, 20],
                                             "score_thresh": 0.2, "score_mode": "add"})]
     for cfg in cfgs:

@@ -307,7 +307,7 @@ def _send_frame(rig, cloud=None, info=None, img=None, stamp=None, expect_output=
     node.on_image(img)
     node.on_cloud(cloud)
     if expect_output:
-        assert wait_until(lambda: stamp in out, 10), "no output for the frame"
+        assert wait_until(lambda: stamp in out, rig.get("timeout", 10)), "no output for the frame"
         return out[stamp]
     time.sleep(0.2)
     assert stamp not in out
@@ -364,7 +364,26 @@ def test_oversize_message_is_warned_and_still_processed(rig):
         _warned(node, node._lidar_topic, before, "close to the transport limit")
         assert node.oversize_messages >= n + 1 and len(det) > 0
     finally:
-        node.params["message_size_warn_mb"] = 16.0
+        node.params["message_size_warn_mb"] = 0.0
+
+
+def test_oversize_output_is_warned_at_the_publisher_and_still_published(rig):
+    """Outputs above the transport limit (here a limit of 1 KiB; the node's default is the Fast DDS profile's
+    maxMessageSize) are warned where they are published, counted, and published all the same."""
+    node = rig["node"]
+    node.params["message_size_warn_mb"] = 1.0 / 1024
+    try:
+        topic = node.det_pub.topic_name
+        before, n = node.warn.count.get(topic, 0), node.oversize_outputs
+        det, _, _ = _send_frame(rig)
+        assert len(det) >= 4  # the tiny pipeline's boxes: a Detection3DArray over 1 KiB
+        _warned(node, topic, before, f"published Detection3DArray ({len(det)} detections) of 0.0")
+        assert "> message_size_warn_mb 0.000976562: subscribers with best-effort QoS" in node.warn.last_problem[topic]
+        assert node.oversize_outputs >= n + 2  # the detections and the markers at least
+        vals = dict(node.diagnostics_statuses()[0].values)
+        assert int(vals["oversize_outputs"]) == node.oversize_outputs
+    finally:
+        node.params["message_size_warn_mb"] = 0.0
 
 
 def test_future_stamped_input_is_rejected_and_counted(rig):
@@ -421,7 +440,8 @@ def real_node(kitti_samples):
     assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
     cloud, img, info, T, _ = kitti_frame_msgs(kitti_samples, 3, S)
     node._param_T = T
-    yield Rig(node=node, cloud=cloud, img=img, info=info, stamp=[2000 * S])
+    # the real pipeline takes seconds per frame on a CPU, more on a loaded one: not a timing test
+    yield Rig(node=node, cloud=cloud, img=img, info=info, stamp=[2000 * S], timeout=90)
     node._teardown()
     node.destroy_node()
     rclpy.shutdown(context=ctx)

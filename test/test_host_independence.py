@@ -1,6 +1,6 @@
 """Results that do not depend on the host's SIMD level or on the order of equal-ranked inputs.
 
-Background (issue 15): the official ResVC branch truncates a float32 ``torch.matmul`` projection to integer image-plane
+Background: the official ResVC branch truncates a float32 ``torch.matmul`` projection to integer image-plane
 cells. MKL's AVX2 and AVX-512 sgemm kernels round that product differently, so on an AVX-512 host one voxel of the
 reference frame moved to another cell and 1,290 rows of ``x_conv3`` changed. ``resvc.ImageProjector`` now computes the
 projection with a fixed operation order from elementwise IEEE operations. These tests hold that in place:

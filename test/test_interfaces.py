@@ -96,6 +96,17 @@ def test_detection3darray_type_hash_equals_upstream():
     assert from_rosbags == from_rclpy
 
 
+def test_tfmessage_type_hash_equals_upstream():
+    """The tf2_msgs/TFMessage the node listens to (compat/tf2_msgs where no real tf2_msgs exists) hashes like
+    upstream's: rosbags' built-in Kilted definition (upstream's .msg), rclpy's announced hash, and rosbags on
+    compat/tf2_msgs agree."""
+    typesys = pytest.importorskip("rosbags.typesys", reason="rosbags not installed (pip install rosbags)")
+    TFMessage = pytest.importorskip("tf2_msgs.msg").TFMessage
+    upstream = typesys.get_typestore(typesys.Stores.ROS2_KILTED).hash_rihs01("tf2_msgs/msg/TFMessage")
+    assert graph_hashes({"TFMessage": TFMessage})["TFMessage"] == upstream
+    assert rosbags_hashes(REPO / "compat" / "tf2_msgs" / "msg", "tf2_msgs", ["TFMessage"])["TFMessage"] == upstream
+
+
 def test_installed_cmfiou_interfaces_match_sources():
     from cmfiou_ros.msg import DetectionScores, FrameTimings, StageTiming
 

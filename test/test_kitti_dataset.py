@@ -128,7 +128,7 @@ def test_gt_database(kitti_root):
         ref = infos[o["image_idx"]]["annos"]["num_points_in_gt"][o["gt_idx"]]
         assert abs(o["num_points_in_gt"] - ref) <= max(2, 0.03 * ref)
         assert np.all(np.isin(pts[:, 7], (1.0, 2.0)))
-    # pseudo points were generated (H4) and cached as official float16 files
+    # pseudo points were generated (PseudoPointGenerator) and cached as official float16 files
     assert (kitti_root / "training" / "velodyne_depth" / "000001.npy").is_file()
     assert any(np.sum(np.load(kitti_root / o["path"])[:, 7] == 1) > 0 for o in objs)
 

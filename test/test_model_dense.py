@@ -215,3 +215,30 @@ def test_full_detector_matches_official_roi(ref, shared_dir):
     assert len(plausible_ref) >= 5
     for box in plausible_ref:
         assert (np.abs(ours - box) / np.maximum(np.abs(box), 1.0)).max(1).min() <= 1e-5
+
+
+def test_stage_list_drives_forward_without_roi_head(ref):
+    """``forward`` runs the model's ordered stage list; a model without a RoI head runs its dense stages only, and
+    the hook sees each stage's output as it is produced."""
+    from cmfiou_core.model.detector import STAGES
+
+    inp, out, st = ref
+    m = _model(st, "separate")
+    assert [n for n, _ in STAGES] == ["vfe", "backbone_3d", "bev", "rpn", "roi_head"]
+    assert [n for n, _ in m.stages()] == ["vfe", "backbone_3d", "bev", "rpn"]  # roi_head is None
+    seen = []
+
+    def hook(name, b):
+        seen.append((name, "voxel_features" in b, "encoded_spconv_tensor" in b, "st_features_2d" in b,
+                     "batch_cls_preds" in b))
+
+    with torch.no_grad():
+        b = m(_batch(inp), hook=hook)
+    assert seen == [("vfe", True, False, False, False), ("backbone_3d", True, True, False, False),
+                    ("bev", True, True, True, False), ("rpn", True, True, True, True)]
+    assert np.abs(b["st_features_2d"].numpy() - out["st_features_2d"]).max() <= TOL
+    with torch.no_grad():
+        skipped = m.run_stages(_batch(inp), skip=("rpn",))
+    assert "st_features_2d" in skipped and "batch_cls_preds" not in skipped
+    with pytest.raises(ValueError, match="unknown stage"):
+        m.run_stages(_batch(inp), skip=("rpn_head",))

@@ -169,7 +169,8 @@ def test_pipeline_errors_and_busy_worker_do_not_stop_the_node(ctx, kitti_samples
 
 @pytest.mark.parametrize("params,match", [({"sync_policy": "magic"}, "sync_policy"), ({"slop": -1.0}, "slop"),
                                           ({"device": "tpu"}, "device"), ({"lidar_to_camera": [1.0, 2.0]}, "lidar_to"),
-                                          ({"pipeline_factory": "no_colon"}, "pipeline_factory")])
+                                          ({"pipeline_factory": "no_colon"}, "pipeline_factory"),
+                                          ({"engine": "fast"}, "engine")])
 def test_invalid_parameters_fail_configure(ctx, params, match):
     node = make_detector(ctx, TinyPipeline(), **params)
     try:
@@ -335,6 +336,8 @@ def test_cross_process_camera_stop_lidar_only_and_diagnostics(graph_run):
     vals = {kv.key: kv.value for kv in last.values}
     assert vals["lidar_only"] == "True" and int(vals["lidar_only_frames"]) == 13 - CAMERA_FRAMES
     assert last.level == b"\x01" and "LiDAR-only" in last.message
+    inference = [st for arr in r["got"]["diag"] for st in arr.status if st.name.endswith(": inference")]
+    assert {kv.key: kv.value for kv in inference[-1].values}["engine"] == "eager"   # the real pipeline's default
     inputs = [st for arr in r["got"]["diag"] for st in arr.status if st.name.endswith(": inputs")]
     v = {kv.key: kv.value for kv in inputs[-1].values}
     # every kind of malformed input was seen, counted and survived; the inputs are best-effort KEEP_LAST(queue_size)

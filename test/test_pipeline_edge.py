@@ -78,3 +78,31 @@ def test_weights_source_is_reported(pipe):
 
     assert pipe.weights.startswith("demo: bundled checkpoint cmfiou_synthetic_demo_fp16.pt")
     assert Pipeline.from_config(None, "none", "cpu").weights.startswith("random")
+
+
+def test_inference_engine_from_config_argument_and_auto(tmp_path):
+    """``inference.engine`` selects the engine (auto: graph on CUDA, eager on the CPU); the factory argument wins;
+    a bad value or an unknown key in the section is an error naming it."""
+    import yaml
+
+    from cmfiou_core.config import ConfigError
+    from cmfiou_core.pipeline import Pipeline, default_config
+
+    base = yaml.safe_load(default_config().read_text())
+    assert Pipeline.from_config(None, "none", "cpu").engine == "eager"           # no section: eager
+
+    def write(section):
+        cfg = dict(base, inference=section)
+        p = tmp_path / "cfg.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        return p
+
+    assert Pipeline.from_config(write({"engine": "graph"}), "none", "cpu").engine == "graph"
+    assert Pipeline.from_config(write({"engine": "auto"}), "none", "cpu").engine == "eager"
+    assert Pipeline.from_config(write({"engine": "graph"}), "none", "cpu", engine="eager").engine == "eager"
+    with pytest.raises(ConfigError, match="inference.engine"):
+        Pipeline.from_config(write({"engine": "fast"}), "none", "cpu")
+    with pytest.raises(ConfigError, match="engin"):
+        Pipeline.from_config(write({"engin": "graph"}), "none", "cpu")
+    with pytest.raises(ConfigError, match="engine must be one of"):
+        Pipeline.from_config(None, "none", "cpu", engine="fast")

@@ -68,7 +68,7 @@ def test_rectified_ranking_and_per_class_nms():
     # degenerate (zero-size, padded) box 4 never appears
     assert not (d.boxes[:, 3:6] == 0).all(1).any()
     # per-class NMS: box 0 (Car) and box 1 (Ped) overlap but do not suppress each other
-    d = post_process(bd, {"score_mode": "rectified", "score_thresh": 0.1, "class_agnostic_nms": False,
+    d = post_process(bd, {"score_mode": "rectified", "score_thresh": 0.1, "nms_type": "per_class",
                           "nms_thresh": [0.1, 0.1, 0.1]})[0]
     assert sorted(d.labels.tolist()) == [1, 2, 2]
     # score threshold uses >=
@@ -77,15 +77,24 @@ def test_rectified_ranking_and_per_class_nms():
     assert d.boxes.shape[0] == 1
 
 
-def test_config_errors_and_model_config_conversion():
+def test_config_errors_and_one_config_class():
     with pytest.raises(ConfigError):
         PostProcessConfig.from_mapping({"score_mode": "mul"})
     with pytest.raises(ConfigError):
-        PostProcessConfig.from_mapping({"class_agnostic_nms": False, "nms_thresh": [0.1, 0.2]})
+        PostProcessConfig.from_mapping({"nms_type": "per_class", "nms_thresh": [0.1, 0.2]})
     with pytest.raises(ConfigError, match="unknown"):
         PostProcessConfig.from_mapping({"nms_thres": 0.1})
+    with pytest.raises(ConfigError, match="unknown"):  # the old second dialect's keys are gone
+        PostProcessConfig.from_mapping({"class_agnostic_nms": False})
     with pytest.raises(ValueError, match="iou"):
         post_process(_toy_batch(with_iou=False), {"score_mode": "add"})
-    mc = pytest.importorskip("cmfiou_core.model.model_config")
-    c = PostProcessConfig.from_any(mc.PostProcessConfig())
-    assert c.score_mode == "cls" and c.class_agnostic_nms and c.nms_thresh == [0.1] and c.score_thresh == 0.4
+    from cmfiou_core.model import model_config as mc
+
+    assert PostProcessConfig is mc.PostProcessConfig  # one class: the YAML's model.post_processing
+    c = PostProcessConfig.from_any(None)
+    assert c.score_mode == "cls" and c.class_agnostic_nms and c.nms_thresh == (0.1,) and c.score_thresh == 0.4
+    # per-class NMS: one value expands to one per class of the model (2 classes here, not a hard-coded 3)
+    c = PostProcessConfig.from_mapping({"nms_type": "per_class", "nms_thresh": 0.2, "rectifier_alpha": [0.5, 0.6]},
+                                       num_class=2)
+    assert c.nms_thresh == (0.2, 0.2) and c.nms_pre_maxsize == (4096, 4096) and not c.class_agnostic_nms
+    assert c.alpha == (0.5, 0.6)

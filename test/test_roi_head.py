@@ -296,8 +296,9 @@ def test_roi_loss_config_bb_center_huber():
     from cmfiou_core.model.model_config import load_config
     ours = load_config(REPO / "config" / "cmfiou_kitti.yaml")
     off = load_config(REPO / "config" / "cmfiou_kitti_official.yaml")
-    assert RoIHeadConfig.from_mapping(ours.model.roi_head).loss.bb_center_huber == 1.0
-    assert RoIHeadConfig.from_mapping(off.model.roi_head).loss.bb_center_huber == 0.0
+    assert isinstance(ours.model.roi_head, RoIHeadConfig)  # parsed at load
+    assert ours.model.roi_head.loss.bb_center_huber == 1.0
+    assert off.model.roi_head.loss.bb_center_huber == 0.0
     with pytest.raises(ConfigError, match="bb_center_huber"):
         RoIHeadConfig.from_mapping({"loss": {"bb_center_huber": -1.0}})
 
@@ -456,7 +457,7 @@ def test_reg_loss_gradient_is_bounded_for_wild_size_residuals():
 
 # ------------------------------------------------------------------------------------------------ host syncs
 # The eval RoI head must not read device values on the host inside its refinement stages (each read drains the CUDA
-# stream; issue #8). Counted on the CPU with the aten dispatch mode, following the CUDA branches (matrix NMS):
+# stream). Counted on the CPU with the aten dispatch mode, following the CUDA branches (matrix NMS):
 # per frame, the proposal NMS needs 3 (candidate-pair nonzero, suppression matrix to the host, kept indices back)
 # and post-processing 4 (score/degenerate compaction + the same 3).
 SYNC_BOUND_PROPOSAL_PER_FRAME = 3

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cmfiou_core.data import synthetic as syn
+from cmfiou_core.data.synth.scene import MATERIALS
 from cmfiou_core.data.labels import parse_label_line, read_label_file
 from cmfiou_core.geometry.boxes import boxes3d_kitti_camera_to_imageboxes, boxes3d_kitti_camera_to_lidar, \
     boxes_to_corners_3d
@@ -127,7 +128,7 @@ def test_image_lidar_agreement(frames):
             # ... and those pixels have the car's colour (body or window albedo under Lambertian shading)
             pix = fr.image[v[sel], u[sel]].astype(np.float64)[hit]
             res = []
-            for alb in (np.array(fr.colours[k]), np.array(syn._MATERIALS["window"][0])):
+            for alb in (np.array(fr.colours[k]), np.array(MATERIALS["window"][0])):
                 a = 255.0 * alb
                 s = np.clip(pix @ a / (a @ a), 0.4, 1.05)
                 res.append(np.linalg.norm(pix - s[:, None] * a[None], axis=1))

@@ -87,3 +87,21 @@ class CalibrationEcho:
         one = np.ones(1, np.float32)
         return Detections(np.asarray(box, np.float32), np.ones(1, np.int64), one, one, one, frame.stamp_ns,
                           frame.frame_id, lidar_only=False)
+
+
+class ExtrinsicEcho:
+    """A recording pipeline for TF tests: a frame with a camera gets four detections whose centres are the four
+    columns of the LiDAR->camera extrinsic it was fused with (``Tr_velo_to_cam``, 3x4); a LiDAR-only frame gets none."""
+
+    @classmethod
+    def from_config(cls, config_path=None, checkpoint=None, device="cpu"):
+        return cls()
+
+    def __call__(self, frame: Frame) -> Detections:
+        if frame.image is None:
+            return Detections.empty(frame.stamp_ns, frame.frame_id, lidar_only=True)
+        Tr = np.asarray(frame.calib.Tr_velo_to_cam, np.float64)
+        boxes = [[Tr[0, j], Tr[1, j], Tr[2, j], 1.0, 1.0, 1.0, 0.0] for j in range(4)]
+        one = np.ones(4, np.float32)
+        return Detections(np.asarray(boxes, np.float32), np.ones(4, np.int64), one, one, one, frame.stamp_ns,
+                          frame.frame_id, lidar_only=False)

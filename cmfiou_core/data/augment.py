@@ -1,4 +1,5 @@
-"""Training augmentation chain of spec §1 on the combined 8-column cloud ``[x, y, z, i*10, R/3, G/3, B/3, flag]``.
+"""Training augmentation chain (the official CMF-IOU-MM ``DATA_AUGMENTOR`` list) on the combined 8-column cloud
+``[x, y, z, i*10, R/3, G/3, B/3, flag]``.
 
 All steps work on a ``dict`` sample (OpenPCDet ``data_dict`` style):
 
@@ -186,13 +187,13 @@ class AugmentConfig:
             if f in kw or not sec.has(f):
                 continue
             if isinstance(default, bool):
-                kw[f] = sec.bool(f)
+                kw[f] = sec.bool(f, default)
             elif isinstance(default, int):
-                kw[f] = sec.int(f, min=0)
+                kw[f] = sec.int(f, default, min=0)
             elif isinstance(default, float):
-                kw[f] = sec.float(f, min=0.0)
+                kw[f] = sec.float(f, default, min=0.0)
             else:
-                kw[f] = tuple(sec.floats(f, length=len(default)))
+                kw[f] = tuple(sec.floats(f, list(default), length=len(default)))
         sec.finish()
         return cls(**{**d.__dict__, **kw})
 

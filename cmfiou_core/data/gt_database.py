@@ -1,4 +1,4 @@
-"""GT database for gt_sampling / da_sampling (spec §2.2), stored without pickle.
+"""GT database for gt_sampling / da_sampling , stored without pickle.
 
 ``gt_database_mm/<id>_<cls>_<k>.npy``: float32 (K, 8) combined-cloud points (raw + pseudo) inside GT box k,
 box-centre relative (``xyz - box centre``, not rotated: OpenPCDet). ``kitti_dbinfos_train_mm.json``:

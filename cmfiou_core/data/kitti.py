@@ -1,4 +1,4 @@
-"""KITTI object dataset in the OpenPCDet / CMF-IOU layout (spec §2.2, §2.3), without pickle.
+"""KITTI object dataset in the OpenPCDet / CMF-IOU layout without pickle.
 
 Layout under ``root``: ``training/{calib,label_2,image_2,velodyne,velodyne_depth,planes}``, ``testing/...``,
 ``ImageSets/{train,val,test}.txt``. Generated files (JSON instead of the official pickles):
@@ -9,8 +9,8 @@ image_shape (H, W)}, ``calib`` {P2, R0_rect, Tr_velo_to_cam}, ``annos`` (see :mo
 (non-DontCare objects, centre z = bottom + h/2, heading = -(pi/2 + ry)) and ``num_points_in_gt`` (raw .bin points
 inside the FOV; -1 for DontCare).
 
-``KittiDataset.__getitem__`` (spec §2.3): 8-col combined cloud (``velodyne_depth/<id>.npy`` via H4's reader, or
-generated on the fly with H4's ``PseudoPointGenerator`` and cached) -> FOV filter -> augmentation (training) ->
+``KittiDataset.__getitem__``: 8-col combined cloud (``velodyne_depth/<id>.npy`` via ``depth.read_velodyne_depth``,
+or generated on the fly with ``depth.PseudoPointGenerator`` and cached) -> FOV filter -> augmentation (training) ->
 class filter (Van -> Car when ``use_van``, training only) -> range masking -> shuffle (training) -> empty training
 frames are redrawn -> split by flag -> pseudo subsampling (training: random 20 %; test: ``input_point_discard``).
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -28,8 +27,8 @@ import torch
 from ..calib import Calibration
 from ..geometry.boxes import boxes3d_kitti_camera_to_lidar, boxes_to_corners_3d
 from ..geometry.points_in_boxes import points_in_boxes_mask
-from ..types import CLASS_NAMES
-from .augment import AugmentConfig, Augmentor, GTDatabase
+from .augment import Augmentor, GTDatabase
+from .dataset_config import DatasetConfig  # noqa: F401  (the ``data:`` section; re-exported here)
 from .labels import objects_to_annos, read_label_file
 
 log = logging.getLogger(__name__)
@@ -235,8 +234,8 @@ def raw_rows_from_bin(path: Union[str, Path], pts: Optional[np.ndarray] = None) 
 
 def load_points_mm(root: Union[str, Path], frame_id: str, split_dir: str = "training", cache: bool = True,
                    generator=None, calib: Optional[Calibration] = None, raw_from_bin: bool = False) -> np.ndarray:
-    """(N, 8) float32 combined cloud: ``velodyne_depth/<id>.npy`` when present (H4's reader), else generated from
-    the .bin + image with H4's ``PseudoPointGenerator`` (ipbasic unless another generator is given) and cached.
+    """(N, 8) float32 combined cloud: ``velodyne_depth/<id>.npy`` when present (``read_velodyne_depth``), else generated
+    from the .bin + image with ``PseudoPointGenerator`` (ipbasic unless another generator is given) and cached.
 
     ``raw_from_bin``: take the raw LiDAR rows from ``velodyne/<id>.bin`` (float32, what the deployed pipeline sees)
     instead of the ``velodyne_depth`` file, which stores them as float16 (official format: 1.5-3 cm steps at 16-64 m).
@@ -275,55 +274,6 @@ def load_points_mm(root: Union[str, Path], frame_id: str, split_dir: str = "trai
 
 
 # ----------------------------------------------------------------------------------------------- dataset
-@dataclass
-class DatasetConfig:
-    class_names: Tuple[str, ...] = CLASS_NAMES
-    use_van: bool = True
-    point_cloud_range: Tuple[float, ...] = (0.0, -40.0, -3.0, 70.4, 40.0, 1.0)
-    fov_points_only: bool = True
-    remove_outside_boxes: bool = True
-    shuffle_points: bool = True
-    pseudo_train_keep: float = 0.2  # training: keep a random 20 % of the pseudo points
-    discard_rate: float = 0.8  # test: input_point_discard
-    discard_bin_num: int = 10
-    discard_max_dis: float = 60.0
-    cache_pseudo: bool = True
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    db_index: str = "kitti_dbinfos_train_mm.json"
-    max_redraw: int = 50
-    use_pseudo: bool = True  # False: raw LiDAR only (velodyne .bin, no depth completion); points_mm empty
-    raw_points_from_bin: bool = False  # True: raw rows from the float32 .bin, not the float16 velodyne_depth file
-
-    @classmethod
-    def from_dict(cls, data: Optional[dict], source: str = "<config>", path: str = "dataset") -> "DatasetConfig":
-        """Validated construction from a YAML mapping (keys = field names; ``augment`` = AugmentConfig keys)."""
-        from ..config import ConfigError, Section
-
-        sec = Section(data, path, source)
-        d = cls()
-        names = sec.raw("class_names", list(d.class_names))
-        if not isinstance(names, (list, tuple)) or not names or not all(n in CLASS_NAMES for n in names):
-            raise ConfigError(f"{source}: '{path}.class_names' must be a non-empty list out of {list(CLASS_NAMES)}")
-        rng = sec.floats("point_cloud_range", list(d.point_cloud_range), length=6)
-        if not all(rng[i] < rng[i + 3] for i in range(3)):
-            raise ConfigError(f"{source}: '{path}.point_cloud_range' must be [xmin, ymin, zmin, xmax, ymax, zmax]")
-        aug = AugmentConfig.from_dict(sec.raw("augment", None), source, f"{path}.augment")
-        out = cls(class_names=tuple(names), use_van=sec.bool("use_van", d.use_van), point_cloud_range=tuple(rng),
-                  fov_points_only=sec.bool("fov_points_only", d.fov_points_only),
-                  remove_outside_boxes=sec.bool("remove_outside_boxes", d.remove_outside_boxes),
-                  shuffle_points=sec.bool("shuffle_points", d.shuffle_points),
-                  pseudo_train_keep=sec.float("pseudo_train_keep", d.pseudo_train_keep, min=0.0, max=1.0),
-                  discard_rate=sec.float("input_discard_rate", d.discard_rate, min=0.0, max=1.0),
-                  discard_bin_num=sec.int("discard_bin_num", d.discard_bin_num, min=1),
-                  discard_max_dis=sec.float("discard_max_dis", d.discard_max_dis, min=0.0),
-                  cache_pseudo=sec.bool("cache_pseudo", d.cache_pseudo), augment=aug,
-                  db_index=sec.str("db_index", d.db_index), max_redraw=sec.int("max_redraw", d.max_redraw, min=0),
-                  use_pseudo=sec.bool("use_pseudo", d.use_pseudo),
-                  raw_points_from_bin=sec.bool("raw_points_from_bin", d.raw_points_from_bin))
-        sec.finish()
-        return out
-
-
 class KittiDataset:
     """``KittiDataset(root, split, training)``; items are dicts (see module doc), batched by ``collate_batch``."""
 
@@ -432,10 +382,12 @@ class KittiDataset:
             perm = rng.permutation(n)
             ps = ps[perm[int(n * (1.0 - cfg.pseudo_train_keep)):]]
         elif ps.shape[0]:
+            from ..depth.config import DiscardConfig
             from ..depth.io import input_point_discard
 
             g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-            ps = input_point_discard(torch.from_numpy(np.ascontiguousarray(ps, dtype=np.float32)), cfg.discard_rate,
+            rate = DiscardConfig.rate if cfg.discard_rate is None else cfg.discard_rate
+            ps = input_point_discard(torch.from_numpy(np.ascontiguousarray(ps, dtype=np.float32)), rate,
                                      cfg.discard_bin_num, cfg.discard_max_dis, generator=g).numpy()
         cls_id = np.array([cfg.class_names.index(n) + 1 for n in names], dtype=np.float32)
         gt = np.concatenate([boxes[:, :7].astype(np.float32), cls_id[:, None]], 1) if boxes.shape[0] else \

@@ -10,7 +10,7 @@ Grey dilation with shaped kernels is built from max-pools: full kxk = one kxk po
 (1xk then kx1) otherwise; cross k = max of a (1xk) and a (kx1) pool; diamond k = max of the pools over the
 rectangles (2a+1) x (k-2a), a = 0..(k-1)/2, whose union is the diamond (diamond 5 = 1x5 | 3x3 | 5x1).
 Launch counts matter on the GPU (the stage is launch-bound at this image size): the whole completion is ~70 ops
-there. Every path is bit-identical to the pre-#4 code (cmfiou_core.depth.reference; tests force the CUDA paths on
+there. Every path is bit-identical to the frozen code (cmfiou_core.depth.reference; tests force the CUDA paths on
 the CPU with ``FORCE_GPU_PATHS``).
 Padding is -inf, matching OpenCV's dilate/erode border (the border never wins). Median/bilateral/gaussian use
 OpenCV's border modes (replicate for medianBlur, reflect-101 for the others).
@@ -87,7 +87,7 @@ def median5(x: torch.Tensor, sort=None) -> torch.Tensor:
 
 
 def _bilateral5_taps(x: torch.Tensor, sigma_color: float, sigma_space: float) -> torch.Tensor:
-    """Per-tap loop (the pre-#4 code; fastest on the CPU, ~90 small ops)."""
+    """Per-tap loop (the frozen reference code; fastest on the CPU, ~90 small ops)."""
     H, W = x.shape[-2:]
     p = F.pad(x, (2, 2, 2, 2), mode="reflect")
     num = torch.zeros_like(x)

@@ -9,7 +9,8 @@ final compaction (one ``tolist`` of the two output counts and the thinning overf
 CUDA-event timings. Remaining syncs in the hot path (CUDA): that one ``tolist``; a second one only if a thinning
 voxel holds more than ``max_points_per_voxel`` points (sort-based recomputation); one-off H2D copies of small
 cached constants on the first call per device (calibration matrices, tap offsets / weights, grid bounds).
-The pre-#4 implementation is frozen in :mod:`cmfiou_core.depth.reference`; tests assert bit-identical output.
+The implementation before the speed work is frozen in :mod:`cmfiou_core.depth.reference`; tests assert
+bit-identical output.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from .config import DepthConfig, ThinningConfig
 from ..timing import StageTimer
 from .ipbasic import ipbasic_complete
 from .projection import fov_flag, project_points, sparse_depth_map
-from .reference import la_sampling2_order_sorted
 
 
 @dataclass
@@ -74,7 +74,7 @@ def _pixel_offsets(calib: Calibration, H: int, W: int, dev) -> Tuple[torch.Tenso
 
 def lift_xyz(depth: torch.Tensor, calib: Calibration, R2V: torch.Tensor) -> torch.Tensor:
     """Every pixel (u = column, v = row, d) -> (H*W, 3) LiDAR xyz in row-major pixel order
-    (``img_to_rect`` then ``rect_to_lidar``; bit-identical to the pre-#4 ``lift_depth``). No host sync."""
+    (``img_to_rect`` then ``rect_to_lidar``; bit-identical to the frozen reference ``lift_depth``). No host sync."""
     H, W = depth.shape
     uc, vc = _pixel_offsets(calib, H, W, depth.device)
     P = calib.P2
@@ -137,7 +137,7 @@ def la_sampling2_dense(xyz: torch.Tensor, valid: Optional[torch.Tensor], cfg: Th
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort-free ``la_sampling2`` on a dense voxel grid (see :func:`thinning_grid`); no host sync.
 
-    Same binning ops as the sort-based :func:`cmfiou_core.depth.reference.la_sampling2_order_sorted` (bit-identical
+    Same binning ops as the sort-based :func:`la_sampling2_order_sorted` (bit-identical
     voxel indices on every device), then three scatters over the grid instead of sorts:
       * first-arrival index per voxel (``amin`` of the point index) -> voxel creation order and the voxel "heads";
       * point count per voxel -> ``overflow`` = some voxel holds more than ``max_points_per_voxel`` points;
@@ -188,6 +188,58 @@ def la_sampling2_dense(xyz: torch.Tensor, valid: Optional[torch.Tensor], cfg: Th
     return order[:N], n, overflow
 
 
+def la_sampling2_order_sorted(xyz: torch.Tensor, valid: torch.Tensor, cfg: ThinningConfig = ThinningConfig()
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Vectorised ``la_sampling2`` on fixed-size inputs.
+
+    Spherical r = |p|, theta = arccos(z / r), phi = arctan(y / x); points with theta <= theta_min are dropped;
+    voxels over (r, theta, phi) (spconv ``Point2VoxelCPU3d`` semantics: floor((c - min) / size), out-of-range dropped,
+    voxels created in order of first arrival, only the first ``max_points_per_voxel`` points per voxel are stored);
+    per voxel the point with the smallest Cartesian z wins (first one on ties).
+
+    Returns (order (N,) int64 indices into the input whose first ``count`` entries are the winners, in voxel
+    creation order; count (0-dim int64 tensor)). No host sync.
+    """
+    N = xyz.shape[0]
+    dev = xyz.device
+    x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    r = torch.linalg.vector_norm(xyz, dim=1)
+    theta = torch.arccos(z / r)
+    phi = torch.atan(y / x)
+    grid = [int(round((cfg.voxel_range[i + 3] - cfg.voxel_range[i]) / cfg.voxel_size[i])) for i in range(3)]
+    ok = valid & (theta > cfg.theta_min)  # NaN compares False
+    cs = []
+    for i, comp in enumerate((r, theta, phi)):  # python-scalar arithmetic: no H2D copies (they would sync)
+        ci = torch.floor((comp - cfg.voxel_range[i]) / cfg.voxel_size[i])
+        ok = ok & (ci >= 0) & (ci < grid[i])
+        cs.append(ci)
+    c = torch.stack(cs, 1)
+    c = c.masked_fill(~ok[:, None], 0.0).to(torch.int64)
+    sentinel = grid[0] * grid[1] * grid[2]
+    key = torch.where(ok, (c[:, 0] * grid[1] + c[:, 1]) * grid[2] + c[:, 2], torch.full_like(c[:, 0], sentinel))
+
+    skey, perm = torch.sort(key, stable=True)  # stable: arrival order inside a voxel
+    pos = torch.arange(N, device=dev)
+    is_start = torch.ones(N, dtype=torch.bool, device=dev)
+    if N > 1:
+        is_start[1:] = skey[1:] != skey[:-1]
+    seg = torch.cumsum(is_start.to(torch.int64), 0) - 1
+    start = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), 0).values
+    rank = pos - start
+    compete = (rank < cfg.max_points_per_voxel) & (skey != sentinel)
+    zs = z[perm].masked_fill(~compete, float("inf"))
+    seg_min = torch.full((N,), float("inf"), dtype=zs.dtype, device=dev).scatter_reduce(
+        0, seg, zs, reduce="amin", include_self=True)
+    cand = compete & (zs == seg_min[seg])
+    first = torch.full((N,), N, dtype=torch.int64, device=dev).scatter_reduce(
+        0, seg, torch.where(cand, pos, torch.full_like(pos, N)), reduce="amin", include_self=True)
+    win = cand & (pos == first[seg])
+    # voxel creation order = original index of the voxel's first point (rank 0 of its segment)
+    okey = torch.where(win, perm[start], torch.full_like(perm, N))
+    o = torch.argsort(okey, stable=True)
+    return perm[o], win.sum()
+
+
 def la_sampling2_order(xyz: torch.Tensor, valid: torch.Tensor, cfg: ThinningConfig = ThinningConfig(),
                        method: str = "dense") -> Tuple[torch.Tensor, torch.Tensor]:
     """Vectorised ``la_sampling2`` on fixed-size inputs.
@@ -202,7 +254,7 @@ def la_sampling2_order(xyz: torch.Tensor, valid: torch.Tensor, cfg: ThinningConf
 
     ``method``: ``dense`` (default) = :func:`la_sampling2_dense`, falling back to the sort path when a voxel
     overflows -- checking that costs one host sync on CUDA (the generator instead folds the flag into its final
-    sync); ``sort`` = the pre-#4 sort-based code (no sync). Both give identical results.
+    sync); ``sort`` = the frozen reference sort-based code (no sync). Both give identical results.
     """
     grid = thinning_grid(cfg) if method == "dense" else None
     if method not in ("dense", "sort"):

@@ -1,9 +1,9 @@
-"""Frozen copy of the depth stage as it was before the speed work of issue #4 (commit 0709cb4): the exactness
-reference for the optimised code (test/test_depth.py compares both on real KITTI frames and random inputs) and the
-fallback of the sort-free thinning (:func:`la_sampling2_order_sorted`, used when a voxel holds more than
-``max_points_per_voxel`` points). Do not optimise this file; its point is to stay what it was. The functions the
-speed work did not change (``gaussian5``, ``extend_to_top``, ``raw_rows_from_points``) are used from the live modules
-instead of being copied: if one of them is changed later, freeze its old version here first.
+"""Frozen copy of the depth stage as it was before its speed work (commit 0709cb4): the exactness reference for the
+optimised code (test/test_depth.py compares both on real KITTI frames and random inputs). Do not optimise this file;
+its point is to stay what it was. The functions the speed work did not change (``gaussian5``, ``extend_to_top``,
+``raw_rows_from_points``, and the sort-based thinning ``la_sampling2_order_sorted``, which the live code keeps as the
+fallback of its sort-free thinning) are imported from the live modules instead of being copied: if one of them is
+changed later, freeze its old version here first. Production code never imports this module.
 
 :func:`reference_pseudo_points` is the old generator body (projection -> IP-Basic -> lifting -> sort-based thinning
 -> compaction) for end-to-end comparisons.
@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from ..calib import Calibration
-from .config import DepthConfig, IPBasicConfig, ThinningConfig
-# unchanged by the #4 speed work, so not copied here (a copy would only be compared with itself)
+from .config import DepthConfig, IPBasicConfig
+# unchanged by the speed work, so not copied here (a copy would only be compared with itself)
 from .ipbasic import extend_to_top, gaussian5
+from .pseudo import la_sampling2_order_sorted, raw_rows_from_points
 
 
 def project_points(xyz: torch.Tensor, V2R: torch.Tensor, P2: torch.Tensor):
@@ -149,58 +150,6 @@ def lift_depth(depth: torch.Tensor, image: torch.Tensor, calib: Calibration, min
     return rows, valid
 
 
-def la_sampling2_order_sorted(xyz: torch.Tensor, valid: torch.Tensor, cfg: ThinningConfig = ThinningConfig()
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Vectorised ``la_sampling2`` on fixed-size inputs.
-
-    Spherical r = |p|, theta = arccos(z / r), phi = arctan(y / x); points with theta <= theta_min are dropped;
-    voxels over (r, theta, phi) (spconv ``Point2VoxelCPU3d`` semantics: floor((c - min) / size), out-of-range dropped,
-    voxels created in order of first arrival, only the first ``max_points_per_voxel`` points per voxel are stored);
-    per voxel the point with the smallest Cartesian z wins (first one on ties).
-
-    Returns (order (N,) int64 indices into the input whose first ``count`` entries are the winners, in voxel
-    creation order; count (0-dim int64 tensor)). No host sync.
-    """
-    N = xyz.shape[0]
-    dev = xyz.device
-    x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
-    r = torch.linalg.vector_norm(xyz, dim=1)
-    theta = torch.arccos(z / r)
-    phi = torch.atan(y / x)
-    grid = [int(round((cfg.voxel_range[i + 3] - cfg.voxel_range[i]) / cfg.voxel_size[i])) for i in range(3)]
-    ok = valid & (theta > cfg.theta_min)  # NaN compares False
-    cs = []
-    for i, comp in enumerate((r, theta, phi)):  # python-scalar arithmetic: no H2D copies (they would sync)
-        ci = torch.floor((comp - cfg.voxel_range[i]) / cfg.voxel_size[i])
-        ok = ok & (ci >= 0) & (ci < grid[i])
-        cs.append(ci)
-    c = torch.stack(cs, 1)
-    c = c.masked_fill(~ok[:, None], 0.0).to(torch.int64)
-    sentinel = grid[0] * grid[1] * grid[2]
-    key = torch.where(ok, (c[:, 0] * grid[1] + c[:, 1]) * grid[2] + c[:, 2], torch.full_like(c[:, 0], sentinel))
-
-    skey, perm = torch.sort(key, stable=True)  # stable: arrival order inside a voxel
-    pos = torch.arange(N, device=dev)
-    is_start = torch.ones(N, dtype=torch.bool, device=dev)
-    if N > 1:
-        is_start[1:] = skey[1:] != skey[:-1]
-    seg = torch.cumsum(is_start.to(torch.int64), 0) - 1
-    start = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), 0).values
-    rank = pos - start
-    compete = (rank < cfg.max_points_per_voxel) & (skey != sentinel)
-    zs = z[perm].masked_fill(~compete, float("inf"))
-    seg_min = torch.full((N,), float("inf"), dtype=zs.dtype, device=dev).scatter_reduce(
-        0, seg, zs, reduce="amin", include_self=True)
-    cand = compete & (zs == seg_min[seg])
-    first = torch.full((N,), N, dtype=torch.int64, device=dev).scatter_reduce(
-        0, seg, torch.where(cand, pos, torch.full_like(pos, N)), reduce="amin", include_self=True)
-    win = cand & (pos == first[seg])
-    # voxel creation order = original index of the voxel's first point (rank 0 of its segment)
-    okey = torch.where(win, perm[start], torch.full_like(perm, N))
-    o = torch.argsort(okey, stable=True)
-    return perm[o], win.sum()
-
-
 def _compact_order(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(indices with the True entries first in their original order, count) without a host sync."""
     return torch.sort((~mask).to(torch.uint8), stable=True).indices, mask.sum()
@@ -210,8 +159,6 @@ def reference_pseudo_points(points: torch.Tensor, image: torch.Tensor, calib: Ca
                             cfg: DepthConfig = DepthConfig()) -> Tuple[torch.Tensor, torch.Tensor]:
     """The old ``PseudoPointGenerator.__call__`` for method ipbasic (its GPU branch: thinning on the full masked pixel
     grid; the old CPU branch gave identical rows, as an old test asserted): returns (raw_rows, pseudo_rows)."""
-    from .pseudo import raw_rows_from_points  # unchanged by #4; pseudo imports this module, so import late
-
     dev = points.device
     if cfg.crop_official:
         ch, cw = DepthConfig.OFFICIAL_CROP

@@ -76,7 +76,7 @@ class _Block(nn.Module):
         self.relu = relu
 
     def forward(self, x: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
-        return masked(self.conv(x, kmap, relu=self.relu), kmap.out.valid)
+        return self.conv(x, kmap, relu=self.relu, mask=True)
 
 
 class BackboneEngine(nn.Module):
@@ -213,8 +213,8 @@ class _Basic(nn.Module):
         self.c2 = FoldedConv(m.conv2, m.bn2)
 
     def forward(self, x: Sparse, km: KernelMap) -> Sparse:
-        h = masked(self.c1(x.t.features, km, relu=True), x.t.valid)
-        y = masked(torch.relu(self.c2(h, km) + x.t.features), x.t.valid)
+        h = self.c1(x.t.features, km, relu=True, mask=True)
+        y = self.c2(h, km, relu=True, residual=x.t.features, mask=True)
         return Sparse(x.t.replace_feature(y))
 
 

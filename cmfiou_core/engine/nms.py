@@ -159,16 +159,21 @@ class StaticProposals:
 
 def proposal_layer_static(box_preds: torch.Tensor, cls_preds: torch.Tensor, nms_thresh: float, pre_maxsize: int,
                           post_max_size: int, pair_capacity: Optional[int] = None,
-                          mode: str = "auto") -> StaticProposals:
-    """``model.proposal.proposal_layer`` with static shapes: box_preds (B, A, 7+), cls_preds (B, A, C) logits."""
+                          mode: str = "auto", anchor_valid: Optional[torch.Tensor] = None) -> StaticProposals:
+    """``model.proposal.proposal_layer`` with static shapes: box_preds (B, A, 7+), cls_preds (B, A, C) logits.
+
+    ``anchor_valid`` (B, A) bool: only these anchors may be proposed (the eager path compacts the masked anchors
+    away first; here they rank last and are invalid, which selects the same proposals)."""
     B, A = box_preds.shape[0], box_preds.shape[1]
     scores, labels = torch.max(cls_preds, dim=-1)                       # (B, A)
+    rank = scores if anchor_valid is None else torch.where(anchor_valid, scores, torch.full_like(scores, -float("inf")))
     K = min(int(pre_maxsize), A)
-    top_scores, top_idx = torch.topk(scores, k=K, dim=1)              # eager: topk, then a stable sort (a no-op)
+    top_scores, top_idx = torch.topk(rank, k=K, dim=1)                # eager: topk, then a stable sort (a no-op)
     order = torch.sort(top_scores, dim=1, descending=True, stable=True)[1]
     top_idx = top_idx.gather(1, order)
     boxes = box_preds.gather(1, top_idx[..., None].expand(B, K, box_preds.shape[-1]))
-    valid = torch.ones((B, K), dtype=torch.bool, device=box_preds.device)
+    valid = torch.ones((B, K), dtype=torch.bool, device=box_preds.device) if anchor_valid is None else \
+        anchor_valid.gather(1, top_idx)
     pos, kept, overflow = nms_sorted_static(boxes, valid, nms_thresh, post_max_size, pair_capacity, mode)
     sel = top_idx.gather(1, pos)                                        # (B, T) anchor indices
     T = sel.shape[1]

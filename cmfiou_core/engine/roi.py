@@ -357,7 +357,8 @@ class StaticRoIHead:
                  st_features_2d: Optional[torch.Tensor], box_preds: torch.Tensor, cls_preds: torch.Tensor,
                  transform_param: Optional[torch.Tensor] = None,
                  proposals: Optional[StaticProposals] = None,
-                 stage_rois: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+                 stage_rois: Optional[Sequence[torch.Tensor]] = None,
+                 anchor_valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """feats / feats_mm: {source: PaddedSparse} for one view, or a list of V such dicts (V = 1 or num_stages,
         with ``transform_param`` (B, V, 3)), or for V views one dict whose tensors hold the views as samples (batch
         size V * B, view v of frame b = sample v * B + b, the layout of ``engine.runtime``); ``feats_mm`` None: a
@@ -366,7 +367,8 @@ class StaticRoIHead:
         ``roi_labels``, ``batch_box_preds``, ``batch_cls_preds``, ``batch_iou_preds`` with the IoU branch) plus
         ``roi_valid`` (B, N), ``overflow`` (() bool, see ``engine.nms``) and ``stage_box_preds`` /
         ``stage_cls_preds`` (lists per stage, in the stage's view frame). ``proposals``: given RoIs instead of the
-        proposal layer; ``stage_rois`` (tests): per-stage input RoIs, as the eager ``RoIHead.forward``."""
+        proposal layer; ``stage_rois`` (tests): per-stage input RoIs, as the eager ``RoIHead.forward``;
+        ``anchor_valid`` (B, A) bool: anchors that may become proposals (the anchor mask; default all)."""
         head = self.head
         if head.training:
             raise RuntimeError("StaticRoIHead runs the eval forward: call head.eval() first")
@@ -388,7 +390,7 @@ class StaticRoIHead:
         if proposals is None:
             nt = c.nms_test
             proposals = proposal_layer_static(box_preds, cls_preds, nt.nms_thresh, nt.pre_maxsize, nt.post_max_size,
-                                              self.pair_capacity, self.nms_mode)
+                                              self.pair_capacity, self.nms_mode, anchor_valid=anchor_valid)
         mark("prepare")
         src = [self.prepare(v, mm=False) for v in views]
         src_mm = [self.prepare(v, mm=True) for v in views_mm]

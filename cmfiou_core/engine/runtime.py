@@ -6,8 +6,8 @@ inputs are copied into static capacity-padded buffers and the graph is replayed;
 capacity bucket (batch size x views, capacities) changes. The test views are batched as samples of one pass.
 
 Stage boundary: the downstream eager modules take spconv tensors, so the outputs are cut to their valid rows with one
-device->host copy of the row counts per frame (the only sync). The static RoI head (``engine.roi``) will take the
-padded tensors directly.
+device->host copy of the row counts per frame (the only sync). ``engine.frame.FrameGraph`` uses the static part
+(``_static``) directly and keeps the padded tensors on the device through BEV, RPN and the RoI head.
 """
 from __future__ import annotations
 
@@ -235,75 +235,3 @@ def use_engine(model: nn.Module, capacities: Optional[Capacities] = None, use_gr
     eng = EngineBackbone(bb, capacities, cap, use_graph, **kw).to(next(bb.parameters()).device).eval()
     model.backbone_3d = eng
     return eng
-
-
-class GraphRoIHead:
-    """The static RoI head + post-processing (``engine.roi.StaticRoIHead``) as one captured CUDA graph.
-
-    Inputs: the backbone engine's padded x_conv3 / x_conv4 (``EngineBackbone.last_padded``; static buffers when the
-    backbone replays a graph, so the RoI graph reads them in place), and the dense head's outputs, copied into static
-    buffers. Output: ``FrameDetections`` of sample 0 after one device->host copy of the padded detections. Captured
-    again when an input shape changes; on the CPU the same static code runs without a graph."""
-
-    def __init__(self, model: nn.Module, backbone: EngineBackbone, use_graph: Optional[bool] = None):
-        from .roi import StaticRoIHead
-
-        self.model = model
-        self.backbone = backbone
-        from ..model.postprocess import PostProcessConfig
-
-        self.static = StaticRoIHead(model.roi_head)
-        self._post_cfg = PostProcessConfig.from_any(model.cfg.post_processing)
-        self.use_graph = use_graph
-        self._graphs: Dict[Tuple, Any] = {}
-        self.captures = 0
-
-    def _forward(self, padded, st, box, cls, tp):
-        raw = {k: padded["raw"][k] for k in ("x_conv3", "x_conv4")}
-        mm = {k: padded["mm"][k] for k in ("x_conv3", "x_conv4")} if "mm" in padded else None
-        out = self.static(raw, mm, st, box, cls, tp)
-        det = self.static.detect(out, self._post_cfg)
-        return det
-
-    @torch.no_grad()
-    def __call__(self, batch: Dict[str, Any]):
-        from ..model.postprocess import FrameDetections
-
-        padded = self.backbone.last_padded
-        st, box, cls = batch["st_features_2d"], batch["batch_box_preds"], batch["batch_cls_preds"]
-        tp = batch.get("transform_param")
-        use_graph = self.use_graph if self.use_graph is not None else st.is_cuda
-        if use_graph and self.backbone.last_graph_key is not None:
-            key = (self.backbone.last_graph_key, tuple(st.shape), tuple(box.shape), tuple(cls.shape),
-                   None if tp is None else tuple(tp.shape), "mm" in padded)
-            g = self._graphs.get(key)
-            if g is None:
-                ins = [st.clone(), box.clone(), cls.clone(), None if tp is None else tp.clone()]
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    for _ in range(2):
-                        self._forward(padded, *ins)
-                torch.cuda.current_stream().wait_stream(s)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    det_static = self._forward(padded, *ins)
-                g = (graph, ins, det_static)
-                self._graphs[key] = g
-                self.captures += 1
-            graph, ins, det = g
-            for dst, src in zip(ins, (st, box, cls, tp)):
-                if dst is not None:
-                    dst.copy_(src)
-            graph.replay()
-        else:
-            det = self._forward(padded, st, box, cls, tp)
-        # the one device -> host copy of the frame's result
-        packed = torch.cat([det.boxes[0].float(), det.labels[0].float()[:, None], det.cls[0].float()[:, None],
-                            det.iou[0].float()[:, None], det.score[0].float()[:, None]], 1)
-        flat = torch.cat([det.count[:1].float(), det.overflow.view(1).float(), packed.reshape(-1)]).cpu()
-        n, overflow = int(flat[0]), bool(flat[1])
-        rows = flat[2:].view(packed.shape)[:n]
-        if overflow:
-            log.warning("GraphRoIHead: a fixed NMS capacity overflowed on this frame; detections may be incomplete")
-        return FrameDetections(rows[:, :7], rows[:, 7].long(), rows[:, 8], rows[:, 9], rows[:, 10])

@@ -30,6 +30,7 @@ SENTINEL = torch.iinfo(torch.int64).max
 # DENSE_MAX cells, else (and on the CPU) sorted keys with sort / searchsorted. Both give identical tables.
 DENSE_MAX = 1 << 30
 USE_TRITON = True            # CUDA: the fused Triton conv (engine.triton_conv) instead of gather + GEMM
+USE_TRITON_MAPS = True       # CUDA: kernel maps by engine.triton_maps (one or two kernels a map) on dense grids
 _FORCE_DENSE = None          # tests: True / False to force a path, None = by device
 
 
@@ -110,9 +111,20 @@ def _compact_dense(keys: torch.Tensor, capacity: int, key_space: int):
     return table[:capacity], count, total - count
 
 
+def _triton_maps(device, key_space: int) -> bool:
+    if not (USE_TRITON_MAPS and torch.device(device).type == "cuda" and use_dense(device, key_space)):
+        return False
+    from . import triton_maps
+    return triton_maps.AVAILABLE
+
+
 def row_grid(sites: PaddedSparse) -> torch.Tensor:
     """Dense (key_space + 1,) int32 grid: the row of each occupied site, ``capacity`` elsewhere (cached per site set)."""
     g = sites.__dict__.get("_row_grid")
+    if g is None and _triton_maps(sites.indices.device, sites.key_space):
+        from .triton_maps import fill_row_grid
+        g = fill_row_grid(sites.indices, sites.count, sites.batch_size, sites.spatial_shape, sites.capacity)
+        sites.__dict__["_row_grid"] = g
     if g is None:
         cap = sites.capacity
         keys = linear_keys(sites.indices, sites.spatial_shape, sites.valid)
@@ -188,9 +200,13 @@ class KernelMap:
 
 
 def _neighbour_rows(sites: PaddedSparse, out_idx: torch.Tensor, out_valid: torch.Tensor, offsets: torch.Tensor,
-                    stride: Sequence[int], padding: Sequence[int], in_shape: Sequence[int]) -> torch.Tensor:
+                    stride: Sequence[int], padding: Sequence[int], in_shape: Sequence[int],
+                    out_count: Optional[torch.Tensor] = None, kernel: Sequence[int] = ()) -> torch.Tensor:
     """Input rows ``o*s - p + k`` for outputs ``out_idx`` (cap, 1+nd) and offsets (K, nd) -> (cap, K)."""
     nd = offsets.shape[1]
+    if out_count is not None and _triton_maps(out_idx.device, sites.key_space):
+        from .triton_maps import gather_rows
+        return gather_rows(out_idx, out_count, row_grid(sites), sites.capacity, in_shape, stride, padding, kernel)
     coords = torch.stack([out_idx[:, 1 + d].long()[:, None] * int(stride[d]) - int(padding[d]) + offsets[None, :, d]
                           for d in range(nd)], dim=-1)
     inside = torch.ones(coords.shape[:2], dtype=torch.bool, device=out_idx.device)
@@ -209,7 +225,7 @@ def subm_map(sites: PaddedSparse, kernel) -> KernelMap:
     k = _tuple(kernel, nd)
     offs = _kernel_offsets(k, sites.indices.device)
     rows = _neighbour_rows(sites, sites.indices, sites.valid, offs, (1,) * nd, tuple(x // 2 for x in k),
-                           sites.spatial_shape)
+                           sites.spatial_shape, sites.count, k)
     return KernelMap(rows, sites)
 
 
@@ -221,6 +237,15 @@ def conv_map(sites: PaddedSparse, kernel, stride, padding, out_capacity: int) ->
     out_shape = conv_out_shape(sites.spatial_shape, k, s, p)
     dev = sites.indices.device
     offs = _kernel_offsets(k, dev)
+    space = int(sites.batch_size) * int(np.prod(out_shape))
+    if _triton_maps(dev, space) and _triton_maps(dev, sites.key_space):
+        from .triton_maps import gather_rows, strided_sites
+        out_idx, count, overflow, grid = strided_sites(sites.indices, sites.count, sites.batch_size, out_shape, s, p, k,
+                                                       out_capacity)
+        out = PaddedSparse(sites.features.new_zeros((out_capacity, 0)), out_idx, count, out_shape, sites.batch_size)
+        out.__dict__["_row_grid"] = grid
+        rows = gather_rows(out_idx, count, row_grid(sites), sites.capacity, sites.spatial_shape, s, p, k)
+        return KernelMap(rows, out), overflow
     ok = sites.valid[:, None].expand(-1, offs.shape[0])
     o = []
     for d in range(nd):
@@ -232,7 +257,6 @@ def conv_map(sites: PaddedSparse, kernel, stride, padding, out_capacity: int) ->
     for d in range(nd):
         key = key * out_shape[d] + o[d]
     key = torch.where(ok, key, torch.full_like(key, SENTINEL))
-    space = int(sites.batch_size) * int(np.prod(out_shape))
     table, count, overflow = compact_unique(key.reshape(-1), out_capacity, space)
     out_idx = keys_to_indices(table, out_shape)
     out = PaddedSparse(sites.features.new_zeros((out_capacity, 0)), out_idx, count, out_shape, sites.batch_size)
@@ -245,6 +269,10 @@ def inverse_map(coarse: PaddedSparse, fine: PaddedSparse, kernel, stride, paddin
     nd = len(fine.spatial_shape)
     k, s, p = _tuple(kernel, nd), _tuple(stride, nd), _tuple(padding, nd)
     dev = fine.indices.device
+    if _triton_maps(dev, coarse.key_space):
+        from .triton_maps import inverse_rows
+        rows = inverse_rows(fine.indices, fine.count, row_grid(coarse), coarse.capacity, coarse.spatial_shape, s, p, k)
+        return KernelMap(rows, fine)
     offs = _kernel_offsets(k, dev)
     ok = fine.valid[:, None].expand(-1, offs.shape[0])
     c = []
@@ -280,18 +308,25 @@ class FoldedConv(nn.Module):
         self.register_buffer("bias", bias.contiguous())
         self.cin, self.cout = cin, cout
 
-    def forward(self, x: torch.Tensor, kmap: KernelMap, relu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kmap: KernelMap, relu: bool = False, residual: Optional[torch.Tensor] = None,
+                mask: bool = False) -> torch.Tensor:
+        """gather(x) @ W + b [+ residual] [-> ReLU] [-> padding rows of the output set zeroed (``mask``)]."""
         if x.is_cuda and USE_TRITON:
             from . import triton_conv
 
             if triton_conv.AVAILABLE:
-                return triton_conv.sparse_conv(x, kmap.rows, self.weight, self.bias, relu=relu)
+                return triton_conv.sparse_conv(x, kmap.rows, self.weight, self.bias, relu=relu, residual=residual,
+                                               count=kmap.out.count if mask else None)
         cap_in = x.shape[0]
         xp = torch.cat([x, x.new_zeros((1, x.shape[1]))])
         rows = torch.clamp(kmap.rows, max=cap_in)
         g = xp[rows]                                            # (cap_out, K, Cin)
         y = torch.addmm(self.bias.to(x.dtype), g.reshape(g.shape[0], -1), self.weight.to(x.dtype))
-        return torch.relu(y) if relu else y
+        if residual is not None:
+            y = y + residual
+        if relu:
+            y = torch.relu(y)
+        return masked(y, kmap.out.valid) if mask else y
 
 
 def bn_affine(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -22,9 +22,10 @@ AVAILABLE = triton is not None
 
 if AVAILABLE:
     @triton.jit
-    def _sparse_conv_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, M, n_in,
+    def _sparse_conv_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, res_ptr, count_ptr, M, n_in,
                             K: tl.constexpr, CIN: tl.constexpr, COUT: tl.constexpr, BM: tl.constexpr,
-                            BN: tl.constexpr, BK: tl.constexpr, RELU: tl.constexpr):
+                            BN: tl.constexpr, BK: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
+                            HAS_COUNT: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BM + tl.arange(0, BM)
@@ -45,15 +46,20 @@ if AVAILABLE:
                 acc += tl.dot(a, w.to(a.dtype))
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
         acc += bias[None, :].to(tl.float32)
+        out_off = offs_m[:, None].to(tl.int64) * COUT + offs_n[None, :]
+        if HAS_RES:
+            acc += tl.load(res_ptr + out_off, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
         if RELU:
             acc = tl.maximum(acc, 0.0)
-        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * COUT + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        if HAS_COUNT:     # padding rows (>= count) are zero
+            acc = tl.where((offs_m < tl.load(count_ptr))[:, None], acc, 0.0)
+        tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                relu: bool = False) -> torch.Tensor:
-    """y[m] = sum_k x[rows[m, k]] @ weight[k*Cin:(k+1)*Cin] + bias (rows[m, k] >= len(x): absent), optional ReLU.
+                relu: bool = False, residual: torch.Tensor = None, count: torch.Tensor = None) -> torch.Tensor:
+    """y[m] = sum_k x[rows[m, k]] @ weight[k*Cin:(k+1)*Cin] + bias (rows[m, k] >= len(x): absent) [+ residual[m]],
+    optional ReLU, then rows m >= count (a device scalar) set to 0.
 
     x (N, Cin), rows (M, K) int64, weight (K*Cin, Cout), bias (Cout,) -> (M, Cout) in x's dtype."""
     if not AVAILABLE or not x.is_cuda:
@@ -65,7 +71,10 @@ def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias:
     BM, BN = 64, 64 if cout >= 64 else max(16, triton.next_power_of_2(cout))
     BK = 32 if cin >= 32 else 16
     grid = (triton.cdiv(M, BM), triton.cdiv(cout, BN))
+    res = residual.contiguous() if residual is not None else y
+    cnt = count.reshape(1) if count is not None else rows
     _sparse_conv_kernel[grid](x.contiguous(), rows.contiguous(), weight.to(x.dtype).contiguous(),
-                              bias.float().contiguous(), y, M, x.shape[0], K=K, CIN=cin, COUT=cout, BM=BM, BN=BN,
-                              BK=BK, RELU=relu, num_warps=4)
+                              bias.float().contiguous(), y, res, cnt, M, x.shape[0], K=K, CIN=cin, COUT=cout, BM=BM,
+                              BN=BN, BK=BK, RELU=relu, HAS_RES=residual is not None, HAS_COUNT=count is not None,
+                              num_warps=4)
     return y

@@ -168,7 +168,7 @@ def boxes3d_kitti_camera_to_imageboxes(boxes3d_camera, calib: Calibration,
 
 
 def pad_small_image_boxes(boxes2d, min_height: float = 25.0, pad: float = 2.0):
-    """CMF-IOU ``generate_prediction_dicts`` tweak (spec §6.3): boxes with height < 25 px get 2 px added to the bottom."""
+    """CMF-IOU ``generate_prediction_dicts`` tweak: boxes with height < 25 px get 2 px added to the bottom."""
     if isinstance(boxes2d, np.ndarray):
         out = boxes2d.copy()
         small = (out[:, 3] - out[:, 1]) < min_height
@@ -191,7 +191,7 @@ def lidar_boxes_to_kitti(boxes3d_lidar, calib: Calibration, image_shape: Optiona
     """Convenience: LiDAR boxes -> dict(camera boxes (N,7), bbox (N,4), alpha (N,), location, dimensions (l,h,w), ry).
 
     ``dimensions`` follow OpenPCDet's ``pred_dict['dimensions'] = boxes_camera[:, 3:6]`` = (l, h, w); the KITTI text
-    writer prints them as ``h w l``. ``pad_small`` applies the CMF-IOU < 25 px tweak (spec §6.3).
+    writer prints them as ``h w l``. ``pad_small`` applies the CMF-IOU < 25 px tweak.
     """
     cam = boxes3d_lidar_to_kitti_camera(boxes3d_lidar, calib)
     bbox = boxes3d_kitti_camera_to_imageboxes(cam, calib, image_shape)

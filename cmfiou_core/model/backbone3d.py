@@ -1,4 +1,4 @@
-"""VCEConv8x (spec §3): raw S2D branch (conv_input, conv1..4 with RAWSDBlocks, conv_out) and the pseudo ResVC branch
+"""VCEConv8x: raw S2D branch (conv_input, conv1..4 with RAWSDBlocks, conv_out) and the pseudo ResVC branch
 (conv_input_pseudo, vir_conv1..4). No feature exchange between the branches.
 
 Outputs (batch-dict keys, view suffix ``''``, ``'1'``, ``'2'``): ``multi_scale_3d_features{sfx}`` (x_conv1..4),

@@ -1,5 +1,5 @@
-"""BEV: HeightCompression (sparse (B, C, D, H, W) -> dense (B, C*D, H, W), channel = c*D + d) and BaseBEVBackbone
-(spec §3.3), which writes ``st_features_2d`` (and ``spatial_features_2d``, the OpenPCDet name)."""
+"""BEV: HeightCompression (sparse (B, C, D, H, W) -> dense (B, C*D, H, W), channel = c*D + d) and BaseBEVBackbone,
+which writes ``st_features_2d`` (and ``spatial_features_2d``, the OpenPCDet name)."""
 from __future__ import annotations
 
 from typing import Any, Dict

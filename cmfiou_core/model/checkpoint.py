@@ -1,4 +1,4 @@
-"""Checkpoints: the one place that knows foreign layouts (spec §8).
+"""Checkpoints: the one place that knows foreign layouts.
 
 Formats read (always with ``torch.load(..., weights_only=True)``; files that need pickled objects are refused):
 - OpenPCDet / official CMF-IOU: ``{'epoch', 'it', 'model_state', 'optimizer_state', 'version'}`` (legacy or zip
@@ -25,7 +25,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-OUR_FORMAT = "cmfiou-ckpt-v1"
+FORMAT_PREFIX = "cmfiou-ckpt-"
+OUR_FORMAT = FORMAT_PREFIX + "v1"
 IOU_BRANCH_PREFIXES = ("roi_head.iou_layers.",)   # keys that an official checkpoint cannot have
 
 
@@ -71,7 +72,12 @@ def read_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
 def extract_state_dict(obj: Mapping[str, Any]) -> Tuple[Dict[str, torch.Tensor], str, Dict[str, Any]]:
     """-> (state_dict, format name, meta) for our format, the OpenPCDet format or a bare state_dict."""
     meta_in = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
-    if obj.get("format") == OUR_FORMAT or meta_in.get("format") == OUR_FORMAT:
+    declared = [str(f) for f in (obj.get("format"), meta_in.get("format")) if f is not None]
+    other = [f for f in declared if f.startswith(FORMAT_PREFIX) and f != OUR_FORMAT]
+    if other:
+        raise CheckpointError(f"checkpoint format {other[0]!r} is not the format this code reads ({OUR_FORMAT!r}): "
+                              "written by a different version of cmfiou")
+    if OUR_FORMAT in declared:
         fmt = "cmfiou"
         state = obj.get("model_state")
         meta = {k: obj[k] for k in ("meta", "config", "epoch", "it") if k in obj}
@@ -178,11 +184,41 @@ def load_checkpoint(path: Union[str, Path], model: Optional[nn.Module] = None, s
     """Read any supported file; if ``model`` is given, load it (see :func:`load_official`). Returns the converted
     state_dict and the report (``report.meta`` holds our ``config``/``meta`` or OpenPCDet ``epoch``/``version``)."""
     obj = read_checkpoint(path, map_location)
-    state, fmt, meta = extract_state_dict(obj)
+    try:
+        state, fmt, meta = extract_state_dict(obj)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     report = LoadReport(source_format=fmt, meta=meta)
     if model is not None:
+        if fmt == "cmfiou" and isinstance(meta.get("config"), Mapping) and meta["config"].get("model") is not None \
+                and getattr(model, "cfg", None) is not None:
+            check_stored_config(meta["config"], model.cfg, path, strict)
         load_official(model, state, strict=strict, report=report)
     return state, report
+
+
+def check_stored_config(stored: Mapping[str, Any], model_cfg, path: Union[str, Path], strict: bool = True) -> None:
+    """The config stored in one of our checkpoints must agree with the model's on every setting the weights depend
+    on (``model_config.weights_signature``: geometry, anchors, layer sizes); a disagreement is a CheckpointError naming
+    the keys (``strict=False``: a warning). A stored config this code can no longer parse is reported the same way."""
+    from ..config import ConfigError
+    from .model_config import config_from_dict, weights_signature
+
+    try:
+        theirs = weights_signature(config_from_dict(stored, f"{path} (stored config)").model)
+    except ConfigError as e:
+        msg = f"{path}: the config stored in the checkpoint does not validate with this code: {e}"
+    else:
+        ours = weights_signature(model_cfg)
+        diff = [f"{k}: checkpoint {theirs.get(k)!r} vs model {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+                if theirs.get(k) != ours.get(k)]
+        if not diff:
+            return
+        msg = (f"{path}: the checkpoint was trained with a different model config ({len(diff)} setting(s) the "
+               "weights depend on differ):\n  " + "\n  ".join(diff[:20]))
+    if strict:
+        raise CheckpointError(msg)
+    log.warning("%s (non-strict load: continuing)", msg)
 
 
 def save_checkpoint(path: Union[str, Path], model: nn.Module, config: Optional[Mapping[str, Any]] = None,

@@ -2,13 +2,16 @@
 buffer ``global_step``), ``build_model(cfg)`` and ``prepare_batch(...)`` (per-sample voxelization + collation into the
 OpenPCDet-style batch dict, docs/DEVELOPING.md).
 
-``forward(batch)``: eval -> the batch dict with predictions (dense head: ``batch_cls_preds``/``batch_box_preds``; with
-a RoI head: ``rois`` ... and the RoI head outputs); train -> ``(loss, tb_dict)`` (RPN loss + RoI head loss).
+``forward(batch, hook=None)``: runs :data:`STAGES` in order (``run_stages``); eval -> the batch dict with predictions
+(dense head: ``batch_cls_preds``/``batch_box_preds``; with a RoI head: ``rois`` ... and the RoI head outputs); train ->
+``(loss, tb_dict)`` (RPN loss + RoI head loss). ``hook(stage_name, batch)`` is called after each stage (timing,
+recording). A replacement for a stage (the inference engine's backbone) is swapped in as the child module, so every
+caller runs it through the same list.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,13 +29,24 @@ log = logging.getLogger(__name__)
 
 NUM_POINT_FEATURES = 8
 
+# The forward's stages in order: (stage name, the child modules it runs, in order). The names are the pipeline's
+# timing keys. A new stage is a new child module and an entry here.
+STAGES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("vfe", ("vfe",)),
+    ("backbone_3d", ("backbone_3d",)),
+    ("bev", ("map_to_bev_module", "backbone_2d")),
+    ("rpn", ("dense_head",)),
+    ("roi_head", ("roi_head",)),
+)
+StageHook = Callable[[str, Dict[str, Any]], None]
+
 
 def _build_roi_head(cfg: ModelConfig, backbone: VCEConv8x, num_bev_features: int) -> Optional[nn.Module]:
-    """RoI head construction hook: ``cmfiou_core.model.roi_head.RoIHead`` (H3's module), built from the
+    """RoI head construction hook: ``cmfiou_core.model.roi_head.RoIHead``, built from the
     ``model.roi_head`` Section. Returns None when the config has no roi_head section."""
     if cfg.roi_head is None:
         return None
-    from .roi_head import RoIHead  # H3's module
+    from .roi_head import RoIHead
 
     return RoIHead(cfg.roi_head, input_channels=dict(backbone.multi_scale_channels), num_class=1)
 
@@ -60,14 +74,33 @@ class CMFIOU(nn.Module):
     def update_global_step(self):
         self.global_step += 1
 
-    def forward(self, batch: Dict[str, Any]):
-        batch = self.vfe(batch)
-        batch = self.backbone_3d(batch)
-        batch = self.map_to_bev_module(batch)
-        batch = self.backbone_2d(batch)
-        batch = self.dense_head(batch)
-        if self.roi_head is not None:
-            batch = self.roi_head(batch)
+    def stages(self) -> List[Tuple[str, List[nn.Module]]]:
+        """:data:`STAGES` with their current child modules; a stage whose module is None (no RoI head) is left out."""
+        out = []
+        for name, attrs in STAGES:
+            mods = [getattr(self, a) for a in attrs]
+            if all(m is not None for m in mods):
+                out.append((name, mods))
+        return out
+
+    def run_stages(self, batch: Dict[str, Any], hook: Optional[StageHook] = None,
+                   skip: Collection[str] = ()) -> Dict[str, Any]:
+        """Run the stages in order on ``batch``; ``hook(name, batch)`` after each; stages named in ``skip`` (the
+        pipeline's static RoI head replaces ``roi_head``) do not run."""
+        unknown = set(skip) - {n for n, _ in STAGES}
+        if unknown:
+            raise ValueError(f"run_stages: unknown stage(s) {sorted(unknown)} (stages: {[n for n, _ in STAGES]})")
+        for name, mods in self.stages():
+            if name in skip:
+                continue
+            for m in mods:
+                batch = m(batch)
+            if hook is not None:
+                hook(name, batch)
+        return batch
+
+    def forward(self, batch: Dict[str, Any], hook: Optional[StageHook] = None):
+        batch = self.run_stages(batch, hook)
         if self.training:
             loss, tb = self.dense_head.get_loss()
             if self.roi_head is not None:

@@ -4,7 +4,7 @@ Decision (documented): the IoU branch (``roi_head.iou_layers``, 1024 -> 256 -> 2
 ``cls_layers``) runs on each stage's fused feature (concat[pseudo 512, raw 512]) and predicts the 3D IoU of *that
 stage's refined box* with its ground truth. It is trained against ``2 * IoU - 1`` with a smooth-L1 (beta 1/9) loss
 on all sampled RoIs (background RoIs have IoU 0, i.e. target -1), like the Waymo VoxelNeXt IoU head of the official
-repo (spec §6.2). At test the per-stage raw predictions are averaged (as the stage logits are) and decoded
+repo. At test the per-stage raw predictions are averaged (as the stage logits are) and decoded
 ``iou = clamp((raw + 1) / 2, 0, 1)``.
 
 Scores (``score_mode``):

@@ -3,80 +3,20 @@
 Official KITTI mode (``score_mode: cls``, class-agnostic NMS 0.1 / pre 4096 / post 500, ``score_thresh`` 0.4 with
 ``>=``) equals OpenPCDet ``Detector3DTemplate.post_processing`` with ``has_class_labels`` (labels = ``roi_labels``).
 With the IoU branch, ``score_mode`` ``rectified`` / ``add`` rank, threshold and NMS by the combined score
-(``iou_joint.combine_scores``). Per-class NMS takes per-class lists for thresh/pre/post.
+(``iou_joint.combine_scores``). Per-class NMS takes per-class lists for thresh/pre/post. The config is
+``model_config.PostProcessConfig`` (keys of ``model.post_processing``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Union
 
 import torch
 
-from ..config import ConfigError, Section
 from ..geometry.nms import class_agnostic_nms, multi_class_nms
-from .iou_joint import DEFAULT_ALPHA, SCORE_MODES, combine_scores
+from .iou_joint import combine_scores
+from .model_config import PostProcessConfig  # the one post-processing config (``model.post_processing``)
 
-
-@dataclass
-class PostProcessConfig:
-    score_mode: str = "cls"
-    alpha: List[float] = field(default_factory=lambda: list(DEFAULT_ALPHA))
-    score_thresh: float = 0.4
-    class_agnostic_nms: bool = True
-    nms_thresh: List[float] = field(default_factory=lambda: [0.1])
-    nms_pre_maxsize: List[int] = field(default_factory=lambda: [4096])
-    nms_post_maxsize: List[int] = field(default_factory=lambda: [500])
-    drop_degenerate: bool = True  # drop zero-size boxes decoded from zero-padded RoIs
-
-    @classmethod
-    def from_mapping(cls, data: Optional[Mapping[str, Any]], source: str = "<config>",
-                     path: str = "model.post_processing") -> "PostProcessConfig":
-        d = cls()
-        s = Section(data, path, source)
-
-        def lst(key, default, conv):
-            v = s.raw(key, default)
-            v = v if isinstance(v, (list, tuple)) else [v]
-            try:
-                return [conv(x) for x in v]
-            except (TypeError, ValueError):
-                raise ConfigError(f"{source}: '{path}.{key}' must be a number or a list of numbers, got {v!r}") from None
-
-        c = cls(score_mode=s.str("score_mode", d.score_mode, choices=SCORE_MODES),
-                alpha=s.floats("alpha", d.alpha, length=3),
-                score_thresh=s.float("score_thresh", d.score_thresh, min=0.0, max=1.0),
-                class_agnostic_nms=s.bool("class_agnostic_nms", d.class_agnostic_nms),
-                nms_thresh=lst("nms_thresh", d.nms_thresh, float), nms_pre_maxsize=lst("nms_pre_maxsize", d.nms_pre_maxsize, int),
-                nms_post_maxsize=lst("nms_post_maxsize", d.nms_post_maxsize, int),
-                drop_degenerate=s.bool("drop_degenerate", d.drop_degenerate))
-        s.finish()
-        n = 1 if c.class_agnostic_nms else 3
-        for k in ("nms_thresh", "nms_pre_maxsize", "nms_post_maxsize"):
-            v = getattr(c, k)
-            if len(v) == 1 and n == 3:
-                setattr(c, k, v * 3)
-            elif len(v) != n:
-                raise ConfigError(f"{source}: '{path}.{k}' needs {n} value(s) for "
-                                  f"{'class-agnostic' if n == 1 else 'per-class'} NMS, got {v}")
-        return c
-
-
-    @classmethod
-    def from_any(cls, cfg: Any) -> "PostProcessConfig":
-        """None (defaults), a PostProcessConfig, a mapping (validated), or ``model_config.PostProcessConfig``
-        (attributes score_mode, rectifier_alpha, score_thresh, nms_type, nms_thresh, nms_pre_maxsize, nms_post_maxsize)."""
-        if cfg is None:
-            return cls()
-        if isinstance(cfg, cls):
-            return cfg
-        if isinstance(cfg, Mapping):
-            return cls.from_mapping(cfg)
-        if hasattr(cfg, "nms_type"):
-            m = {"score_mode": cfg.score_mode, "alpha": list(cfg.rectifier_alpha), "score_thresh": float(cfg.score_thresh),
-                 "class_agnostic_nms": cfg.nms_type == "class_agnostic", "nms_thresh": list(cfg.nms_thresh),
-                 "nms_pre_maxsize": list(cfg.nms_pre_maxsize), "nms_post_maxsize": list(cfg.nms_post_maxsize)}
-            return cls.from_mapping(m, "<model_config.PostProcessConfig>")
-        raise TypeError(f"post_process: unsupported config type {type(cfg).__name__}")
+__all__ = ["FrameDetections", "PostProcessConfig", "post_process"]
 
 
 class FrameDetections(NamedTuple):

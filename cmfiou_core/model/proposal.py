@@ -1,4 +1,4 @@
-"""Proposal layer (OpenPCDet ``RoIHeadTemplate.proposal_layer``, spec §4 bottom).
+"""Proposal layer (OpenPCDet ``RoIHeadTemplate.proposal_layer``).
 
 Class-agnostic: per frame, score = max class logit, label = argmax + 1; top-k ``pre_maxsize`` by score; greedy rotated
 BEV NMS (strict ``>`` thresh); first ``post_max_size`` kept boxes. Outputs are zero padded to ``post_max_size``. No

@@ -1,4 +1,4 @@
-"""Pseudo-point branch (spec §3.2): ResConvBlock ("ResNR") with the 3D -> 2D image-plane SubMConv2d.
+"""Pseudo-point branch: ResConvBlock ("ResNR") with the 3D -> 2D image-plane SubMConv2d.
 
 The image-plane projection reproduces the official float32 arithmetic (``index2points`` ->
 ``X_TRANS.backward_with_param`` -> ``Calibration.lidar_to_rect_cuda`` -> ``rect_to_img_cuda`` -> int truncation), with the
@@ -61,9 +61,8 @@ def inverse_view_transform(points: torch.Tensor, param: torch.Tensor) -> torch.T
     """Undo a [rot, flip, scale] view/augmentation on (N, 3) points (X_TRANS.backward_with_param order).
 
     A 6-element ``[rot, flip, scale, tx, ty, tz]`` also undoes the global shift that training's ``random_local_trans``
-    applies after the world transforms (first subtracted). The official code does not record that shift (spec §0,
-    item 7), so its image-plane projection is off by up to 0.5 m during training but exact at test time; ours is exact
-    in both."""
+    applies after the world transforms (first subtracted). The official code does not record that shift, so its
+    image-plane projection is off by up to 0.5 m during training but exact at test time; ours is exact in both."""
     param = param.to(points.dtype)
     if param.shape[0] >= 6:
         points = points - param[3:6]

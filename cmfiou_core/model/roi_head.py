@@ -1,4 +1,4 @@
-"""CMF-IOU RoI head: official ``TEDMHead`` semantics (spec §5.1) + our IoU joint branch (``iou_joint.py``).
+"""CMF-IOU RoI head: official ``TEDMHead`` semantics + our IoU joint branch (``iou_joint.py``).
 
 Forward contract (batch dict keys):
 - reads ``batch_size``; ``batch_box_preds``/``batch_cls_preds`` (RPN, for the proposal layer, skipped when ``rois``
@@ -22,7 +22,7 @@ branch (see ``iou_joint.py`` for its target/loss).
 
 Aux heads (``cls/reg_layers_P`` on the raw 512-d feature, ``_PI`` on the pseudo one): trained by default with weight
 ``loss.aux`` = 0.5 (``train_aux_heads: true``), as VirConv does. Reasons: CMF-IOU not training them is a key-name
-bookkeeping bug of its loss template (spec §0 defect 4), not a design choice -- the heads are built, evaluated and
+bookkeeping bug of its loss template, not a design choice -- the heads are built, evaluated and
 given the PART score; they add deep supervision to each modality branch so neither the raw nor the pseudo feature can
 be ignored by the fused head (robustness when the camera is missing or the pseudo cloud is poor), at negligible cost.
 ``train_aux_heads: false`` reproduces the released behaviour (the heads then get no gradient and are skipped).
@@ -112,18 +112,7 @@ class RoIHeadConfig:
             train_aux_heads=s.bool("train_aux_heads", d.train_aux_heads),
         )
         for name in ("grid_pool", "grid_pool_mm"):
-            g = s.sub(name)
-            dg = getattr(d, name)
-            gp = GridPoolConfig(
-                grid_size=g.int("grid_size", dg.grid_size, min=1), sources=list(g.raw("sources", dg.sources)),
-                strides=g.ints("strides", dg.strides), query_ranges=g.raw("query_ranges", dg.query_ranges),
-                radii=g.raw("radii", dg.radii), nsample=g.raw("nsample", dg.nsample), mlps=g.raw("mlps", dg.mlps))
-            g.finish()
-            n = len(gp.sources)
-            if not (len(gp.strides) == len(gp.query_ranges) == len(gp.radii) == len(gp.nsample) == len(gp.mlps) == n):
-                raise ConfigError(f"{source}: '{path}.{name}': sources/strides/query_ranges/radii/nsample/mlps "
-                                  "need one entry per source")
-            setattr(c, name, gp)
+            setattr(c, name, _parse_grid_pool(s.sub(name), getattr(d, name)))
         p = s.sub("part")
         c.part = PartConfig(p.bool("enabled", d.part.enabled), p.int("in_channel", d.part.in_channel, min=1),
                             p.int("size", d.part.size, min=2), p.floats("grid_offsets", d.part.grid_offsets, length=2),
@@ -150,6 +139,58 @@ class RoIHeadConfig:
         lw.finish()
         s.finish()
         return c
+
+
+GRID_POOL_SOURCES = ("x_conv1", "x_conv2", "x_conv3", "x_conv4")
+
+
+def _parse_grid_pool(g: Section, d: GridPoolConfig) -> GridPoolConfig:
+    """One ``grid_pool`` / ``grid_pool_mm`` section: per source one stride and, per neighbourhood group of that
+    source, a query range (3 ints >= 0), a radius (> 0), a sample count (>= 1) and an MLP (channel list, each >= 1)."""
+    where = f"{g.source}: '{g.path}"
+
+    def nested(key, default, leaf_ok, leaf_what, leaf_len=None):
+        v = g.raw(key, default)
+        if not isinstance(v, list) or not all(isinstance(per, list) and per for per in v):
+            raise ConfigError(f"{where}.{key}' must be a list (one entry per source) of non-empty lists, got {v!r}")
+        for i, per in enumerate(v):
+            for j, leaf in enumerate(per):
+                if leaf_len is not None:  # a list of leaf_len values (0: any non-zero length)
+                    ok = isinstance(leaf, list) and len(leaf) > 0 and len(leaf) == (leaf_len or len(leaf)) \
+                        and all(leaf_ok(x) for x in leaf)
+                else:
+                    ok = leaf_ok(leaf)
+                if not ok:
+                    raise ConfigError(f"{where}.{key}[{i}][{j}]' must be {leaf_what}, got {leaf!r}")
+        return [list(per) for per in v]
+
+    def is_int(x, lo):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+    sources = g.raw("sources", list(d.sources))
+    if not isinstance(sources, list) or not sources or any(x not in GRID_POOL_SOURCES for x in sources) \
+            or len(set(sources)) != len(sources):
+        raise ConfigError(f"{where}.sources' must be distinct names out of {list(GRID_POOL_SOURCES)}, got {sources!r}")
+    gp = GridPoolConfig(
+        grid_size=g.int("grid_size", d.grid_size, min=1), sources=list(sources),
+        strides=g.ints("strides", d.strides),
+        query_ranges=nested("query_ranges", d.query_ranges, lambda x: is_int(x, 0), "3 integers >= 0", 3),
+        radii=nested("radii", d.radii, lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0,
+                     "a number > 0"),
+        nsample=nested("nsample", d.nsample, lambda x: is_int(x, 1), "an integer >= 1"),
+        mlps=nested("mlps", d.mlps, lambda x: is_int(x, 1), "a non-empty list of integers >= 1", 0))
+    g.finish()
+    n = len(gp.sources)
+    if not (len(gp.strides) == len(gp.query_ranges) == len(gp.radii) == len(gp.nsample) == len(gp.mlps) == n):
+        raise ConfigError(f"{where}': sources/strides/query_ranges/radii/nsample/mlps need one entry per source")
+    if any(st < 1 for st in gp.strides):
+        raise ConfigError(f"{where}.strides' must be integers >= 1, got {gp.strides}")
+    for i in range(n):
+        groups = {len(gp.query_ranges[i]), len(gp.radii[i]), len(gp.nsample[i]), len(gp.mlps[i])}
+        if len(groups) != 1:
+            raise ConfigError(f"{where}': source {gp.sources[i]}: query_ranges, radii, nsample and mlps need one "
+                              "entry per neighbourhood group (same lengths)")
+    return gp
 
 
 def _cfg(cfg: Union[None, Mapping, RoIHeadConfig]) -> RoIHeadConfig:

@@ -1,4 +1,4 @@
-"""RoI targets and losses (spec §5.2; OpenPCDet/VirConv ``ProposalTargetLayer`` + ``RoIHeadTemplate`` losses).
+"""RoI targets and losses (OpenPCDet/VirConv ``ProposalTargetLayer`` + ``RoIHeadTemplate`` losses).
 
 ``ProposalTargetLayer.sample(rois, roi_scores, roi_labels, gt_boxes, stage)`` samples ``roi_per_image`` RoIs per frame:
 fg (IoU >= min(reg_fg, cls_fg) threshold of the matched GT's class) without replacement up to ``fg_ratio``; the rest

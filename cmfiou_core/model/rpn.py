@@ -1,4 +1,4 @@
-"""Dense head ``AnchorHeadSingle`` (spec §4): anchors, the VirConv anchor mask, 1x1 convs, box decoding with the
+"""Dense head ``AnchorHeadSingle``: anchors, the VirConv anchor mask, 1x1 convs, box decoding with the
 direction-bin correction, anchor targets (``AxisAlignedTargetAssigner`` semantics) and the RPN losses (sigmoid focal,
 smooth-L1 with the sin-difference trick, direction cross-entropy).
 
@@ -104,10 +104,6 @@ class AxisAlignedTargetAssigner:
     max IoU < unmatched; otherwise ignored (-1). Regression targets by ResidualCoder against the argmax GT."""
 
     def __init__(self, rpn: RPNConfig, coder: ResidualCoder):
-        if rpn.pos_fraction is not None:
-            raise NotImplementedError("rpn.pos_fraction subsampling is not implemented (official: -1, none)")
-        if rpn.norm_by_num_examples or rpn.match_height:
-            raise NotImplementedError("rpn.norm_by_num_examples / match_height are not implemented (official: false)")
         self.rpn = rpn
         self.coder = coder
 

@@ -1,4 +1,4 @@
-"""Raw-LiDAR branch building blocks (spec §3.1): conv + BN + ReLU blocks, SparseBasicBlock3D and RAWSDBlock (S2D /
+"""Raw-LiDAR branch building blocks: conv + BN + ReLU blocks, SparseBasicBlock3D and RAWSDBlock (S2D /
 DOFE encoder-decoder). Parameter names follow the official state_dict layout (``encoder.{i}``, ``decoder.{j}``,
 ``decoder_norm.{j}``; blocks are ``{0: conv, 1: BN}``)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MeanVFE (spec §2.4): voxel feature = mean of its points over all columns; for raw voxels (``flag_reduce='max'``,
+"""MeanVFE: voxel feature = mean of its points over all columns; for raw voxels (``flag_reduce='max'``,
 official ``MODEL: max``) the last (flag) column takes the max instead. Pseudo voxels: plain mean. Handles every test
 view (keys with suffix ``''``, ``'1'``, ``'2'`` ...)."""
 from __future__ import annotations

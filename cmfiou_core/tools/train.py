@@ -6,9 +6,10 @@
     torchrun --standalone --nproc_per_node=2 -m cmfiou_core.tools.train --config ... --data ...
     cmfiou-train --toy --epochs 2 --out /tmp/toy      # engine smoke test (tiny model + synthetic data, no KITTI)
 
-Optimisation defaults follow spec §1 (adam_onecycle, LR 0.005, 20 epochs, batch 2 per GPU, clip 10).  They can be set
-in the YAML under ``data.optimization`` (keys: optimizer, epochs, batch_size_per_gpu, lr, weight_decay, betas, moms,
-div_factor, final_div_factor, pct_start, grad_norm_clip, num_workers, seed); command-line flags override them.
+Optimisation defaults follow the official KITTI recipe (adam_onecycle, LR 0.005, 20 epochs, batch 2 per GPU, clip
+10).  They can be set in the YAML under ``data.optimization`` (keys: optimizer, epochs, batch_size_per_gpu, lr,
+weight_decay, betas, moms, div_factor, final_div_factor, pct_start, grad_norm_clip, num_workers, seed); command-line
+flags override them.
 
 The engine (``cmfiou_core.train``) is model-agnostic; this file only adapts the detector and the KITTI dataset to it
 (``_build_model``, ``_build_train_data``, ``_make_prepare_fn``, ``_build_eval_fn``); they import lazily.
@@ -17,12 +18,10 @@ Dataset options come from the rest of ``data:`` (``cmfiou_core.data.kitti.Datase
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 import time
-from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 log = logging.getLogger("cmfiou.train")
 
@@ -34,9 +33,7 @@ def default_config() -> str:
 
     return str(_default())
 
-OPT_DEFAULTS = {"optimizer": "adam_onecycle", "epochs": 20, "batch_size_per_gpu": 2, "lr": 0.005,
-                "weight_decay": 0.01, "betas": [0.9, 0.99], "moms": [0.95, 0.85], "div_factor": 10.0,
-                "final_div_factor": 1e4, "pct_start": 0.4, "grad_norm_clip": 10.0, "num_workers": 4, "seed": 0}
+from cmfiou_core.model.model_config import OPT_DEFAULTS, optimization_settings  # noqa: E402,F401  (re-exported)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,30 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------------- config
-def optimization_settings(data_cfg: Optional[Dict[str, Any]], source: str = "<config>") -> Dict[str, Any]:
-    """Validated ``data.optimization`` values merged over the spec defaults."""
-    from cmfiou_core.config import Section
-    sec = Section((data_cfg or {}).get("optimization"), "data.optimization", source)
-    d = OPT_DEFAULTS
-    out = {
-        "optimizer": sec.str("optimizer", d["optimizer"], choices=["adam_onecycle"]),
-        "epochs": sec.int("epochs", d["epochs"], min=1),
-        "batch_size_per_gpu": sec.int("batch_size_per_gpu", d["batch_size_per_gpu"], min=1),
-        "lr": sec.float("lr", d["lr"], min=1e-12),
-        "weight_decay": sec.float("weight_decay", d["weight_decay"], min=0.0),
-        "betas": sec.floats("betas", d["betas"], length=2),
-        "moms": sec.floats("moms", d["moms"], length=2),
-        "div_factor": sec.float("div_factor", d["div_factor"], min=1e-12),
-        "final_div_factor": sec.float("final_div_factor", d["final_div_factor"], min=1e-12),
-        "pct_start": sec.float("pct_start", d["pct_start"], min=0.0, max=1.0),
-        "grad_norm_clip": sec.float("grad_norm_clip", d["grad_norm_clip"]),
-        "num_workers": sec.int("num_workers", d["num_workers"], min=0),
-        "seed": sec.int("seed", d["seed"]),
-    }
-    sec.finish()
-    return out
-
-
 def make_train_config(args, opt: Dict[str, Any]):
     from cmfiou_core.train import TrainConfig
 
@@ -126,17 +99,10 @@ def _build_model(full_cfg):
     return build_model(full_cfg)
 
 
-def _call_with_supported(fn: Callable, **kw):
-    """Call ``fn`` with the keyword arguments its signature accepts."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(**kw)
-    return fn(**{k: v for k, v in kw.items() if k in params})
-
-
 def _data_section(full_cfg) -> Dict[str, Any]:
     """The YAML ``data:`` section without ``optimization`` (which belongs to the trainer)."""
-    return {k: v for k, v in (full_cfg.data or {}).items() if k != "optimization"}
+    from cmfiou_core.model.model_config import data_section
+    return data_section(full_cfg.data)
 
 
 def _build_train_data(full_cfg, data_dir: str, seed: int, no_pseudo: bool) -> Tuple[Any, Callable]:
@@ -201,17 +167,10 @@ def _make_prepare_fn(full_cfg, no_pseudo: bool) -> Callable:
     return prepare
 
 
-def _build_eval_fn(full_cfg, data_dir: str, no_pseudo: bool) -> Optional[Callable]:
-    """``eval_fn(model, epoch) -> {metric: value}`` from ``cmfiou_core.data.kitti.make_eval_fn`` if it exists
-    (not yet written: see the engine report)."""
-    try:
-        from cmfiou_core.data import kitti
-    except ImportError:
-        return None
-    make = getattr(kitti, "make_eval_fn", None)
-    if make is None:
-        return None
-    return _call_with_supported(make, cfg=full_cfg, root=data_dir, split="val", use_pseudo=not no_pseudo)
+def _build_eval_fn(full_cfg, data_dir: str, no_pseudo: bool) -> Callable:
+    """``eval_fn(model, epoch) -> {metric: value}``: ``cmfiou_core.data.kitti.make_eval_fn`` on the ``val`` split."""
+    from cmfiou_core.data.kitti import make_eval_fn
+    return make_eval_fn(full_cfg, data_dir, split="val", use_pseudo=not no_pseudo)
 
 
 def _toy_setup():
@@ -245,7 +204,7 @@ def main(argv=None) -> int:
                 return 2
             from cmfiou_core.model.model_config import load_config
             full = load_config(args.config)
-            tcfg = make_train_config(args, optimization_settings(full.data, full.source))
+            tcfg = make_train_config(args, full.optimization)
             seed_everything(tcfg.seed)
             if dist_info.device.type == "cpu":
                 import torch
@@ -256,8 +215,6 @@ def main(argv=None) -> int:
             train_set, collate = _build_train_data(full, args.data, tcfg.seed, args.no_pseudo)
             prepare = _make_prepare_fn(full, args.no_pseudo)
             eval_fn = _build_eval_fn(full, args.data, args.no_pseudo) if args.eval_every > 0 else None
-            if args.eval_every > 0 and eval_fn is None and dist_info.is_main:
-                log.warning("--eval-every given but cmfiou_core.data.kitti has no make_eval_fn; evaluation disabled")
             config = {k: v for k, v in full.raw.items() if k != "_source"}
             find_unused = args.find_unused != "off"
         tcfg.find_unused_parameters = find_unused

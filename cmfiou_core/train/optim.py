@@ -1,4 +1,4 @@
-"""Adam one-cycle optimisation (spec §1 OPTIMIZATION, ``adam_onecycle``).
+"""Adam one-cycle optimisation (the official ``OPTIMIZATION`` block, ``adam_onecycle``).
 
 Semantics reproduced (OpenPCDet ``adam_onecycle`` = fastai ``OptimWrapper`` + ``OneCycle``):
 

@@ -1,0 +1,65 @@
+"""The static pieces ``engine.frame`` adds between the backbone engine and the static RoI head, each against the eager
+op it replaces: spconv's ``dense()``, VirConv's anchor mask (``rpn.anchor_mask_from_points``), the dense head's
+compaction of masked anchors, and the proposal layer with an anchor-validity mask."""
+import numpy as np
+import pytest
+import spconv.pytorch as spconv
+import torch
+
+from cmfiou_core.engine.frame import anchor_mask_static, dense_volume
+from cmfiou_core.engine.nms import proposal_layer_static
+from cmfiou_core.engine.padded import PaddedSparse
+from cmfiou_core.model.rpn import anchor_mask_from_points
+
+
+def test_dense_volume_equals_spconv_dense():
+    g = torch.Generator().manual_seed(0)
+    shape, B, C = (2, 20, 22), 3, 5
+    space = B * int(np.prod(shape))
+    keys = torch.randperm(space, generator=g)[:300]
+    idx = torch.stack([keys // (shape[0] * shape[1] * shape[2]), (keys // (shape[1] * shape[2])) % shape[0],
+                       (keys // shape[2]) % shape[1], keys % shape[2]], 1).int()
+    feats = torch.randn(300, C, generator=g)
+    ref = spconv.SparseConvTensor(feats, idx, list(shape), B).dense()
+    # the engine layout: key-sorted rows, padding, and samples beyond the batch (other views) that must be ignored
+    t = PaddedSparse.from_spconv(spconv.SparseConvTensor(feats, idx, list(shape), B), 400)
+    got = dense_volume(t, 2)
+    assert torch.equal(got, ref[:2])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_anchor_mask_static_equals_eager(seed):
+    """Points spread over the range and beyond it on every side (negative cells wrap, upper cells clamp, as in the
+    eager mask), and a padding tail that must not count."""
+    g = torch.Generator().manual_seed(seed)
+    pc_range = [0.0, -40.0, -3.0, 70.4, 40.0, 1.0]
+    n = 50 + 400 * seed
+    x = torch.rand(n, generator=g) * 90 - 10
+    y = torch.rand(n, generator=g) * 100 - 50
+    pts = torch.stack([torch.zeros(n), x, y, torch.zeros(n)], 1)
+    H, W = 200, 176
+    ref = anchor_mask_from_points(pts, (H, W), pc_range, 0.05)
+    pad = torch.cat([pts[:, 1:3], torch.full((37, 2), 5.0)])
+    valid = torch.arange(n + 37) < n
+    got = anchor_mask_static(pad, valid, (H, W), pc_range, 0.05)
+    assert got.dtype == torch.bool and torch.equal(got, ref)
+    assert 0 < int(ref.sum()) < H * W
+
+
+def test_proposal_layer_anchor_valid_equals_compacted():
+    """Masked anchors: the static layer over all anchors with a validity mask proposes exactly what it proposes over
+    the compacted (valid-only) anchors, both when valid anchors outnumber pre_maxsize and when they do not."""
+    g = torch.Generator().manual_seed(3)
+    A = 3000
+    xy = torch.rand(1, A, 2, generator=g) * 60
+    box = torch.cat([xy, torch.zeros(1, A, 1), torch.rand(1, A, 3, generator=g) * 2 + 1,
+                     torch.rand(1, A, 1, generator=g) * 6 - 3], -1)
+    cls = torch.randn(1, A, 3, generator=g)
+    for frac in (0.9, 0.1):
+        valid = torch.rand(1, A, generator=g) < frac
+        idx = torch.nonzero(valid[0])[:, 0]
+        ref = proposal_layer_static(box[:, idx], cls[:, idx], 0.7, 1000, 100, mode="rows")
+        got = proposal_layer_static(box, cls, 0.7, 1000, 100, mode="rows", anchor_valid=valid)
+        assert torch.equal(got.valid, ref.valid) and int(got.count) == int(ref.count) > 10
+        assert torch.equal(got.rois, ref.rois) and torch.equal(got.roi_labels, ref.roi_labels)
+        assert torch.equal(got.roi_scores, ref.roi_scores)

@@ -1,0 +1,116 @@
+"""The package's import graph has no circle (module-level and function-level imports alike: a late import inside a
+function only hides a circle, it does not remove it)."""
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("cmfiou_core", "cmfiou_ros")
+
+
+def _modules():
+    """{dotted name: (file, is_package)} for every module of the packages."""
+    mods = {}
+    for pkg in PACKAGES:
+        for f in sorted((REPO / pkg).rglob("*.py")):
+            parts = list(f.relative_to(REPO).with_suffix("").parts)
+            is_pkg = parts[-1] == "__init__"
+            mods[".".join(parts[:-1] if is_pkg else parts)] = (f, is_pkg)
+    return mods
+
+
+def import_graph():
+    """{module: set of the package modules it imports anywhere in its body}."""
+    mods = _modules()
+    graph = {}
+    for name, (path, is_pkg) in mods.items():
+        base = name.split(".") if is_pkg else name.split(".")[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                if node.level:
+                    mod = ".".join(base[:len(base) - node.level + 1] + ([mod] if mod else []))
+                targets.add(mod)
+                targets.update(f"{mod}.{a.name}" for a in node.names)  # `from pkg import submodule`
+        deps = set()
+        for t in targets:
+            while t and t not in mods:
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                deps.add(t)
+        graph[name] = deps
+    return graph
+
+
+def cycles(graph):
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index, low, on_stack, stack, out = {}, {}, set(), [], []
+    counter = 0
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = counter
+                    counter += 1
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def test_cycle_finder_finds_a_circle():
+    g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert cycles(g) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_graph_sees_relative_and_late_imports():
+    g = import_graph()
+    # pipeline.py imports ``.depth.pseudo`` at module level; reference.py imports ``.pseudo``
+    assert "cmfiou_core.depth.pseudo" in g["cmfiou_core.pipeline"]
+    assert "cmfiou_core.depth.pseudo" in g["cmfiou_core.depth.reference"]
+    # a late import inside a function counts: eval/dataset_eval.py imports the pipeline inside make_eval_fn
+    assert "cmfiou_core.pipeline" in g["cmfiou_core.eval.dataset_eval"]
+
+
+def test_no_import_circle():
+    assert cycles(import_graph()) == []
+
+
+def test_core_never_imports_ros():
+    g = import_graph()
+    bad = {m: sorted(d for d in deps if d.startswith("cmfiou_ros")) for m, deps in g.items()
+           if m.startswith("cmfiou_core")}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def test_production_code_never_imports_the_frozen_depth_reference():
+    g = import_graph()
+    assert [m for m, deps in g.items() if "cmfiou_core.depth.reference" in deps] == []
