@@ -68,13 +68,16 @@ def missing_provenance(report) -> list:
     bad = []
     if not HEX40.match(str(p.get("git_commit"))):
         bad.append("git_commit")
-    if not HEX64.match(str(p.get("config_sha256"))):
+    # a measurement without any model (a generator speed, ground truth fed back) records config and checkpoint as
+    # None, as provenance(resolve_default_checkpoint=False) writes it; a model run always names its config
+    no_model = all(p.get(k) is None for k in ("config", "config_sha256", "checkpoint", "checkpoint_sha256"))
+    if not no_model and not HEX64.match(str(p.get("config_sha256"))):
         bad.append("config_sha256")
     # random weights (--checkpoint none) have no file to hash; anything else must be hashed
     random_weights = p.get("checkpoint") is None and re.search(r"--checkpoint[ =](none|'none')\b", str(p.get("command")))
-    if not HEX64.match(str(p.get("checkpoint_sha256"))) and not random_weights:
+    if not no_model and not HEX64.match(str(p.get("checkpoint_sha256"))) and not random_weights:
         bad.append("checkpoint_sha256")
-    if not p.get("device"):
+    if not (p.get("device") or p.get("device_name")):
         bad.append("device")
     if not str(p.get("command") or "").strip():
         bad.append("command")
@@ -89,10 +92,18 @@ def test_missing_provenance_detects_each_gap():
     for key in ("git_commit", "config_sha256", "checkpoint_sha256", "device", "command"):
         bad = json.loads(json.dumps(good))
         bad["provenance"][key] = None
+        if key == "device":
+            bad["provenance"]["device_name"] = None
         assert missing_provenance(bad) == [key]
     rnd = json.loads(json.dumps(good))
     rnd["provenance"].update(checkpoint=None, checkpoint_sha256=None, command="python bench/x.py --checkpoint none")
     assert missing_provenance(rnd) == []
+    nomodel = json.loads(json.dumps(good))
+    nomodel["provenance"].update(config=None, config_sha256=None, checkpoint=None, checkpoint_sha256=None,
+                                 device=None, device_name="Intel(R) Xeon(R) Processor")
+    assert missing_provenance(nomodel) == []
+    nomodel["provenance"]["config"] = "config/x.yaml"  # a model ran: its hashes are required
+    assert missing_provenance(nomodel) == ["config_sha256", "checkpoint_sha256"]
 
 
 def test_expand_braces_and_globs():
