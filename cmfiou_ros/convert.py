@@ -145,6 +145,14 @@ def pointcloud2_to_structured(msg) -> np.ndarray:
     return np.ascontiguousarray(rows).reshape(-1).view(dt)
 
 
+def _rows_finite(out: np.ndarray) -> np.ndarray:
+    """(N, 4) float32 -> (N,) bool, all four finite. ``isfinite(out).all(axis=1)`` reduces along the short axis and
+    took 5 ms for an HDL-64 frame; the (N, 4) bool mask read as one uint32 per row is all-ones bytes exactly when
+    the row is finite (0.2 ms)."""
+    fin = np.ascontiguousarray(np.isfinite(out))
+    return fin.view(np.uint32).reshape(-1) == 0x01010101
+
+
 def _field_as_float(arr: np.ndarray, name: str) -> np.ndarray:
     col = arr[name]
     if col.ndim > 1:
@@ -196,7 +204,7 @@ def pointcloud2_to_xyzi(msg, intensity_scale: float = 0.0, skip_nans: bool = Tru
         out[bad_i, 3] = 0.0
     if counts is not None:
         counts["nonfinite_intensity"] = n_bad_i
-    finite = np.isfinite(out).all(axis=1)
+    finite = _rows_finite(out)
     dropped = int(finite.size - np.count_nonzero(finite))
     if dropped:
         if not skip_nans:

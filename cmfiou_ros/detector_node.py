@@ -569,7 +569,9 @@ class DetectorNode(LifecycleNode):
         scores.lidar_only_reason = lidar_only_reason
         scores.empty_reason = empty_reason
         self._publish_checked(self.scores_pub, scores, "DetectionScores")
-        if self.markers_pub is not None:
+        # RViz markers cost ~14 ms per frame of 50 boxes in Python (bench/bench_node_cost.py): built only while
+        # someone subscribes
+        if self.markers_pub is not None and self.markers_pub.get_subscription_count() > 0:
             self._publish_checked(self.markers_pub, C.detections_to_markers(det, header), "MarkerArray")
         now_ns = self.get_clock().now().nanoseconds
         age_ms = (now_ns - C.stamp_to_ns(header.stamp)) * 1e-6

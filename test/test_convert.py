@@ -397,3 +397,51 @@ def test_agrees_with_cv_bridge():
         ours = C.image_to_rgb(msg)
         ref = br.imgmsg_to_cv2(msg, desired_encoding="rgb8")
         np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("layout", ["xyzi16", "velodyne32", "uint16_intensity", "no_intensity", "bigendian",
+                                    "float64_xyz"])
+def test_pointcloud2_layouts_give_the_field_values(layout):
+    """The one-gather float32 fast path and the generic per-field path give each field's own value, whatever the
+    layout (offsets, padding, extra fields, integer intensity, byte order, float64)."""
+    rng = np.random.default_rng(7)
+    n = 1000
+    xyz = rng.uniform(-50, 50, (n, 3))
+    inten = rng.uniform(0, 1, n)
+    f4, f8 = ("<f4", "<f8") if layout != "bigendian" else (">f4", ">f8")
+    if layout == "xyzi16" or layout == "bigendian":
+        dt = np.dtype({"names": ["x", "y", "z", "intensity"], "formats": [f4] * 4, "offsets": [0, 4, 8, 12],
+                       "itemsize": 16})
+    elif layout == "velodyne32":
+        dt = np.dtype({"names": ["x", "y", "z", "intensity", "ring", "time"],
+                       "formats": ["<f4", "<f4", "<f4", "<f4", "<u2", "<f4"], "offsets": [0, 4, 8, 16, 20, 24],
+                       "itemsize": 32})
+    elif layout == "uint16_intensity":
+        dt = np.dtype({"names": ["x", "y", "z", "intensity"], "formats": ["<f4", "<f4", "<f4", "<u2"],
+                       "offsets": [0, 4, 8, 12], "itemsize": 16})
+    elif layout == "no_intensity":
+        dt = np.dtype({"names": ["x", "y", "z"], "formats": ["<f4"] * 3, "offsets": [0, 4, 8], "itemsize": 12})
+    else:
+        dt = np.dtype({"names": ["x", "y", "z", "intensity"], "formats": [f8, f8, f8, "<f4"],
+                       "offsets": [0, 8, 16, 24], "itemsize": 32})
+    arr = np.zeros(n, dt)
+    for j, c in enumerate("xyz"):
+        arr[c] = xyz[:, j]
+    if "intensity" in dt.names:
+        arr["intensity"] = (inten * 65535).astype(np.uint16) if layout == "uint16_intensity" else inten
+    msg = C.array_to_pointcloud2(arr, 1, "velodyne")
+    if layout == "bigendian":      # array_to_pointcloud2 writes little endian: the big-endian bytes by hand
+        msg.data = arr.tobytes()
+        msg.is_bigendian = True
+    out, dropped = C.pointcloud2_to_xyzi(msg)
+    assert dropped == 0 and out.dtype == np.float32 and out.shape == (n, 4) and out.flags.c_contiguous
+    for j, c in enumerate("xyz"):
+        assert np.array_equal(out[:, j], arr[c].astype(np.float32))
+    if layout == "no_intensity":
+        assert np.all(out[:, 3] == 0)
+    elif layout == "uint16_intensity":
+        assert np.array_equal(out[:, 3], arr["intensity"].astype(np.float32) / np.float32(65535))
+    else:
+        assert np.array_equal(out[:, 3], arr["intensity"].astype(np.float32))
+    out[0, 0] = 123.0                               # the result never aliases the message buffer
+    assert float(C.pointcloud2_to_xyzi(msg)[0][0, 0]) != 123.0

@@ -166,11 +166,22 @@ def _randomised_model(cfg):
     return m.eval()
 
 
-# site counts of every site-creating conv of the engine on these crops (the engine's own ``counts``; an error in
-# them shows as an overflow or as different index sets below). Tight capacities keep the CPU run short.
+# capacity hints: site counts of every site-creating conv of the engine on these crops, used only to size the
+# capacities tightly (short CPU runs). What the tests assert about counts comes from spconv (``_spconv_counts``).
 CROP_COUNTS = {1: [8575, 4325, 1533, 4325, 1533, 532, 1581, 483, 170, 1154, 9006, 9006, 4539, 4539, 1558, 1611, 487],
                3: [25318, 12876, 4619, 12876, 4619, 1610, 4715, 1445, 522, 3449, 26372, 26372, 13370, 13370, 4695,
                    4792, 1462]}
+
+
+def _spconv_counts(ref, views):
+    """Site counts of the eager (spconv) tensors a site-creating engine conv must reproduce: raw x_conv2..4 and the
+    stride-8 output, pseudo x_conv2..4, summed over the views (the engine batches the views as samples)."""
+    sfx = ["" if v == 0 else str(v) for v in range(views)]
+    keys = [("multi_scale_3d_features", k) for k in ("x_conv2", "x_conv3", "x_conv4")] + \
+        [("multi_scale_3d_features_mm", k) for k in ("x_conv2", "x_conv3", "x_conv4")]
+    out = {k: sum(int(ref[k[0] + s][k[1]].indices.shape[0]) for s in sfx) for k in keys}
+    out["encoded"] = sum(int(ref["encoded_spconv_tensor" + s].indices.shape[0]) for s in sfx)
+    return out
 
 
 @pytest.mark.parametrize("views", [1, 3])
@@ -183,7 +194,9 @@ def test_engine_backbone_equals_eager(shared_dir, views):
         eng = use_engine(m, Capacities.calibrated(CROP_COUNTS[views], margin=1.05, quantum=256), use_graph=False,
                          input_capacity=7424)
         got = m.backbone_3d(m.vfe(dict(batch)))
-    assert eng.last_overflow == 0 and eng.last_counts == CROP_COUNTS[views]
+    assert eng.last_overflow == 0
+    want = _spconv_counts(ref, views)
+    assert set(want.values()) <= set(eng.last_counts), (want, eng.last_counts)
     sfx = ["" if v == 0 else str(v) for v in range(views)]
     checked = 0
     for s in sfx:
@@ -213,7 +226,7 @@ def test_overflow_grows_capacities_and_reruns_the_frame(shared_dir, caplog, tabl
         with caplog.at_level("WARNING"):
             got = m.backbone_3d(m.vfe(dict(batch)))["multi_scale_3d_features"]["x_conv4"]
     assert eng.regrowths >= 1 and "capacity overflow" in caplog.text
-    assert eng.last_overflow == 0 and eng.last_counts == CROP_COUNTS[1]
+    assert eng.last_overflow == 0 and int(ref.indices.shape[0]) in eng.last_counts
     assert torch.equal(_as_set(ref.features, ref.indices, ref.spatial_shape)[0],
                        _as_set(got.features, got.indices, got.spatial_shape)[0])
 

@@ -315,7 +315,8 @@ def _send_frame(rig, cloud=None, info=None, img=None, stamp=None, expect_output=
 
 
 def _warned(node, topic, before, text):
-    assert node.warn.count.get(topic, 0) > before, (topic, node.warn.last_problem.get(topic))
+    # a publisher-side warning comes from the worker thread, after the output spy saw the frame: wait for it
+    assert wait_until(lambda: node.warn.count.get(topic, 0) > before, 10), (topic, node.warn.last_problem.get(topic))
     assert text in node.warn.last_problem[topic], node.warn.last_problem[topic]
 
 
@@ -370,9 +371,16 @@ def test_oversize_message_is_warned_and_still_processed(rig):
 def test_oversize_output_is_warned_at_the_publisher_and_still_published(rig):
     """Outputs above the transport limit (here a limit of 1 KiB; the node's default is the Fast DDS profile's
     maxMessageSize) are warned where they are published, counted, and published all the same."""
+    from visualization_msgs.msg import MarkerArray
+
     node = rig["node"]
     node.params["message_size_warn_mb"] = 1.0 / 1024
+    # markers are built only while someone subscribes: subscribe, so that they are published (and oversize) too
+    sub = node.create_subscription(MarkerArray, node.markers_pub.topic_name, lambda m: None, 1)
     try:
+        deadline = time.monotonic() + 5
+        while node.markers_pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
         topic = node.det_pub.topic_name
         before, n = node.warn.count.get(topic, 0), node.oversize_outputs
         det, _, _ = _send_frame(rig)
@@ -383,6 +391,7 @@ def test_oversize_output_is_warned_at_the_publisher_and_still_published(rig):
         vals = dict(node.diagnostics_statuses()[0].values)
         assert int(vals["oversize_outputs"]) == node.oversize_outputs
     finally:
+        node.destroy_subscription(sub)
         node.params["message_size_warn_mb"] = 0.0
 
 

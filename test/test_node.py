@@ -71,6 +71,8 @@ def test_inprocess_one_output_per_frame_lidar_header(ctx, kitti_samples):
                           "/cmfiou_detector/timings"])
     col.ex.add_node(node)  # timers (diagnostics) run in the collector's executor
     try:
+        # markers are built only while subscribed: wait until the collector's subscription is matched
+        assert wait_until(lambda: node.markers_pub.get_subscription_count() > 0, 5, spin=col.spin)
         stamps = []
         for k in range(4):
             st = (100 + k) * S + 123

@@ -222,12 +222,12 @@ def generate_frame_v2(seed: int, index: int, cfg) -> SyntheticFrame:
     p_ret = (1.0 - drop_base) * (1.0 - np.exp(-k_ret * refl * np.sqrt(cosi) * (50.0 / np.maximum(r, 1.0)) ** 2))
     p_ret = np.where(mat == MAT_RETRO, 1.0, p_ret)
     p_ret = np.where(mat == MAT_FENCE, 0.5 * p_ret, p_ret)
-    p_ret = np.where(mat == MAT_VEG, 0.8 * p_ret, p_ret)
+    p_ret = np.where(mat == MAT_VEG, 0.65 * p_ret, p_ret)  # gaps between leaves
     u_ret = rng.random(t.shape)
     valid = hit & (mat != MAT_GLASS) & (u_ret < p_ret)
-    depth_in = rng.exponential(0.25, t.shape)
+    depth_in = rng.exponential(0.45, t.shape)
     noise = rng.normal(0.0, sigma_r, t.shape)
-    rr = np.where(valid, t + noise + np.where(mat == MAT_VEG, np.minimum(depth_in, 1.2), 0.0), 0.0)
+    rr = np.where(valid, t + noise + np.where(mat == MAT_VEG, np.minimum(depth_in, 1.5), 0.0), 0.0)
     # mixed pixels: a beam that grazes a depth edge (its azimuth neighbour is > 0.5 m farther) sometimes reports a
     # range between the two surfaces (points floating behind object edges, as real scans have)
     tt = np.where(hit, t, 0.0)

@@ -222,7 +222,7 @@ def _shift_planes_x(planes, xc, zc):
 
 def build_truck(b: Builder, l, w, h, rng, paint):
     """Cab (with windshield) + cargo box on a chassis, 6 wheels."""
-    refl = 0.1 + 0.5 * float(np.mean(paint))
+    refl = 0.05 + 0.3 * float(np.mean(paint))
     cab_l = float(rng.uniform(1.8, 2.4))
     r_w = float(rng.uniform(0.45, 0.52))
     hx, hy = l / 2, w / 2
@@ -233,7 +233,7 @@ def build_truck(b: Builder, l, w, h, rng, paint):
     box_col = tuple(float(v) for v in rng.choice([(0.85, 0.85, 0.83), (0.5, 0.5, 0.52), (0.2, 0.3, 0.55),
                                                    (0.7, 0.15, 0.1)]))
     bl = l - cab_l - 0.25
-    b.box((-hx + bl / 2, 0, 0.5 * (1.0 + h)), (bl / 2, hy, 0.5 * (h - 1.0)), box_col, 0.3 + 0.3 * np.mean(box_col),
+    b.box((-hx + bl / 2, 0, 0.5 * (1.0 + h)), (bl / 2, hy, 0.5 * (h - 1.0)), box_col, 0.2 + 0.2 * float(np.mean(box_col)),
           MAT_PAINT)
     b.box((0, 0, 0.75), (hx - 0.1, hy - 0.35, 0.2), TYRE, 0.1, MAT_OPAQUE)  # chassis
     for xw in (hx - cab_l / 2, -hx + 0.9, -hx + 0.9 + 2.1 * r_w):
@@ -256,7 +256,7 @@ def build_misc(b: Builder, l, w, h, rng):
     """A trailer / container / cart: box body on two wheels."""
     col = tuple(float(v) for v in rng.uniform(0.15, 0.8, 3))
     r_w = float(min(0.3, 0.2 * h))
-    b.box((0, 0, 0.5 * (2 * r_w + h)), (l / 2, w / 2, 0.5 * (h - 2 * r_w)), col, 0.2 + 0.4 * float(np.mean(col)),
+    b.box((0, 0, 0.5 * (2 * r_w + h)), (l / 2, w / 2, 0.5 * (h - 2 * r_w)), col, 0.15 + 0.3 * float(np.mean(col)),
           MAT_PAINT)
     for sy in (1, -1):
         b.cyl((0, sy * (w / 2 - 0.12) - 0.08, r_w), (0, sy * (w / 2 - 0.12) + 0.08, r_w), r_w, TYRE, 0.05, MAT_RUBBER)
@@ -511,6 +511,10 @@ def sample_objects_v2(rng: np.random.Generator, layout: LayoutV2, calib: Calibra
                         yaw_rel += math.pi  # parked facing their side's driving direction
                     wl = side * (hw - w / 2 - float(rng.uniform(0.1, 0.45)))
                     step = l
+                    if rng.random() < 0.06:  # pulling out / parked askew
+                        yaw_rel += float(rng.uniform(-0.6, 0.6))
+                        wl -= side * 0.5
+                        step = l + 0.8
                 put(cls, u + step / 2, wl, yaw_rel, (l, w, h))
                 u += step + float(rng.uniform(0.4, 2.8))
     # moving traffic: same direction on the right lanes (w < 0 ahead), oncoming on the left
@@ -528,8 +532,9 @@ def sample_objects_v2(rng: np.random.Generator, layout: LayoutV2, calib: Calibra
                 wl = float(rng.uniform(-hw - 25, hw + 25))
                 if abs(wl) < hw + 0.5:
                     continue
+                turn = float(rng.uniform(-0.8, 0.8)) if abs(wl) < hw + 8 and rng.random() < 0.3 else 0.0
                 if put("Car", layout.cross_u + float(rng.normal(0, 0.4)) + (1.6 if rng.random() < 0.5 else -1.6),
-                       wl, (math.pi / 2 if rng.random() < 0.5 else -math.pi / 2) + float(rng.normal(0, 0.05))):
+                       wl, (math.pi / 2 if rng.random() < 0.5 else -math.pi / 2) + float(rng.normal(0, 0.05)) + turn):
                     break
     # pedestrians: on the sidewalks, walking along the street (or standing), some in groups, a few crossing
     n_ped = int(rng.integers(cfg.num_pedestrians[0], cfg.num_pedestrians[1] + 1))
