@@ -190,11 +190,12 @@ class DetectorNode(LifecycleNode):
         self.assembler.param_T = T
 
     # ------------------------------------------------------------------------------------------ lifecycle
-    def on_configure(self, state: State) -> TransitionCallbackReturn:
-        if self.param_error:
-            self.get_logger().error(f"configure failed: {self.param_error}")
-            return TransitionCallbackReturn.FAILURE
+    def load_pipeline(self) -> bool:
+        """Load and warm up the pipeline (the long part of configure: seconds to minutes). ``main`` calls it before
+        the configure transition, so that a SIGINT/SIGTERM arriving meanwhile ends the process cleanly instead of
+        inside a lifecycle transition whose context went down. -> False when loading failed (logged)."""
         p = self.params
+        self._load_failed = False
         try:
             if self._injected_pipeline is not None:
                 self.pipeline = self._injected_pipeline
@@ -219,10 +220,24 @@ class DetectorNode(LifecycleNode):
             if p["warmup"] and hasattr(self.pipeline, "warmup"):
                 t0 = time.perf_counter()
                 self.pipeline.warmup()
-                self.get_logger().info(f"pipeline warm-up {time.perf_counter() - t0:.2f} s")
+                if self.context.ok():  # after a signal the node's logger cannot reach /rosout any more
+                    self.get_logger().info(f"pipeline warm-up {time.perf_counter() - t0:.2f} s")
         except Exception as e:  # noqa: BLE001 - any load error fails the transition with its reason
             self.get_logger().error(f"configure failed: cannot load the pipeline: {type(e).__name__}: {e}")
             self.pipeline = None
+            self._load_failed = True
+            return False
+        return True
+
+    def on_configure(self, state: State) -> TransitionCallbackReturn:
+        if self.param_error:
+            self.get_logger().error(f"configure failed: {self.param_error}")
+            return TransitionCallbackReturn.FAILURE
+        p = self.params
+        if getattr(self, "_load_failed", False):  # main's load_pipeline failed (logged): no second attempt
+            self._load_failed = False
+            return TransitionCallbackReturn.FAILURE
+        if self.pipeline is None and not self.load_pipeline():
             return TransitionCallbackReturn.FAILURE
         from cmfiou_ros.transport import active_limit
 
@@ -610,17 +625,26 @@ def main(argv=None) -> int:
     rc = 0
     try:
         with spinning(NODE_NAME):
+            stopped = False
             if node.params.get("autostart", True):
-                if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                if not node.param_error:
+                    node.load_pipeline()  # outside the transition: a signal meanwhile is a clean exit (below)
+                if latch.received:  # SIGINT/SIGTERM during the load / warm-up: the context is down, exit cleanly
+                    stopped = True
+                    rclpy.logging.get_logger(f"{node.get_name()}.shutdown").info(
+                        f"{latch.name} while loading / warming up the pipeline: not configured")
+                elif node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                     node.get_logger().fatal("configure failed: exiting")
                     return 2
-                node.trigger_activate()
-            # one thread: the callbacks are short (conversion); a MultiThreadedExecutor's wait loop spins while a
-            # dispatched callback waits for the GIL held by inference (69% of a core at 10 Hz, docs/results/
-            # node_load_cpu.json) and slows the inference thread down
-            ex = SingleThreadedExecutor()
-            ex.add_node(node)
-            ex.spin()
+                else:
+                    node.trigger_activate()
+            if not stopped:
+                # one thread: the callbacks are short (conversion); a MultiThreadedExecutor's wait loop spins while
+                # a dispatched callback waits for the GIL held by inference (69% of a core at 10 Hz) and slows the
+                # inference thread down
+                ex = SingleThreadedExecutor()
+                ex.add_node(node)
+                ex.spin()
     finally:
         waiting = node._slot is not None  # a frame queued for inference, discarded by the teardown
         abandoned = 0
