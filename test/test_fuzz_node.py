@@ -406,6 +406,69 @@ def test_future_stamped_input_is_rejected_and_counted(rig):
     assert not det.lidar_only, lo
 
 
+def test_future_stamped_image_is_rejected_and_the_cloud_still_gets_its_output(rig):
+    """An image (and its CameraInfo) stamped 1000 s ahead: rejected and counted; the cloud of that frame is published
+    LiDAR-only, and the next frame fuses again (a far-future image must not block the camera)."""
+    node = rig["node"]
+    out = _spy_outputs(node)
+    now = node.get_clock().now().nanoseconds
+    rig["stamp"][0] += S
+    stamp = rig["stamp"][0]
+    before, n = node.warn.count.get(node._image_topic, 0), node.future_stamped
+    rig["info"].header.stamp = rig["img"].header.stamp = C.ns_to_stamp(now + 1000 * S)
+    node.on_camera_info(rig["info"])
+    node.on_image(rig["img"])
+    rig["cloud"].header.stamp = C.ns_to_stamp(stamp)
+    node.on_cloud(rig["cloud"])
+    assert wait_until(lambda: stamp in out, 10), "no output for the frame"
+    _warned(node, node._image_topic, before, "ahead of the node's clock")
+    assert node.future_stamped == n + 2
+    det, lo, _ = out[stamp]
+    assert det.lidar_only and lo, lo
+    det, lo, _ = _send_frame(rig)
+    assert not det.lidar_only, lo
+
+
+def test_camera_info_of_another_size_runs_lidar_only_with_a_warning(rig):
+    """A CameraInfo whose size disagrees with the image (1000x300 for a 1242x375 image) is never fused."""
+    node = rig["node"]
+    info = CameraInfo()
+    info.header.frame_id = "cam"
+    info.width, info.height = 1000, 300
+    info.k, info.r, info.p = list(rig["info"].k), list(rig["info"].r), list(rig["info"].p)
+    before = node.warn.count.get(node._info_topic, 0)
+    det, lo_reason, _ = _send_frame(rig, info=info)
+    w, h = rig["img"].width, rig["img"].height
+    _warned(node, node._info_topic, before, f"camera_info is 1000x300 but the image is {w}x{h}")
+    assert det.lidar_only and lo_reason == f"camera_info is 1000x300 but the image is {w}x{h}", lo_reason
+
+
+def test_frame_id_unknown_to_tf_is_warned_and_falls_back_to_the_parameter(rig):
+    """TF knows the LiDAR but not the camera frame 'cam': warned naming 'cam', counted, and the frame is fused with
+    the lidar_to_camera parameter (the rig sets it) instead of TF; published."""
+    node = rig["node"]
+    if node.tf is None or node.tf.impl != "cmfiou_ros.tf_buffer":
+        pytest.skip("the in-process TF case feeds cmfiou_ros.tf_buffer directly (test_tf_node covers tf2_ros)")
+    from test_tf_buffer import tf_msg
+
+    buf = node.tf.buffer
+    buf.set_transform(tf_msg("base_link", "velo_link", S, [1, 0, 1.7], [0, 0, 0, 1]), static=True)
+    buf.set_transform(tf_msg("base_link", "cam_elsewhere", S, [1, 0, 1.5], [0, 0, 0, 1]), static=True)
+    try:
+        before, n = node.warn.count.get(node._info_topic, 0), node.assembler.tf_unavailable
+        det, lo, _ = _send_frame(rig)
+        _warned(node, node._info_topic, before, "no TF path from LiDAR frame 'velo_link' to camera frame 'cam': "
+                                                "frame 'cam' is not in TF")
+        assert "using the lidar_to_camera parameter" in node.warn.last_problem[node._info_topic]
+        assert node.assembler.tf_unavailable == n + 1 and not det.lidar_only, lo
+        vals = dict(node.diagnostics_statuses()[1].values)
+        assert int(vals["tf_unavailable_frames"]) == n + 1 and "'cam' is not in TF" in vals["last_tf_problem"]
+    finally:
+        with buf.lock:
+            buf.caches.clear()
+            buf.known.clear()
+
+
 def test_rejected_camera_info_is_not_replaced_by_an_older_one(rig):
     node = rig["node"]
     bad = CameraInfo()
@@ -427,7 +490,14 @@ def test_stamps_jumping_back_reset_the_sync_state_once(rig):
     det, lo, _ = _send_frame(rig)
     assert not det.lidar_only
     back = rig["stamp"][0] - 50 * S  # a bag loop: 50 s back
-    det, lo, _ = _send_frame(rig, stamp=back)
+    logger, asm.logger = asm.logger, node.warn.logger  # records the lines
+    try:
+        lines = len(node.warn.logger.lines)
+        det, lo, _ = _send_frame(rig, stamp=back)
+        warned = [x for x in node.warn.logger.lines[lines:] if "stamp jumped back 50.000 s: sync state reset" in x]
+        assert len(warned) == 1, node.warn.logger.lines[lines:]
+    finally:
+        asm.logger = logger
     assert asm.time_jumps == jumps + 1 and "stamp jumped back 50.000 s" in asm.last_time_jump
     assert not det.lidar_only, lo  # fused at once: the lower-stamped image is not discarded
     det, lo, _ = _send_frame(rig, stamp=back + S // 10)
