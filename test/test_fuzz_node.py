@@ -382,8 +382,9 @@ def test_oversize_output_is_warned_at_the_publisher_and_still_published(rig):
         while node.markers_pub.get_subscription_count() == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         topic = node.det_pub.topic_name
-        before, n = node.warn.count.get(topic, 0), node.oversize_outputs
+        before, n, done = node.warn.count.get(topic, 0), node.oversize_outputs, node.frames_out
         det, _, _ = _send_frame(rig)
+        assert wait_until(lambda: node.frames_out > done, 10)  # all of the frame's outputs are out
         assert len(det) >= 4  # the tiny pipeline's boxes: a Detection3DArray over 1 KiB
         _warned(node, topic, before, f"published Detection3DArray ({len(det)} detections) of 0.0")
         assert "> message_size_warn_mb 0.000976562: subscribers with best-effort QoS" in node.warn.last_problem[topic]
