@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("rclpy")
+from rosutil import require  # noqa: E402  (pytest puts test/ on sys.path)
+require("rclpy")
 
 from cmfiou_ros import graph  # noqa: E402
 from cmfiou_ros.run_graph import node_command, write_overrides  # noqa: E402
