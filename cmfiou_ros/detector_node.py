@@ -23,10 +23,7 @@ Run: ``python -m cmfiou_ros.detector_node --ros-args --params-file config/detect
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -35,6 +32,7 @@ import rclpy.time
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
 
+from cmfiou_core.factory import load_factory as _load_factory
 from cmfiou_core.types import Detections, Frame
 from cmfiou_ros import convert as C
 from cmfiou_ros import diagnostics as D
@@ -48,25 +46,8 @@ SHUTDOWN_GRACE_S = 4.0  # on SIGINT/SIGTERM: how long the frame in flight may ta
 
 
 def load_factory(path: str) -> Callable:
-    """``'pkg.module:Attr.attr'`` or ``'/path/file.py:Attr.attr'`` -> the callable."""
-    mod_name, _, attr = path.partition(":")
-    if not attr:
-        raise ParamError(f"pipeline_factory {path!r}: expected 'module:attr'")
-    if mod_name.endswith(".py"):
-        p = Path(mod_name)
-        if not p.is_file():
-            raise ParamError(f"pipeline_factory: file {p} not found")
-        spec = importlib.util.spec_from_file_location(f"_cmfiou_factory_{p.stem}", p)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    else:
-        mod = importlib.import_module(mod_name)
-    obj: Any = mod
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ParamError(f"pipeline_factory {path!r} is not callable")
-    return obj
+    """``'pkg.module:Attr.attr'`` or ``'/path/file.py:Attr.attr'`` -> the callable (``cmfiou_core.factory``)."""
+    return _load_factory(path, "pipeline_factory", ParamError)
 
 
 def filter_detections(det: Detections, threshold: float) -> Detections:
