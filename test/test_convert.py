@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("sensor_msgs.msg")
+from rosutil import require  # noqa: E402  (pytest puts test/ on sys.path)
+require("sensor_msgs.msg")
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField  # noqa: E402
 
 from cmfiou_core.calib import Calibration  # noqa: E402
@@ -302,8 +303,8 @@ def _dets(n=3, stamp=42, lidar_only=False):
 
 
 def test_detections_to_vision_msgs_scores_markers():
-    pytest.importorskip("vision_msgs.msg")
-    pytest.importorskip("cmfiou_ros.msg")
+    require("vision_msgs.msg")
+    require("cmfiou_ros.msg")
     from std_msgs.msg import Header
 
     det = _dets(5)
