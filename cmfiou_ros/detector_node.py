@@ -585,10 +585,13 @@ class DetectorNode(LifecycleNode):
         return D.detector_statuses(self)
 
     def publish_diagnostics(self) -> None:
+        if not self.context.ok():  # a timer that fired as SIGINT/SIGTERM shut the context down: nothing to report to
+            return
         try:
             self.diag_pub.publish(D.array_msg(self.diagnostics_statuses(), self.get_clock().now().to_msg()))
         except Exception as e:  # noqa: BLE001
-            self.warn("diagnostics", f"{type(e).__name__}: {e}")
+            if self.context.ok():  # else the same race, between the check and the publish
+                self.warn("diagnostics", f"{type(e).__name__}: {e}")
 
 
 def main(argv=None) -> int:
