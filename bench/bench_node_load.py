@@ -10,7 +10,7 @@ Starts the real detector node as a subprocess (real rclpy, its own ROS domain), 
 - outputs, inputs, and outputs whose frame was the newest input at the time it was taken (drops are expected above
   the pipeline's rate: newest frame wins).
 
-    python bench/bench_node_load.py --rates 0 1 10 20 --seconds 20 --json node_load.json
+    python bench/bench_node_load.py --rates 0 1 10 20 --seconds 30 --json node_load.json
     python bench/bench_node_load.py --tiny-sleep-ms 200        # test pipeline (200 ms per frame) instead of CMF-IOU
 """
 from __future__ import annotations
@@ -58,6 +58,8 @@ def main(argv=None) -> int:
                     help="use test/tiny_pipeline.py with this much latency instead of the real pipeline")
     ap.add_argument("--domain", type=int, default=int(os.environ.get("CMFIOU_BENCH_DOMAIN", "77")))
     ap.add_argument("--startup-timeout", type=float, default=600.0)
+    ap.add_argument("--drain", type=float, default=90.0,
+                    help="after a phase, wait up to this long for the newest frame's output (s)")
     ap.add_argument("--json", default=None, help="write the results here ('-' = stdout)")
     ns = ap.parse_args(argv)
 
@@ -117,6 +119,8 @@ def main(argv=None) -> int:
                                                                               sys.argv[1:])),
                "pipeline": "tiny" if ns.tiny_sleep_ms is not None else "cmfiou", "device": ns.device,
                "cpu_count": os.cpu_count(), "phases": [],
+               "note": "a shared host: other jobs ran beside the bench (loadavg_1min per phase: at the start and end, "
+                       "mean and max of 1 s samples; it includes the detector and this publisher, ~1-2)",
                "provenance": provenance(None, None if ns.tiny_sleep_ms is not None else ns.checkpoint, ns.device)}
     try:
         t_end = time.monotonic() + ns.startup_timeout
@@ -142,6 +146,7 @@ def main(argv=None) -> int:
             got.clear()
             proc_ms.clear()
             load0 = os.getloadavg()[0]
+            loads, t_load = [load0], time.monotonic()
             c0, p0, w0 = thread_cpu_s(proc.pid, proc.pid), process_cpu_s(proc.pid), time.monotonic()
             period = 1.0 / rate if rate > 0 else None
             t_next = time.monotonic()
@@ -153,9 +158,12 @@ def main(argv=None) -> int:
                     t_next += period
                 wait = 0.05 if period is None else max(0.0, min(0.05, t_next - time.monotonic()))
                 ex.spin_once(timeout_sec=wait)
+                if time.monotonic() - t_load >= 1.0:
+                    loads.append(os.getloadavg()[0])
+                    t_load = time.monotonic()
             c1, p1, w1 = thread_cpu_s(proc.pid, proc.pid), process_cpu_s(proc.pid), time.monotonic()
             # outputs still in flight belong to this phase's frames: drain for a while (not counted in the CPU)
-            t_drain = time.monotonic() + 15.0
+            t_drain = time.monotonic() + ns.drain
             while sent and (not got or got[-1][1] != sent[-1]) and time.monotonic() < t_drain:
                 ex.spin_once(timeout_sec=0.05)
             lat = [(r - s) * 1e-9 for r, s in got]
@@ -165,6 +173,7 @@ def main(argv=None) -> int:
                   "process_cpu_pct": round(100.0 * (p1 - p0) / (w1 - w0), 1),
                   "frame_ms_p50": float(np.percentile(proc_ms, 50)) if proc_ms else None,
                   "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
+                  "loadavg_1min_mean_max": [round(float(np.mean(loads)), 2), round(max(loads), 2)],
                   "latency_s": {"p50": float(np.percentile(lat, 50)) if lat else None,
                                 "max": max(lat) if lat else None,
                                 "newest": newest[0] if newest else None}}

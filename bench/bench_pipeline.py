@@ -133,10 +133,11 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    # frames first: generating scenes forks worker processes, which must happen before CUDA is initialised
+    frames = load_frames(args.kitti, args.generated, Path(args.gen_dir), max(args.frames, 1))
     pipe = Pipeline.from_config(args.config, args.checkpoint, args.device, engine=args.engine)
     if args.views != "config":
         pipe.views = (TestViewsConfig() if args.views == "1" else OFFICIAL_X_TRANS).params()
-    frames = load_frames(args.kitti, args.generated, Path(args.gen_dir), max(args.frames, 1))
 
     conv = None
     if not args.no_messages:

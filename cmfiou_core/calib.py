@@ -15,6 +15,8 @@ from typing import Dict, Optional, Union
 
 import numpy as np
 
+from .geometry.rotation import quaternion_to_matrix as _quaternion_to_matrix
+
 ArrayLike = Union[np.ndarray, "torch.Tensor"]  # noqa: F821
 
 
@@ -34,19 +36,7 @@ def _as_matrix(name: str, values, shape) -> np.ndarray:
 
 def quaternion_to_matrix(q_xyzw) -> np.ndarray:
     """ROS/TF quaternion (x, y, z, w) -> 3x3 rotation matrix. The quaternion must be (close to) unit length."""
-    q = np.asarray(q_xyzw, dtype=np.float64).reshape(-1)
-    if q.size != 4 or not np.all(np.isfinite(q)):
-        raise CalibrationError(f"quaternion must be 4 finite numbers (x, y, z, w), got {q_xyzw!r}")
-    n = float(np.linalg.norm(q))
-    if abs(n - 1.0) > 1e-3:
-        raise CalibrationError(f"quaternion {q.tolist()} is not unit length (|q| = {n:.6g}); TF rotations are unit "
-                               "quaternions in (x, y, z, w) order")
-    x, y, z, w = q / n
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
+    return _quaternion_to_matrix(q_xyzw, unit_tol=1e-3, error=CalibrationError)
 
 
 def transform_from_tf(translation, rotation_xyzw) -> np.ndarray:

@@ -273,7 +273,7 @@ class Pipeline:
             pseudo = input_point_discard(pseudo, rate=rate, bin_num=self.depth_cfg.discard.bin_num,
                                          max_dis=self.depth_cfg.discard.max_dis,
                                          generator=self._gen.manual_seed(frame_seed(frame.points, self.seed)))
-        # test views (if any) are applied by prepare_batch (model.resvc.view_transform_points, the one implementation)
+        # test views (if any) are applied by prepare_batch (geometry.view_transform, the one implementation)
         tparams = None if len(self.views) == 1 and self.views[0] == [0.0, 0.0, 1.0] else [self.views]
         calib = frame.calib if frame.calib is not None else _identity_calib()
         h = calib.image_height or 375

@@ -34,6 +34,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from cmfiou_core.eval import bag_io
+from cmfiou_core.factory import load_factory as _load_factory
 from cmfiou_core.eval.kitti_io import lidar_boxes_to_result_text
 from cmfiou_core.eval.report import FrameResult, build_report, format_table, write_report
 from cmfiou_core.provenance import provenance
@@ -52,13 +53,7 @@ def gt_result_text(label_text: Optional[str]) -> str:
 
 
 def load_factory(path: str) -> Callable:
-    mod, _, attr = path.partition(":")
-    if not mod or not attr:
-        raise ValueError(f"--pipeline-factory {path!r}: expected 'module:attr'")
-    obj = importlib.import_module(mod)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return _load_factory(path, "--pipeline-factory")
 
 
 def _result_text(det, frame: bag_io.BagFrame, pad_small: bool) -> str:

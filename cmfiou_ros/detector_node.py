@@ -23,10 +23,7 @@ Run: ``python -m cmfiou_ros.detector_node --ros-args --params-file config/detect
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -35,6 +32,7 @@ import rclpy.time
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
 
+from cmfiou_core.factory import load_factory as _load_factory
 from cmfiou_core.types import Detections, Frame
 from cmfiou_ros import convert as C
 from cmfiou_ros import diagnostics as D
@@ -48,25 +46,8 @@ SHUTDOWN_GRACE_S = 4.0  # on SIGINT/SIGTERM: how long the frame in flight may ta
 
 
 def load_factory(path: str) -> Callable:
-    """``'pkg.module:Attr.attr'`` or ``'/path/file.py:Attr.attr'`` -> the callable."""
-    mod_name, _, attr = path.partition(":")
-    if not attr:
-        raise ParamError(f"pipeline_factory {path!r}: expected 'module:attr'")
-    if mod_name.endswith(".py"):
-        p = Path(mod_name)
-        if not p.is_file():
-            raise ParamError(f"pipeline_factory: file {p} not found")
-        spec = importlib.util.spec_from_file_location(f"_cmfiou_factory_{p.stem}", p)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    else:
-        mod = importlib.import_module(mod_name)
-    obj: Any = mod
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ParamError(f"pipeline_factory {path!r} is not callable")
-    return obj
+    """``'pkg.module:Attr.attr'`` or ``'/path/file.py:Attr.attr'`` -> the callable (``cmfiou_core.factory``)."""
+    return _load_factory(path, "pipeline_factory", ParamError)
 
 
 def filter_detections(det: Detections, threshold: float) -> Detections:
@@ -190,11 +171,12 @@ class DetectorNode(LifecycleNode):
         self.assembler.param_T = T
 
     # ------------------------------------------------------------------------------------------ lifecycle
-    def on_configure(self, state: State) -> TransitionCallbackReturn:
-        if self.param_error:
-            self.get_logger().error(f"configure failed: {self.param_error}")
-            return TransitionCallbackReturn.FAILURE
+    def load_pipeline(self) -> bool:
+        """Load and warm up the pipeline (the long part of configure: seconds to minutes). ``main`` calls it before
+        the configure transition, so that a SIGINT/SIGTERM arriving meanwhile ends the process cleanly instead of
+        inside a lifecycle transition whose context went down. -> False when loading failed (logged)."""
         p = self.params
+        self._load_failed = False
         try:
             if self._injected_pipeline is not None:
                 self.pipeline = self._injected_pipeline
@@ -219,10 +201,24 @@ class DetectorNode(LifecycleNode):
             if p["warmup"] and hasattr(self.pipeline, "warmup"):
                 t0 = time.perf_counter()
                 self.pipeline.warmup()
-                self.get_logger().info(f"pipeline warm-up {time.perf_counter() - t0:.2f} s")
+                if self.context.ok():  # after a signal the node's logger cannot reach /rosout any more
+                    self.get_logger().info(f"pipeline warm-up {time.perf_counter() - t0:.2f} s")
         except Exception as e:  # noqa: BLE001 - any load error fails the transition with its reason
             self.get_logger().error(f"configure failed: cannot load the pipeline: {type(e).__name__}: {e}")
             self.pipeline = None
+            self._load_failed = True
+            return False
+        return True
+
+    def on_configure(self, state: State) -> TransitionCallbackReturn:
+        if self.param_error:
+            self.get_logger().error(f"configure failed: {self.param_error}")
+            return TransitionCallbackReturn.FAILURE
+        p = self.params
+        if getattr(self, "_load_failed", False):  # main's load_pipeline failed (logged): no second attempt
+            self._load_failed = False
+            return TransitionCallbackReturn.FAILURE
+        if self.pipeline is None and not self.load_pipeline():
             return TransitionCallbackReturn.FAILURE
         from cmfiou_ros.transport import active_limit
 
@@ -589,10 +585,13 @@ class DetectorNode(LifecycleNode):
         return D.detector_statuses(self)
 
     def publish_diagnostics(self) -> None:
+        if not self.context.ok():  # a timer that fired as SIGINT/SIGTERM shut the context down: nothing to report to
+            return
         try:
             self.diag_pub.publish(D.array_msg(self.diagnostics_statuses(), self.get_clock().now().to_msg()))
         except Exception as e:  # noqa: BLE001
-            self.warn("diagnostics", f"{type(e).__name__}: {e}")
+            if self.context.ok():  # else the same race, between the check and the publish
+                self.warn("diagnostics", f"{type(e).__name__}: {e}")
 
 
 def main(argv=None) -> int:
@@ -610,17 +609,26 @@ def main(argv=None) -> int:
     rc = 0
     try:
         with spinning(NODE_NAME):
+            stopped = False
             if node.params.get("autostart", True):
-                if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                if not node.param_error:
+                    node.load_pipeline()  # outside the transition: a signal meanwhile is a clean exit (below)
+                if latch.received:  # SIGINT/SIGTERM during the load / warm-up: the context is down, exit cleanly
+                    stopped = True
+                    rclpy.logging.get_logger(f"{node.get_name()}.shutdown").info(
+                        f"{latch.name} while loading / warming up the pipeline: not configured")
+                elif node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                     node.get_logger().fatal("configure failed: exiting")
                     return 2
-                node.trigger_activate()
-            # one thread: the callbacks are short (conversion); a MultiThreadedExecutor's wait loop spins while a
-            # dispatched callback waits for the GIL held by inference (69% of a core at 10 Hz, docs/results/
-            # node_load_cpu.json) and slows the inference thread down
-            ex = SingleThreadedExecutor()
-            ex.add_node(node)
-            ex.spin()
+                else:
+                    node.trigger_activate()
+            if not stopped:
+                # one thread: the callbacks are short (conversion); a MultiThreadedExecutor's wait loop spins while
+                # a dispatched callback waits for the GIL held by inference (69% of a core at 10 Hz) and slows the
+                # inference thread down
+                ex = SingleThreadedExecutor()
+                ex.add_node(node)
+                ex.spin()
     finally:
         waiting = node._slot is not None  # a frame queued for inference, discarded by the teardown
         abandoned = 0

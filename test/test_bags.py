@@ -13,6 +13,7 @@ pytest.importorskip("rosbags")
 
 from cmfiou_core.eval import bag_io  # noqa: E402
 from cmfiou_core.eval.kitti_io import parse_kitti_text  # noqa: E402
+from rosutil import require  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'test'}"}
@@ -115,8 +116,8 @@ def test_roundtrip_bit_identical(tmp_path, kitti_samples, storage):
 def test_node_calibration_equals_ros_calibration(object_bag):
     """The detector node's calibration (CameraInfo + TransformStamped through cmfiou_ros.convert, rclpy messages) is
     bag_io.ros_calibration of the exact one, bit for bit: what the offline paths give the pipeline."""
-    ser = pytest.importorskip("rclpy.serialization")
-    pytest.importorskip("sensor_msgs.msg")
+    ser = require("rclpy.serialization")
+    require("sensor_msgs.msg")
     from geometry_msgs.msg import TransformStamped
     from sensor_msgs.msg import CameraInfo
 
@@ -144,7 +145,7 @@ def test_node_calibration_equals_ros_calibration(object_bag):
 
 def test_roundtrip_rclpy_deserialise(object_bag):
     """The bag's raw CDR bytes are valid for rclpy's generated types (what node-mode replay publishes)."""
-    ser = pytest.importorskip("rclpy.serialization")
+    ser = require("rclpy.serialization")
     import importlib
 
     ts = bag_io.typestore()
@@ -330,8 +331,8 @@ def test_bag_eval_node_mode_tiny_pipeline(tmp_path, object_bag):
     """Node mode: bag -> rclpy (raw CDR) -> in-process DetectorNode (tiny pipeline) -> recorder. The default is
     lockstep (one frame in flight): every frame answered, the count printed, a clean teardown, and the same AP as
     offline mode with the same pipeline."""
-    pytest.importorskip("rclpy")
-    pytest.importorskip("vision_msgs.msg")
+    require("rclpy")
+    require("vision_msgs.msg")
     env = {**ENV, "ROS_DOMAIN_ID": str(150 + os.getpid() % 70)}
     fac = "tiny_pipeline:TinyPipeline.from_config"
     outs = {}
@@ -382,8 +383,8 @@ def test_generated_scenes_bag(tmp_path):
 def test_bag_eval_node_mode_realtime_drops(tmp_path, object_bag):
     """A pipeline slower than 10 Hz at real-time rate: the node keeps the latest frame, the others are *dropped* and
     evaluated as empty (all FN), never removed."""
-    pytest.importorskip("rclpy")
-    pytest.importorskip("vision_msgs.msg")
+    require("rclpy")
+    require("vision_msgs.msg")
     env = {**ENV, "ROS_DOMAIN_ID": str(150 + (os.getpid() + 1) % 70), "CMFIOU_TINY_SLEEP_MS": "350"}
     out = tmp_path / "rt"
     r = subprocess.run([sys.executable, "-m", "cmfiou_ros.bag_eval", str(object_bag), "--out", str(out), "--mode",

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-rclpy = pytest.importorskip("rclpy")
-pytest.importorskip("vision_msgs.msg")
-pytest.importorskip("cmfiou_ros.msg")
+from rosutil import require  # noqa: E402  (pytest puts test/ on sys.path)
+rclpy = require("rclpy")
+require("vision_msgs.msg")
+require("cmfiou_ros.msg")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rosutil import fresh_domain, wait_until  # noqa: E402

@@ -10,7 +10,7 @@ import yaml
 from cmfiou_core.config import ConfigError
 from cmfiou_core.model.checkpoint import OUR_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from cmfiou_core.model.detector import build_model
-from cmfiou_core.model.model_config import config_from_dict, load_config
+from cmfiou_core.model.model_config import config_from_dict
 from cmfiou_core.pipeline import default_config
 
 

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("sensor_msgs.msg")
+from rosutil import require  # noqa: E402  (pytest puts test/ on sys.path)
+require("sensor_msgs.msg")
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField  # noqa: E402
 
 from cmfiou_core.calib import Calibration  # noqa: E402
@@ -302,8 +303,8 @@ def _dets(n=3, stamp=42, lidar_only=False):
 
 
 def test_detections_to_vision_msgs_scores_markers():
-    pytest.importorskip("vision_msgs.msg")
-    pytest.importorskip("cmfiou_ros.msg")
+    require("vision_msgs.msg")
+    require("cmfiou_ros.msg")
     from std_msgs.msg import Header
 
     det = _dets(5)
@@ -341,10 +342,17 @@ def test_detections_to_vision_msgs_scores_markers():
     assert [s.stage for s in t.stages] == ["pre", "net"] and t.dropped_frames == 3
 
 
-def test_box_corners_yaw_convention():
-    c = C.box_corners(np.array([[0, 0, 0, 4, 2, 2, math.pi / 2]]))[0]
+def test_marker_box_yaw_convention():
+    det = Detections(np.array([[0, 0, 0, 4, 2, 2, math.pi / 2]], np.float32), np.array([1]), np.array([0.9]),
+                     np.array([0.8]), np.array([0.9]), stamp_ns=1, frame_id="velo")
+    box = C.detections_to_markers(det).markers[1]
+    p = np.array([[q.x, q.y, q.z] for q in box.points])
+    assert p.shape == (24, 3)  # 12 edges
     # rotated by +90 deg about z (counter-clockwise): the length now spans y
-    assert np.isclose(c[:, 1].max(), 2) and np.isclose(c[:, 0].max(), 1)
+    assert np.isclose(p[:, 1].max(), 2) and np.isclose(p[:, 0].max(), 1) and np.isclose(p[:, 2].max(), 1)
+    # every edge has the length of one box side
+    lengths = np.linalg.norm(p[0::2] - p[1::2], axis=1)
+    assert sorted(np.round(lengths, 5).tolist()) == [2.0] * 8 + [4.0] * 4
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sensor_msgs_py") is None,

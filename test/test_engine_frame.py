@@ -63,3 +63,46 @@ def test_proposal_layer_anchor_valid_equals_compacted():
         assert torch.equal(got.valid, ref.valid) and int(got.count) == int(ref.count) > 10
         assert torch.equal(got.rois, ref.rois) and torch.equal(got.roi_labels, ref.roi_labels)
         assert torch.equal(got.roi_scores, ref.roi_scores)
+
+
+def test_frame_graph_static_function_is_sync_free(shared_dir):
+    """The function FrameGraph captures (backbone engine -> BEV -> RPN -> static RoI head -> post-processing), counted
+    on its CUDA code path (opcount: every .item(), nonzero, bool-index, host<->device copy): no host synchronisation
+    once its constants exist (the first call builds them, as a CUDA graph's warm-up does), and the same output shape
+    for frames of different content: the CUDA-graph requirements that can be checked on the CPU."""
+    from test_engine_backbone import CROP_COUNTS, _crop_batch, _inputs
+
+    from cmfiou_core.engine.backbone import Capacities
+    from cmfiou_core.engine.frame import FrameGraph
+    from cmfiou_core.engine.runtime import use_engine
+    from cmfiou_core.model.detector import build_model
+    from cmfiou_core.opcount import OpCounter
+
+    inp, _, _ = _inputs(shared_dir)
+    cfg, batch = _crop_batch(inp, 1)
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    eng = use_engine(m, Capacities.calibrated(CROP_COUNTS[1], margin=1.05, quantum=256), use_graph=False,
+                     input_capacity=7424)
+    fg = FrameGraph(m, eng, use_graph=False, pair_capacity=1 << 14)
+    orig, seen = fg._forward, []
+
+    def counted(*a):
+        with OpCounter(cuda_paths=True) as oc:
+            flat, meta = orig(*a)
+        seen.append((oc, tuple(flat.shape), meta))
+        return flat, meta
+
+    fg._forward = counted
+    with torch.no_grad():
+        b = m.vfe(dict(batch))
+        fg(dict(b))
+        fewer = dict(b)                     # a frame with other content: half of the raw voxels
+        n = b["voxel_features"].shape[0] // 2
+        fewer["voxel_features"], fewer["voxel_coords"] = b["voxel_features"][:n], b["voxel_coords"][:n]
+        fg(fewer)
+    oc = seen[-1][0]
+    assert oc.n_syncs() == 0, oc.sync_sites()
+    assert oc.n_ops() > 2000                 # the counter saw the whole forward
+    assert seen[0][1:] == seen[1][1:]        # static output shape
+    assert fg.last_overflow == 0

@@ -4,6 +4,7 @@ Every malformed message must produce a warning (counted per topic, logged thrott
 problem), never an exception out of a callback; the node keeps publishing on the next valid frame. Callbacks are
 called in-process for bulk fuzzing; test_node.py's cross-process run also injects malformed messages.
 """
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,9 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-rclpy = pytest.importorskip("rclpy")
-pytest.importorskip("vision_msgs.msg")
-pytest.importorskip("cmfiou_ros.msg")
+from rosutil import require  # noqa: E402  (pytest puts test/ on sys.path)
+rclpy = require("rclpy")
+require("vision_msgs.msg")
+require("cmfiou_ros.msg")
 
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField  # noqa: E402
 
@@ -251,17 +253,30 @@ def test_camera_infos_then_valid_frame(rig):
        st.lists(st.tuples(st.sampled_from(["x", "y", "z", "intensity", "q", ""]), st.integers(0, 70),
                           st.integers(0, 9), st.integers(0, 3)), max_size=6), st.binary(max_size=2048))
 def test_fuzz_random_clouds_never_crash(rig, h, w, ps, rs, be, fields, data):
-    """Fully random headers + bytes: whatever it is, a callback never raises and the node stays usable."""
+    """Fully random headers + bytes: the converter gives a result or a MessageError (nothing else); a cloud it refuses
+    is warned about on the LiDAR topic with the converter's own text, counted, and dropped; a cloud it accepts raises
+    no other error in the node (on_cloud catches everything, so its not raising proves nothing)."""
     node = rig["node"]
     m = PointCloud2(height=h, width=w, point_step=ps, row_step=max(rs, 0), is_bigendian=be)
     m.header.stamp = C.ns_to_stamp(4 * S + h * 1000 + w)
     m.fields = [PointField(name=n_, offset=o, datatype=d, count=c) for n_, o, d, c in fields]
     m.data = data
+    try:
+        pts, _ = C.pointcloud2_to_xyzi(m, node.params["intensity_scale"], allow_empty=True)
+        refused = None
+    except C.MessageError as e:
+        refused = str(e)
+    topic = node._lidar_topic
+    before, empty_before = node.warn.count.get(topic, 0), node.empty_clouds
     node.on_cloud(m)
-    try:  # the converter itself: a result or a MessageError, nothing else
-        C.pointcloud2_to_xyzi(m, allow_empty=True)
-    except C.MessageError:
-        pass
+    after = node.warn.count.get(topic, 0)
+    if refused is not None:
+        assert after == before + 1 and node.warn.last_problem[topic] == refused
+        assert node.empty_clouds == empty_before  # dropped before any further handling
+    else:
+        problem = node.warn.last_problem.get(topic, "") if after > before else ""
+        assert not re.match(r"^[A-Z]\w*(Error|Exception): ", problem), problem  # no unexpected exception
+        assert node.empty_clouds == empty_before + (len(pts) == 0)
 
 
 def test_random_then_valid_frame(rig):
@@ -382,8 +397,9 @@ def test_oversize_output_is_warned_at_the_publisher_and_still_published(rig):
         while node.markers_pub.get_subscription_count() == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         topic = node.det_pub.topic_name
-        before, n = node.warn.count.get(topic, 0), node.oversize_outputs
+        before, n, done = node.warn.count.get(topic, 0), node.oversize_outputs, node.frames_out
         det, _, _ = _send_frame(rig)
+        assert wait_until(lambda: node.frames_out > done, 10)  # all of the frame's outputs are out
         assert len(det) >= 4  # the tiny pipeline's boxes: a Detection3DArray over 1 KiB
         _warned(node, topic, before, f"published Detection3DArray ({len(det)} detections) of 0.0")
         assert "> message_size_warn_mb 0.000976562: subscribers with best-effort QoS" in node.warn.last_problem[topic]
@@ -404,6 +420,69 @@ def test_future_stamped_input_is_rejected_and_counted(rig):
     assert node.future_stamped == n + 3
     det, lo, _ = _send_frame(rig)  # the next frame fuses as before: nothing of the future frame was kept
     assert not det.lidar_only, lo
+
+
+def test_future_stamped_image_is_rejected_and_the_cloud_still_gets_its_output(rig):
+    """An image (and its CameraInfo) stamped 1000 s ahead: rejected and counted; the cloud of that frame is published
+    LiDAR-only, and the next frame fuses again (a far-future image must not block the camera)."""
+    node = rig["node"]
+    out = _spy_outputs(node)
+    now = node.get_clock().now().nanoseconds
+    rig["stamp"][0] += S
+    stamp = rig["stamp"][0]
+    before, n = node.warn.count.get(node._image_topic, 0), node.future_stamped
+    rig["info"].header.stamp = rig["img"].header.stamp = C.ns_to_stamp(now + 1000 * S)
+    node.on_camera_info(rig["info"])
+    node.on_image(rig["img"])
+    rig["cloud"].header.stamp = C.ns_to_stamp(stamp)
+    node.on_cloud(rig["cloud"])
+    assert wait_until(lambda: stamp in out, 10), "no output for the frame"
+    _warned(node, node._image_topic, before, "ahead of the node's clock")
+    assert node.future_stamped == n + 2
+    det, lo, _ = out[stamp]
+    assert det.lidar_only and lo, lo
+    det, lo, _ = _send_frame(rig)
+    assert not det.lidar_only, lo
+
+
+def test_camera_info_of_another_size_runs_lidar_only_with_a_warning(rig):
+    """A CameraInfo whose size disagrees with the image (1000x300 for a 1242x375 image) is never fused."""
+    node = rig["node"]
+    info = CameraInfo()
+    info.header.frame_id = "cam"
+    info.width, info.height = 1000, 300
+    info.k, info.r, info.p = list(rig["info"].k), list(rig["info"].r), list(rig["info"].p)
+    before = node.warn.count.get(node._info_topic, 0)
+    det, lo_reason, _ = _send_frame(rig, info=info)
+    w, h = rig["img"].width, rig["img"].height
+    _warned(node, node._info_topic, before, f"camera_info is 1000x300 but the image is {w}x{h}")
+    assert det.lidar_only and lo_reason == f"camera_info is 1000x300 but the image is {w}x{h}", lo_reason
+
+
+def test_frame_id_unknown_to_tf_is_warned_and_falls_back_to_the_parameter(rig):
+    """TF knows the LiDAR but not the camera frame 'cam': warned naming 'cam', counted, and the frame is fused with
+    the lidar_to_camera parameter (the rig sets it) instead of TF; published."""
+    node = rig["node"]
+    if node.tf is None or node.tf.impl != "cmfiou_ros.tf_buffer":
+        pytest.skip("the in-process TF case feeds cmfiou_ros.tf_buffer directly (test_tf_node covers tf2_ros)")
+    from test_tf_buffer import tf_msg
+
+    buf = node.tf.buffer
+    buf.set_transform(tf_msg("base_link", "velo_link", S, [1, 0, 1.7], [0, 0, 0, 1]), static=True)
+    buf.set_transform(tf_msg("base_link", "cam_elsewhere", S, [1, 0, 1.5], [0, 0, 0, 1]), static=True)
+    try:
+        before, n = node.warn.count.get(node._info_topic, 0), node.assembler.tf_unavailable
+        det, lo, _ = _send_frame(rig)
+        _warned(node, node._info_topic, before, "no TF path from LiDAR frame 'velo_link' to camera frame 'cam': "
+                                                "frame 'cam' is not in TF")
+        assert "using the lidar_to_camera parameter" in node.warn.last_problem[node._info_topic]
+        assert node.assembler.tf_unavailable == n + 1 and not det.lidar_only, lo
+        vals = dict(node.diagnostics_statuses()[1].values)
+        assert int(vals["tf_unavailable_frames"]) == n + 1 and "'cam' is not in TF" in vals["last_tf_problem"]
+    finally:
+        with buf.lock:
+            buf.caches.clear()
+            buf.known.clear()
 
 
 def test_rejected_camera_info_is_not_replaced_by_an_older_one(rig):
@@ -427,7 +506,14 @@ def test_stamps_jumping_back_reset_the_sync_state_once(rig):
     det, lo, _ = _send_frame(rig)
     assert not det.lidar_only
     back = rig["stamp"][0] - 50 * S  # a bag loop: 50 s back
-    det, lo, _ = _send_frame(rig, stamp=back)
+    logger, asm.logger = asm.logger, node.warn.logger  # records the lines
+    try:
+        lines = len(node.warn.logger.lines)
+        det, lo, _ = _send_frame(rig, stamp=back)
+        warned = [x for x in node.warn.logger.lines[lines:] if "stamp jumped back 50.000 s: sync state reset" in x]
+        assert len(warned) == 1, node.warn.logger.lines[lines:]
+    finally:
+        asm.logger = logger
     assert asm.time_jumps == jumps + 1 and "stamp jumped back 50.000 s" in asm.last_time_jump
     assert not det.lidar_only, lo  # fused at once: the lower-stamped image is not discarded
     det, lo, _ = _send_frame(rig, stamp=back + S // 10)

@@ -431,3 +431,29 @@ def test_device_const_is_built_once_per_values_dtype_device():
     b = device_const((1.0, -1.0, 0.5), torch.float64, "cpu")
     assert b is not a and b.dtype == torch.float64
     assert device_const((2, 3), torch.int64, "cpu").tolist() == [2, 3]
+
+
+# ------------------------------------------------------------------------------------------------ rotations
+def test_quaternion_matrix_round_trip_against_scipy():
+    """geometry.rotation (the one quaternion <-> matrix code) against scipy's Rotation, on random rotations and on the
+    half-turns that take every branch of the matrix -> quaternion conversion."""
+    from scipy.spatial.transform import Rotation
+
+    from cmfiou_core.geometry.rotation import matrix_to_quaternion, nearest_rotation, quaternion_to_matrix
+
+    rots = list(Rotation.random(200, random_state=5)) + [Rotation.from_rotvec(np.pi * np.eye(3)[i]) for i in range(3)]
+    for r in rots:
+        q = r.as_quat()  # (x, y, z, w)
+        np.testing.assert_allclose(quaternion_to_matrix(q), r.as_matrix(), atol=1e-12)
+        got = np.array(matrix_to_quaternion(r.as_matrix()))
+        assert min(np.abs(got - q).max(), np.abs(got + q).max()) < 1e-9  # q and -q are one rotation
+    R = Rotation.random(random_state=1).as_matrix()
+    noisy = R + 1e-4 * np.random.default_rng(0).normal(size=(3, 3))
+    n = nearest_rotation(noisy)
+    np.testing.assert_allclose(n @ n.T, np.eye(3), atol=1e-12)
+    assert np.abs(n - R).max() < 1e-3 and np.linalg.det(n) > 0
+    with pytest.raises(ValueError, match="zero"):
+        quaternion_to_matrix([0, 0, 0, 0])
+    with pytest.raises(ValueError, match="unit length"):
+        quaternion_to_matrix([0, 0, 0, 2], unit_tol=1e-3)
+    np.testing.assert_allclose(quaternion_to_matrix([0, 0, 0, 2]), np.eye(3))  # normalised without unit_tol

@@ -9,12 +9,8 @@
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -22,37 +18,14 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FASTDDS_PROFILE = REPO / "config" / "fastdds_shm.xml"
 # RIHS01 of vision_msgs/msg/Detection3DArray in upstream ros-perception/vision_msgs 4.1.1 (rosbags on upstream's .msg)
 UPSTREAM_DETECTION3DARRAY_HASH = "RIHS01_793f5eab9595ac1c0da07873cc859db42eae51f0ee76056db8562515d830e018"
 
-try:
-    import rclpy
-except ImportError as exc:  # pragma: no cover - depends on the installation
-    if os.environ.get("CMFIOU_REQUIRE_ROS"):
-        raise
-    pytest.skip(f"rclpy not importable ({exc}); run scripts/setup.sh and . .venv/cmfiou.env",
-                allow_module_level=True)
+from rosutil import fresh_domain, require, run_children  # noqa: E402
+
+rclpy = require("rclpy")
 
 pytestmark = pytest.mark.ros
-
-_domain_counter = itertools.count(50)
-
-
-def _domain_id() -> int:
-    return 1 + (os.getpid() * 7 + 13 * next(_domain_counter)) % 100
-
-
-def ros_env() -> dict:
-    env = dict(os.environ)
-    env["ROS_DOMAIN_ID"] = str(_domain_id())
-    env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(FASTDDS_PROFILE)
-    env["RMW_IMPLEMENTATION"] = "rmw_fastrtps_cpp"
-    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    env.pop("ROS_LOCALHOST_ONLY", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def rosbags_hashes(msg_dir: Path, package: str, names: list) -> dict:
@@ -69,7 +42,7 @@ def rosbags_hashes(msg_dir: Path, package: str, names: list) -> dict:
 def graph_hashes(types: dict) -> dict:
     """Type hashes rclpy announces on the ROS graph for publishers of the given message classes (in-process)."""
     ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=_domain_id())
+    rclpy.init(context=ctx, domain_id=fresh_domain())
     try:
         node = rclpy.create_node(f"hash_probe_{uuid.uuid4().hex[:6]}", context=ctx)
         out = {}
@@ -250,30 +223,7 @@ print(json.dumps({"msgs": {k: to_plain(m) for k, m in got.items()}, "graph_hashe
 
 
 def _run_pair(args: list, timeout: float = 90.0) -> dict:
-    env = ros_env()
-    procs = {name: subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-             for name, script in (("subscriber", IF_SUBSCRIBER), ("publisher", IF_PUBLISHER))}
-    results = {}
-    try:
-        for name, proc in procs.items():
-            try:
-                out, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate()
-                pytest.fail(f"{name} timed out\nstdout:\n{out}\nstderr:\n{err}")
-            if proc.returncode != 0:
-                pytest.fail(f"{name} exited {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}")
-            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-            assert lines, f"{name} printed no result\nstderr:\n{err}"
-            results[name] = json.loads(lines[-1])
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return results["subscriber"]
+    return run_children({"subscriber": IF_SUBSCRIBER, "publisher": IF_PUBLISHER}, args, timeout)["subscriber"]
 
 
 def test_messages_cross_processes_with_all_fields():

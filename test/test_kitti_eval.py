@@ -438,16 +438,6 @@ def test_cli(tmp_path, kitti_samples):
     assert "skipped 1 of" in r.stdout
 
 
-def test_speed_full_val_size():
-    """3769 synthetic frames (val-split size, ~9 objects and ~26 detections per frame): well under a minute."""
-    import time
-
-    gts, dts = make_dataset(n_frames=3769, seed=3)
-    t = time.perf_counter()
-    ke.evaluate(gts, dts)
-    assert time.perf_counter() - t < 30.0
-
-
 # ------------------------------------------------------------------------------------------- localization quality
 def test_localization_quality_hand_computed():
     # frame 0: Car A (l 3.9 along x), det shifted 0.39 m along its length -> IoU = 3.51 / 4.29 = 0.8182;

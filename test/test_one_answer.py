@@ -18,6 +18,7 @@ import pytest
 from cmfiou_core import resources
 from cmfiou_core.pipeline import DEMO_CHECKPOINT_NAME, demo_checkpoint, demo_config
 from kitti_format import check_result_text
+from rosutil import require  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = ["000006", "000000"]
@@ -36,8 +37,8 @@ def three_paths(tmp_path_factory, kitti_samples):
     if not resources.exists("models", DEMO_CHECKPOINT_NAME):
         pytest.skip("bundled demo checkpoint missing")
     pytest.importorskip("rosbags")
-    pytest.importorskip("rclpy")
-    pytest.importorskip("vision_msgs.msg")
+    require("rclpy")
+    require("vision_msgs.msg")
     tmp = tmp_path_factory.mktemp("one_answer")
     src = kitti_samples / "object" / "training"
     data = tmp / "kitti"

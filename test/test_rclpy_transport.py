@@ -8,11 +8,6 @@ The receiver reports what it got; this process checks it against values it compu
 from __future__ import annotations
 
 import hashlib
-import itertools
-import json
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -20,62 +15,19 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FASTDDS_PROFILE = REPO / "config" / "fastdds_shm.xml"
 FRAME = "000008"
 
-try:
-    import rclpy  # noqa: F401  (the children need it; importing here gives a clear skip/fail)
-except ImportError as exc:  # pragma: no cover - depends on the installation
-    if os.environ.get("CMFIOU_REQUIRE_ROS"):
-        raise
-    pytest.skip(f"rclpy not importable ({exc}); run scripts/setup.sh and . .venv/cmfiou.env",
-                allow_module_level=True)
+from rosutil import require, run_children  # noqa: E402
+
+require("rclpy")  # the children need it; importing here gives a clear skip (or, under CMFIOU_REQUIRE_ROS, a failure)
 
 pytestmark = pytest.mark.ros
-
-_domain_counter = itertools.count()
-
-
-def ros_env() -> dict:
-    """Environment for a child ROS process: private domain, the SHM profile, the repo importable."""
-    env = dict(os.environ)
-    env["ROS_DOMAIN_ID"] = str(1 + (os.getpid() * 7 + 13 * next(_domain_counter)) % 100)
-    env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(FASTDDS_PROFILE)
-    env["RMW_IMPLEMENTATION"] = "rmw_fastrtps_cpp"
-    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    env.pop("ROS_LOCALHOST_ONLY", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def run_pair(pub_script: str, sub_script: str, args: list, timeout: float = 90.0) -> tuple[dict, dict]:
     """Start subscriber and publisher processes together; return the JSON each prints on its last stdout line."""
-    env = ros_env()
-    sub = subprocess.Popen([sys.executable, "-c", sub_script, *args], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    pub = subprocess.Popen([sys.executable, "-c", pub_script, *args], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    outs = {}
-    try:
-        for name, proc in (("subscriber", sub), ("publisher", pub)):
-            try:
-                out, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate()
-                pytest.fail(f"{name} timed out after {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
-            if proc.returncode != 0:
-                pytest.fail(f"{name} exited {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}")
-            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-            assert lines, f"{name} printed no result\nstdout:\n{out}\nstderr:\n{err}"
-            outs[name] = json.loads(lines[-1])
-    finally:
-        for proc in (sub, pub):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return outs["publisher"], outs["subscriber"]
+    out = run_children({"subscriber": sub_script, "publisher": pub_script}, args, timeout)
+    return out["publisher"], out["subscriber"]
 
 
 # ---- child processes ---------------------------------------------------------------------------------------------

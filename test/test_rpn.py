@@ -176,6 +176,42 @@ def test_eval_three_views(cfg, views):
     assert b["batch_box_preds"].shape[-1] == 7 and torch.isfinite(b["batch_box_preds"]).all()
 
 
+def _sorted_sparse(t):
+    idx = t.indices.long()
+    key = ((idx[:, 0] * 4096 + idx[:, 1]) * 4096 + idx[:, 2]) * 8192 + idx[:, 3]
+    o = torch.argsort(key)
+    return idx[o], t.features[o]
+
+
+def test_three_identity_views_equal_the_one_view_path(cfg):
+    """With three identity views, every view's sparse features (raw and pseudo branch, each level) and the dense head
+    equal the single-view forward on the same points ("separate" batching: each view in its own tensor)."""
+    torch.manual_seed(0)
+    one = dataclasses.replace(cfg, backbone_3d=dataclasses.replace(cfg.backbone_3d, view_batching="separate"),
+                              test_views=dataclasses.replace(cfg.test_views, rotation=(0.0,), flip=(0,), scale=(1.0,)))
+    three = dataclasses.replace(one, test_views=dataclasses.replace(cfg.test_views, rotation=(0.0,) * 3,
+                                                                   flip=(0,) * 3, scale=(1.0,) * 3))
+    m = build_model(one, with_roi_head=False).eval()
+    raw, pseudo = _scene(3, GT)
+    with torch.no_grad():
+        b1 = m(prepare_batch([raw], [pseudo], [_calib()], one, transform_params=[one.test_views.params()],
+                             image_shapes=[(375, 1242)]))
+        b3 = m(prepare_batch([raw], [pseudo], [_calib()], three, transform_params=[three.test_views.params()],
+                             image_shapes=[(375, 1242)]))
+    n_checked = 0
+    for s in ("", "1", "2"):
+        for key in ("multi_scale_3d_features", "multi_scale_3d_features_mm"):
+            for level in ("x_conv1", "x_conv2", "x_conv3", "x_conv4"):
+                i1, f1 = _sorted_sparse(b1[key][level])
+                i3, f3 = _sorted_sparse(b3[key + s][level])
+                assert torch.equal(i1, i3), (key + s, level)
+                assert f1.shape[0] > 0 and torch.allclose(f1, f3, atol=1e-5), (key + s, level)
+                n_checked += 1
+    assert n_checked == 24
+    for k in ("st_features_2d", "batch_cls_preds", "batch_box_preds"):
+        assert torch.allclose(b1[k], b3[k], atol=1e-5), k
+
+
 def test_losses_against_direct_formulas():
     from cmfiou_core.model.rpn import direction_targets, sigmoid_focal_loss, weighted_smooth_l1
     g = torch.Generator().manual_seed(0)

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-rclpy = pytest.importorskip("rclpy")
-pytest.importorskip("cmfiou_ros.msg")
+from rosutil import require  # noqa: E402  (pytest puts test/ on sys.path)
+rclpy = require("rclpy")
+require("cmfiou_ros.msg")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rosutil import fresh_domain, kitti_frame_msgs, make_detector, wait_until  # noqa: E402

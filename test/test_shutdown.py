@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-rclpy = pytest.importorskip("rclpy")
+from rosutil import require  # noqa: E402  (pytest puts test/ on sys.path)
+rclpy = require("rclpy")
 
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 

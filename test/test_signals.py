@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("rclpy")
+from rosutil import require  # noqa: E402  (pytest puts test/ on sys.path)
+require("rclpy")
 
 from cmfiou_ros import graph  # noqa: E402
 from cmfiou_ros.run_graph import node_command, write_overrides  # noqa: E402
@@ -183,3 +184,50 @@ def test_frame_longer_than_the_grace_is_dropped_and_counted(kitti_samples):
     assert f"1 still inferring after {SHUTDOWN_GRACE_S:g} s" in det, det
     assert "shutdown (SIGINT): 1 frames in, 0 published, 1 dropped" in det, det
     assert took < SHUTDOWN_GRACE_S + 8, took
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_signal_during_warm_up_is_a_clean_exit(sig):
+    """A signal while the pipeline warms up (3 s here): the warm-up step finishes (a torch op is not
+    interruptible), then exit 0 -- no failed lifecycle transition, no traceback, no /rosout errors."""
+    spec = graph.replay_graph({"pipeline_factory": TINY})[1]
+    spec.parameters["warmup"] = True
+    tmp = Path(tempfile.mkdtemp(prefix="cmfiou_sig_"))
+    log = tmp / "det.log"
+    p = subprocess.Popen(node_command(spec, write_overrides(spec, str(tmp))), env=_env(CMFIOU_TINY_SLEEP_MS="3000"),
+                         cwd=tmp, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(log, "pipeline loaded by", [p], 60)
+        p.send_signal(sig)
+        rc = p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    text = log.read_text()
+    _assert_clean(text, rc, "detector")
+    name = signal.Signals(sig).name
+    assert f"{name} while loading / warming up the pipeline: not configured" in text, text
+    assert f"shutdown ({name}): 0 frames in, 0 published, 0 dropped" in text, text
+    for bad in ("Failed to complete transition", "rosout", "configure failed"):
+        assert bad not in text, text
+
+
+def test_sigterm_while_unconfigured_is_a_clean_exit():
+    """autostart:=false: the node waits unconfigured for the lifecycle services; SIGTERM -> exit 0, quiet."""
+    spec = graph.replay_graph({"pipeline_factory": TINY})[1]
+    spec.parameters["autostart"] = False
+    tmp = Path(tempfile.mkdtemp(prefix="cmfiou_sig_"))
+    log = tmp / "det.log"
+    p = subprocess.Popen(node_command(spec, write_overrides(spec, str(tmp))), env=_env(), cwd=tmp,
+                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        time.sleep(3.0)
+        assert p.poll() is None, log.read_text()
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    text = log.read_text()
+    _assert_clean(text, rc, "detector")
+    assert "shutdown (SIGTERM): 0 frames in, 0 published, 0 dropped" in text and "configured:" not in text, text

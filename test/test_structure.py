@@ -114,3 +114,22 @@ def test_core_never_imports_ros():
 def test_production_code_never_imports_the_frozen_depth_reference():
     g = import_graph()
     assert [m for m, deps in g.items() if "cmfiou_core.depth.reference" in deps] == []
+
+
+def test_load_factory_module_file_and_errors(tmp_path):
+    """One pipeline-factory loader (cmfiou_core.factory) for the node parameter and bag-eval's flag."""
+    import pytest
+
+    from cmfiou_core.factory import load_factory
+    from cmfiou_core.pipeline import Pipeline
+
+    assert load_factory("cmfiou_core.pipeline:Pipeline.from_config") == Pipeline.from_config
+    f = tmp_path / "fac.py"
+    f.write_text("class P:\n    @classmethod\n    def make(cls):\n        return 42\nNOT = 1\n")
+    assert load_factory(f"{f}:P.make")() == 42
+    with pytest.raises(KeyError, match="pipeline_factory"):
+        load_factory(f"{f}:NOT", error=KeyError)
+    with pytest.raises(ValueError, match="--pipeline-factory 'nocolon': expected 'module:attr'"):
+        load_factory("nocolon", "--pipeline-factory")
+    with pytest.raises(ValueError, match="not found"):
+        load_factory(f"{tmp_path / 'missing.py'}:x")

@@ -4,8 +4,9 @@ time, interpolation, extrapolation, the static cache, cache time, rejected trans
 the same transforms go into tf2_ros.Buffer too and both must give the same answers."""
 import numpy as np
 import pytest
+from rosutil import require  # noqa: E402
 
-pytest.importorskip("geometry_msgs.msg")
+require("geometry_msgs.msg")
 from scipy.spatial.transform import Rotation, Slerp  # noqa: E402
 
 from cmfiou_ros import convert as C  # noqa: E402
@@ -209,8 +210,8 @@ def test_tf2_ros_is_first_choice_and_agrees_with_the_fallback():
 
 
 def test_make_tf_source_prefers_tf2_ros_when_importable():
-    rclpy = pytest.importorskip("rclpy")
-    pytest.importorskip("tf2_msgs.msg")
+    rclpy = require("rclpy")
+    require("tf2_msgs.msg")
     import importlib.util
 
     ctx = rclpy.Context()

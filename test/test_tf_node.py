@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-rclpy = pytest.importorskip("rclpy")
-pytest.importorskip("vision_msgs.msg")
-pytest.importorskip("cmfiou_ros.msg")
-pytest.importorskip("tf2_msgs.msg")
+from rosutil import require  # noqa: E402  (pytest puts test/ on sys.path)
+rclpy = require("rclpy")
+require("vision_msgs.msg")
+require("cmfiou_ros.msg")
+require("tf2_msgs.msg")
 from scipy.spatial.transform import Rotation, Slerp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

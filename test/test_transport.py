@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from cmfiou_ros import transport as T
+from rosutil import require  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
@@ -51,10 +51,10 @@ def test_active_limit_sources(tmp_path):
 def test_replay_warns_when_publishing_above_the_profiles_limit(tmp_path, kitti_samples):
     """The replay node with a profile whose maxMessageSize is 1 MiB publishes a ~1.8 MiB KITTI cloud: it says, on the
     publishing side, that best-effort subscribers will likely not get it (they would not be told)."""
-    pytest.importorskip("rclpy")
-    pytest.importorskip("cmfiou_ros.msg")
+    require("rclpy")
+    require("cmfiou_ros.msg")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from rosutil import fresh_domain
+    from rosutil import fresh_domain  # noqa: E402
 
     from cmfiou_ros.run_graph import child_env
 

@@ -298,14 +298,14 @@ def image_plane_indices(t: PaddedSparse, calib: Dict[str, torch.Tensor], stride:
 
 
 def _inverse_view_rows(points: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    from ..geometry.boxes import rotate_points_along_z
+    """``inverse_view_transform`` with one parameter row per point (the views batched as samples): each row is its
+    own batch of one for ``geometry.view_transform.inverse_xyz``."""
+    from ..geometry.view_transform import inverse_xyz
 
+    param = param.to(points.dtype)
     if param.shape[1] >= 6:
         points = points - param[:, 3:6]
-    pts = points / param[:, 2:3]
-    y = torch.where(param[:, 1] != 0, -pts[:, 1], pts[:, 1])
-    pts = torch.stack([pts[:, 0], y, pts[:, 2]], dim=1)
-    return rotate_points_along_z(pts[:, None, :], -param[:, 0])[:, 0]
+    return inverse_xyz(points[:, None, :], param[:, 0], param[:, 1], param[:, 2])[:, 0]
 
 
 def _site_table(uv: torch.Tensor, valid: torch.Tensor, shape, batch_size: int, capacity: int):

@@ -41,6 +41,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from cmfiou_core.calib import Calibration
+from cmfiou_core.geometry.rotation import matrix_to_quaternion, nearest_rotation
+from cmfiou_core.msg_format import MessageError, pointcloud2_to_xyzi
+from cmfiou_core.msg_format import image_to_rgb as _image_to_rgb
 
 TOPICS = {
     "cloud": "/kitti/velo/pointcloud",
@@ -158,22 +161,9 @@ def kitti_raw_frames(drive_dir: Union[str, Path], cam: int = 2) -> Iterator[Sour
 
 # ------------------------------------------------------------------------------------------------ message builders
 def _rot_to_quat(R: np.ndarray):
-    """Rotation matrix -> (x, y, z, w) (orthonormalised first, via SVD)."""
-    u, _, vt = np.linalg.svd(R)
-    R = u @ vt
-    tr = np.trace(R)
-    if tr > 0:
-        s = math.sqrt(tr + 1.0) * 2
-        return ((R[2, 1] - R[1, 2]) / s, (R[0, 2] - R[2, 0]) / s, (R[1, 0] - R[0, 1]) / s, 0.25 * s)
-    i = int(np.argmax(np.diag(R)))
-    j, k = (i + 1) % 3, (i + 2) % 3
-    s = math.sqrt(1.0 + R[i, i] - R[j, j] - R[k, k]) * 2
-    q = [0.0, 0.0, 0.0, 0.0]
-    q[i] = 0.25 * s
-    q[j] = (R[j, i] + R[i, j]) / s
-    q[k] = (R[k, i] + R[i, k]) / s
-    q[3] = (R[k, j] - R[j, k]) / s
-    return tuple(q)
+    """Rotation matrix -> (x, y, z, w) of its nearest rotation (orthonormalised first: KITTI's text matrices are not
+    exactly orthonormal)."""
+    return matrix_to_quaternion(nearest_rotation(R))
 
 
 def ros_calibration(calib: Calibration) -> Calibration:
@@ -376,20 +366,20 @@ def _stamp(h) -> int:
 
 
 def cloud_to_xyzi(msg, topic: str) -> np.ndarray:
-    names = [f.name for f in msg.fields]
-    if msg.point_step != 16 or names[:4] != ["x", "y", "z", "intensity"] or any(f.datatype != 7 for f in msg.fields[:4]):
-        raise BagError(f"{topic}: expected x, y, z, intensity float32 with point_step 16, got fields {names} "
-                       f"step {msg.point_step}")
-    data = np.asarray(msg.data, np.uint8)
-    if data.size != msg.width * msg.height * 16:
-        raise BagError(f"{topic}: data size {data.size} != width*height*point_step")
-    return data.view("<f4").reshape(-1, 4)
+    """(N, 4) float32 x, y, z, intensity of a bag's PointCloud2, decoded as the detector node decodes it
+    (``msg_format.pointcloud2_to_xyzi``: any field layout, non-finite rows dropped)."""
+    try:
+        return pointcloud2_to_xyzi(msg, allow_empty=True)[0]
+    except MessageError as e:
+        raise BagError(f"{topic}: {e}") from None
 
 
 def image_to_rgb(msg, topic: str) -> np.ndarray:
-    if msg.encoding != "rgb8" or msg.step != 3 * msg.width:
-        raise BagError(f"{topic}: expected rgb8 without row padding, got {msg.encoding!r} step {msg.step}")
-    return np.asarray(msg.data, np.uint8).reshape(msg.height, msg.width, 3)
+    """(H, W, 3) uint8 RGB of a bag's Image, decoded as the detector node decodes it (``msg_format.image_to_rgb``)."""
+    try:
+        return _image_to_rgb(msg)
+    except MessageError as e:
+        raise BagError(f"{topic}: {e}") from None
 
 
 def read_frames(path: Union[str, Path], need_image: bool = False) -> List[BagFrame]:

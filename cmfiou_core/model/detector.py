@@ -20,7 +20,7 @@ from torch import nn
 from .backbone3d import VCEConv8x
 from .bev import BaseBEVBackbone, HeightCompression
 from .model_config import FullConfig, ModelConfig
-from .resvc import view_transform_points
+from ..geometry.view_transform import view_transform_points
 from .rpn import AnchorHeadSingle
 from .vfe import MeanVFE
 from .voxelize import Voxelizer

@@ -30,7 +30,7 @@ import spconv.pytorch as spconv
 import torch
 from torch import nn
 
-from ..geometry.boxes import rotate_points_along_z
+from ..geometry.view_transform import inverse_view_transform, view_transform_points  # noqa: F401 (re-exported)
 from .s2d import BN1D, sparse_block
 
 IMAGE_GRID_W, IMAGE_GRID_H = 1400, 400   # official hard-coded image-plane extent (pixels) of the 2D sparse tensor
@@ -45,31 +45,6 @@ def voxel_centers(indices: torch.Tensor, stride: int, pc_range: Sequence[float],
     y = f[:, 2] * vs[1] + mins[1]
     z = f[:, 1] * vs[2] + mins[2]
     return torch.stack([x, y, z], dim=1)
-
-
-def view_transform_points(points: torch.Tensor, param) -> torch.Tensor:
-    """Apply a [rot, flip, scale] test view (X_TRANS forward order: rotate about z by ``rot``, negate y if ``flip``,
-    scale xyz) to (N, 3+C) points; extra columns pass through."""
-    param = torch.as_tensor(param, dtype=points.dtype, device=points.device)
-    pts = rotate_points_along_z(points[None, :, :3], param[0:1])[0]
-    y = torch.where(param[1] != 0, -pts[:, 1], pts[:, 1])
-    pts = torch.stack([pts[:, 0], y, pts[:, 2]], dim=1) * param[2]
-    return torch.cat([pts, points[:, 3:]], dim=1)
-
-
-def inverse_view_transform(points: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """Undo a [rot, flip, scale] view/augmentation on (N, 3) points (X_TRANS.backward_with_param order).
-
-    A 6-element ``[rot, flip, scale, tx, ty, tz]`` also undoes the global shift that training's ``random_local_trans``
-    applies after the world transforms (first subtracted). The official code does not record that shift, so its
-    image-plane projection is off by up to 0.5 m during training but exact at test time; ours is exact in both."""
-    param = param.to(points.dtype)
-    if param.shape[0] >= 6:
-        points = points - param[3:6]
-    pts = points / param[2]
-    y = torch.where(param[1] != 0, -pts[:, 1], pts[:, 1])
-    pts = torch.stack([pts[:, 0], y, pts[:, 2]], dim=1)
-    return rotate_points_along_z(pts[None], -param[0:1])[0]
 
 
 def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, Section
 from ..geometry.boxes import rotate_points_along_z
 from ..geometry.coders import ResidualCoder
+from ..geometry.view_transform import x_trans_backward, x_trans_forward  # noqa: F401 (re-exported)
 from ..opcount import mark
 from .grid_pool import _grid_index, build_pool_layers, roi_grid_pool
 from .iou_joint import decode_iou_pred, encode_iou_target
@@ -251,31 +252,6 @@ class CrossAttention(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- view transforms
-def x_trans_forward(boxes: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """Boxes (B, N, 7+) in the original frame -> view frame. param (B, 3) [rot, flip, scale]: rotate, flip y, scale."""
-    rot, flip, scale = param[:, 0], param[:, 1], param[:, 2]
-    xyz = rotate_points_along_z(boxes[:, :, 0:3], rot)
-    h = boxes[:, :, 6] + rot[:, None]
-    f = (flip[:, None] > 0.5)
-    y = torch.where(f, -xyz[:, :, 1], xyz[:, :, 1])
-    h = torch.where(f, -h, h)
-    xyz = torch.stack([xyz[:, :, 0], y, xyz[:, :, 2]], dim=-1) * scale[:, None, None]
-    dims = boxes[:, :, 3:6] * scale[:, None, None]
-    return torch.cat([xyz, dims, h[..., None], boxes[:, :, 7:]], dim=-1)
-
-
-def x_trans_backward(boxes: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`x_trans_forward`: un-scale, un-flip, rotate by -rot."""
-    rot, flip, scale = param[:, 0], param[:, 1], param[:, 2]
-    xyz = boxes[:, :, 0:3] / scale[:, None, None]
-    dims = boxes[:, :, 3:6] / scale[:, None, None]
-    f = (flip[:, None] > 0.5)
-    y = torch.where(f, -xyz[:, :, 1], xyz[:, :, 1])
-    h = torch.where(f, -boxes[:, :, 6], boxes[:, :, 6])
-    xyz = rotate_points_along_z(torch.stack([xyz[:, :, 0], y, xyz[:, :, 2]], dim=-1), -rot)
-    return torch.cat([xyz, dims, (h - rot[:, None])[..., None], boxes[:, :, 7:]], dim=-1)
-
-
 # ------------------------------------------------------------------------------------------------- head
 class RoIHead(nn.Module):
     """3-stage CMF-IOU RoI head (official ``TEDMHead`` state_dict layout under ``roi_head.``; + ``iou_layers``)."""

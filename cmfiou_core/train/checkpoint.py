@@ -176,3 +176,20 @@ def load_model_weights(model: nn.Module, ckpt_or_path: Union[str, Path, Mapping]
     if any(k.startswith("module.") for k in state):
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     return unwrap_model(model).load_state_dict(state, strict=strict)
+
+
+def check_resumable(ckpt: Mapping, path, iters_per_epoch: int, total_iters: int) -> None:
+    """A checkpoint an exact continuation can start from: optimizer and scheduler state present, the same
+    iterations per epoch (dataset, batch size, process count) and the same schedule length (epochs); ValueError
+    naming the difference otherwise."""
+    meta = ckpt.get("meta") or {}
+    if ckpt.get("optimizer_state") is None or ckpt.get("scheduler_state") is None:
+        raise ValueError(f"{path}: has no optimizer/scheduler state (an exported checkpoint?); use it as --init")
+    ipe = meta.get("iters_per_epoch")
+    if ipe != iters_per_epoch:
+        raise ValueError(f"{path}: saved with {ipe} iterations/epoch, this run has {iters_per_epoch} "
+                         "(dataset, batch size or process count changed); cannot resume exactly")
+    sched = ckpt["scheduler_state"]
+    if int(sched["total_steps"]) != total_iters:
+        raise ValueError(f"{path}: schedule has {sched['total_steps']} iterations, this run {total_iters} "
+                         f"(--epochs differs from the original {int(sched['total_steps']) // ipe})")

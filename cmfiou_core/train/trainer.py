@@ -21,9 +21,7 @@ import contextlib
 import json
 import logging
 import math
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import link_or_copy, load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (check_resumable, link_or_copy, load_checkpoint, load_model_weights, rng_state, save_checkpoint,
+                         set_rng_state)
+from .control import StopSignals, TimeBudget
 from .data import ResumableDistributedSampler, SeededDataset, build_train_loader, move_to_device, \
     shutdown_loader_workers
 from .dist import DistInfo, all_gather_object, barrier, init_distributed, seed_everything
@@ -243,7 +243,8 @@ class Trainer:
         self._run_start_it = 0
         self.history: List[Dict[str, float]] = []
         self.evals: Dict[int, Dict[str, float]] = {}
-        self._signal: Optional[int] = None
+        self.signals = StopSignals()
+        self.budget = TimeBudget(cfg.max_minutes, self.time_origin)
         self._last_save_time = time.time()
         self._save_seconds = 0.0
         self._eval_seconds = 0.0
@@ -289,16 +290,8 @@ class Trainer:
         """Restore everything for an exact continuation (all ranks load the same file)."""
         ckpt = load_checkpoint(path)
         meta = ckpt.get("meta") or {}
-        if ckpt.get("optimizer_state") is None or ckpt.get("scheduler_state") is None:
-            raise ValueError(f"{path}: has no optimizer/scheduler state (an exported checkpoint?); use it as --init")
-        ipe = meta.get("iters_per_epoch")
-        if ipe != self.iters_per_epoch:
-            raise ValueError(f"{path}: saved with {ipe} iterations/epoch, this run has {self.iters_per_epoch} "
-                             "(dataset, batch size or process count changed); cannot resume exactly")
+        check_resumable(ckpt, path, self.iters_per_epoch, self.total_iters)
         sched = ckpt["scheduler_state"]
-        if int(sched["total_steps"]) != self.total_iters:
-            raise ValueError(f"{path}: schedule has {sched['total_steps']} iterations, this run {self.total_iters} "
-                             f"(--epochs differs from the original {int(sched['total_steps']) // ipe})")
         load_model_weights(self.model, ckpt, strict=True)
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.scheduler.load_state_dict(sched)
@@ -319,43 +312,12 @@ class Trainer:
         if self.is_main:
             log.info("resumed from %s: epoch %d, it %d/%d", path, self.epoch, self.it, self.total_iters)
 
-    # ================================================================================================ signals
-    def _install_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        old = {}
-
-        def handler(signum, frame):
-            if self._signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self._signal = signum
-            log.warning("signal %d: stopping after this iteration and saving", signum)
-
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                old[s] = signal.signal(s, handler)
-            except (ValueError, OSError):
-                pass
-        return old
-
-    @staticmethod
-    def _restore_signals(old) -> None:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-    # ================================================================================================ timing
+    # ================================================================================================ stopping
     def _elapsed(self) -> float:
-        return time.time() - self.time_origin
-
-    def _budget_s(self) -> Optional[float]:
-        return None if self.cfg.max_minutes is None else self.cfg.max_minutes * 60.0
+        return self.budget.elapsed()
 
     def _budget_exhausted(self, extra: float = 0.0) -> bool:
-        b = self._budget_s()
-        if b is None:
-            return False
-        need = 1.5 * (self._it_time_ema or 0.0) + self._save_seconds + extra
-        return self._elapsed() + need >= b
+        return self.budget.exhausted(self._it_time_ema or 0.0, self._save_seconds, extra)
 
     def _sync_flags(self, *flags: float) -> List[float]:
         """Sum small per-rank numbers across ranks (one collective); identity in single process."""
@@ -367,9 +329,8 @@ class Trainer:
 
     # ================================================================================================ training
     def _schedule(self) -> Tuple[float, float]:
-        b = self._budget_s()
-        if self.cfg.time_schedule and b is not None:
-            t_frac = min(self._elapsed() / b, 1.0)
+        if self.cfg.time_schedule and self.budget.seconds is not None:
+            t_frac = self.budget.fraction()
             f = max(self.it / self.total_iters, self.progress0 + (1.0 - self.progress0) * t_frac)
             return self.scheduler.set_progress(f)
         return self.scheduler.step(self.it)
@@ -479,12 +440,12 @@ class Trainer:
                 t_start = time.perf_counter()
                 step = self.train_step(batch)
                 hit_max = cfg.max_iters is not None and self.it - self._run_start_it >= cfg.max_iters
-                local_stop = 1.0 if (self._signal is not None or hit_max or
+                local_stop = 1.0 if (self.signals.received or hit_max or
                                      (self.is_main and self._budget_exhausted())) else 0.0
                 local_save = 1.0 if (self.is_main and cfg.save_every_minutes > 0 and
                                      time.time() - self._last_save_time >= cfg.save_every_minutes * 60) else 0.0
                 loss_sum, stop, save, sig = self._sync_flags(float(step["loss"]), local_stop, local_save,
-                                                             1.0 if self._signal is not None else 0.0)
+                                                             1.0 if self.signals.received else 0.0)
                 loss_mean = loss_sum / self.dist.world_size
                 now = time.perf_counter()
                 it_time = now - t_data
@@ -551,15 +512,15 @@ class Trainer:
                      self.cfg.epochs, self.iters_per_epoch, self.cfg.batch_size, self.dist.world_size, self.device,
                      self.cfg.lr, self.cfg.amp, self.out_dir)
         self._run_start_it = self.it
-        old = self._install_signals()
+        self.signals.install()
         status, ckpt = "completed", None
         self._last_save_time = time.time()
         try:
             while self.epoch < self.cfg.epochs:
                 (pre_stop,) = self._sync_flags(
-                    1.0 if (self._signal is not None or (self.is_main and self._budget_exhausted())) else 0.0)
+                    1.0 if (self.signals.received or (self.is_main and self._budget_exhausted())) else 0.0)
                 if pre_stop > 0:
-                    status = "signal" if self._signal is not None else "time_budget"
+                    status = "signal" if self.signals.received else "time_budget"
                     ckpt = self.save("latest.pth", status=status)
                     break
                 reason = self._train_epoch()
@@ -581,7 +542,7 @@ class Trainer:
                         ckpt = self.save("latest.pth", status=status)
                     break
         finally:
-            self._restore_signals(old)
+            self.signals.restore()
             self.logger.flush()
             shutdown_loader_workers(self.loader)
         if ckpt is None and self.is_main and (self.ckpt_dir / "latest.pth").exists():

@@ -27,6 +27,9 @@ b)
     log "pipeline $e, $v view(s), demo checkpoint"
     TO=120 B --checkpoint '' --engine $e --views $v --frames ${FRAMES:-60} --warmup 16 --profile 3 --verbose \
       --label "$v view(s) $e demo" --json $OUT/bench_${v}view_${e}_demo_h200.json --md $OUT/bench_${v}view_${e}_demo_h200.md 2>&1 | filt | grep --line-buffered -v "^\[bench\] frame"
-  done ;;
+  done
+  [ -n "${AGREE:-}" ] && { log "engine agreement, demo checkpoint"
+    timeout 200 python3 bench/engine_agreement.py --device cuda --checkpoint '' $kit --generated 8 --gen-dir /tmp/genb \
+      --json $OUT/engine_agreement_demo_h200.json 2>&1 | filt | tail -30; } ;;
 esac
 log done

@@ -3,38 +3,16 @@ from what the sensors see."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List
 
 import numpy as np
 
-from ...calib import Calibration
-from ...geometry.boxes import boxes3d_kitti_camera_to_imageboxes, boxes_to_corners_3d
-from ..labels import dontcare_line, format_label_line
+from .frame_base import SyntheticFrame, make_labels, road_plane  # noqa: F401 (SyntheticFrame re-exported)
 from .raycast import Buffers, Prims, render
 from .scene import (PROFILES, SceneConfig, background_prims, ground_material, object_prims, sample_layout,
                     sample_objects)
-from .sensors import (GROUND_Z, IMAGE_H, IMAGE_W, camera_block, camera_rays_cached, ground_hit, lidar_block,
+from .sensors import (IMAGE_H, IMAGE_W, camera_block, camera_rays_cached, ground_hit, lidar_block,
                       lidar_grid, kitti_calibration)
-
-
-@dataclass
-class SyntheticFrame:
-    points: np.ndarray  # (N, 4) float32 x, y, z, intensity
-    image: np.ndarray  # (H, W, 3) uint8
-    calib: Calibration
-    label_text: str
-    plane: np.ndarray  # (4,) road plane in the rect frame (KITTI planes file)
-    names: List[str]  # per generated object
-    boxes_lidar: np.ndarray  # (M, 7) all generated objects
-    labelled: np.ndarray  # (M,) bool: written as a real label (not DontCare / not labelled)
-    occluded: np.ndarray  # (M,) int KITTI occlusion level (-1 when not in the image)
-    visible_fraction: np.ndarray  # (M,)
-    colours: List[Tuple[float, float, float]]  # main albedo per object
-    point_object: np.ndarray  # (N,) object index hit by each point, -1 background
-    pixel_object: np.ndarray  # (H, W) object index visible at each pixel, -1 background
-    bbox2d: np.ndarray  # (M, 4) clipped projected 2D boxes (labelled objects)
-    extras: dict = field(default_factory=dict)  # profile-specific outputs (kitti_v2: per-ray / per-point materials)
 
 
 def generate_frame(seed: int, index: int, cfg: SceneConfig = SceneConfig()) -> SyntheticFrame:
@@ -121,59 +99,3 @@ def generate_frame(seed: int, index: int, cfg: SceneConfig = SceneConfig()) -> S
                           plane=plane, names=[c for c, _, _ in objs], boxes_lidar=boxes, labelled=labelled,
                           occluded=occl, visible_fraction=vfrac, colours=colours, point_object=pobj.astype(np.int32),
                           pixel_object=pix_obj, bbox2d=bbox2d)
-
-
-def make_labels(objs, own, pix_obj: np.ndarray, calib: Calibration, cfg, H: int, Wi: int):
-    """KITTI label lines of the generated objects ``objs`` [(class, lidar box, rounded camera box)] from what the
-    camera sees: ``own[k]`` = pixels object k covers on its own, ``pix_obj`` = object index per visible pixel.
-    -> (lidar boxes (M, 7), lines (DontCare last), labelled (M,), occlusion (M,), visible fraction (M,), 2D boxes)."""
-    n_obj = len(objs)
-    boxes = np.array([b for _, b, _ in objs]).reshape(-1, 7)
-    cams = np.array([c for _, _, c in objs]).reshape(-1, 7)
-    vis = np.bincount(pix_obj[pix_obj >= 0], minlength=n_obj)[:n_obj] if n_obj else np.zeros(0, int)
-    lines, labelled = [], np.zeros(n_obj, bool)
-    occl = np.full(n_obj, -1, dtype=np.int64)
-    vfrac = np.zeros(n_obj)
-    bbox2d = np.zeros((n_obj, 4))
-    if n_obj:  # all objects at once (few calls into the torch geometry)
-        depth_all = calib.lidar_to_rect(boxes_to_corners_3d(boxes).reshape(-1, 3))[:, 2].reshape(n_obj, 8)
-        full_all = boxes3d_kitti_camera_to_imageboxes(cams, calib)
-        clip_all = boxes3d_kitti_camera_to_imageboxes(cams, calib, (H, Wi))
-    for k in range(n_obj):
-        cls = objs[k][0]
-        if own[k] == 0 or vis[k] == 0:
-            continue
-        frac = vis[k] / own[k]
-        vfrac[k] = frac
-        occl[k] = 0 if frac >= 0.8 else (1 if frac >= 0.4 else 2)
-        depth = depth_all[k]
-        dist = float(np.hypot(boxes[k, 0], boxes[k, 1]))
-        vv, uu = np.nonzero(pix_obj == k)
-        vis_box = (float(uu.min()), float(vv.min()), float(uu.max()), float(vv.max()))
-        if np.any(depth <= 0.1) or dist > cfg.max_label_distance:
-            if cfg.dontcare and vis[k] >= 20:
-                lines.append(dontcare_line(vis_box))
-            continue
-        full, clip = full_all[k], clip_all[k]
-        a_full = max((full[2] - full[0]) * (full[3] - full[1]), 1e-9)
-        a_clip = max(clip[2] - clip[0], 0) * max(clip[3] - clip[1], 0)
-        trunc = float(np.clip(1.0 - a_clip / a_full, 0.0, 1.0))
-        bbox2d[k] = clip
-        x, y, z, l, h, w, ry = cams[k]
-        alpha = ry - math.atan2(x, z)
-        alpha = (alpha + math.pi) % (2 * math.pi) - math.pi
-        lines.append(format_label_line(cls, trunc, int(occl[k]), alpha, clip, (h, w, l), (x, y, z), ry))
-        labelled[k] = True
-    # non-DontCare lines first (OpenPCDet assumes DontCare at the end)
-    lines.sort(key=lambda s: s.startswith("DontCare"))
-    return boxes, lines, labelled, occl, vfrac, bbox2d
-
-
-def road_plane(calib: Calibration) -> np.ndarray:
-    """Ground z = GROUND_Z (LiDAR) as a rect-frame plane a x + b y + c z + d = 0, normal pointing up (b < 0)."""
-    R = calib.V2R
-    n = R[:3, :3] @ np.array([0.0, 0.0, 1.0])
-    p = R[:3, :3] @ np.array([0.0, 0.0, GROUND_Z]) + R[:3, 3]
-    d = -float(n @ p)
-    return np.array([n[0], n[1], n[2], d])
-

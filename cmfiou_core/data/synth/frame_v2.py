@@ -22,7 +22,7 @@ from typing import List
 
 import numpy as np
 
-from .frame import SyntheticFrame, make_labels, road_plane
+from .frame_base import SyntheticFrame, make_labels, road_plane
 from .raycast import Buffers, Prims, render
 from .scene_v2 import (MAT_FACADE, MAT_FENCE, MAT_GLASS, MAT_RETRO, MAT_VEG, LayoutV2, background_prims_v2,
                        object_prims_v2, sample_layout_v2, sample_objects_v2)

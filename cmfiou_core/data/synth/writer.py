@@ -3,6 +3,7 @@ parallel over frames with identical bytes for any number of workers, and the cac
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
@@ -34,6 +35,14 @@ def _gen_one(args):
     return idx, int(fr.points.shape[0])
 
 
+def _cuda_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    try:
+        return bool(torch is not None and torch.cuda.is_initialized())
+    except Exception:  # noqa: BLE001 - a torch without CUDA support
+        return False
+
+
 def generate_dataset(out: Union[str, Path], num: Optional[int] = None, seed: int = 0, split: str = "training",
                      val_fraction: float = 0.5, workers: Optional[int] = None, cfg: SceneConfig = SceneConfig(),
                      start: int = 0, num_frames: Optional[int] = None) -> Path:
@@ -57,7 +66,10 @@ def generate_dataset(out: Union[str, Path], num: Optional[int] = None, seed: int
     if workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
 
-        with mp.get_context("fork").Pool(workers) as pool:
+        # fork is fast, but a process that has initialised CUDA must not fork (the children hang: measured, a
+        # benchmark that built its CUDA pipeline before generating its scenes printed nothing for minutes)
+        method = "spawn" if _cuda_initialized() else "fork"
+        with mp.get_context(method).Pool(workers) as pool:
             list(pool.imap_unordered(_gen_one, jobs, chunksize=1))
     else:
         for j in jobs:
