@@ -18,7 +18,7 @@ Modes:
   recorded), where the node drops the frames it cannot keep up with. Frames without an output within
   ``--node-timeout`` are *dropped* (evaluated as empty); the drop count is always printed.
 
-LiDAR boxes become KITTI result lines as OpenPCDet does (peers_and_conventions §E.7; ``--pad-small-boxes`` adds
+LiDAR boxes become KITTI result lines as OpenPCDet does (``--pad-small-boxes`` adds
 CMF-IOU's +2 px to < 25 px boxes). Output: printed table, DIR/report.json, report.html, pr_curves.png,
 latency.png, results/<index>.txt. Exit code 2 on bad input (nothing written).
 """

@@ -72,8 +72,11 @@ class DetectorNode(LifecycleNode):
         try:
             self.params = declare(self, DETECTOR_PARAMS)
         except (ParamError, Exception) as e:  # keep the node inspectable; configure fails with the reason
-            self.param_error = str(e)
-            self.get_logger().error(f"invalid parameters: {e}")
+            if not self.context.ok():  # SIGINT/SIGTERM during start-up (declaring publishes events): no error
+                self.param_error = "shut down during start-up"
+            else:
+                self.param_error = str(e)
+                self.get_logger().error(f"invalid parameters: {e}")
         self.unknown_parameters = self._warn_unknown_overrides()
         self.add_on_set_parameters_callback(self._on_set_params)
         self.warn = WarnThrottle(self.get_logger(), self.params.get("warn_throttle", 5.0))
@@ -616,7 +619,7 @@ def main(argv=None) -> int:
                 if latch.received:  # SIGINT/SIGTERM during the load / warm-up: the context is down, exit cleanly
                     stopped = True
                     rclpy.logging.get_logger(f"{node.get_name()}.shutdown").info(
-                        f"{latch.name} while loading / warming up the pipeline: not configured")
+                        f"{latch.name} during start-up (parameters, pipeline load / warm-up): not configured")
                 elif node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                     node.get_logger().fatal("configure failed: exiting")
                     return 2

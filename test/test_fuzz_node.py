@@ -289,7 +289,7 @@ def test_random_then_valid_frame(rig):
     assert len(node.warn.logger.lines) < node.warn.total / 10
 
 
-# ------------------------------------------------------------------------------ robustness cases (issue 18)
+# ------------------------------------------------------------------------------ robustness cases ----------
 # Each sends one frame with one defect and asserts: a warning naming the problem, its counter, and (for every
 # accepted LiDAR frame) an output for that very frame.
 def _spy_outputs(node):

@@ -206,26 +206,38 @@ def test_signal_during_warm_up_is_a_clean_exit(sig):
     text = log.read_text()
     _assert_clean(text, rc, "detector")
     name = signal.Signals(sig).name
-    assert f"{name} while loading / warming up the pipeline: not configured" in text, text
+    assert f"{name} during start-up (parameters, pipeline load / warm-up): not configured" in text, text
     assert f"shutdown ({name}): 0 frames in, 0 published, 0 dropped" in text, text
     for bad in ("Failed to complete transition", "rosout", "configure failed"):
         assert bad not in text, text
 
 
 def test_sigterm_while_unconfigured_is_a_clean_exit():
-    """autostart:=false: the node waits unconfigured for the lifecycle services; SIGTERM -> exit 0, quiet."""
+    """autostart:=false: the node waits unconfigured for the lifecycle services; SIGTERM (as soon as the node is in
+    the ROS graph, which may still be during its start-up) -> exit 0, quiet."""
     spec = graph.replay_graph({"pipeline_factory": TINY})[1]
     spec.parameters["autostart"] = False
     tmp = Path(tempfile.mkdtemp(prefix="cmfiou_sig_"))
     log = tmp / "det.log"
-    p = subprocess.Popen(node_command(spec, write_overrides(spec, str(tmp))), env=_env(), cwd=tmp,
+    env = _env()
+    p = subprocess.Popen(node_command(spec, write_overrides(spec, str(tmp))), env=env, cwd=tmp,
                          stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    import rclpy
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=int(env["ROS_DOMAIN_ID"]))
     try:
-        time.sleep(3.0)
+        probe = rclpy.create_node("unconfigured_probe", context=ctx)
+        t_end = time.monotonic() + 60  # the node is in the graph: it is up (its signal handlers are installed)
+        while "cmfiou_detector" not in probe.get_node_names() and time.monotonic() < t_end:
+            assert p.poll() is None, log.read_text()
+            time.sleep(0.1)
+        probe.destroy_node()
         assert p.poll() is None, log.read_text()
         p.send_signal(signal.SIGTERM)
         rc = p.wait(timeout=30)
     finally:
+        rclpy.shutdown(context=ctx)
         if p.poll() is None:
             p.kill()
     text = log.read_text()

@@ -1,6 +1,6 @@
 """KITTI ``label_2`` text files: parsing with validation, writing, and the OpenPCDet ``annos`` dict layout.
 
-One object per line (devkit readme, peers §E.1)::
+One object per line (KITTI object devkit readme)::
 
     type truncated occluded alpha x1 y1 x2 y2 h w l x y z ry [score]
 

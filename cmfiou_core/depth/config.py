@@ -22,7 +22,7 @@ Example (all keys optional; these are the defaults)::
       penet:
         checkpoint: null           # path to a PENet checkpoint (pe.pth.tar layout); required for method penet
         pad_multiple: 32
-      discard:                     # test-time input_point_discard (spec 2.3)
+      discard:                     # test-time input_point_discard
         rate: 0.8
         bin_num: 10
         max_dis: 60.0

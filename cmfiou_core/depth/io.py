@@ -1,5 +1,5 @@
 """The official ``velodyne_depth/<id>.npy`` format (float16, N x 8, raw rows flag 2 then pseudo rows flag 1) and the
-test-time pseudo-point subsampling ``input_point_discard`` (spec 2.3)."""
+test-time pseudo-point subsampling ``input_point_discard``."""
 from __future__ import annotations
 
 from pathlib import Path

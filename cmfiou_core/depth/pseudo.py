@@ -1,4 +1,4 @@
-"""Pseudo points from camera + LiDAR, following the official CMF-IOU/VirConv ``velodyne_depth`` generation (spec 2.1):
+"""Pseudo points from camera + LiDAR, following the official CMF-IOU/VirConv ``velodyne_depth`` generation:
 
 FOV filter (``get_fov_flag``) -> sparse depth (nearest point per pixel) -> completion (IP-Basic or PENet) -> lift
 pixels with depth >= 0.01 to rect -> LiDAR, attach RGB/3 and flag 1 -> drop LiDAR z >= 1.0 -> ``la_sampling2``

@@ -1,7 +1,7 @@
 """KITTI 3D object evaluation (AP R11 / R40 for bbox, BEV, 3D and AOS), vectorised numpy, float64.
 
 Semantics are those of the python reference used by OpenPCDet / CMF-IOU (``kitti_object_eval_python/eval.py``),
-re-implemented from the protocol description (docs: ``peers_and_conventions.md`` §E):
+re-implemented from the protocol description of the KITTI devkit:
 
 - difficulty filters ``MIN_HEIGHT = 40/25/25`` px (GT ignored when ``height <= MIN_HEIGHT``), ``MAX_OCCLUSION = 0/1/2``,
   ``MAX_TRUNCATION = 0.15/0.30/0.50``; neighbouring classes (Van for Car, Person_sitting for Pedestrian) are

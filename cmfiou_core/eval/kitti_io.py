@@ -180,11 +180,11 @@ def canonical_lidar_boxes(boxes) -> np.ndarray:
 
 def lidar_boxes_to_result_text(boxes, labels, scores, calib, image_shape=None, class_names=("Car", "Pedestrian", "Cyclist"),
                                pad_small: bool = False) -> str:
-    """LiDAR boxes ``[x, y, z, dx, dy, dz, heading]`` -> KITTI result lines (peers_and_conventions §E.7).
+    """LiDAR boxes ``[x, y, z, dx, dy, dz, heading]`` -> KITTI result lines (OpenPCDet ``generate_prediction_dicts``).
 
     z_bottom = z - dz/2 -> rect frame (R0_rect Tr_velo_to_cam); ry = -heading - pi/2; camera box (l=dx, h=dz, w=dy);
     alpha = -atan2(-y, x) + ry; 2D box = min/max of the 8 P2-projected corners clipped to ``image_shape`` (H, W).
-    ``pad_small``: CMF-IOU's release tweak (2D height < 25 px gets 2 px more at the bottom); off = plain §E.7.
+    ``pad_small``: CMF-IOU's release tweak (2D height < 25 px gets 2 px more at the bottom); off = plain OpenPCDet.
     Boxes are first put in :func:`canonical_lidar_boxes` form; ``rotation_y`` and ``alpha`` are written inside
     KITTI's [-pi, pi] (:func:`kitti_angle`). Boxes that the format cannot hold (non-finite, or a size under 1 cm,
     which the parser rejects) are left out with a warning.

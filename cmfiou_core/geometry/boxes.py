@@ -4,7 +4,7 @@ LiDAR boxes: ``[x, y, z, dx, dy, dz, heading]`` (centre; OpenPCDet). KITTI camer
 in the rectified camera frame with (x, y, z) the *bottom* centre (KITTI label convention; camera y points down).
 
 Every function accepts torch tensors (computing on their device/dtype) or numpy arrays (returned as numpy of the same
-dtype); semantics follow OpenPCDet ``pcdet/utils/{common_utils,box_utils}.py`` (see peers §E.7).
+dtype); semantics follow OpenPCDet ``pcdet/utils/{common_utils,box_utils}.py``.
 """
 from __future__ import annotations
 

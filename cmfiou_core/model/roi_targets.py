@@ -188,7 +188,7 @@ def corner_loss_lidar(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 
 def bb_loss(pred: torch.Tensor, gt: torch.Tensor, center_huber: float = 0.0) -> torch.Tensor:
-    """Spec §5.2 ``bb_loss`` per pair (N,): 1.5 * (1 - iou + 1.25 (1 - |cos dθ|) + c(||c_p - c_g||)).
+    """CMF-IOU ``bb_loss`` per pair (N,): 1.5 * (1 - iou + 1.25 (1 - |cos dθ|) + c(||c_p - c_g||)).
 
     ``center_huber`` = 0: c(d) = d^2, the official term. ``center_huber`` = δ > 0: the Huber form c(d) = d^2 for
     d <= δ and 2 δ d - δ^2 beyond (same value and slope at δ): identical to the official term for centre errors up to
