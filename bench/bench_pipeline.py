@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--generated", type=int, default=0, help="also use N generated scenes")
     ap.add_argument("--gen-dir", default=str(ROOT / "data" / "generated"))
     ap.add_argument("--engine", choices=("eager", "graph"), default="eager",
-                    help="eager spconv backbone, or the static-shape engine (CUDA graph on CUDA), issue 16")
+                    help="eager spconv modules, or the static-shape engine (engine.frame: one CUDA graph per frame)")
     ap.add_argument("--views", choices=("config", "1", "3"), default="config",
                     help="override the config's test views: 1 = identity, 3 = the official X_TRANS views")
     ap.add_argument("--no-messages", action="store_true", help="skip ROS message conversion even if available")

@@ -1,4 +1,4 @@
-"""Graph-capturable rotated-BEV NMS, proposal layer and final post-processing (issue 16).
+"""Graph-capturable rotated-BEV NMS, proposal layer and final post-processing.
 
 Same selection as the eager path (``geometry/nms.py``, ``model/proposal.py``, ``model/postprocess.py``) with fixed
 shapes and no host synchronisation (no ``.item()``, ``nonzero()`` or data-dependent shape):

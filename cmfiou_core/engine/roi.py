@@ -1,4 +1,4 @@
-"""Static-shape RoI head (issue 16): the eval forward of ``model.roi_head.RoIHead`` on ``PaddedSparse`` inputs.
+"""Static-shape RoI head: the eval forward of ``model.roi_head.RoIHead`` on ``PaddedSparse`` inputs.
 
 ``StaticRoIHead(head)`` shares the eager module (same parameters, same submodules: FC stacks, cross attention,
 PART conv, grid-pool MLPs) and runs its eval forward with fixed shapes and no host synchronisation, so it can be
