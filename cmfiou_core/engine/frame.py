@@ -159,7 +159,7 @@ class FrameGraph:
     @torch.no_grad()
     def __call__(self, batch: Dict[str, Any]):
         from ..model.postprocess import FrameDetections
-        from .backbone import Capacities, calib_tensors
+        from .backbone import calib_tensors
 
         bb = self.backbone
         V, sfx = bb._views(batch)
@@ -200,22 +200,13 @@ class FrameGraph:
         counts, overflow = [int(c) for c in flat[3:3 + nc]], int(flat[2])
         attempts = 0
         while first or overflow:
-            # capacities from the exact site counts (counts include what did not fit; downstream convs of an
-            # overflowed one saw too few sites, hence the loop)
-            seen = [max(a, b) for a, b in zip(counts, bb._max_counts)] if bb._max_counts else counts
-            bb._max_counts = seen
-            bb.engine.caps = Capacities.calibrated(seen, margin=bb.margin, quantum=4096)
-            bb.calibrated = True
-            self._graphs.clear()
-            if first and not overflow:
-                break
             first = False
+            self._graphs.clear()
+            if not bb.recalibrate(counts, overflow, "FrameGraph: backbone"):
+                break
             attempts += 1
             if attempts > 8:
                 raise RuntimeError(f"FrameGraph: backbone capacities still overflow after 8 re-runs ({overflow} sites)")
-            bb.regrowths += 1
-            log.warning("FrameGraph: backbone capacity overflow (%d sites): capacities grown to %s and the frame "
-                        "re-run; the CUDA graph is captured again", overflow, sorted(bb.engine.caps.fixed.values()))
             flat, meta = run_static()
             shape, nc = meta
             counts, overflow = [int(c) for c in flat[3:3 + nc]], int(flat[2])

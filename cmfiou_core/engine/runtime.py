@@ -156,27 +156,32 @@ class EngineBackbone(nn.Module):
         out = self._run(args, BV)
         self.last_padded = out
         counts = self._write(batch, out, B, V, sfx, has_mm)
-        first = not self.calibrated
-        for attempt in range(8):
-            if not (self.last_overflow or not self.calibrated):
+        for _ in range(8):
+            if self.calibrated and not self.last_overflow:
                 break
-            # capacities from the exact site counts of this run (counts include what did not fit; downstream convs
-            # of an overflowed one saw too few sites, hence the loop)
-            seen = [max(a, b) for a, b in zip(counts, self._max_counts)] if self._max_counts else counts
-            self._max_counts = seen
-            self.engine.caps = Capacities.calibrated(seen, margin=self.margin, quantum=4096)
-            self._graphs.clear()
-            self.calibrated = True
-            if first and not self.last_overflow:
+            if not self.recalibrate(counts, self.last_overflow, "EngineBackbone"):
                 break
-            self.regrowths += 1
-            log.warning("EngineBackbone: capacity overflow (%d sites): capacities grown to %s and the frame re-run; "
-                        "the CUDA graph is captured again", self.last_overflow, sorted(self.engine.caps.fixed.values()))
             out = self._static(*args, BV)
             self.last_padded, self.last_graph_key = out, None
             counts = self._write(batch, out, B, V, sfx, has_mm)
         self.last_counts = counts
         return batch
+
+    def recalibrate(self, counts, overflow: int, who: str) -> bool:
+        """Capacities from the exact site counts of this run (max with earlier frames) x ``margin``; drops the
+        captured graphs. Counts include what did not fit, but downstream convs of an overflowed one saw too few
+        sites, so an overflowed frame is re-run until nothing overflows. Returns True when it must be re-run."""
+        seen = [max(a, b) for a, b in zip(counts, self._max_counts)] if self._max_counts else list(counts)
+        self._max_counts = seen
+        self.engine.caps = Capacities.calibrated(seen, margin=self.margin, quantum=4096)
+        self._graphs.clear()
+        self.calibrated = True
+        if not overflow:
+            return False
+        self.regrowths += 1
+        log.warning("%s: capacity overflow (%d sites): capacities grown to %s and the frame re-run; the CUDA graph "
+                    "is captured again", who, overflow, sorted(self.engine.caps.fixed.values()))
+        return True
 
     def _write(self, batch, out, B, V, sfx, has_mm):
         """Cut the padded outputs into per-view spconv tensors (one host copy of all row counts)."""
