@@ -62,6 +62,33 @@ def test_world_transform_inverse_exact(samples):
     np.testing.assert_allclose(b2, d["gt_boxes"], atol=1e-9)
 
 
+def test_world_transform_against_scipy():
+    """world_transform (geometry.view_transform in float64) against an independent construction: scipy's rotation
+    about z, then y negated when flipped, then scaling; a transformed box has the transformed corners of the original
+    (so its heading is right for either flip); extra point columns pass through untouched."""
+    from scipy.spatial.transform import Rotation
+
+    from cmfiou_core.geometry.boxes import boxes_to_corners_3d
+    rng = np.random.default_rng(5)
+    pts = np.concatenate([rng.uniform(-70, 70, (500, 2)), rng.uniform(-3, 2, (500, 1)), rng.normal(0, 1, (500, 6))], 1)
+    boxes = np.concatenate([rng.uniform(-60, 60, (20, 2)), rng.uniform(-2, 0, (20, 1)), rng.uniform(0.5, 5, (20, 3)),
+                            rng.uniform(-np.pi, np.pi, (20, 1))], 1)
+    for rot, flip, scale in ((0.3, 0.0, 1.04), (-0.7, 1.0, 0.95), (np.pi / 4, 1.0, 1.0), (0.0, 0.0, 1.05)):
+        def ref(xyz):
+            out = Rotation.from_euler("z", rot).apply(xyz)
+            if flip:
+                out[:, 1] = -out[:, 1]
+            return out * scale
+        p, b = A.world_transform(pts, boxes, rot, flip, scale)
+        np.testing.assert_allclose(p[:, :3], ref(pts[:, :3]), rtol=0, atol=1e-11)
+        assert np.array_equal(p[:, 3:], pts[:, 3:])
+        np.testing.assert_allclose(b[:, :3], ref(boxes[:, :3]), rtol=0, atol=1e-11)
+        np.testing.assert_allclose(b[:, 3:6], boxes[:, 3:6] * scale, rtol=1e-15, atol=0)
+        moved = ref(boxes_to_corners_3d(boxes).reshape(-1, 3)).reshape(-1, 8, 3)
+        gap = np.linalg.norm(boxes_to_corners_3d(b)[:, :, None] - moved[:, None], axis=3)  # (M, 8, 8)
+        assert (gap.min(axis=2) < 1e-9).all() and (np.sort(gap.argmin(axis=2), axis=1) == np.arange(8)).all()
+
+
 def test_world_steps_keep_points_in_boxes(samples):
     rng = np.random.default_rng(1)
     for i in range(len(samples[1])):

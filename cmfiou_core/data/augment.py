@@ -42,6 +42,8 @@ import torch
 from ..config import ConfigError, Section
 from ..geometry.iou import boxes_iou_bev
 from ..geometry.points_in_boxes import points_in_boxes_mask
+from ..geometry.view_transform import inverse_view_transform, view_transform_points, x_trans_backward, \
+    x_trans_forward
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -82,33 +84,25 @@ def enlarge_boxes(boxes: np.ndarray, extra: Sequence[float]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- world transforms
 def world_transform(points: np.ndarray, boxes: np.ndarray, rot: float, flip: float, scale: float):
-    """Apply rotation (about z), then flip of y (if flip), then scaling, as the training chain does."""
-    p, b = points.copy(), boxes.copy()
-    p[:, :3] = rotate_z(p[:, :3], rot)
-    b[:, :3] = rotate_z(b[:, :3], rot)
-    b[:, 6] += rot
-    if flip:
-        p[:, 1] = -p[:, 1]
-        b[:, 1] = -b[:, 1]
-        b[:, 6] = -b[:, 6]
-    p[:, :3] *= scale
-    b[:, :6] *= scale
-    return p, b
+    """The chain's world transform: rotation about z, then flip of y (if flip), then scaling -- the one
+    [rot, flip, scale] transform of :mod:`cmfiou_core.geometry.view_transform`, in float64 (the model inverts
+    ``aug_param`` with the same functions). Points (N, 3+C): only x, y, z change; boxes (M, 7).
+
+    The rotation is a float64 matmul: where the BLAS fuses a multiply-add, a value may differ in its last bit from
+    two separate products (``x c - y s``); the float32 samples the dataset returns are the same either way."""
+    param = torch.tensor([rot, flip, scale], dtype=torch.float64)
+    p = view_transform_points(torch.from_numpy(np.ascontiguousarray(points, dtype=np.float64)), param)
+    b = x_trans_forward(torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float64))[None], param[None])[0]
+    return p.numpy(), b.numpy()
 
 
 def inverse_world_transform(points: np.ndarray, boxes: np.ndarray, rot: float, flip: float, scale: float):
     """Exact inverse of :func:`world_transform` (scale^-1, flip, -rot); headings are returned unwrapped."""
-    p, b = points.copy(), boxes.copy()
-    p[:, :3] /= scale
-    b[:, :6] /= scale
-    if flip:
-        p[:, 1] = -p[:, 1]
-        b[:, 1] = -b[:, 1]
-        b[:, 6] = -b[:, 6]
-    p[:, :3] = rotate_z(p[:, :3], -rot)
-    b[:, :3] = rotate_z(b[:, :3], -rot)
-    b[:, 6] -= rot
-    return p, b
+    param = torch.tensor([rot, flip, scale], dtype=torch.float64)
+    p = np.array(points, dtype=np.float64)
+    p[:, :3] = inverse_view_transform(torch.from_numpy(p[:, :3].copy()), param).numpy()
+    b = x_trans_backward(torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float64))[None], param[None])[0]
+    return p, b.numpy()
 
 
 # ----------------------------------------------------------------------------------------------- config

@@ -1,6 +1,7 @@
 """The [rot, flip, scale] view / augmentation transform (OpenPCDet ``X_TRANS`` order): rotate about +z by ``rot``,
 negate y when ``flip``, scale by ``scale``; and its exact inverse. One implementation for points (test views in
-``detector.prepare_batch``, ResVC's image-plane projection) and boxes (the RoI head's views).
+``detector.prepare_batch``, ResVC's image-plane projection), boxes (the RoI head's views) and the training
+augmentation's world transform (``data.augment.world_transform``, whose ``aug_param`` the model inverts here).
 
 ``flip`` is 0 or 1 (a config value or an augmentation record); anything above 0.5 counts as a flip.
 """
