@@ -19,7 +19,8 @@ import numpy as np
 from ..calib import Calibration
 from .bag_io import ros_calibration
 from ..types import Frame
-from .kitti_eval import EvalResult, evaluate, localization_quality
+from .centre_match import centre_match
+from .kitti_eval import EvalResult, evaluate, localization_quality, perfect_predictions
 from .kitti_io import KittiFormatError, lidar_boxes_to_result_text, parse_kitti_text, read_ids, read_kitti_file
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,39 @@ class DatasetEvalResult:
     localization: Dict[str, Dict[str, Optional[float]]] = field(default_factory=dict)  # localization_quality
     skipped: Dict[str, str] = field(default_factory=dict)  # frame id -> bad input file (not evaluated)
     lidar_only: Dict[str, str] = field(default_factory=dict)  # frame id -> why it ran LiDAR-only (without depth)
+    centre: Dict[str, object] = field(default_factory=dict)  # centre_match.centre_match at score >= 0.5
 
     def summary(self) -> Dict:
         js = self.result.to_json()
-        return {"ap": js, "ap_ceiling": self.result.ceiling_json(), "warnings": self.result.small_set_warnings(),
+        return {"headline": self.headline(), "ap": js, "ap_ceiling": self.result.ceiling_json(),
+                "num_valid_gt": self.result.num_valid_gt, "warnings": self.result.small_set_warnings(),
                 "frames": self.frames, "failed": self.failed, "skipped": self.skipped,
                 "lidar_only_frames": self.lidar_only, "latency_ms": self.latency_ms,
-                "localization": self.localization}
+                "localization": self.localization, "centre_match": self.centre}
+
+    def headline(self) -> Dict[str, object]:
+        """The numbers a sim-to-real comparison quotes, flat: R40 AP (easy / moderate / hard, first overlap set)
+        beside its ceiling (label_2 fed back) and object counts, the centre-match report at score >= 0.5 and the
+        localization quality (best 3D IoU mean, recall at the class's AP threshold)."""
+        ap, ceil = self.result.to_json()["R40"], self.result.ceiling_json() or {}
+        out: Dict[str, object] = {}
+        for c in ap:
+            metrics = ("3d", "bev") if c == "Car" else ("3d",)
+            out[c] = {"objects_easy_mod_hard": list(self.result.num_valid_gt.get(c, [])),
+                      **{f"ap_{m}_r40": ap[c][m] for m in metrics},
+                      **{f"ceiling_{m}_r40": ceil.get("R40", {}).get(c, {}).get(m) for m in metrics}}
+            loc = self.localization.get(c) or {}
+            out[c].update(best_iou_mean=loc.get("mean_best_iou"), recall_at_threshold=loc.get("recall"),
+                          iou_threshold=loc.get("threshold"))
+            cm = (self.centre.get("classes") or {}).get(c)
+            if cm:
+                out[c].update(found=cm["found"], found_right_class=cm["found_right_class"], num_gt=cm["num_gt"],
+                              median_centre_error_m=cm["median_centre_error_m"])
+        if self.centre:
+            out.update(score_min=self.centre["score_min"], radius_m=self.centre["radius_m"],
+                       unmatched=self.centre["unmatched"], unmatched_per_frame=self.centre["unmatched_per_frame"],
+                       car_size=self.centre["car_size"])
+        return out
 
 
 def _split_root(root: Path) -> Path:
@@ -193,14 +220,40 @@ def evaluate_split(pipeline, root: Union[str, Path], split: str = "val", out_dir
                   ", ".join(skipped))
     if not gt_annos:
         raise ValueError(f"{root}: every frame of split {split!r} was skipped (bad input files): nothing to evaluate")
-    res = evaluate(gt_annos, dt_annos)
-    loc = localization_quality(gt_annos, dt_annos)
     lat = {}
     if totals:
         a = np.asarray(totals)
         lat = {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
                "p99": float(np.percentile(a, 99))}
-    return DatasetEvalResult(res, len(gt_annos), failed, lat, loc, skipped, lidar_only_frames)
+    return score(gt_annos, dt_annos, failed, lat, skipped, lidar_only_frames)
+
+
+def score(gt_annos, dt_annos, failed=(), latency_ms=None, skipped=None, lidar_only=None) -> DatasetEvalResult:
+    """AP (with ceiling), localization quality and the centre-match report of parallel annotation lists."""
+    return DatasetEvalResult(evaluate(gt_annos, dt_annos), len(gt_annos), list(failed), dict(latency_ms or {}),
+                             localization_quality(gt_annos, dt_annos), dict(skipped or {}), dict(lidar_only or {}),
+                             centre_match(gt_annos, dt_annos))
+
+
+def evaluate_predictions(root: Union[str, Path], split: str, pred_dir: Optional[Union[str, Path]] = None,
+                         max_frames: Optional[int] = None) -> DatasetEvalResult:
+    """Score result files ``pred_dir/<id>.txt`` (KITTI result lines; a missing file is an error naming it) instead of
+    running a model; ``pred_dir=None`` feeds ``label_2`` back (Car / Pedestrian / Cyclist, score 1): the ceiling of
+    this ground truth, with no unmatched detection and no size error. Malformed files raise naming file and line."""
+    data, ids = split_ids(root, split)
+    if max_frames:
+        ids = ids[:max_frames]
+    gt_annos = [read_kitti_file(data / "label_2" / f"{i}.txt") for i in ids]
+    if pred_dir is None:
+        dt_annos = perfect_predictions(gt_annos, ("Car", "Pedestrian", "Cyclist"))
+    else:
+        pred = Path(pred_dir)
+        missing = [i for i in ids if not (pred / f"{i}.txt").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{pred}: no result file for {len(missing)} of {len(ids)} frames "
+                                    f"(first: {missing[0]}.txt)")
+        dt_annos = [read_kitti_file(pred / f"{i}.txt", is_result=True) for i in ids]
+    return score(gt_annos, dt_annos)
 
 
 def make_eval_fn(cfg, root, split: str = "val", use_pseudo: bool = True, max_frames: Optional[int] = None):
