@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from rosutil import require  # noqa: E402  (pytest puts test/ on sys.path)
-rclpy = require("rclpy")
+require("rclpy")
 require("vision_msgs.msg")
 require("cmfiou_ros.msg")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rosutil import fresh_domain, wait_until  # noqa: E402
+from rosutil import DetectorProcess  # noqa: E402
 
 from cmfiou_ros import convert as C  # noqa: E402
 
@@ -26,54 +26,26 @@ REJECT, WRONG_SIZE = 4, 9  # frames of each pass whose CameraInfo is zeroed (rej
 
 @pytest.fixture(scope="module")
 def replay(kitti_samples):
-    import subprocess
-
     from geometry_msgs.msg import TransformStamped
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import CameraInfo, Image, PointCloud2
-    from vision_msgs.msg import Detection3DArray
 
-    from cmfiou_ros.msg import DetectionScores
     from cmfiou_ros.replay_node import KittiSource
-    from cmfiou_ros.run_graph import child_env
 
     src = KittiSource(str(kitti_samples / "object"))
     frames = []
     for k in range(len(src)):
         idx, pts, rgb, calib = src.load(k)
         frames.append((idx, pts[::4], rgb, calib))  # every 4th point: the echo pipeline needs none of them
-    domain = fresh_domain()
     factory = f"{Path(__file__).resolve().parent / 'tiny_pipeline.py'}:CalibrationEcho.from_config"
-    proc = subprocess.Popen([sys.executable, "-m", "cmfiou_ros.detector_node", "--ros-args",
-                             "-p", f"pipeline_factory:={factory}", "-p", "warmup:=false", "-p", "use_tf:=false",
-                             "-p", "extrinsic_topic:=/t/ext", "-p", "diagnostics_period:=0.5"],
-                            env=child_env({"ROS_DOMAIN_ID": str(domain)}), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=domain)
-    node = rclpy.create_node("calib_replay", context=ctx)
-    ex = SingleThreadedExecutor(context=ctx)
-    ex.add_node(node)
-    rel = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-    latched = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-    pub = {"ext": node.create_publisher(TransformStamped, "/t/ext", latched),
-           "info": node.create_publisher(CameraInfo, "/kitti/camera_color_left/camera_info", rel),
-           "image": node.create_publisher(Image, "/kitti/camera_color_left/image_raw", rel),
-           "cloud": node.create_publisher(PointCloud2, "/kitti/velo/pointcloud", rel)}
-    dets, scores = {}, {}
-    node.create_subscription(Detection3DArray, "/cmfiou_detector/detections",
-                             lambda m: dets.__setitem__(C.stamp_to_ns(m.header.stamp), m), rel)
-    node.create_subscription(DetectionScores, "/cmfiou_detector/scores",
-                             lambda m: scores.__setitem__(C.stamp_to_ns(m.header.stamp), m), rel)
-    spin = lambda t: ex.spin_once(timeout_sec=t)  # noqa: E731
+    dp = DetectorProcess("calib_replay", [f"pipeline_factory:={factory}", "warmup:=false", "use_tf:=false",
+                                          "extrinsic_topic:=/t/ext", "diagnostics_period:=0.5"])
+    pub = dp.pub
+    dp.publisher("ext", TransformStamped, "/t/ext", dp.latched)
     sent = []  # (pass, k, stamp, expected echo or None, kind)
     try:
-        assert wait_until(lambda: node.count_subscribers("/kitti/velo/pointcloud") >= 1 and
-                          node.count_subscribers("/t/ext") >= 1 and
-                          node.count_publishers("/cmfiou_detector/scores") >= 1, 60, spin=spin), \
-            "detector did not come up"
-        wait_until(lambda: False, 1.0, spin=spin)  # discovery of the camera topics
+        assert dp.wait(lambda: dp.node.count_subscribers("/kitti/velo/pointcloud") >= 1 and
+                       dp.node.count_subscribers("/t/ext") >= 1 and
+                       dp.node.count_publishers("/cmfiou_detector/scores") >= 1, 60), "detector did not come up"
+        dp.wait(lambda: False, 1.0)  # discovery of the camera topics
         t0 = time.time_ns() - 300 * S  # stamps in the past of the node's clock (future ones are rejected)
         for pss, base in ((0, t0), (1, t0 - 100 * S)):  # the second pass jumps back 100 s (a bag loop)
             for k, (idx, pts, rgb, calib) in enumerate(frames):
@@ -100,20 +72,12 @@ def replay(kitti_samples):
                     pub[name].publish(msgs[name])
                 echo = (np.float32(fx), np.float32(cal.P2[0, 2]), np.float32(T[0, 3]), rgb.shape[1], rgb.shape[0])
                 sent.append((pss, k, stamp, echo, kind))
-                assert wait_until(lambda: stamp in dets and stamp in scores, 20, spin=spin), \
+                assert dp.wait(lambda: stamp in dp.dets and stamp in dp.scores, 20), \
                     f"no output for pass {pss} frame {k}"
-        wait_until(lambda: False, 1.0, spin=spin)
+        dp.wait(lambda: False, 1.0)
     finally:
-        proc.terminate()
-        try:
-            out = proc.communicate(timeout=20)[0]
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out = proc.communicate()[0]
-        ex.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=ctx)
-    return {"sent": sent, "dets": dets, "scores": scores, "log": out}
+        out = dp.close()
+    return {"sent": sent, "dets": dp.dets, "scores": dp.scores, "log": out}
 
 
 def _with_fx(calib, fx):

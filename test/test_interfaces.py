@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # RIHS01 of vision_msgs/msg/Detection3DArray in upstream ros-perception/vision_msgs 4.1.1 (rosbags on upstream's .msg)
 UPSTREAM_DETECTION3DARRAY_HASH = "RIHS01_793f5eab9595ac1c0da07873cc859db42eae51f0ee76056db8562515d830e018"
 
-from rosutil import fresh_domain, require, run_children  # noqa: E402
+from rosutil import CHILD_EXCHANGE, fresh_domain, require, run_children  # noqa: E402
 
 rclpy = require("rclpy")
 
@@ -126,17 +126,13 @@ def make_payload() -> dict:
     }
 
 
-_IF_COMMON = r'''
-import json, math, sys, time
+_IF_COMMON = CHILD_EXCHANGE + r'''
+import math
 import numpy as np
-import rclpy
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from cmfiou_ros.msg import DetectionScores, FrameTimings, StageTiming
 from vision_msgs.msg import Detection3DArray, LabelInfo
 
 payload, prefix = json.loads(sys.argv[1]), sys.argv[2]
-QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
-                 durability=DurabilityPolicy.TRANSIENT_LOCAL)
 TOPICS = {"detections": (Detection3DArray, prefix + "/detections"), "scores": (DetectionScores, prefix + "/scores"),
           "timings": (FrameTimings, prefix + "/timings"), "labels": (LabelInfo, prefix + "/label_info")}
 '''
@@ -174,22 +170,9 @@ timings = FrameTimings(header=header, stages=[StageTiming(stage=s, ms=ms) for s,
 labels = LabelInfo(header=header, class_map=[VisionClass(class_id=c, class_name=n) for c, n in payload["class_map"]],
                    threshold=payload["threshold"])
 
-rclpy.init()
-node = rclpy.create_node("cmfiou_iface_publisher")
-pubs = {k: node.create_publisher(t, name, QOS) for k, (t, name) in TOPICS.items()}
-t0 = time.monotonic()
-while any(p.get_subscription_count() == 0 for p in pubs.values()):
-    if time.monotonic() - t0 > 30.0:
-        raise SystemExit("no subscriber matched within 30 s")
-    rclpy.spin_once(node, timeout_sec=0.02)
-for key, msg in (("detections", dets), ("scores", scores), ("timings", timings), ("labels", labels)):
-    pubs[key].publish(msg)
-t1 = time.monotonic()
-while any(p.get_subscription_count() > 0 for p in pubs.values()) and time.monotonic() - t1 < 60.0:
-    rclpy.spin_once(node, timeout_sec=0.05)
-node.destroy_node()
-rclpy.shutdown()
-print(json.dumps({"discovery_s": time.monotonic() - t0}))
+discovery_s = publish_once("cmfiou_iface_publisher",
+                           {"detections": dets, "scores": scores, "timings": timings, "labels": labels})
+print(json.dumps({"discovery_s": discovery_s}))
 '''
 
 IF_SUBSCRIBER = _IF_COMMON + r'''
@@ -203,21 +186,12 @@ def to_plain(value):
         return value.tolist()
     return value
 
-got = {}
-rclpy.init()
-node = rclpy.create_node("cmfiou_iface_subscriber")
-def keep(key):
-    return lambda msg: got.setdefault(key, msg)
-subs = [node.create_subscription(t, name, keep(k), QOS) for k, (t, name) in TOPICS.items()]
-t0 = time.monotonic()
-while len(got) < len(TOPICS) and time.monotonic() - t0 < 60.0:
-    rclpy.spin_once(node, timeout_sec=0.05)
-hashes = {k: [str(i.topic_type_hash) for i in node.get_publishers_info_by_topic(name)] for k, (t, name) in TOPICS.items()}
-types = {k: [i.topic_type for i in node.get_publishers_info_by_topic(name)] for k, (t, name) in TOPICS.items()}
-node.destroy_node()
-rclpy.shutdown()
-if len(got) < len(TOPICS):
-    raise SystemExit(f"received only {sorted(got)} within 60 s")
+def graph(node):
+    infos = {k: node.get_publishers_info_by_topic(name) for k, (t, name) in TOPICS.items()}
+    return ({k: [str(i.topic_type_hash) for i in v] for k, v in infos.items()},
+            {k: [i.topic_type for i in v] for k, v in infos.items()})
+
+got, _, (hashes, types) = receive("cmfiou_iface_subscriber", graph)
 print(json.dumps({"msgs": {k: to_plain(m) for k, m in got.items()}, "graph_hashes": hashes, "graph_types": types}))
 '''
 

@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FRAME = "000008"
 
-from rosutil import require, run_children  # noqa: E402
+from rosutil import CHILD_EXCHANGE, require, run_children  # noqa: E402
 
 require("rclpy")  # the children need it; importing here gives a clear skip (or, under CMFIOU_REQUIRE_ROS, a failure)
 
@@ -31,16 +31,12 @@ def run_pair(pub_script: str, sub_script: str, args: list, timeout: float = 90.0
 
 
 # ---- child processes ---------------------------------------------------------------------------------------------
-_COMMON = r'''
-import array, json, sys, time
+_COMMON = CHILD_EXCHANGE + r'''
+import array
 import numpy as np
-import rclpy
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 
 root, frame, prefix = sys.argv[1], sys.argv[2], sys.argv[3]
-QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
-                 durability=DurabilityPolicy.TRANSIENT_LOCAL)
 TOPICS = {"cloud": (PointCloud2, prefix + "/points"), "image": (Image, prefix + "/image"),
           "info": (CameraInfo, prefix + "/camera_info")}
 '''
@@ -82,43 +78,14 @@ info.k = P2[:, :3].ravel()
 info.r = np.eye(3).ravel()
 info.p = P2.ravel()
 
-rclpy.init()
-node = rclpy.create_node("kitti_frame_publisher")
-pubs = {k: node.create_publisher(t, name, QOS) for k, (t, name) in TOPICS.items()}
-t0 = time.monotonic()
-while any(p.get_subscription_count() == 0 for p in pubs.values()):
-    if time.monotonic() - t0 > 30.0:
-        raise SystemExit("no subscriber matched within 30 s")
-    rclpy.spin_once(node, timeout_sec=0.02)
-discovery_s = time.monotonic() - t0
-for key, msg in (("cloud", cloud), ("image", image), ("info", info)):
-    pubs[key].publish(msg)
-# Stay until the receiver has left (it exits once it has everything), so TRANSIENT_LOCAL can serve late joiners.
-t1 = time.monotonic()
-while any(p.get_subscription_count() > 0 for p in pubs.values()) and time.monotonic() - t1 < 60.0:
-    rclpy.spin_once(node, timeout_sec=0.05)
-node.destroy_node()
-rclpy.shutdown()
+discovery_s = publish_once("kitti_frame_publisher", {"cloud": cloud, "image": image, "info": info})
 print(json.dumps({"discovery_s": discovery_s, "points": int(pts.shape[0])}))
 '''
 
 SUBSCRIBER = _COMMON + r'''
 import hashlib
 
-got = {}
-rclpy.init()
-node = rclpy.create_node("kitti_frame_subscriber")
-def keep(key):  # one-argument callback (rclpy passes MessageInfo to two-argument callables)
-    return lambda msg: got.setdefault(key, msg)
-subs = [node.create_subscription(t, name, keep(k), QOS) for k, (t, name) in TOPICS.items()]
-t0 = time.monotonic()
-while len(got) < 3 and time.monotonic() - t0 < 60.0:
-    rclpy.spin_once(node, timeout_sec=0.05)
-elapsed = time.monotonic() - t0
-node.destroy_node()
-rclpy.shutdown()
-if len(got) < 3:
-    raise SystemExit(f"received only {sorted(got)} within 60 s")
+got, elapsed, _ = receive("kitti_frame_subscriber")
 
 def stamp(h):
     return [h.stamp.sec, h.stamp.nanosec, h.frame_id]

@@ -6,7 +6,6 @@ stamps). A cloud or camera frame_id TF cannot connect, and an image stamp TF has
 the frame, a count in /diagnostics, and a published LiDAR-only output for that frame with the reason.
 
 Uses tf2_ros where installed (the node's first choice), else the node's own buffer (cmfiou_ros.tf_buffer)."""
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,14 +14,14 @@ import numpy as np
 import pytest
 
 from rosutil import require  # noqa: E402  (pytest puts test/ on sys.path)
-rclpy = require("rclpy")
+require("rclpy")
 require("vision_msgs.msg")
 require("cmfiou_ros.msg")
 require("tf2_msgs.msg")
 from scipy.spatial.transform import Rotation, Slerp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rosutil import fresh_domain, wait_until  # noqa: E402
+from rosutil import DetectorProcess  # noqa: E402
 from test_tf_buffer import LINKS, chain, tf_msg  # noqa: E402
 
 from cmfiou_core.calib import Calibration  # noqa: E402
@@ -45,48 +44,25 @@ def echoed(det) -> np.ndarray:
 @pytest.fixture(scope="module")
 def run():
     from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import CameraInfo, Image, PointCloud2
     from tf2_msgs.msg import TFMessage
-    from vision_msgs.msg import Detection3DArray
 
-    from cmfiou_ros.msg import DetectionScores
-    from cmfiou_ros.run_graph import child_env
-
-    domain = fresh_domain()
     factory = f"{Path(__file__).resolve().parent / 'tiny_pipeline.py'}:ExtrinsicEcho.from_config"
-    proc = subprocess.Popen([sys.executable, "-m", "cmfiou_ros.detector_node", "--ros-args",
-                             "-p", f"pipeline_factory:={factory}", "-p", "warmup:=false", "-p", "use_tf:=true",
-                             "-p", "warn_throttle:=0.0", "-p", "diagnostics_period:=0.3"],
-                            env=child_env({"ROS_DOMAIN_ID": str(domain)}), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=domain)
-    node = rclpy.create_node("tf_publisher", context=ctx)
-    ex = SingleThreadedExecutor(context=ctx)
-    ex.add_node(node)
-    rel = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    dp = DetectorProcess("tf_publisher", [f"pipeline_factory:={factory}", "warmup:=false", "use_tf:=true",
+                                          "warn_throttle:=0.0", "diagnostics_period:=0.3"])
     static_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
-    pub = {"tf_static": node.create_publisher(TFMessage, "/tf_static", static_qos),
-           "tf": node.create_publisher(TFMessage, "/tf", QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)),
-           "info": node.create_publisher(CameraInfo, INFO_TOPIC, rel),
-           "image": node.create_publisher(Image, "/kitti/camera_color_left/image_raw", rel),
-           "cloud": node.create_publisher(PointCloud2, LIDAR_TOPIC, rel)}
-    dets, scores, diag = {}, {}, {}
-    node.create_subscription(Detection3DArray, "/cmfiou_detector/detections",
-                             lambda m: dets.__setitem__(C.stamp_to_ns(m.header.stamp), m), rel)
-    node.create_subscription(DetectionScores, "/cmfiou_detector/scores",
-                             lambda m: scores.__setitem__(C.stamp_to_ns(m.header.stamp), m), rel)
+    pub = dp.pub
+    dp.publisher("tf_static", TFMessage, "/tf_static", static_qos)
+    dp.publisher("tf", TFMessage, "/tf", QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+    dets, scores, diag = dp.dets, dp.scores, {}
 
     def on_diag(m):
         for s in m.status:
             if s.name.endswith(": sync"):
                 diag.clear()
                 diag.update({kv.key: kv.value for kv in s.values})
-    node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, rel)
-    spin = lambda t: ex.spin_once(timeout_sec=t)  # noqa: E731
+    dp.node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, dp.reliable)
     pts = np.random.default_rng(0).uniform([2, -5, -1, 0], [30, 5, 1, 1], (64, 4)).astype(np.float32)
     rgb = np.full((H, W, 3), 90, np.uint8)
     calib = Calibration(np.array([[50.0, 0, W / 2, 0], [0, 50.0, H / 2, 0], [0, 0, 1, 0]]), np.eye(3),
@@ -101,8 +77,7 @@ def run():
         pub["info"].publish(C.calibration_to_camera_info(calib, stamp, camera_frame))
         pub["image"].publish(C.rgb_to_image(rgb, stamp, camera_frame))
         pub["cloud"].publish(C.xyzi_to_pointcloud2(pts, stamp, lidar_frame))
-        assert wait_until(lambda: stamp in dets and stamp in scores, 20, spin=spin), f"no output for {stamp}"
-        return stamp
+        return dp.output(stamp)
 
     def until_fused(**kw):
         """Frames until one is fused (TF still on its way for the first ones): -> its stamp."""
@@ -110,19 +85,18 @@ def run():
             s = frame(**kw)
             if not scores[s].lidar_only:
                 return s
-            wait_until(lambda: False, 0.3, spin=spin)
+            dp.wait(lambda: False, 0.3)
         raise AssertionError(f"never fused: {scores[s].lidar_only_reason}")
 
     out = {"dets": dets, "scores": scores}
     try:
-        assert wait_until(lambda: node.count_subscribers(LIDAR_TOPIC) >= 1 and
-                          node.count_subscribers("/tf_static") >= 1 and node.count_subscribers("/tf") >= 1 and
-                          node.count_publishers("/cmfiou_detector/scores") >= 1, 60, spin=spin), \
-            "detector did not come up"
+        assert dp.wait(lambda: dp.node.count_subscribers(LIDAR_TOPIC) >= 1 and
+                       dp.node.count_subscribers("/tf_static") >= 1 and dp.node.count_subscribers("/tf") >= 1 and
+                       dp.node.count_publishers("/cmfiou_detector/scores") >= 1, 60), "detector did not come up"
         stamp5 = 5 * S
         pub["tf_static"].publish(TFMessage(transforms=[tf_msg(parent, child, stamp5, xyz, q)
                                                        for child, (parent, xyz, q) in LINKS.items()]))
-        wait_until(lambda: False, 1.0, spin=spin)  # discovery of the camera topics
+        dp.wait(lambda: False, 1.0)  # discovery of the camera topics
         out["static"] = until_fused()
         out["unknown_lidar"] = frame(lidar_frame="velo_typo")
         out["unknown_camera"] = frame(camera_frame="cam_nowhere")
@@ -135,20 +109,12 @@ def run():
             if not scores[s].lidar_only:
                 out["dynamic"] = s
                 break
-            wait_until(lambda: False, 0.3, spin=spin)
+            dp.wait(lambda: False, 0.3)
         out["extrapolated"] = frame(lidar_frame="velo_dyn", stamp=tb + 5 * S)
-        wait_until(lambda: int(diag.get("tf_unavailable_frames", 0)) >= 3, 5, spin=spin)
+        dp.wait(lambda: int(diag.get("tf_unavailable_frames", 0)) >= 3, 5)
         out["diag"] = dict(diag)
     finally:
-        proc.terminate()
-        try:
-            out["log"] = proc.communicate(timeout=20)[0]
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out["log"] = proc.communicate()[0]
-        ex.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=ctx)
+        out["log"] = dp.close()
     return out
 
 
