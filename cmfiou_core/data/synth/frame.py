@@ -3,12 +3,12 @@ from what the sensors see."""
 from __future__ import annotations
 
 import math
-from typing import List
 
 import numpy as np
 
-from .frame_base import SyntheticFrame, make_labels, road_plane  # noqa: F401 (SyntheticFrame re-exported)
-from .raycast import Buffers, Prims, render
+from .frame_base import SyntheticFrame  # noqa: F401 (re-exported)
+from .frame_base import make_labels, object_primitives, prim_tables, road_plane
+from .raycast import Buffers, render
 from .scene import (PROFILES, SceneConfig, background_prims, ground_material, object_prims, sample_layout,
                     sample_objects)
 from .sensors import (IMAGE_H, IMAGE_W, camera_block, camera_rays_cached, ground_hit, lidar_block,
@@ -27,18 +27,10 @@ def generate_frame(seed: int, index: int, cfg: SceneConfig = SceneConfig()) -> S
     calib = kitti_calibration()
     layout = sample_layout(rng)
     objs, circles = sample_objects(rng, layout, cfg, calib)
-    prims = Prims()
-    groups: List[List[int]] = []
-    colours = []
-    for k, (cls, box, _cam) in enumerate(objs):
-        ids, col = object_prims(prims, k, cls, box, rng)
-        groups.append(ids)
-        colours.append(col)
+    prims, groups, colours = object_primitives(objs, rng, object_prims)
     for p in background_prims(prims, rng, layout, circles):
         groups.append([p])
-    albedo_tab = np.array(prims.albedo, dtype=np.float64).reshape(-1, 3)
-    refl_tab = np.array(prims.refl, dtype=np.float64)
-    obj_tab = np.array(prims.obj, dtype=np.int32)
+    albedo_tab, refl_tab, obj_tab = prim_tables(prims)
 
     # ---------------- LiDAR
     elev, az, ldirs = lidar_grid(cfg)

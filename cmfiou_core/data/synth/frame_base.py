@@ -1,5 +1,6 @@
-"""What every generator profile's frame shares: the ``SyntheticFrame`` record, KITTI labels from what the camera sees
-(``make_labels``) and the road plane (``road_plane``). ``frame`` (v1) and ``frame_v2`` (kitti_v2) both import it."""
+"""What every generator profile's frame shares: the ``SyntheticFrame`` record, the objects' primitives and their tables
+(``object_primitives``, ``prim_tables``), KITTI labels from what the camera sees (``make_labels``) and the road plane
+(``road_plane``). ``frame`` (v1) and ``frame_v2`` (kitti_v2) both import it."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ import numpy as np
 from ...calib import Calibration
 from ...geometry.boxes import boxes3d_kitti_camera_to_imageboxes, boxes_to_corners_3d
 from ..labels import dontcare_line, format_label_line
+from .raycast import Prims
 from .sensors import GROUND_Z
 
 
@@ -31,6 +33,26 @@ class SyntheticFrame:
     pixel_object: np.ndarray  # (H, W) object index visible at each pixel, -1 background
     bbox2d: np.ndarray  # (M, 4) clipped projected 2D boxes (labelled objects)
     extras: dict = field(default_factory=dict)  # profile-specific outputs (kitti_v2: per-ray / per-point materials)
+
+
+def object_primitives(objs, rng: np.random.Generator, build) -> Tuple[Prims, List[List[int]], list]:
+    """A new ``Prims`` holding the objects ``objs`` [(class, lidar box, camera box)], each built by the profile's
+    ``build(prims, k, class, box, rng)`` in order. -> (prims, one list of primitive ids per object, main albedo per
+    object)."""
+    prims = Prims()
+    groups: List[List[int]] = []
+    colours = []
+    for k, (cls, box, _cam) in enumerate(objs):
+        ids, col = build(prims, k, cls, box, rng)
+        groups.append(ids)
+        colours.append(col)
+    return prims, groups, colours
+
+
+def prim_tables(prims: Prims) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per primitive: albedo (P, 3) and reflectivity (P,) float64, object index (P,) int32 (-1 background)."""
+    return (np.array(prims.albedo, dtype=np.float64).reshape(-1, 3), np.array(prims.refl, dtype=np.float64),
+            np.array(prims.obj, dtype=np.int32))
 
 
 def make_labels(objs, own, pix_obj: np.ndarray, calib: Calibration, cfg, H: int, Wi: int):

@@ -22,8 +22,8 @@ from typing import List
 
 import numpy as np
 
-from .frame_base import SyntheticFrame, make_labels, road_plane
-from .raycast import Buffers, Prims, render
+from .frame_base import SyntheticFrame, make_labels, object_primitives, prim_tables, road_plane
+from .raycast import Buffers, render
 from .scene_v2 import (MAT_FACADE, MAT_FENCE, MAT_GLASS, MAT_RETRO, MAT_VEG, LayoutV2, background_prims_v2,
                        object_prims_v2, sample_layout_v2, sample_objects_v2)
 from .sensors import (GROUND_Z, IMAGE_H, IMAGE_W, camera_block_clipped, camera_rays, hdl64_elevations, lidar_block,
@@ -165,18 +165,10 @@ def generate_frame_v2(seed: int, index: int, cfg) -> SyntheticFrame:
     calib = perturbed_kitti_calibration(rng)
     layout = sample_layout_v2(rng)
     objs, placer = sample_objects_v2(rng, layout, calib, cfg)
-    prims = Prims()
-    groups: List[List[int]] = []
-    colours = []
-    for k, (cls, box, _cam) in enumerate(objs):
-        ids, col = object_prims_v2(prims, k, cls, box, rng)
-        groups.append(ids)
-        colours.append(col)
+    prims, groups, colours = object_primitives(objs, rng, object_prims_v2)
     n_obj = len(objs)
     groups += background_prims_v2(prims, rng, layout, placer)
-    albedo_tab = np.array(prims.albedo, dtype=np.float64).reshape(-1, 3)
-    refl_tab = np.array(prims.refl, dtype=np.float64)
-    obj_tab = np.array(prims.obj, dtype=np.int32)
+    albedo_tab, refl_tab, obj_tab = prim_tables(prims)
     mat_tab = np.array(prims.mat, dtype=np.int32)
     rng_tex = rng.random((64, 64))
     # ---- domain randomisation of the sensors (per frame)

@@ -82,13 +82,18 @@ def camera_block(prims: Prims, calib: Calibration, group, H: int, W: int):
     if np.all(depth <= 0.05):
         return None
     if np.any(depth <= 0.05):
-        u0, u1, v0, v1 = 0, W - 1, 0, H - 1
-    else:
-        u0, u1 = int(math.floor(uv[:, 0].min())) - 1, int(math.ceil(uv[:, 0].max())) + 1
-        v0, v1 = int(math.floor(uv[:, 1].min())) - 1, int(math.ceil(uv[:, 1].max())) + 1
-        u0, v0, u1, v1 = max(u0, 0), max(v0, 0), min(u1, W - 1), min(v1, H - 1)
-        if u0 > u1 or v0 > v1:
-            return None
+        return np.arange(H), np.arange(W)
+    return _pixel_window(uv, H, W)
+
+
+def _pixel_window(uv: np.ndarray, H: int, W: int):
+    """(rows, cols) of the pixels of the bounding box of ``uv`` (N, 2) with a 1-pixel margin, clipped to the image;
+    None when it lies outside the image."""
+    u0, u1 = int(math.floor(uv[:, 0].min())) - 1, int(math.ceil(uv[:, 0].max())) + 1
+    v0, v1 = int(math.floor(uv[:, 1].min())) - 1, int(math.ceil(uv[:, 1].max())) + 1
+    u0, v0, u1, v1 = max(u0, 0), max(v0, 0), min(u1, W - 1), min(v1, H - 1)
+    if u0 > u1 or v0 > v1:
+        return None
     return np.arange(v0, v1 + 1), np.arange(u0, u1 + 1)
 
 
@@ -150,12 +155,7 @@ def camera_block_clipped(prims: Prims, calib: Calibration, group, H: int, W: int
     p = np.concatenate(pts, 0)
     p[:, 2] = np.maximum(p[:, 2], near)
     uv, _ = calib.rect_to_img(p)
-    u0, u1 = int(math.floor(uv[:, 0].min())) - 1, int(math.ceil(uv[:, 0].max())) + 1
-    v0, v1 = int(math.floor(uv[:, 1].min())) - 1, int(math.ceil(uv[:, 1].max())) + 1
-    u0, v0, u1, v1 = max(u0, 0), max(v0, 0), min(u1, W - 1), min(v1, H - 1)
-    if u0 > u1 or v0 > v1:
-        return None
-    return np.arange(v0, v1 + 1), np.arange(u0, u1 + 1)
+    return _pixel_window(uv, H, W)
 
 
 def perturbed_kitti_calibration(rng: np.random.Generator) -> Calibration:
