@@ -134,3 +134,102 @@ def test_engine_inputs_equal_the_backbones_gather(kitti_frame):
     ref_f, ref_c, ref_n = eb._gather_inputs(batch, 1, 2, ["", "1"])[""]
     f, c, n = engine_inputs([a for a, _, _ in views], [b for _, b, _ in views], [c for _, _, c in views], 80000)
     assert int(n) == int(ref_n) and torch.equal(f, ref_f) and torch.equal(c, ref_c)
+
+
+# ----------------------------------------------------------------------------------------------- depth, discard
+@pytest.fixture(scope="module")
+def depth_gen():
+    from cmfiou_core.depth.config import DepthConfig
+    from cmfiou_core.depth.pseudo import PseudoPointGenerator
+    from cmfiou_core.model.model_config import load_config
+    from cmfiou_core.pipeline import default_config
+
+    cfg = load_config(default_config())
+    return PseudoPointGenerator(DepthConfig.from_dict(cfg.depth, cfg.source))
+
+
+@pytest.fixture(scope="module")
+def eager_depth(kitti_frame, depth_gen):
+    pts = torch.from_numpy(kitti_frame.points)
+    img = torch.from_numpy(kitti_frame.image)
+    return pts, img, depth_gen(pts, img, kitti_frame.calib)
+
+
+def _padded_points(pts, extra, seed):
+    p, valid = _padded(torch.cat([pts, torch.zeros(pts.shape[0], 4)], 1), extra, seed)
+    return p[:, :4].contiguous(), valid
+
+
+def test_depth_static_equals_the_generator(kitti_frame, depth_gen, eager_depth):
+    from cmfiou_core.depth.pseudo import raw_rows_from_points
+    from cmfiou_core.engine.prelude import depth_static
+
+    pts, img, ref = eager_depth
+    p, valid = _padded_points(pts, 3000, 7)
+    n = ref.pseudo_rows.shape[0]
+    got = depth_static(depth_gen, p, valid, img, kitti_frame.calib, n + 5000)
+    assert torch.equal(raw_rows_from_points(p)[got.raw_valid], ref.raw_rows)
+    assert int(got.n_pseudo) == n > 10000 and not bool(got.thinning_overflow)
+    assert torch.equal(got.pseudo[:n], ref.pseudo_rows) and not got.pseudo[n:].any()
+    assert int(got.pseudo_valid.sum()) == n
+    # a capacity below the count: the count still says how many rows the eager generator made (-> re-run)
+    small = depth_static(depth_gen, p, valid, img, kitti_frame.calib, n // 2)
+    assert int(small.n_pseudo) == n and torch.equal(small.pseudo, ref.pseudo_rows[:n // 2])
+
+
+def test_depth_static_thinning_overflow_and_sort_thinning(kitti_frame, depth_gen, eager_depth):
+    """A thinning voxel with more than max_points_per_voxel points: the dense thinning says so (the eager generator
+    then re-thins by sorting), and the sort thinning equals the eager rows."""
+    import dataclasses
+
+    from cmfiou_core.depth.pseudo import PseudoPointGenerator
+    from cmfiou_core.engine.prelude import depth_static
+
+    pts, img, _ = eager_depth
+    cfg = dataclasses.replace(depth_gen.cfg, thinning=dataclasses.replace(depth_gen.cfg.thinning,
+                                                                        max_points_per_voxel=3))
+    gen = PseudoPointGenerator(cfg)
+    ref = gen(pts, img, kitti_frame.calib)
+    p, valid = _padded_points(pts, 100, 8)
+    got = depth_static(gen, p, valid, img, kitti_frame.calib, 200000)
+    assert bool(got.thinning_overflow)
+    got = depth_static(gen, p, valid, img, kitti_frame.calib, 200000, sort_thinning=True)
+    n = ref.pseudo_rows.shape[0]
+    assert int(got.n_pseudo) == n and torch.equal(got.pseudo[:n], ref.pseudo_rows)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_discard_static_equals_input_point_discard(eager_depth, seed):
+    from cmfiou_core.depth.io import input_point_discard
+    from cmfiou_core.engine.prelude import discard_static, in_range
+
+    rows = eager_depth[2].pseudo_rows
+    lo, hi = torch.tensor(RANGE[:3]), torch.tensor(RANGE[3:])
+    p, valid = _padded(rows, 4000, seed)
+    valid = valid & in_range(p, lo, hi)
+    ref_in = rows[in_range(rows, lo, hi)]
+    assert torch.equal(p[valid], ref_in)
+    cap = p.shape[0] + 1000
+    rnd = torch.rand(cap, generator=torch.Generator().manual_seed(11 + seed))
+    ref = input_point_discard(ref_in, generator=torch.Generator().manual_seed(11 + seed))
+    out, n = discard_static(p, valid, rnd)
+    assert int(n) == ref.shape[0] > 1000 and torch.equal(out[:int(n)], ref) and not out[int(n):].any()
+
+
+def test_discard_static_edge_cases():
+    """No valid row; rows behind the sensor (x < 0: no slab, dropped); all rows in one slab; another rate."""
+    from cmfiou_core.depth.io import input_point_discard
+    from cmfiou_core.engine.prelude import discard_static
+
+    g = torch.Generator().manual_seed(3)
+    cases = [torch.zeros(0, 8), torch.cat([torch.rand(50, 8, generator=g) * -5, torch.rand(300, 8, generator=g) * 70]),
+             torch.rand(400, 8, generator=g) * 5, torch.rand(999, 8, generator=g) * 80]
+    for k, rows in enumerate(cases):
+        for rate in (0.8, 0.3):
+            p, valid = _padded(rows, 37, k)
+            rnd = torch.rand(p.shape[0], generator=torch.Generator().manual_seed(k))
+            out, n = discard_static(p, valid, rnd, rate=rate)
+            ref = input_point_discard(rows, rate=rate, generator=torch.Generator().manual_seed(k))
+            assert int(n) == ref.shape[0] and torch.equal(out[:int(n)], ref)
+    out, n = discard_static(torch.zeros(5, 8), torch.zeros(5, dtype=torch.bool), torch.rand(5))
+    assert int(n) == 0 and not out.any()

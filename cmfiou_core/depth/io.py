@@ -87,7 +87,7 @@ def input_point_discard(points: torch.Tensor, rate: float = 0.8, bin_num: int = 
         rnd = torch.rand(N, generator=generator, device=dev)
     # rank of each point inside its slab in random order
     key = (b + 1).to(torch.float64) * 2.0 + rnd.to(torch.float64)  # slab-major, random inside
-    order = torch.argsort(key)
+    order = torch.argsort(key, stable=True)  # float32 draws repeat: ties keep input order on every host
     rank = torch.empty(N, dtype=torch.int64, device=dev)
     sb = b[order]
     start = torch.ones(N, dtype=torch.bool, device=dev)

@@ -123,3 +123,131 @@ def engine_inputs(feats: Sequence[torch.Tensor], coords: Sequence[torch.Tensor],
         c_out.index_copy_(0, dest, torch.cat([bcol, c], 1))
         offset = offset + n
     return f_out[:capacity], c_out[:capacity], offset
+
+
+# --------------------------------------------------------------------------------------------------- points, depth
+def in_range(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``Pipeline._range_mask``'s test (x, y, z inside the detection range, inclusive; NaN out) as a mask."""
+    xyz = rows[:, :3]
+    return ((xyz >= lo) & (xyz <= hi)).all(dim=1)
+
+
+def fov_mask(gen, pts: torch.Tensor, valid: torch.Tensor, calib, height: int, width: int) -> torch.Tensor:
+    """The raw rows' FOV test (``depth.projection.fov_flag``, the generator's cached matrices) over padded points."""
+    from ..depth.projection import fov_flag, project_points
+
+    V2R, P2, _ = gen._mats(calib, pts.device)
+    uv, d = project_points(pts[:, :3], V2R, P2)
+    return fov_flag(uv, d, int(height), int(width)) & valid
+
+
+@dataclass
+class StaticDepth:
+    """``PseudoPointGenerator`` on padded points: ``raw_valid`` (P,) the raw rows (``raw_rows_from_points`` of the
+    padded points) the eager generator keeps, in input order; ``pseudo`` (S, 8) its pseudo rows in its order, rows
+    ``>= min(n_pseudo, S)`` zero; ``pseudo_valid`` (S,); ``n_pseudo`` () int64 the eager row count (more than S: the
+    capacity overflowed, the frame must be re-run with a larger one); ``thinning_overflow`` () bool: a thinning voxel
+    held more than max_points_per_voxel points, so the dense thinning is not the eager result (re-run with
+    ``sort_thinning``)."""
+    raw_valid: torch.Tensor
+    pseudo: torch.Tensor
+    pseudo_valid: torch.Tensor
+    n_pseudo: torch.Tensor
+    thinning_overflow: torch.Tensor
+
+
+def depth_static(gen, pts: torch.Tensor, valid: torch.Tensor, image: torch.Tensor, calib, capacity: int,
+                 sort_thinning: bool = False) -> StaticDepth:
+    """The generator's steps (its device path: no compaction of the valid pixels) with the padded points' validity
+    folded into the FOV mask and the final compaction replaced by the thinning order cut to ``capacity`` rows."""
+    from ..depth.ipbasic import ipbasic_complete
+    from ..depth.pseudo import _compact_order, la_sampling2_dense, la_sampling2_order_sorted, lift_xyz, pseudo_rows
+    from ..depth.config import DepthConfig
+    from ..depth.projection import fov_flag, project_points, sparse_depth_map
+
+    cfg = gen.cfg
+    dev = pts.device
+    if cfg.crop_official:
+        ch, cw = DepthConfig.OFFICIAL_CROP
+        image = image[:ch, :cw]
+    H, W = int(image.shape[0]), int(image.shape[1])
+    V2R, P2, R2V = gen._mats(calib, dev)
+    p = pts[:, :4].to(torch.float32)
+    uv, d = project_points(p[:, :3], V2R, P2)
+    fov = fov_flag(uv, d, H, W) & valid
+    sparse = sparse_depth_map(uv, d, fov, H, W)
+    dense = gen._penet(sparse, image, calib) if gen._penet is not None else ipbasic_complete(sparse, cfg.ipbasic)
+    xyz = lift_xyz(dense, calib, R2V)
+    dd = dense.reshape(-1)
+    ok = (dd >= cfg.min_depth) & (dd > 0) & (xyz[:, 2] < cfg.max_z)
+    th = cfg.thinning
+    overflow = torch.zeros((), dtype=torch.bool, device=dev)
+    if th.enabled and gen._grid is not None and not sort_thinning:
+        order, n_ps, overflow = la_sampling2_dense(xyz, ok, th, gen._grid)
+    elif th.enabled:
+        order, n_ps = la_sampling2_order_sorted(xyz, ok, th)
+    else:
+        order, n_ps = _compact_order(ok)
+    S = int(capacity)
+    if order.shape[0] < S:
+        order = torch.cat([order, order.new_zeros(S - order.shape[0])])
+    sel = order[:S]
+    pv = torch.arange(S, device=dev) < n_ps
+    rows = pseudo_rows(xyz[sel], image.reshape(-1, 3)[sel])
+    rows = torch.where(pv[:, None], rows, torch.zeros_like(rows))
+    raw_valid = fov if cfg.fov_filter_raw else valid
+    return StaticDepth(raw_valid, rows, pv, n_ps, overflow)
+
+
+# --------------------------------------------------------------------------------------------------- discard
+def discard_static(rows: torch.Tensor, valid: torch.Tensor, rnd: torch.Tensor, rate: float = 0.8, bin_num: int = 10,
+                   max_dis: float = 60.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``depth.io.input_point_discard(rows[valid], rate, bin_num, max_dis)`` on fixed shapes, no host sync.
+
+    ``rnd`` (>= S,) float32: the eager ``torch.rand(N)`` drawn over the capacity (row i of the valid rows, in order,
+    takes ``rnd[i]``). The slab counts, the far-slab walk and the per-slab cap are evaluated on the device in float64
+    with the eager Python arithmetic (integer quotients and products are exact there); padding rows sort after every
+    valid row. -> (rows (S, C) in the eager output order, the rest zero; count () int64)."""
+    S = rows.shape[0]
+    dev = rows.device
+    retain = 1.0 - rate
+    inter = max_dis / bin_num
+    cpos = torch.cumsum(valid, 0) - 1                     # position among the valid rows (the eager row index)
+    N = cpos[-1] + 1 if S else torch.zeros((), dtype=torch.int64, device=dev)
+    x = rows[:, 0]
+    b = torch.clamp(torch.floor(x / inter), max=bin_num - 1).to(torch.int64)
+    inbin = valid & (x >= 0)
+    b = torch.where(inbin, b, torch.full_like(b, -1))
+    counts = torch.zeros(bin_num + 1, dtype=torch.int64, device=dev).index_add_(
+        0, torch.where(inbin, b, torch.full_like(b, bin_num)), torch.ones_like(b))[:bin_num]
+    # the far-slab walk: for i = bin_num-1 .. 0, acc_i = counts[i:].sum(); the last i (smallest) with
+    # (acc_i + i * counts[i]) / N < retain sets pos = i and dist_acc = acc_i (default: bin_num - 1, 0)
+    acc = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])
+    i = torch.arange(bin_num, device=dev)
+    Nd = N.to(torch.float64)
+    cond = (acc + i * counts).to(torch.float64) / Nd < retain
+    first = torch.where(cond, i, torch.full_like(i, bin_num)).min()
+    found = first < bin_num
+    pos = torch.where(found, first, torch.full_like(first, bin_num - 1))
+    dist_acc = torch.where(found, acc[first.clamp(max=bin_num - 1)], torch.zeros_like(first))
+    per_bin = torch.trunc((torch.trunc(Nd * retain) - dist_acc.to(torch.float64))
+                          / (pos.to(torch.float64) + 0.0001)).to(torch.int64)
+    r = rnd[:S][cpos.clamp(min=0)]
+    key = (b + 1).to(torch.float64) * 2.0 + r.to(torch.float64)
+    key = torch.where(valid, key, torch.full_like(key, 2.0 * (bin_num + 2)))
+    order = torch.sort(key, stable=True).indices
+    sb = torch.where(valid, b, torch.full_like(b, bin_num))[order]
+    p = torch.arange(S, device=dev)
+    start = torch.ones(S, dtype=torch.bool, device=dev)
+    if S > 1:
+        start[1:] = sb[1:] != sb[:-1]
+    rank = torch.empty(S, dtype=torch.int64, device=dev).scatter_(
+        0, order, p - torch.cummax(torch.where(start, p, torch.zeros_like(p)), 0).values)
+    capped = inbin & (b < pos)
+    keep = inbin & ((b >= pos) | (rank < per_bin))
+    within = torch.where(capped, rank, cpos)
+    okey = torch.where(keep, (bin_num - 1 - b) * (N + 1) + within, torch.full_like(p, bin_num * (S + 1) + S))
+    idx = torch.sort(okey, stable=True).indices
+    n = keep.sum()
+    out = torch.where((p < n)[:, None], rows[idx], torch.zeros_like(rows))
+    return out, n
