@@ -45,8 +45,8 @@ def load_frames(kitti: List[str], generated: int, gen_dir: Path, max_frames: int
             pts = np.fromfile(root / "velodyne" / f"{i}.bin", np.float32).reshape(-1, 4)
             frames.append((f"{tag}/{i}", Frame(pts, img, cal, index=i)))
 
-    for k in kitti:
-        add_folder(Path(k), "kitti", max_frames)
+    for k in kitti:   # frames named <folder above training>/<id>: kitti/000003, seed2027/000003
+        add_folder(Path(k), Path(k).resolve().parent.name or "kitti", max_frames)
     if generated > 0:
         from cmfiou_core.data.synthetic import generate_dataset
 
@@ -112,6 +112,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-dir", default=str(ROOT / "data" / "generated"))
     ap.add_argument("--engine", choices=("eager", "graph"), default="eager",
                     help="eager spconv modules, or the static-shape engine (engine.frame: one CUDA graph per frame)")
+    ap.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default=None,
+                    help="CUDA: IEEE fp32, TF32 products, or bf16 sparse backbone (default: the config's "
+                         "inference.precision)")
     ap.add_argument("--views", choices=("config", "1", "3"), default="config",
                     help="override the config's test views: 1 = identity, 3 = the official X_TRANS views")
     ap.add_argument("--no-messages", action="store_true", help="skip ROS message conversion even if available")
@@ -130,12 +133,11 @@ def main(argv=None) -> int:
     from cmfiou_core.pipeline import Pipeline
 
     if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True   # TF32 switches: the pipeline's inference.precision (--precision)
     # frames first: generating scenes forks worker processes, which must happen before CUDA is initialised
     frames = load_frames(args.kitti, args.generated, Path(args.gen_dir), max(args.frames, 1))
-    pipe = Pipeline.from_config(args.config, args.checkpoint, args.device, engine=args.engine)
+    pipe = Pipeline.from_config(args.config, args.checkpoint, args.device, engine=args.engine,
+                                precision=args.precision)
     if args.views != "config":
         pipe.views = (TestViewsConfig() if args.views == "1" else OFFICIAL_X_TRANS).params()
 

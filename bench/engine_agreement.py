@@ -48,17 +48,22 @@ def main(argv=None) -> int:
     ap.add_argument("--generated", type=int, default=8)
     ap.add_argument("--gen-dir", default="/tmp/agree_gen")
     ap.add_argument("--score", type=float, default=0.3, help="unmatched detections are counted above this score")
+    ap.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32",
+                    help="CUDA products of both pipelines: fp32 = IEEE (spconv's own; the equivalence check), tf32 / "
+                         "bf16 = the engine's fast settings (the eager one then runs TF32 / bf16 autocast)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     from bench_pipeline import load_frames
 
+    from cmfiou_core.eval.rotated_iou import rotated_iou_paired
     from cmfiou_core.pipeline import Pipeline
 
     frames = load_frames(args.kitti, args.generated, Path(args.gen_dir), 1000)
-    eager = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="eager")
-    graph = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="graph")
-    rows, worst = [], {"centre_m": 0.0, "size_m": 0.0, "heading": 0.0, "score": 0.0, "unmatched": 0}
+    eager = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="eager", precision=args.precision)
+    graph = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="graph", precision=args.precision)
+    rows, worst = [], {"centre_m": 0.0, "size_m": 0.0, "heading": 0.0, "score": 0.0, "unmatched": 0, "pairs_off": 0,
+                       "min_bev_iou": 1.0}
     for name, fr in frames:
         a, b = eager(fr), graph(fr)
         pairs = match(a, b)
@@ -74,6 +79,14 @@ def main(argv=None) -> int:
             r["max_size_m"] = float(np.abs(a.boxes[i, 3:6] - b.boxes[j, 3:6]).max())
             r["max_heading"] = float(np.abs(np.angle(np.exp(1j * (a.boxes[i, 6] - b.boxes[j, 6])))).max())
             r["max_score"] = float(np.abs(a.scores[i] - b.scores[j]).max())
+            iou = rotated_iou_paired(a.boxes[i][:, [0, 1, 3, 4, 6]].astype(np.float64),
+                                     b.boxes[j][:, [0, 1, 3, 4, 6]].astype(np.float64))
+            r["min_bev_iou"] = float(iou.min())
+            centre = np.abs(a.boxes[i, :3] - b.boxes[j, :3]).max(1)
+            # the bar: every matched pair within 1 cm or at BEV IoU >= 0.99
+            r["pairs_off"] = int(((centre > 0.01) & (iou < 0.99)).sum())
+            worst["pairs_off"] += r["pairs_off"]
+            worst["min_bev_iou"] = min(worst["min_bev_iou"], r["min_bev_iou"])
             for k, w in (("centre_m", "max_centre_m"), ("size_m", "max_size_m"), ("heading", "max_heading"),
                          ("score", "max_score")):
                 worst[k] = max(worst[k], r[w])
@@ -82,7 +95,8 @@ def main(argv=None) -> int:
         print(json.dumps(r))
     print("worst:", json.dumps(worst))
     rep = {"what": "eager vs engine=graph per-frame detections", "frames": rows, "worst": worst,
-           "score_threshold_for_unmatched": args.score}
+           "score_threshold_for_unmatched": args.score, "precision": args.precision,
+           "matched_pairs": int(sum(r["matched"] for r in rows))}
     from cmfiou_core.provenance import write_report
 
     write_report(args.json, rep, config=args.config, checkpoint=args.checkpoint or None, device=args.device)

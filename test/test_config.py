@@ -45,6 +45,8 @@ def _with(raw, path, value):
     (("data", "input_discard_rte"), 0.5, "unknown key.*input_discard_rte"),
     (("data", "optimization", "lr_max"), 0.01, "unknown key.*data.optimization"),
     (("data", "augment", "world_flip"), "yes", "data.augment.world_flip"),
+    (("inference", "precision"), "fp16", "inference.precision"),
+    (("inference", "engine"), "tensorrt", "inference.engine"),
 ])
 def test_bad_values_are_refused_at_load(raw, path, value, match):
     with pytest.raises(ConfigError, match=match):

@@ -106,3 +106,37 @@ def test_frame_graph_static_function_is_sync_free(shared_dir):
     assert oc.n_ops() > 2000                 # the counter saw the whole forward
     assert seen[0][1:] == seen[1][1:]        # static output shape
     assert fg.last_overflow == 0
+
+
+def test_frame_graph_with_a_bf16_backbone_engine(shared_dir):
+    """inference.precision bf16: the sparse backbone engine computes in bfloat16 and the dense / RoI heads pool its
+    features in fp32. Its stride-8 output stays within bf16 rounding of the fp32 engine's (same weights, same frame),
+    and the whole frame function runs on it with fp32, finite detections."""
+    from test_engine_backbone import CROP_COUNTS, _crop_batch, _inputs
+
+    from cmfiou_core.engine.backbone import Capacities
+    from cmfiou_core.engine.frame import FrameGraph
+    from cmfiou_core.engine.runtime import EngineBackbone
+    from cmfiou_core.model.detector import build_model
+
+    inp, _, _ = _inputs(shared_dir)
+    cfg, batch = _crop_batch(inp, 1)
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    caps = Capacities.calibrated(CROP_COUNTS[1], margin=1.05, quantum=256)
+    eager_bb = m.backbone_3d
+    engines = {dt: EngineBackbone(eager_bb, caps, 7424, use_graph=False, dtype=dt).eval()
+               for dt in (torch.float32, torch.bfloat16)}
+    with torch.no_grad():
+        b = m.vfe(dict(batch))
+        enc = {}
+        for dt, eng in engines.items():
+            eng(dict(b))
+            enc[dt] = eng.last_padded["encoded"].features.float()      # padding rows are zero in both
+        ref = enc[torch.float32]
+        err = (enc[torch.bfloat16] - ref).abs().max() / ref.abs().max()
+        assert 0 < err < 5e-2, err               # bf16 really ran (not equal) and stays near the fp32 result
+        m.backbone_3d = engines[torch.bfloat16]
+        det = FrameGraph(m, engines[torch.bfloat16], use_graph=False, pair_capacity=1 << 14)(dict(b))
+    assert det.boxes.dtype == torch.float32 and det.score.dtype == torch.float32
+    assert len(det.score) > 0 and torch.isfinite(det.boxes).all() and torch.isfinite(det.score).all()

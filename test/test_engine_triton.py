@@ -1,5 +1,5 @@
 """The fused Triton sparse conv (cmfiou_core/engine/triton_conv.py) against the torch gather + GEMM path on CUDA,
-for fp32 (TF32 products) and bf16 inputs, Cin 8 and 64, absent taps and padding rows. Collected only where CUDA and
+for fp32 (IEEE or TF32 products) and bf16 inputs, Cin 8 and 64, absent taps and padding rows. Collected only where CUDA and
 Triton exist (the GPU host); the CPU always runs the torch path, tested in test_engine_backbone.py."""
 import pytest
 import torch
@@ -28,6 +28,25 @@ def test_fused_conv_equals_gather_gemm(cin, cout, dtype):
     tol = 2e-2 if dtype == torch.float32 else 5e-2     # TF32 / bf16 / fp16 products, fp32 accumulation
     assert (got - ref).abs().max() <= tol * max(1.0, float(ref.abs().max()))
     assert torch.equal(got[-100:], torch.relu(b).to(dtype).double().expand(100, -1))
+
+
+@pytest.mark.parametrize("tf32,tol", [(False, 1e-5), (True, 2e-2)])
+def test_fused_conv_fp32_follows_torchs_tf32_switch(tf32, tol, monkeypatch):
+    """fp32 inputs: IEEE products (spconv's CUDA kernels, inference.precision fp32) unless torch's matmul switch
+    allows TF32 (inference.precision tf32), whose 10-bit mantissa products are ~1e-3 off."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    n, m, k, c = 4000, 4000, 27, 64
+    x = torch.randn(n, c, device="cuda", generator=g)
+    rows = torch.randint(0, n + 1, (m, k), device="cuda", generator=g)
+    w = torch.randn(k * c, c, device="cuda", generator=g) / (k * c) ** 0.5
+    b = torch.randn(c, device="cuda", generator=g)
+    xp = torch.cat([x, x.new_zeros((1, c))]).double()
+    ref = xp[rows].reshape(m, -1) @ w.double() + b.double()
+    err = float((triton_conv.sparse_conv(x, rows, w, b).double() - ref).abs().max() / ref.abs().max())
+    assert err <= tol
+    if tf32:
+        assert err > 1e-5          # TF32 really was used
 
 
 def test_fused_conv_residual_and_padding_rows():

@@ -71,6 +71,11 @@ def anchor_mask_static(points_xy: torch.Tensor, valid: torch.Tensor, shape_hw: T
     return (R @ large @ Cm.T) > 0.5
 
 
+def _fp32(t: PaddedSparse) -> PaddedSparse:
+    """The RoI head pools fp32 features whatever the backbone engine's dtype."""
+    return t if t.features.dtype == torch.float32 else t.replace_feature(t.features.float())
+
+
 class StaticDense(nn.Module):
     """Height compression + BEV backbone + dense head (eval) on the padded stride-8 tensor; the anchor mask becomes
     a per-anchor validity. Returns ``(st_features_2d, batch_box_preds (B, H*W*A, 7), batch_cls_preds, anchor_valid
@@ -136,8 +141,8 @@ class FrameGraph:
         bb = self.backbone
         out = bb._static(*args, B * V)
         st, box, cls, valid = self.dense(out["encoded"], B, pts_xy, pts_valid)
-        raw = {k: out["raw"][k] for k in ("x_conv3", "x_conv4")}
-        mm = {k: out["mm"][k] for k in ("x_conv3", "x_conv4")} if "mm" in out else None
+        raw = {k: _fp32(out["raw"][k]) for k in ("x_conv3", "x_conv4")}
+        mm = {k: _fp32(out["mm"][k]) for k in ("x_conv3", "x_conv4")} if "mm" in out else None
         res = self.static(raw, mm, st, box, cls, tp, anchor_valid=valid)
         det = self.static.detect(res, self._post_cfg)
         packed = torch.cat([det.boxes[0].float(), det.labels[0].float()[:, None], det.cls[0].float()[:, None],

@@ -4,7 +4,9 @@ neighbour rows straight from the feature table (absent taps masked, nothing mate
 
 The same computation as ``FoldedConv``'s torch path (gather -> one GEMM), which stays the reference and the CPU
 implementation; ``test/test_engine_triton.py`` compares the two on the GPU. fp32 inputs use TF32 tensor-core products
-(as spconv's CUDA kernels do), bf16 / fp16 inputs their native products; accumulation is fp32 in every case.
+when torch's matmul switch allows them (``torch.backends.cuda.matmul.allow_tf32``, set by the pipeline's
+``inference.precision``) and IEEE fp32 products otherwise (as spconv's CUDA kernels); bf16 / fp16 inputs use their
+native products; accumulation is fp32 in every case.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ if AVAILABLE:
     def _sparse_conv_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, res_ptr, count_ptr, M, n_in,
                             K: tl.constexpr, CIN: tl.constexpr, COUT: tl.constexpr, BM: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
-                            HAS_COUNT: tl.constexpr):
+                            HAS_COUNT: tl.constexpr, IEEE: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BM + tl.arange(0, BM)
@@ -43,7 +45,10 @@ if AVAILABLE:
                             mask=present[:, None] & c_ok[None, :], other=0.0)
                 w = tl.load(w_ptr + (k * CIN + offs_c[:, None]) * COUT + offs_n[None, :],
                             mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                acc += tl.dot(a, w.to(a.dtype))
+                if IEEE:
+                    acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
+                else:
+                    acc += tl.dot(a, w.to(a.dtype))
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
         acc += bias[None, :].to(tl.float32)
         out_off = offs_m[:, None].to(tl.int64) * COUT + offs_n[None, :]
@@ -59,7 +64,8 @@ if AVAILABLE:
 def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 relu: bool = False, residual: torch.Tensor = None, count: torch.Tensor = None) -> torch.Tensor:
     """y[m] = sum_k x[rows[m, k]] @ weight[k*Cin:(k+1)*Cin] + bias (rows[m, k] >= len(x): absent) [+ residual[m]],
-    optional ReLU, then rows m >= count (a device scalar) set to 0.
+    optional ReLU, then rows m >= count (a device scalar) set to 0. fp32 x: TF32 products if
+    ``torch.backends.cuda.matmul.allow_tf32``, IEEE otherwise.
 
     x (N, Cin), rows (M, K) int64, weight (K*Cin, Cout), bias (Cout,) -> (M, Cout) in x's dtype."""
     if not AVAILABLE or not x.is_cuda:
@@ -76,5 +82,5 @@ def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias:
     _sparse_conv_kernel[grid](x.contiguous(), rows.contiguous(), weight.to(x.dtype).contiguous(),
                               bias.float().contiguous(), y, res, cnt, M, x.shape[0], K=K, CIN=cin, COUT=cout, BM=BM,
                               BN=BN, BK=BK, RELU=relu, HAS_RES=residual is not None, HAS_COUNT=count is not None,
-                              num_warps=4)
+                              IEEE=x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32, num_warps=4)
     return y

@@ -207,14 +207,23 @@ class FullConfig:
 
 
 ENGINES = ("eager", "graph", "auto")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
     """``inference`` section. ``engine``: ``eager`` (spconv modules, the reference and the training path), ``graph``
     (the static-shape engine, ``cmfiou_core.engine``: one CUDA graph per capacity bucket on CUDA, the same static code
-    on the CPU), ``auto`` (graph on CUDA, eager on the CPU, where the graph engine is slower)."""
+    on the CPU), ``auto`` (graph on CUDA, eager on the CPU, where the graph engine is slower).
+
+    ``precision`` (CUDA only; the CPU always computes in IEEE fp32): ``fp32`` IEEE products everywhere (spconv's own
+    CUDA convolutions are IEEE fp32; the reference for engine-vs-eager agreement), ``tf32`` TF32 tensor-core
+    products in every fp32 convolution and matrix product (torch's matmul / cuDNN switches and the engine's fused
+    convolutions; spconv stays IEEE), ``bf16`` as ``tf32`` plus bfloat16 features and products in the sparse backbone
+    (the graph engine's backbone; the eager path runs its model under bf16 autocast); RoI head, box decoding and NMS
+    stay fp32. The torch switches are process-wide: the pipeline sets them when it is built."""
     engine: str = "eager"
+    precision: str = "tf32"
 
     def resolve(self, device) -> str:
         import torch
@@ -226,7 +235,8 @@ class InferenceConfig:
 
 def _parse_inference(raw, source: str) -> InferenceConfig:
     sec = Section(raw or {}, "inference", source)
-    cfg = InferenceConfig(engine=sec.str("engine", InferenceConfig.engine, choices=ENGINES))
+    cfg = InferenceConfig(engine=sec.str("engine", InferenceConfig.engine, choices=ENGINES),
+                          precision=sec.str("precision", InferenceConfig.precision, choices=PRECISIONS))
     sec.finish()
     return cfg
 

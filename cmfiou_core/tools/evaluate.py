@@ -38,6 +38,10 @@ def main(argv=None) -> int:
                          "trained on generated scenes, not KITTI; 'none': random weights)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off")
+    ap.add_argument("--engine", choices=("eager", "graph", "auto"), default=None,
+                    help="inference engine (default: the config's inference.engine)")
+    ap.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default=None,
+                    help="CUDA products (default: the config's inference.precision)")
     ap.add_argument("--lidar-only", action="store_true", help="give the pipeline no camera image (pseudo branch empty)")
     ap.add_argument("--max-frames", type=int, default=None)
     ap.add_argument("--strict", action="store_true",
@@ -63,7 +67,8 @@ def main(argv=None) -> int:
         if no_model:
             r = evaluate_predictions(args.data, args.split, args.predictions, max_frames=args.max_frames)
         else:
-            pipe = Pipeline.from_config(args.config, args.checkpoint, args.device, amp=args.amp)
+            pipe = Pipeline.from_config(args.config, args.checkpoint, args.device, amp=args.amp, engine=args.engine,
+                                        precision=args.precision)
             r = evaluate_split(pipe, args.data, args.split, args.out, lidar_only=args.lidar_only,
                                max_frames=args.max_frames, strict=args.strict)
     except (ValueError, FileNotFoundError, ConfigError) as e:  # BadInputError / KittiFormatError are ValueErrors
@@ -99,6 +104,7 @@ def main(argv=None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         s = r.summary()
         s.update(data=str(args.data), split=args.split, lidar_only=args.lidar_only, amp=args.amp,
+                 engine=None if no_model else pipe.engine, precision=None if no_model else pipe.precision,
                  predictions=("label_2" if args.predictions_from_gt else args.predictions),
                  provenance=provenance(None if no_model else args.config, None if no_model else args.checkpoint,
                                        None if no_model else args.device, resolve_default_checkpoint=not no_model))
