@@ -218,3 +218,35 @@ def test_training_data_path_ignores_non_targets(tmp_path):
         cls = it["gt_boxes"][:, 7].astype(int)
         assert set(cls.tolist()) <= {1, 2, 3}
     assert names_out and names_out <= {"Car", "Pedestrian", "Cyclist"}
+
+
+def test_riderless_bicycles_and_people_beside_bikes():
+    """Cyclists without a rider's pose: parked bicycles are labelled Misc with a bicycle's size (KITTI mean Cyclist
+    box 1.76 x 0.60 x 1.74 m, a bike alone is lower) and their returns stay below the handlebar (no rider), while a
+    near Cyclist's returns reach above it; people standing beside their bikes are Pedestrians; no Cyclist box sits on
+    either."""
+    bikes = pairs = riders = 0
+    for seed, i in ((11, 0), (11, 1), (8, 1)):  # people with bikes (11) and a rack of three (8, 1)
+        fr = generate_frame(seed, i, V2)
+        objs = [o for o in _labels(fr) if o["name"] != "DontCare"]
+        lid = _lidar_boxes(objs, fr.calib)
+        names = np.array([o["name"] for o in objs])
+        idx = np.nonzero(fr.labelled)[0]
+        cyc, ped = lid[names == "Cyclist"], lid[names == "Pedestrian"]
+        for j in range(len(objs)):
+            own = fr.point_object == idx[j]
+            zrel = fr.points[own, 2] - (lid[j, 2] - lid[j, 5] / 2)  # height of the returns above the box bottom
+            if names[j] == "Cyclist" and own.sum() >= 60:
+                riders += 1
+                assert zrel.max() > 1.35, zrel.max()  # the rider's shoulders and head
+            if names[j] != "Misc" or lid[j, 4] >= 0.8:
+                continue
+            bikes += 1
+            l, w, h = lid[j, 3:6]
+            assert 1.5 < l < 2.0 and 0.45 < w < 0.8 and 1.0 < h < 1.25, (l, w, h)
+            if own.any():
+                assert zrel.max() < 1.2, zrel.max()
+            if len(cyc):
+                assert np.hypot(*(cyc[:, :2] - lid[j, :2]).T).min() > 1.0
+            pairs += int(len(ped) > 0 and np.hypot(*(ped[:, :2] - lid[j, :2]).T).min() < 1.2)
+    assert bikes >= 6 and pairs >= 3 and riders >= 1, (bikes, pairs, riders)

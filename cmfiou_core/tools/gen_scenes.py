@@ -3,7 +3,8 @@
 
 Writes deterministic synthetic frames in the KITTI object layout (see :mod:`cmfiou_core.data.synthetic`).
 ``--profile``: ``v1`` (default; the generator the shipped demo checkpoint was trained with, same bytes per seed) or
-``kitti_v2`` (parametric vehicles, articulated people, Van/Truck/Tram/Misc/Person_sitting labels, clutter, HDL-64E
+``kitti_v2`` (parametric vehicles, articulated people, Van/Truck/Tram/Misc/Person_sitting labels (bicycle racks and
+people beside their bikes among them), clutter, HDL-64E
 and camera models with domain randomisation; :mod:`cmfiou_core.data.synth.frame_v2`).
 """
 from __future__ import annotations

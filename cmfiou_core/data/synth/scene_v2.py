@@ -456,11 +456,11 @@ def sample_objects_v2(rng: np.random.Generator, layout: LayoutV2, calib: Calibra
     placer = Placer()
     hw = layout.hw
 
-    def put(cls, u, wl, yaw_rel, size=None, z_extra=0.0, tries=1):
+    def put(cls, u, wl, yaw_rel, size=None, z_extra=0.0, tries=1, margin=0.25):
         l, w, h = size if size is not None else sample_size(rng, cls)
         x, y = layout.to_world(u, wl)
         heading = yaw_rel + layout.yaw
-        if not placer.free(x, y, l, w, heading):
+        if not placer.free(x, y, l, w, heading, margin):
             return False
         zb = float(layout.height(x, y)) + z_extra
         box = np.array([[x, y, zb + h / 2, l, w, h, heading]])
@@ -573,7 +573,58 @@ def sample_objects_v2(rng: np.random.Generator, layout: LayoutV2, calib: Calibra
             if put("Cyclist", float(rng.uniform(2, 50)), wl, yaw + float(rng.normal(0, 0.08)),
                    z_extra=layout.curb if on_walk else 0.0):
                 break
+    # cyclists without a rider's pose: rows of parked bicycles at a rack on the sidewalk (labelled Misc; single parked
+    # bikes are unlabelled street furniture, background_prims_v2) and people standing beside or pushing their bike (a
+    # Pedestrian label beside a Misc bicycle). Neither is a Cyclist: the model has to learn that bicycles alone and a
+    # person next to one are not a rider.
+    if rng.random() < P_BICYCLE_RACK:
+        side = -1.0 if rng.random() < 0.5 else 1.0
+        u = float(rng.uniform(2, 40))
+        wl = side * (hw + float(rng.uniform(0.9, max(1.0, layout.sw - 0.3))))
+        along = rng.random() < 0.3  # bikes parked along the kerb instead of perpendicular to it
+        for _ in range(int(rng.integers(2, 7))):
+            size = bicycle_size(rng)
+            yaw_rel = (0.0 if rng.random() < 0.5 else math.pi) if along else side * math.pi / 2
+            put("Misc", u, wl, yaw_rel + float(rng.normal(0, 0.06)), size, z_extra=layout.curb, margin=0.05)
+            u += (size[0] + 0.15 if along else size[1] + float(rng.uniform(0.1, 0.3)))
+    for _ in range(int(rng.integers(0, 3))):
+        side = -1.0 if rng.random() < 0.5 else 1.0
+        on_walk = rng.random() < 0.7
+        wl = side * (hw + float(rng.uniform(0.8, max(0.9, layout.sw - 0.6)))) if on_walk else side * (hw - 1.0)
+        yaw_rel = (0.0 if rng.random() < 0.5 else math.pi) + float(rng.normal(0, 0.1))
+        u = float(rng.uniform(3, 35))
+        size = bicycle_size(rng)
+        if put("Misc", u, wl, yaw_rel, size, z_extra=layout.curb if on_walk else 0.0, margin=0.1):
+            # the person walks beside the bike's front half (hand on the bar), on either side
+            off = (size[1] / 2 + 0.45) * (1.0 if rng.random() < 0.5 else -1.0)
+            du, dw = 0.25 * size[0], off
+            cu, sn = math.cos(yaw_rel), math.sin(yaw_rel)
+            put("Pedestrian", u + cu * du - sn * dw, wl + sn * du + cu * dw, yaw_rel + float(rng.normal(0, 0.1)),
+                z_extra=layout.curb if on_walk else 0.0, margin=0.0)
     return objs, placer
+
+
+# a parked bicycle's box: length and width of city and trekking bikes (our assumption: 1.6 to 1.9 m wheelbase plus
+# wheels, 0.5 to 0.7 m handlebar); the height follows from the frame build_bicycle draws (wheel radius 0.36 m, bar
+# 0.35 m above the wheel tops). Narrower than every other Misc object (SIZE_MIN["Misc"] w = 0.8 m): object_prims_v2
+# builds a Misc box narrower than that as a bicycle.
+BICYCLE_MAX_W = 0.75
+# share of scenes with a bicycle rack (our assumption: common in KITTI's city and campus drives)
+P_BICYCLE_RACK = 0.3
+
+
+def bicycle_size(rng) -> Tuple[float, float, float]:
+    l = float(np.clip(rng.normal(1.76, 0.08), 1.6, 1.95))
+    w = float(rng.uniform(0.5, BICYCLE_MAX_W))
+    return (round(l, 2), round(w, 2), 1.15)
+
+
+def build_parked_bicycle(b: Builder, l, w, h, rng):
+    """A bicycle without a rider (frame, wheels, bar, saddle) inside its (l, w, h) box."""
+    col = tuple(float(v) for v in rng.uniform(0.05, 0.8, 3))
+    seat, _bar, _bb = build_bicycle(b, l, rng, col, w=w)
+    b.box(seat + (0.0, 0.0, 0.03), (0.12, 0.07, 0.03), (0.08, 0.08, 0.08), 0.2)  # saddle
+    return col
 
 
 def object_prims_v2(prims: Prims, k: int, cls: str, box: np.ndarray, rng: np.random.Generator):
@@ -589,7 +640,7 @@ def object_prims_v2(prims: Prims, k: int, cls: str, box: np.ndarray, rng: np.ran
     elif cls == "Tram":
         col = build_tram(b, l, w, h, rng)
     elif cls == "Misc":
-        col = build_misc(b, l, w, h, rng)
+        col = build_parked_bicycle(b, l, w, h, rng) if w <= BICYCLE_MAX_W else build_misc(b, l, w, h, rng)
     elif cls == "Cyclist":
         col = build_cyclist(b, l, w, h, rng)
     else:
