@@ -137,7 +137,7 @@ class FrameGraph:
         self.last_nms_overflow = False
 
     # ------------------------------------------------------------------ the static function
-    def _forward(self, B: int, V: int, args, pts_xy, pts_valid, tp):
+    def _forward(self, B: int, V: int, args, pts_xy, pts_valid, tp, extra=None):
         bb = self.backbone
         out = bb._static(*args, B * V)
         st, box, cls, valid = self.dense(out["encoded"], B, pts_xy, pts_valid)
@@ -148,8 +148,9 @@ class FrameGraph:
         packed = torch.cat([det.boxes[0].float(), det.labels[0].float()[:, None], det.cls[0].float()[:, None],
                             det.iou[0].float()[:, None], det.score[0].float()[:, None]], 1)
         head = torch.stack([det.count[0].float(), det.overflow.float(), out["overflow"].float()])
-        flat = torch.cat([head, out["counts"].float(), packed.reshape(-1)])
-        return flat, (tuple(packed.shape), int(out["counts"].numel()))
+        parts = [head, out["counts"].float()] + ([] if extra is None else [extra.float().reshape(-1)])
+        flat = torch.cat(parts + [packed.reshape(-1)])
+        return flat, (tuple(packed.shape), int(out["counts"].numel()), 0 if extra is None else int(extra.numel()))
 
     def _points(self, batch, dev):
         pts = batch["points"]
@@ -163,7 +164,7 @@ class FrameGraph:
     # ------------------------------------------------------------------ per frame
     @torch.no_grad()
     def __call__(self, batch: Dict[str, Any]):
-        from ..model.postprocess import FrameDetections
+        """The eager batch after VFE -> FrameDetections of sample 0."""
         from .backbone import calib_tensors
 
         bb = self.backbone
@@ -183,10 +184,22 @@ class FrameGraph:
         pts_xy, pts_n = self._points(batch, dev)
         tp = batch.get("transform_param")
         tp = None if tp is None else tp.float().to(dev)
+        pts_valid = torch.arange(self.point_capacity, device=dev) < pts_n
+        return self.run(B, V, args, pts_xy, pts_valid, tp)[0]
+
+    @torch.no_grad()
+    def run(self, B: int, V: int, args, pts_xy, pts_valid, tp, extra: Optional[torch.Tensor] = None):
+        """The static function on prepared inputs (``args`` = ``EngineBackbone._static``'s, (P, 2) raw point x, y
+        and (P,) validity for the anchor mask, test views) -> (FrameDetections of sample 0, ``extra`` (a 1-D device
+        tensor, e.g. an upstream stage's counts and overflow flags) as host floats, read with the same one
+        device->host copy)."""
+        from ..model.postprocess import FrameDetections
+
+        bb = self.backbone
+        dev = args[0].device
 
         def run_static():
-            valid = torch.arange(self.point_capacity, device=dev) < pts_n
-            flat, meta = self._forward(B, V, args, pts_xy, valid, tp)
+            flat, meta = self._forward(B, V, args, pts_xy, pts_valid, tp, extra)
             return flat.cpu(), meta
 
         first = not bb.calibrated
@@ -199,9 +212,9 @@ class FrameGraph:
                 bb.engine.dynamic = False
         else:
             use_graph = self.use_graph if self.use_graph is not None else dev.type == "cuda"
-            flat, meta = self._run(run_static, list(args) + [pts_xy, pts_n, tp], B, V, len(args)) if use_graph \
-                else run_static()
-        shape, nc = meta
+            flat, meta = self._run(run_static, list(args) + [pts_xy, pts_valid, tp, extra], B, V, len(args)) \
+                if use_graph else run_static()
+        shape, nc, ne = meta
         counts, overflow = [int(c) for c in flat[3:3 + nc]], int(flat[2])
         attempts = 0
         while first or overflow:
@@ -213,7 +226,7 @@ class FrameGraph:
             if attempts > 8:
                 raise RuntimeError(f"FrameGraph: backbone capacities still overflow after 8 re-runs ({overflow} sites)")
             flat, meta = run_static()
-            shape, nc = meta
+            shape, nc, ne = meta
             counts, overflow = [int(c) for c in flat[3:3 + nc]], int(flat[2])
         self.last_overflow = overflow
         bb.last_counts = counts
@@ -222,8 +235,9 @@ class FrameGraph:
             log.warning("FrameGraph: a fixed NMS pair capacity overflowed on this frame; detections may differ from "
                         "the eager NMS")
         n = int(flat[0])
-        rows = flat[3 + nc:].view(shape)[:n]
-        return FrameDetections(rows[:, :7], rows[:, 7].long(), rows[:, 8], rows[:, 9], rows[:, 10])
+        rows = flat[3 + nc + ne:].view(shape)[:n]
+        extra_host = flat[3 + nc:3 + nc + ne].tolist()
+        return FrameDetections(rows[:, :7], rows[:, 7].long(), rows[:, 8], rows[:, 9], rows[:, 10]), extra_host
 
     def _run(self, run_static, inputs, B: int, V: int, n_args: int):
         """Replay (capturing first) the graph of this bucket; -> (flat result on the host, meta)."""
@@ -231,11 +245,10 @@ class FrameGraph:
         g = self._graphs.get(key)
         if g is None:
             static_in = [None if a is None else a.clone() for a in inputs]
-            dev = inputs[0].device
 
             def fn():
-                valid = torch.arange(self.point_capacity, device=dev) < static_in[n_args + 1]
-                return self._forward(B, V, static_in[:n_args], static_in[n_args], valid, static_in[n_args + 2])
+                return self._forward(B, V, static_in[:n_args], static_in[n_args], static_in[n_args + 1],
+                                     static_in[n_args + 2], static_in[n_args + 3])
 
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
