@@ -380,6 +380,27 @@ def test_generated_scenes_bag(tmp_path):
     assert len(frames) == 2 and all(f.label_text is not None and f.image is not None for f in frames)
 
 
+def test_generated_scenes_bag_v2_profile(tmp_path):
+    """--generate with --profile kitti_v2 writes the kitti_v2 frames of that seed (the generator run in this process is
+    the reference: same points, image and label text); --profile without --generate and an unknown profile are
+    refused naming the option."""
+    from cmfiou_core.data.synth.scene import profile_config
+    from cmfiou_core.data.synthetic import generate_frame
+
+    out = tmp_path / "gen_v2"
+    r = run("cmfiou_core.tools.kitti2bag", "--out", out, "--generate", 1, "--seed", 4, "--profile", "kitti_v2")
+    assert r.returncode == 0, r.stderr
+    (f,) = bag_io.read_frames(out)
+    ref = generate_frame(4, 0, profile_config("kitti_v2"))
+    assert f.label_text == ref.label_text
+    np.testing.assert_array_equal(f.points, ref.points)
+    assert generate_frame(4, 0).label_text != ref.label_text  # the default (v1) frame of the seed is another one
+    np.testing.assert_array_equal(f.image, ref.image)
+    for bad in (["--object", tmp_path, "--profile", "kitti_v2"], ["--generate", 1, "--profile", "v3"]):
+        r = run("cmfiou_core.tools.kitti2bag", "--out", tmp_path / "x", *bad)
+        assert r.returncode == 2 and "--profile" in r.stderr, r.stderr
+
+
 def test_bag_eval_node_mode_realtime_drops(tmp_path, object_bag):
     """A pipeline slower than 10 Hz at real-time rate: the node keeps the latest frame, the others are *dropped* and
     evaluated as empty (all FN), never removed."""
