@@ -75,6 +75,24 @@ def _check_detector_summary(log: str, sig: str) -> None:
     assert n_in == n_out + n_drop, log[-3000:]
 
 
+def _signal_detector_alone(spec, sig, ready, **env_extra):
+    """The detector of ``spec`` alone (its own session, output to a log file): once ``ready(log path, process,
+    environment)`` has returned, ``sig``. -> (its output, its exit code)."""
+    tmp = Path(tempfile.mkdtemp(prefix="cmfiou_sig_"))
+    log = tmp / "det.log"
+    env = _env(**env_extra)
+    p = subprocess.Popen(node_command(spec, write_overrides(spec, str(tmp))), env=env, cwd=tmp,
+                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        ready(log, p, env)
+        p.send_signal(sig)
+        rc = p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return log.read_text(), rc
+
+
 @pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGTERM)],
                          ids=["ctrl-c-then-launch-sigint-sigterm", "sigterm-twice"])
 def test_launch_like_process_group(kitti_samples, signals):
@@ -109,18 +127,7 @@ def test_launch_like_process_group(kitti_samples, signals):
 def test_detector_alone_sigterm():
     """The detector alone (no input): SIGTERM once -> exit 0, quiet. (Its configure line names the synchroniser.)"""
     spec = graph.replay_graph({"pipeline_factory": TINY, "sync_policy": "approx"})[1]
-    tmp = Path(tempfile.mkdtemp(prefix="cmfiou_sig_"))
-    log = tmp / "det.log"
-    p = subprocess.Popen(node_command(spec, write_overrides(spec, str(tmp))), env=_env(), cwd=tmp,
-                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for(log, "configured:", [p], 60)
-        p.send_signal(signal.SIGTERM)
-        rc = p.wait(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    text = log.read_text()
+    text, rc = _signal_detector_alone(spec, signal.SIGTERM, lambda log, p, env: _wait_for(log, "configured:", [p], 60))
     _assert_clean(text, rc, "detector")
     assert "shutdown (SIGTERM): 0 frames in, 0 published, 0 dropped" in text, text
     from cmfiou_ros.sync import real_message_filters
@@ -192,18 +199,8 @@ def test_signal_during_warm_up_is_a_clean_exit(sig):
     interruptible), then exit 0 -- no failed lifecycle transition, no traceback, no /rosout errors."""
     spec = graph.replay_graph({"pipeline_factory": TINY})[1]
     spec.parameters["warmup"] = True
-    tmp = Path(tempfile.mkdtemp(prefix="cmfiou_sig_"))
-    log = tmp / "det.log"
-    p = subprocess.Popen(node_command(spec, write_overrides(spec, str(tmp))), env=_env(CMFIOU_TINY_SLEEP_MS="3000"),
-                         cwd=tmp, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for(log, "pipeline loaded by", [p], 60)
-        p.send_signal(sig)
-        rc = p.wait(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    text = log.read_text()
+    text, rc = _signal_detector_alone(spec, sig, lambda log, p, env: _wait_for(log, "pipeline loaded by", [p], 60),
+                                      CMFIOU_TINY_SLEEP_MS="3000")
     _assert_clean(text, rc, "detector")
     name = signal.Signals(sig).name
     assert f"{name} during start-up (parameters, pipeline load / warm-up): not configured" in text, text
@@ -217,29 +214,22 @@ def test_sigterm_while_unconfigured_is_a_clean_exit():
     the ROS graph, which may still be during its start-up) -> exit 0, quiet."""
     spec = graph.replay_graph({"pipeline_factory": TINY})[1]
     spec.parameters["autostart"] = False
-    tmp = Path(tempfile.mkdtemp(prefix="cmfiou_sig_"))
-    log = tmp / "det.log"
-    env = _env()
-    p = subprocess.Popen(node_command(spec, write_overrides(spec, str(tmp))), env=env, cwd=tmp,
-                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    import rclpy
 
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=int(env["ROS_DOMAIN_ID"]))
-    try:
-        probe = rclpy.create_node("unconfigured_probe", context=ctx)
-        t_end = time.monotonic() + 60  # the node is in the graph: it is up (its signal handlers are installed)
-        while "cmfiou_detector" not in probe.get_node_names() and time.monotonic() < t_end:
-            assert p.poll() is None, log.read_text()
-            time.sleep(0.1)
-        probe.destroy_node()
+    def in_the_graph(log, p, env):  # the node is in the graph: it is up (its signal handlers are installed)
+        import rclpy
+
+        ctx = rclpy.Context()
+        rclpy.init(context=ctx, domain_id=int(env["ROS_DOMAIN_ID"]))
+        try:
+            probe = rclpy.create_node("unconfigured_probe", context=ctx)
+            t_end = time.monotonic() + 60
+            while "cmfiou_detector" not in probe.get_node_names() and time.monotonic() < t_end:
+                assert p.poll() is None, log.read_text()
+                time.sleep(0.1)
+            probe.destroy_node()
+        finally:
+            rclpy.shutdown(context=ctx)
         assert p.poll() is None, log.read_text()
-        p.send_signal(signal.SIGTERM)
-        rc = p.wait(timeout=30)
-    finally:
-        rclpy.shutdown(context=ctx)
-        if p.poll() is None:
-            p.kill()
-    text = log.read_text()
+    text, rc = _signal_detector_alone(spec, signal.SIGTERM, in_the_graph)
     _assert_clean(text, rc, "detector")
     assert "shutdown (SIGTERM): 0 frames in, 0 published, 0 dropped" in text and "configured:" not in text, text
