@@ -70,10 +70,9 @@ class TinyPipeline:
         return det
 
 
-class CalibrationEcho:
-    """A recording pipeline: every frame with a camera gets one detection that carries the calibration and image size
-    the node handed over (centre = P2[0,0], P2[0,2], Tr[0,3]; size = image width, height, 1 + |Tr[2,3]|); a LiDAR-only
-    frame gets none. Lets a cross-process test check which calibration each output was fused with."""
+class _Echo:
+    """A recording pipeline: a frame with a camera gets one detection (class 1, scores 1) per row of
+    ``self.boxes(frame)``, which encodes what the node handed over; a LiDAR-only frame gets none."""
 
     @classmethod
     def from_config(cls, config_path=None, checkpoint=None, device="cpu"):
@@ -82,26 +81,26 @@ class CalibrationEcho:
     def __call__(self, frame: Frame) -> Detections:
         if frame.image is None:
             return Detections.empty(frame.stamp_ns, frame.frame_id, lidar_only=True)
+        boxes = np.asarray(self.boxes(frame), np.float32)
+        one = np.ones(len(boxes), np.float32)
+        return Detections(boxes, np.ones(len(boxes), np.int64), one, one, one, frame.stamp_ns, frame.frame_id,
+                          lidar_only=False)
+
+
+class CalibrationEcho(_Echo):
+    """One detection carrying the calibration and image size the node handed over (centre = P2[0,0], P2[0,2],
+    Tr[0,3]; size = image width, height, 1 + |Tr[2,3]|). Lets a cross-process test check which calibration each
+    output was fused with."""
+
+    def boxes(self, frame: Frame):
         c, (h, w) = frame.calib, frame.image.shape[:2]
-        box = [[c.P2[0, 0], c.P2[0, 2], c.Tr_velo_to_cam[0, 3], w, h, 1.0 + abs(c.Tr_velo_to_cam[2, 3]), 0.0]]
-        one = np.ones(1, np.float32)
-        return Detections(np.asarray(box, np.float32), np.ones(1, np.int64), one, one, one, frame.stamp_ns,
-                          frame.frame_id, lidar_only=False)
+        return [[c.P2[0, 0], c.P2[0, 2], c.Tr_velo_to_cam[0, 3], w, h, 1.0 + abs(c.Tr_velo_to_cam[2, 3]), 0.0]]
 
 
-class ExtrinsicEcho:
-    """A recording pipeline for TF tests: a frame with a camera gets four detections whose centres are the four
-    columns of the LiDAR->camera extrinsic it was fused with (``Tr_velo_to_cam``, 3x4); a LiDAR-only frame gets none."""
+class ExtrinsicEcho(_Echo):
+    """For TF tests: four detections whose centres are the four columns of the LiDAR->camera extrinsic the frame was
+    fused with (``Tr_velo_to_cam``, 3x4)."""
 
-    @classmethod
-    def from_config(cls, config_path=None, checkpoint=None, device="cpu"):
-        return cls()
-
-    def __call__(self, frame: Frame) -> Detections:
-        if frame.image is None:
-            return Detections.empty(frame.stamp_ns, frame.frame_id, lidar_only=True)
+    def boxes(self, frame: Frame):
         Tr = np.asarray(frame.calib.Tr_velo_to_cam, np.float64)
-        boxes = [[Tr[0, j], Tr[1, j], Tr[2, j], 1.0, 1.0, 1.0, 0.0] for j in range(4)]
-        one = np.ones(4, np.float32)
-        return Detections(np.asarray(boxes, np.float32), np.ones(4, np.int64), one, one, one, frame.stamp_ns,
-                          frame.frame_id, lidar_only=False)
+        return [[Tr[0, j], Tr[1, j], Tr[2, j], 1.0, 1.0, 1.0, 0.0] for j in range(4)]
