@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
+
+from cmfiou_core.cli import report_errors
 
 MIB = 1 << 20
 FALLBACK_MB = 16.0  # when no limit can be read (no profile, another RMW): the limit of our shipped profile
@@ -141,13 +142,11 @@ def main(argv=None) -> int:
         return 0
     if ns.max_message_mb is None or ns.out is None:
         ap.error("--max-message-mb and --out are needed (--segment-mb defaults to 2 x --max-message-mb)")
-    try:
+
+    def write() -> str:
         out = write_profile(ns.max_message_mb, ns.segment_mb or 2 * ns.max_message_mb, ns.out)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}: export FASTDDS_DEFAULT_PROFILES_FILE={out.resolve()}")
-    return 0
+        return f"wrote {out}: export FASTDDS_DEFAULT_PROFILES_FILE={out.resolve()}"
+    return report_errors(write, (ValueError, OSError), "error", 2)
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def test_nonfinite_gradients_are_named(tmp_path):
     assert recs[0]["modules"] == [name.rsplit(".", 2)[0]] and math.isfinite(recs[0]["loss"])
 
 
-def test_export_fp16(tmp_path):
+def test_export_fp16(tmp_path, capsys):
     res = _trainer(tmp_path, epochs=1).fit()
     info = export_fp16(res.checkpoint, tmp_path / "demo.pth", max_mb=40)
     ex = torch.load(tmp_path / "demo.pth", weights_only=True)
@@ -225,6 +225,14 @@ def test_export_fp16(tmp_path):
     assert torch.allclose(m.head.weight, full["head.weight"], rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError):
         export_fp16(res.checkpoint, tmp_path / "small.pth", max_mb=1e-4)
+    assert not (tmp_path / "small.pth").exists()
+    # the command line: the summary line, or one error line and exit code 1
+    from cmfiou_core.train import export
+    assert export.main([str(res.checkpoint), str(tmp_path / "cli.pth")]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'cli.pth'}: ")
+    assert export.main([str(res.checkpoint), str(tmp_path / "small.pth"), "--max-mb", "1e-4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("export failed: fp16 export is ") and "> limit 0.0001 MB" in err and "Traceback" not in err
     assert not (tmp_path / "small.pth").exists()
 
 

@@ -22,14 +22,18 @@ def test_shipped_profile_limits():
     assert "maxMessageSize 16 MiB" in lim.describe()
 
 
-def test_written_profile_reads_back_and_bad_sizes_fail(tmp_path):
+def test_written_profile_reads_back_and_bad_sizes_fail(tmp_path, capsys):
     out = T.write_profile(100, 300, tmp_path / "big.xml")
     lim = T.read_profile(str(out))
     assert (lim.max_message_bytes, lim.segment_bytes) == (100 * MIB, 300 * MIB)
+    capsys.readouterr()
     assert T.main(["--max-message-mb", "4", "--out", str(tmp_path / "cli.xml")]) == 0
     assert T.read_profile(str(tmp_path / "cli.xml")).segment_bytes == 8 * MIB  # default: 2 x max message
+    assert f"export FASTDDS_DEFAULT_PROFILES_FILE={(tmp_path / 'cli.xml').resolve()}" in capsys.readouterr().out
     assert T.main(["--max-message-mb", "8", "--segment-mb", "4", "--out", str(tmp_path / "bad.xml")]) == 2
     assert not (tmp_path / "bad.xml").exists()
+    err = capsys.readouterr().err
+    assert err.startswith("error: need 0 < max_message_mb <= segment_mb (got 8, 4)") and "Traceback" not in err
 
 
 def test_active_limit_sources(tmp_path):

@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
+from ..cli import report_errors
 from .checkpoint import CKPT_FORMAT, atomic_save, load_checkpoint, to_primitive
 
 __all__ = ["export_fp16", "DEFAULT_KEEP_FP32"]
@@ -66,13 +67,11 @@ def main(argv=None) -> int:
     ap.add_argument("out")
     ap.add_argument("--max-mb", type=float, default=40.0, help="fail if the export exceeds this size (MB, 1e6 bytes)")
     a = ap.parse_args(argv)
-    try:
+
+    def export() -> str:
         s = export_fp16(a.checkpoint, a.out, max_mb=a.max_mb)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"export failed: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {s['path']}: {s['size_mb']:.2f} MB, {s['fp16_params']} fp16 values, {s['fp32_kept']} fp32 kept")
-    return 0
+        return f"wrote {s['path']}: {s['size_mb']:.2f} MB, {s['fp16_params']} fp16 values, {s['fp32_kept']} fp32 kept"
+    return report_errors(export, (ValueError, FileNotFoundError), "export failed", 1)
 
 
 if __name__ == "__main__":
