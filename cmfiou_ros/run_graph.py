@@ -85,7 +85,7 @@ def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     if missing:
         env["PYTHONPATH"] = os.pathsep.join(missing + pp)
     if "FASTDDS_DEFAULT_PROFILES_FILE" not in env and resources.exists("config", "fastdds_shm.xml"):
-        # large clouds between processes (ros2_pip.md section 2)
+        # large clouds between processes: with Fast DDS defaults a >1 MB message is lost or delayed (fastdds_shm.xml)
         env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(resources.config("fastdds_shm.xml"))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(extra or {})

@@ -91,8 +91,8 @@ PYEOF
   command -v cmake >/dev/null || { log "no cmake on PATH: installing it from PyPI into the venv"; pipi cmake; }
   log "installing python requirements + ROS 2 Kilted wheels"
   pipi -r "$ROOT/requirements.txt" -r "$ROOT/requirements-ros.txt"
-  # The wheels' exported CMake files carry the wheel builder's Python/numpy include paths: point them at this venv
-  # (ros2_pip.md section 3). Idempotent; needed again after any reinstall of the message wheels, hence in this step.
+  # The wheels' exported CMake files carry the wheel builder's Python/numpy include paths: point them at this venv.
+  # Idempotent; needed again after any reinstall of the message wheels, hence in this step.
   PYINC=$("$VP" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
   NPINC=$("$VP" -c "import numpy; print(numpy.get_include())")
   # (grep finds nothing once patched: that is not an error under pipefail)

@@ -237,7 +237,8 @@ def test_bag_eval_offline_pipeline_and_skips(tmp_path, object_bag, monkeypatch):
 
 
 def test_lidar_boxes_to_result_lines(kitti_samples):
-    """GT boxes -> LiDAR -> result lines (§E.7) -> the same camera boxes; 2D box = projected corners."""
+    """GT boxes -> LiDAR -> KITTI result lines (OpenPCDet generate_prediction_dicts) -> the same camera boxes; 2D box
+    = projected corners."""
     from cmfiou_core.eval.kitti_io import lidar_boxes_to_result_text
     from cmfiou_core.geometry.boxes import boxes3d_kitti_camera_to_lidar
 

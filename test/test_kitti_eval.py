@@ -242,8 +242,9 @@ def test_rotated_intersection_vs_shapely():
 
 # ------------------------------------------------------------------------------------------- loop transcription
 def _ref_eval(gts, dts, cls="car", diff=1, metric="3d", mo=0.7, aos=False):
-    """Frame-by-frame, box-by-box transcription of the protocol (peers_and_conventions §E.3-E.5); slow, independent
-    of the vectorised matcher (shares only the paired IoU functions)."""
+    """Frame-by-frame, box-by-box transcription of the KITTI protocol as OpenPCDet's kitti_object_eval_python runs
+    it (clean_data filtering, compute_statistics_jit matching, get_thresholds / eval_class AP); slow, independent of
+    the vectorised matcher (shares only the paired IoU functions)."""
     nb = {"car": "van", "pedestrian": "person_sitting"}.get(cls)
     frames, n_valid = [], 0
     for g, d in zip(gts, dts):
