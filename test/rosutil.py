@@ -28,11 +28,16 @@ def require(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        if os.environ.get("CMFIOU_REQUIRE_ROS"):
-            pytest.fail(f"{module} is not importable ({exc}) but CMFIOU_REQUIRE_ROS is set: run scripts/setup.sh "
-                        "and . .venv/cmfiou.env", pytrace=False)
-        pytest.skip(f"{module} not importable ({exc}); run scripts/setup.sh and . .venv/cmfiou.env",
-                    allow_module_level=True)
+        missing(f"{module} is not importable ({exc})")
+
+
+def missing(what: str) -> None:
+    """Something ``scripts/setup.sh`` installs is missing: skip (the file, at module level) -- or fail under
+    ``CMFIOU_REQUIRE_ROS``."""
+    if os.environ.get("CMFIOU_REQUIRE_ROS"):
+        pytest.fail(f"{what} but CMFIOU_REQUIRE_ROS is set: run scripts/setup.sh and . .venv/cmfiou.env",
+                    pytrace=False)
+    pytest.skip(f"{what}; run scripts/setup.sh and . .venv/cmfiou.env", allow_module_level=True)
 # The pipeline the ROS tests run (module:callable), overridable from the environment.
 PIPELINE_FACTORY = os.environ.get("CMFIOU_TEST_PIPELINE_FACTORY",
                                   "cmfiou_core.pipeline:Pipeline.from_config")

@@ -3,8 +3,9 @@ bag is refused on read with exit code 2, and cmfiou-bag-eval exits 2 without a t
 import struct
 
 import pytest
+from rosutil import require  # noqa: E402  (pytest puts test/ on sys.path)
 
-pytest.importorskip("rosbags")
+require("rosbags")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def _chunks(data):
 
 
 def test_written_bag_has_crcs_an_independent_reader_accepts(bag):
-    mcap_reader = pytest.importorskip("mcap.reader")
+    mcap_reader = require("mcap.reader")
     data = bag.read_bytes()
     chunks = _chunks(data)
     assert chunks and all(crc != 0 for _, crc in chunks)

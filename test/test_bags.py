@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rosutil import require  # noqa: E402  (pytest puts test/ on sys.path)
 
-pytest.importorskip("rosbags")
+require("rosbags")
 
 from cmfiou_core.eval import bag_io  # noqa: E402
 from cmfiou_core.eval.kitti_io import parse_kitti_text  # noqa: E402

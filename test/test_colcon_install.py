@@ -19,12 +19,12 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from rosutil import require  # noqa: E402
+from rosutil import missing, require  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 require("rclpy")
 if shutil.which("colcon") is None and not (Path(sys.prefix) / "bin" / "colcon").is_file():
-    pytest.skip("colcon not installed (scripts/setup.sh installs it from requirements-ros.txt)", allow_module_level=True)
+    missing("colcon is not installed (setup.sh installs it from requirements-ros.txt)")
 
 
 def _setup_py_console_scripts():

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.ros
 
 def rosbags_hashes(msg_dir: Path, package: str, names: list) -> dict:
     """RIHS01 hashes computed by rosbags (independent of rosidl) from .msg files."""
-    typesys = pytest.importorskip("rosbags.typesys", reason="rosbags not installed (pip install rosbags)")
+    typesys = require("rosbags.typesys")
     store = typesys.get_typestore(typesys.Stores.ROS2_KILTED)
     types = {}
     for path in sorted(msg_dir.glob("*.msg")):
@@ -73,8 +73,8 @@ def test_tfmessage_type_hash_equals_upstream():
     """The tf2_msgs/TFMessage the node listens to (compat/tf2_msgs where no real tf2_msgs exists) hashes like
     upstream's: rosbags' built-in Kilted definition (upstream's .msg), rclpy's announced hash, and rosbags on
     compat/tf2_msgs agree."""
-    typesys = pytest.importorskip("rosbags.typesys", reason="rosbags not installed (pip install rosbags)")
-    TFMessage = pytest.importorskip("tf2_msgs.msg").TFMessage
+    typesys = require("rosbags.typesys")
+    TFMessage = require("tf2_msgs.msg").TFMessage
     upstream = typesys.get_typestore(typesys.Stores.ROS2_KILTED).hash_rihs01("tf2_msgs/msg/TFMessage")
     assert graph_hashes({"TFMessage": TFMessage})["TFMessage"] == upstream
     assert rosbags_hashes(REPO / "compat" / "tf2_msgs" / "msg", "tf2_msgs", ["TFMessage"])["TFMessage"] == upstream
