@@ -44,7 +44,8 @@ def file_sha256(path: Union[str, Path]) -> str:
 
 
 def git_state(root: Union[str, Path] = REPO_ROOT) -> Dict[str, object]:
-    """{'git_commit': sha or None, 'git_dirty': bool or None[, 'git_error': why]} of the checkout at ``root``."""
+    """{'git_commit': sha or None, 'git_dirty': bool or None[, 'git_error': why]} of the checkout at ``root``; a
+    ``root`` that is not the top of its checkout (the code installed inside some other repository) records none."""
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
 
@@ -52,6 +53,10 @@ def git_state(root: Union[str, Path] = REPO_ROOT) -> Dict[str, object]:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return {"git_commit": None, "git_dirty": None, "git_error": head.stderr.strip() or "not a git checkout"}
+        top = git("rev-parse", "--show-toplevel").stdout.strip()
+        if not top or Path(top).resolve() != Path(root).resolve():
+            return {"git_commit": None, "git_dirty": None,
+                    "git_error": f"{root} is not the top of a git checkout (it lies inside {top or 'none'})"}
         status = git("status", "--porcelain", "--untracked-files=no")
         return {"git_commit": head.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError) as e:

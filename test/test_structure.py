@@ -1,5 +1,5 @@
 """The package's import graph has no circle (module-level and function-level imports alike: a late import inside a
-function only hides a circle, it does not remove it)."""
+function only hides a circle, it does not remove it), and no module finds a path beside its own source file."""
 import ast
 from pathlib import Path
 
@@ -114,6 +114,54 @@ def test_core_never_imports_ros():
 def test_production_code_never_imports_the_frozen_depth_reference():
     g = import_graph()
     assert [m for m, deps in g.items() if "cmfiou_core.depth.reference" in deps] == []
+
+
+# Modules that may use ``__file__``, and why: neither finds a resource (configs, checkpoints, .msg files are found
+# through cmfiou_core.resources, which works in a colcon install where the code and the resources live apart).
+FILE_RELATIVE_OK = {
+    "cmfiou_core.provenance": "the git checkout the code itself runs from (its commit goes into results files)",
+    "cmfiou_core.opcount": "names the package's own source lines that issued a counted op",
+}
+
+
+def uses_of_file(path: Path):
+    """Line numbers where the module at ``path`` reads ``__file__``."""
+    return [n.lineno for n in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(n, ast.Name) and n.id == "__file__"]
+
+
+def test_file_finder_sees_a_path_beside_the_source(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("from pathlib import Path\n\ndef cfg():\n    return Path(__file__).parents[1] / 'config'\n")
+    assert uses_of_file(f) == [4]
+
+
+def test_no_path_beside_a_source_file():
+    found = {name: uses_of_file(path) for name, (path, _) in _modules().items()}
+    bad = {name: lines for name, lines in found.items() if lines and name not in FILE_RELATIVE_OK}
+    assert not bad, f"paths resolved beside a source file (use cmfiou_core.resources): {bad}"
+    assert all(found[name] for name in FILE_RELATIVE_OK), "an allowed use is gone: drop it from FILE_RELATIVE_OK"
+
+
+def test_provenance_git_state_is_the_checkout_of_the_code_only(tmp_path):
+    """provenance's use of ``__file__``: the commit of the checkout whose top holds the code; code installed inside
+    some other repository (a folder below its top) records no commit instead of that repository's."""
+    import subprocess
+
+    from cmfiou_core.provenance import git_state
+
+    repo, sub = tmp_path / "repo", tmp_path / "repo" / "install" / "site-packages"
+    sub.mkdir(parents=True)
+    (repo / "f.txt").write_text("x\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "f.txt"], ["commit", "-q", "-m", "one"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert git_state(repo) == {"git_commit": head, "git_dirty": False}
+    below = git_state(sub)
+    assert below["git_commit"] is None and "is not the top of a git checkout" in below["git_error"], below
+    (tmp_path / "plain").mkdir()
+    assert git_state(tmp_path / "plain")["git_commit"] is None
 
 
 def test_load_factory_module_file_and_errors(tmp_path):
