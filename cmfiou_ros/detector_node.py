@@ -601,13 +601,11 @@ def main(argv=None) -> int:
     from rclpy.executors import SingleThreadedExecutor
 
     from cmfiou_ros.params import DETECTOR_PARAMS
-    from .shutdown import finish, install_signal_latch, node_help, spinning, wants_help
+    from .shutdown import finish, spinning, start_node
 
-    if wants_help(argv):
-        print(node_help("detector_node", __doc__, DETECTOR_PARAMS), end="")
+    latch = start_node("detector_node", __doc__, DETECTOR_PARAMS, argv)
+    if latch is None:  # --help
         return 0
-    latch = install_signal_latch()  # before rclpy.init: a second Ctrl-C / SIGTERM during teardown stays quiet
-    rclpy.init(args=argv)
     node = DetectorNode()
     rc = 0
     try:

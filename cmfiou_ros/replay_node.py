@@ -390,13 +390,11 @@ class ReplayNode(Node):
 def main(argv=None) -> int:
     from rclpy.executors import SingleThreadedExecutor
 
-    from .shutdown import finish, install_signal_latch, node_help, spinning, wants_help
+    from .shutdown import finish, spinning, start_node
 
-    if wants_help(argv):
-        print(node_help("kitti_replay_node", __doc__, REPLAY_PARAMS), end="")
+    latch = start_node("kitti_replay_node", __doc__, REPLAY_PARAMS, argv)
+    if latch is None:  # --help
         return 0
-    latch = install_signal_latch()  # before rclpy.init: a second Ctrl-C / SIGTERM during teardown stays quiet
-    rclpy.init(args=argv)
     try:
         node = ReplayNode()
     except (ParamError, FileNotFoundError, ValueError) as e:

@@ -90,6 +90,17 @@ def node_help(prog: str, doc: str, specs) -> str:
     return "\n".join(lines) + "\n"
 
 
+def start_node(prog: str, doc: str, specs, argv) -> Optional[SignalLatch]:
+    """Start of a node's main: ``-h`` / ``--help`` prints :func:`node_help` and gives None (the main returns 0);
+    otherwise the signal latch is installed, then ``rclpy.init(args=argv)``, and the latch is returned."""
+    if wants_help(argv):
+        print(node_help(prog, doc, specs), end="")
+        return None
+    latch = install_signal_latch()  # before rclpy.init: a second Ctrl-C / SIGTERM during teardown stays quiet
+    rclpy.init(args=argv)
+    return latch
+
+
 def finish(latch: SignalLatch, rc: int) -> int:
     """End of a node's main: after a signal, leave at once with ``rc`` (``os._exit`` after flushing stdio).
 
