@@ -80,6 +80,14 @@ def main(argv=None) -> int:
             print(f"{c} localization: {q['num_gt']} objects, best 3D IoU mean {q['mean_best_iou']:.3f} median "
                   f"{q['median_best_iou']:.3f}, recall@{q['threshold']:.2f} {q['recall']:.3f}, within "
                   f"+-{q['band']:.2f} of the threshold {q['near_threshold']:.3f}")
+    hl = r.headline()
+    for c in ("Car", "Pedestrian", "Cyclist"):
+        q = hl.get(c)
+        if q:
+            fmt = lambda v: " / ".join(f"{x:.1f}" for x in v) if v else "-"  # noqa: E731
+            bev = f", BEV {fmt(q['ap_bev_r40'])} (ceiling {fmt(q['ceiling_bev_r40'])})" if "ap_bev_r40" in q else ""
+            print(f"{c} R40 3D {fmt(q['ap_3d_r40'])} (ceiling {fmt(q['ceiling_3d_r40'])}){bev}; objects easy / "
+                  f"moderate / hard {' / '.join(str(n) for n in q['objects_easy_mod_hard'])}")
     cm = r.centre
     for c, q in cm["classes"].items():
         if q["num_gt"]:
