@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import sys
 import time
 from typing import Callable, List, Optional
@@ -35,6 +34,7 @@ import numpy as np
 
 from cmfiou_core.eval import bag_io
 from cmfiou_core.factory import load_factory as _load_factory
+from cmfiou_core.geometry.rotation import quaternion_to_yaw
 from cmfiou_core.eval.kitti_io import lidar_boxes_to_result_text
 from cmfiou_core.eval.report import FrameResult, build_report, format_table, write_report
 from cmfiou_core.provenance import provenance
@@ -114,7 +114,7 @@ def detection_array_to_arrays(msg, class_names=EVAL_CLASSES):
         if h.class_id not in class_names:
             continue
         c, s, q = d.bbox.center.position, d.bbox.size, d.bbox.center.orientation
-        yaw = math.atan2(2.0 * (q.w * q.z + q.x * q.y), 1.0 - 2.0 * (q.y * q.y + q.z * q.z))
+        yaw = quaternion_to_yaw(q)
         boxes.append([c.x, c.y, c.z, s.x, s.y, s.z, yaw])
         labels.append(class_names.index(h.class_id) + 1)
         scores.append(h.score)

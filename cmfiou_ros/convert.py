@@ -15,14 +15,14 @@ Every validation failure raises :class:`MessageError` (a ``ValueError``) whose t
 from __future__ import annotations
 
 import array
-import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import numpy as np
 
 from cmfiou_core.calib import Calibration, CalibrationError
 from cmfiou_core.geometry.boxes import boxes_to_corners_3d
-from cmfiou_core.geometry.rotation import matrix_to_quaternion, quaternion_to_matrix
+from cmfiou_core.geometry.rotation import (matrix_to_quaternion, quaternion_to_matrix,  # noqa: F401 (API)
+                                          quaternion_to_yaw, yaw_to_quaternion)
 from cmfiou_core.msg_format import (INTENSITY_NAMES, POINTFIELD_DTYPES, SUPPORTED_ENCODINGS,  # noqa: F401 (API)
                                     MessageError, cloud_dtype, image_to_rgb, pointcloud2_to_structured,
                                     pointcloud2_to_xyzi)
@@ -230,16 +230,6 @@ def calibration_to_camera_info(calib: Calibration, stamp_ns: int = 0, frame_id: 
 
 
 # ------------------------------------------------------------------------------------------------ detections
-def yaw_to_quaternion(yaw: float) -> Tuple[float, float, float, float]:
-    """Rotation of ``yaw`` radians about +z (REP-103, counter-clockwise) as (x, y, z, w)."""
-    return 0.0, 0.0, math.sin(yaw / 2.0), math.cos(yaw / 2.0)
-
-
-def quaternion_to_yaw(q) -> float:
-    x, y, z, w = (q.x, q.y, q.z, q.w) if hasattr(q, "w") else q
-    return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
-
-
 _EDGES = np.array([[0, 1], [1, 2], [2, 3], [3, 0], [4, 5], [5, 6], [6, 7], [7, 4],
                    [0, 4], [1, 5], [2, 6], [3, 7]])
 # colours as RViz' vision_msgs plugin: car orange, pedestrian blue, cyclist yellow, other grey

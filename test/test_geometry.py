@@ -457,3 +457,21 @@ def test_quaternion_matrix_round_trip_against_scipy():
     with pytest.raises(ValueError, match="unit length"):
         quaternion_to_matrix([0, 0, 0, 2], unit_tol=1e-3)
     np.testing.assert_allclose(quaternion_to_matrix([0, 0, 0, 2]), np.eye(3))  # normalised without unit_tol
+
+
+def test_yaw_quaternion_against_scipy():
+    """geometry.rotation's yaw <-> quaternion (detections' orientation, the bag writer, bag evaluation) against
+    scipy: the quaternion of a rotation about +z, and the yaw back from it and from a message-like object."""
+    from types import SimpleNamespace
+
+    from scipy.spatial.transform import Rotation
+
+    from cmfiou_core.geometry.rotation import quaternion_to_yaw, yaw_to_quaternion
+
+    for yaw in np.r_[np.random.default_rng(3).uniform(-np.pi, np.pi, 100), 0.0, np.pi / 2, -np.pi / 2, 3.1]:
+        q = np.array(yaw_to_quaternion(float(yaw)))
+        ref = Rotation.from_euler("z", yaw).as_quat()
+        assert min(np.abs(q - ref).max(), np.abs(q + ref).max()) < 1e-12
+        assert abs(quaternion_to_yaw(q) - yaw) < 1e-12
+        msg = SimpleNamespace(**dict(zip("xyzw", ref)))
+        assert abs(quaternion_to_yaw(msg) - Rotation.from_quat(ref).as_euler("xyz")[2]) < 1e-12

@@ -33,7 +33,6 @@ one answer whichever path it takes. The KITTI result lines are written with the 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
@@ -41,7 +40,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from cmfiou_core.calib import Calibration
-from cmfiou_core.geometry.rotation import matrix_to_quaternion, nearest_rotation
+from cmfiou_core.geometry.rotation import matrix_to_quaternion, nearest_rotation, yaw_to_quaternion
 from cmfiou_core.msg_format import MessageError, pointcloud2_to_xyzi
 from cmfiou_core.msg_format import image_to_rgb as _image_to_rgb
 
@@ -237,7 +236,7 @@ class _Msgs:
                 cam = np.c_[a["location"][keep], a["dimensions"][keep], a["rotation_y"][keep]]
                 lid = boxes3d_kitti_camera_to_lidar(cam, calib)
                 for k, b in zip(keep, lid):
-                    q = T["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=math.sin(b[6] / 2), w=math.cos(b[6] / 2))
+                    q = T["geometry_msgs/msg/Quaternion"](**dict(zip("xyzw", yaw_to_quaternion(float(b[6])))))
                     pose = T["geometry_msgs/msg/Pose"](position=T["geometry_msgs/msg/Point"](
                         x=float(b[0]), y=float(b[1]), z=float(b[2])), orientation=q)
                     hyp = T["vision_msgs/msg/ObjectHypothesisWithPose"](

@@ -1,4 +1,5 @@
-"""Rotations: quaternion (x, y, z, w; the ROS/TF order) <-> 3x3 matrix, and the nearest rotation of a matrix.
+"""Rotations: quaternion (x, y, z, w; the ROS/TF order) <-> 3x3 matrix, yaw about +z <-> quaternion, and the
+nearest rotation of a matrix.
 
 The one implementation used by the calibration (``calib.transform_from_tf``), the ROS conversions
 (``cmfiou_ros.convert``) and the bag writer / ROS-calibration model of the evaluation (``eval.bag_io``).
@@ -59,3 +60,14 @@ def nearest_rotation(R) -> np.ndarray:
     """The orthonormal matrix nearest to ``R`` (Frobenius norm; ``U V^T`` of its SVD)."""
     u, _, vt = np.linalg.svd(np.asarray(R, np.float64))
     return u @ vt
+
+
+def yaw_to_quaternion(yaw: float) -> Tuple[float, float, float, float]:
+    """Rotation of ``yaw`` radians about +z (REP-103, counter-clockwise) as (x, y, z, w)."""
+    return 0.0, 0.0, math.sin(yaw / 2.0), math.cos(yaw / 2.0)
+
+
+def quaternion_to_yaw(q) -> float:
+    """The rotation about +z of a quaternion (x, y, z, w), or of an object with fields x, y, z, w (a message)."""
+    x, y, z, w = (q.x, q.y, q.z, q.w) if hasattr(q, "w") else q
+    return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
