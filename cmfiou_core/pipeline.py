@@ -6,8 +6,9 @@ missing) -> ``preprocess`` (range mask, test-time pseudo subsampling) -> ``voxel
 ``backbone_3d`` -> ``bev`` (height compression + BEV backbone) -> ``rpn`` (dense head + proposal decode) ->
 ``roi_head`` (proposal NMS + 3 refinement stages + IoU branch) -> ``postprocess`` (rectified scores + NMS) -> ``d2h``.
 The model stages (``vfe`` .. ``roi_head``) are the model's own ordered list (``model.detector.STAGES``, run by
-``CMFIOU.run_stages`` with a timing hook); ``engine="graph"`` swaps the backbone module in that list and replaces the
-``roi_head`` stage and the post-processing with the static RoI head.
+``CMFIOU.run_stages`` with a timing hook). ``engine="graph"`` runs the frame as static code instead: ``h2d`` ->
+``prelude`` (``engine.prelude``: depth .. VFE) -> ``engine`` (``engine.frame.FrameGraph``: backbone .. post-processing,
+ending with the frame's one device->host copy), CUDA graphs on the GPU.
 
 LiDAR-only operation: when ``frame.image`` is None the pseudo branch receives no points (the flag ``lidar_only`` is
 set on the result). With a calibration that knows the image size the raw points are still restricted to the camera
@@ -19,7 +20,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -125,6 +126,7 @@ class Pipeline:
             if self.model.roi_head is None:
                 raise ConfigError("engine 'graph' needs a model with a RoI head (model.roi_head)")
             self._frame_graph = FrameGraph(self.model, use_engine(self.model, dtype=self.amp or torch.float32))
+        self._front = None
         self.depth_cfg = DepthConfig.from_dict(cfg.depth, cfg.source)
         self.depth = PseudoPointGenerator(self.depth_cfg)
         self.timing = timing
@@ -135,7 +137,9 @@ class Pipeline:
                                    self.mcfg.max_voxels(False))
         self.views = self.mcfg.test_views.params()
         self.seed = int(seed)
-        self._gen = torch.Generator(device=self.device)  # re-seeded from each frame's points (frame_seed)
+        # re-seeded from each frame's points (frame_seed); a CPU generator on every device, so the discard draws
+        # the same numbers on any host and in both engines (its stream is sequential: rand(N) = rand(M)[:N])
+        self._gen = torch.Generator()
         r = self.mcfg.point_cloud_range
         self._range_lo = torch.tensor(r[:3], dtype=torch.float32, device=self.device)
         self._range_hi = torch.tensor(r[3:], dtype=torch.float32, device=self.device)
@@ -146,6 +150,13 @@ class Pipeline:
         # ``hook(stage, batch)`` callables run after ``voxelize`` (the model's input batch) and after each model stage
         # (``model.detector.STAGES``) that runs on the batch: recording (bench/bench_engine.py), never timing-critical
         self.stage_hooks: List[Callable[[str, Dict[str, Any]], None]] = []
+        if self._frame_graph is not None:
+            # the graph engine's front (engine.prelude): h2d -> depth, range masks, discard, voxels, VFE as static
+            # code in front of FrameGraph, no host sync until the result's one device->host copy. With stage hooks
+            # set, frames take the eager front (the hooks record its batch dict) and FrameGraph after VFE.
+            from .engine.prelude import StaticFront
+
+            self._front = StaticFront(self, self._frame_graph, lambda pts: frame_seed(pts, self.seed), _identity_calib)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -260,45 +271,11 @@ class Pipeline:
             note = (f"image {image.shape[1]}x{image.shape[0]} is smaller than the {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} "
                     "depth completion needs: ran LiDAR-only")
             image = None
-        pts = self._to_device(frame.points, "points")
-        img = self._to_device(image, "image") if image is not None and self.depth_cfg.enabled else None
-        timer.mark("h2d")
-        lidar_only = img is None or not self.depth_cfg.enabled
-        depth_ms: Dict[str, float] = {}
-        if lidar_only:
-            raw = self._fov_raw(pts, frame.calib)
-            pseudo = torch.zeros((0, 8), dtype=torch.float32, device=self.device)
-        else:
-            res = self.depth(pts, img, frame.calib)
-            raw, pseudo = res.raw_rows, res.pseudo_rows
-            depth_ms = {f"depth.{k}": v for k, v in res.timings_ms.items() if k != "total"}
-        timer.mark("depth")
-        raw = self._range_mask(raw)
-        pseudo = self._range_mask(pseudo)
-        if raw.shape[0] == 0:  # nothing for the raw branch (it needs at least one voxel): no detections
-            lo, hi = self._range_lo.tolist(), self._range_hi.tolist()
-            fov = frame.calib is not None and self.depth_cfg.fov_filter_raw
-            where = " and the camera's field of view" if fov else ""
-            det = Detections.empty(frame.stamp_ns, frame.frame_id, lidar_only, score_mode=self.score_mode, note=(
-                f"no LiDAR point inside the detection range x [{lo[0]:g}, {hi[0]:g}] y [{lo[1]:g}, {hi[1]:g}] "
-                f"z [{lo[2]:g}, {hi[2]:g}] m{where}"))
-            det.timings_ms = {"total": (time.perf_counter() - wall0) * 1e3}
-            return det
-        rate = self.cfg.dataset.discard_rate  # data.input_discard_rate, validated at load
-        rate = self.depth_cfg.discard.rate if rate is None else rate
-        if pseudo.shape[0] and rate > 0:
-            pseudo = input_point_discard(pseudo, rate=rate, bin_num=self.depth_cfg.discard.bin_num,
-                                         max_dis=self.depth_cfg.discard.max_dis,
-                                         generator=self._gen.manual_seed(frame_seed(frame.points, self.seed)))
-        # test views (if any) are applied by prepare_batch (geometry.view_transform, the one implementation)
-        tparams = None if len(self.views) == 1 and self.views[0] == [0.0, 0.0, 1.0] else [self.views]
-        calib = frame.calib if frame.calib is not None else _identity_calib()
-        h = calib.image_height or 375
-        w = calib.image_width or 1242
-        timer.mark("preprocess")
-        batch = prepare_batch([raw], [pseudo], [calib], self.mcfg, image_shapes=[(h, w)], training=False,
-                              transform_params=tparams, device=self.device, voxelizer=self.voxelizer)
-        timer.mark("voxelize")
+        if self._front is not None and not self.stage_hooks:
+            return self._call_front(frame, image, note, timer, wall0)
+        batch, lidar_only, depth_ms = self.eager_front(frame, image, timer)
+        if batch is None:  # nothing for the raw branch (it needs at least one voxel): no detections
+            return self._no_points(frame, lidar_only, wall0)
         hooks = self.stage_hooks
 
         def after_stage(name, b):
@@ -332,6 +309,74 @@ class Pipeline:
             timings.pop("depth", None)
             timings = {**{k: v for k, v in timings.items() if k == "h2d"}, **depth_ms,
                        **{k: v for k, v in timings.items() if k != "h2d"}}
+        timings["total"] = (time.perf_counter() - wall0) * 1e3
+        return Detections(o[:, :7], o[:, 7].astype(np.int64), o[:, 8], o[:, 9], o[:, 10], stamp_ns=frame.stamp_ns,
+                          frame_id=frame.frame_id, lidar_only=lidar_only, timings_ms=timings,
+                          class_names=self.class_names, score_mode=self.score_mode, note=note)
+
+
+    def eager_front(self, frame: Frame, image: Optional[np.ndarray], timer: StageTimer
+                    ) -> Tuple[Optional[Dict[str, Any]], bool, Dict[str, float]]:
+        """The eager stages before the model (h2d, depth, range masks, discard, voxelization) -> (the model's input
+        batch, or None when no raw point is in range; lidar_only; depth stage timings)."""
+        pts = self._to_device(frame.points, "points")
+        img = self._to_device(image, "image") if image is not None and self.depth_cfg.enabled else None
+        timer.mark("h2d")
+        lidar_only = img is None or not self.depth_cfg.enabled
+        depth_ms: Dict[str, float] = {}
+        if lidar_only:
+            raw = self._fov_raw(pts, frame.calib)
+            pseudo = torch.zeros((0, 8), dtype=torch.float32, device=self.device)
+        else:
+            res = self.depth(pts, img, frame.calib)
+            raw, pseudo = res.raw_rows, res.pseudo_rows
+            depth_ms = {f"depth.{k}": v for k, v in res.timings_ms.items() if k != "total"}
+        timer.mark("depth")
+        raw = self._range_mask(raw)
+        pseudo = self._range_mask(pseudo)
+        if raw.shape[0] == 0:
+            return None, lidar_only, depth_ms
+        rate = self.cfg.dataset.discard_rate  # data.input_discard_rate, validated at load
+        rate = self.depth_cfg.discard.rate if rate is None else rate
+        if pseudo.shape[0] and rate > 0:
+            pseudo = input_point_discard(pseudo, rate=rate, bin_num=self.depth_cfg.discard.bin_num,
+                                         max_dis=self.depth_cfg.discard.max_dis,
+                                         generator=self._gen.manual_seed(frame_seed(frame.points, self.seed)))
+        # test views (if any) are applied by prepare_batch (geometry.view_transform, the one implementation)
+        tparams = None if len(self.views) == 1 and self.views[0] == [0.0, 0.0, 1.0] else [self.views]
+        calib = frame.calib if frame.calib is not None else _identity_calib()
+        h = calib.image_height or 375
+        w = calib.image_width or 1242
+        timer.mark("preprocess")
+        batch = prepare_batch([raw], [pseudo], [calib], self.mcfg, image_shapes=[(h, w)], training=False,
+                              transform_params=tparams, device=self.device, voxelizer=self.voxelizer)
+        timer.mark("voxelize")
+        return batch, lidar_only, depth_ms
+
+    def _no_points(self, frame: Frame, lidar_only: bool, wall0: float, voxels: bool = False) -> Detections:
+        """Empty detections: no raw LiDAR point (``voxels``: voxel) inside the detection range."""
+        lo, hi = self._range_lo.tolist(), self._range_hi.tolist()
+        fov = frame.calib is not None and self.depth_cfg.fov_filter_raw
+        where = " and the camera's field of view" if fov else ""
+        what = "voxel" if voxels else "point"
+        det = Detections.empty(frame.stamp_ns, frame.frame_id, lidar_only, score_mode=self.score_mode, note=(
+            f"no LiDAR {what} inside the detection range x [{lo[0]:g}, {hi[0]:g}] y [{lo[1]:g}, {hi[1]:g}] "
+            f"z [{lo[2]:g}, {hi[2]:g}] m{where}"))
+        det.timings_ms = {"total": (time.perf_counter() - wall0) * 1e3}
+        return det
+
+    def _call_front(self, frame: Frame, image: Optional[np.ndarray], note: str, timer: StageTimer,
+                    wall0: float) -> Detections:
+        """``engine='graph'``: the whole frame through ``engine.prelude.StaticFront`` (stages ``h2d``, ``prelude``,
+        ``engine``, the last ending with the one device->host copy)."""
+        lidar_only = image is None or not self.depth_cfg.enabled
+        res = self._front(frame, image, timer)
+        if res.detections is None:
+            return self._no_points(frame, lidar_only, wall0, voxels=res.raw_rows > 0)
+        det = res.detections
+        o = torch.cat([det.boxes.float(), det.labels.float()[:, None], det.cls.float()[:, None],
+                       det.iou.float()[:, None], det.score.float()[:, None]], 1).numpy()
+        timings = timer.result()
         timings["total"] = (time.perf_counter() - wall0) * 1e3
         return Detections(o[:, :7], o[:, 7].astype(np.int64), o[:, 8], o[:, 9], o[:, 10], stamp_ns=frame.stamp_ns,
                           frame_id=frame.frame_id, lidar_only=lidar_only, timings_ms=timings,

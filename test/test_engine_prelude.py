@@ -233,3 +233,163 @@ def test_discard_static_edge_cases():
             assert int(n) == ref.shape[0] and torch.equal(out[:int(n)], ref)
     out, n = discard_static(torch.zeros(5, 8), torch.zeros(5, dtype=torch.bool), torch.rand(5))
     assert int(n) == 0 and not out.any()
+
+
+# ----------------------------------------------------------------------------------------------- the whole prelude
+@pytest.fixture(scope="module")
+def graph_pipe():
+    """A graph-engine pipeline (random weights: only the stages before the backbone matter here)."""
+    from cmfiou_core.pipeline import Pipeline
+
+    return Pipeline.from_config(None, "none", "cpu", engine="graph")
+
+
+def _eager_inputs(pipe, frame, image):
+    """The eager pipeline's front (Pipeline.eager_front + the model's VFE) -> the backbone engine's padded inputs
+    (EngineBackbone._gather_inputs), its anchor-mask points and the pseudo modality's presence."""
+    from cmfiou_core.timing import StageTimer
+
+    batch, _, _ = pipe.eager_front(frame, image, StageTimer(pipe.device, False))
+    if batch is None:
+        return None
+    batch = pipe.model.vfe(batch)
+    bb = pipe.model.backbone_3d
+    V, sfx = bb._views(batch)
+    ins = bb._gather_inputs(batch, 1, V, sfx)
+    has_mm = any(batch["voxel_features_mm" + s].shape[0] > 0 for s in sfx)
+    return ins, batch["points"][:, 1:3], has_mm
+
+
+def _front(pipe):
+    """A fresh StaticFront of ``pipe``, built as the pipeline builds its own."""
+    from cmfiou_core.engine.prelude import StaticFront
+    from cmfiou_core.pipeline import _identity_calib, frame_seed
+
+    return StaticFront(pipe, pipe._frame_graph, lambda pts: frame_seed(pts, pipe.seed), _identity_calib)
+
+
+def _prelude(front, frame, image):
+    from cmfiou_core.pipeline import _identity_calib
+
+    inp = front.inputs(frame, image)
+    cal = inp["calib"] if inp["calib"] is not None else _identity_calib()
+    return front.prelude(inp["pts"], inp["cnt"], inp["img"], inp["rnd"], cal, inp["fov_hw"])
+
+
+@pytest.mark.parametrize("mode", ["camera", "lidar_only", "no_camera_model", "three_views"])
+def test_prelude_equals_the_eager_front(graph_pipe, kitti_frame, mode):
+    """Frame -> backbone inputs (raw and pseudo VFE features, coordinates, counts) and anchor-mask points, bit for
+    bit against the eager pipeline's front: camera + LiDAR; LiDAR-only with the camera's FOV; LiDAR-only without a
+    camera model; the three official test views."""
+    import dataclasses
+
+    from cmfiou_core.engine.prelude import F_MM_VOX, F_PSEUDO, F_RAW_ROWS, F_RAW_VOX
+    from cmfiou_core.model.model_config import OFFICIAL_X_TRANS
+
+    pipe = graph_pipe
+    frame, image = kitti_frame, kitti_frame.image
+    views = pipe.views
+    if mode not in ("camera", "three_views"):
+        image = None
+    if mode == "no_camera_model":
+        frame = dataclasses.replace(frame, calib=None, image=None)
+    if mode == "three_views":
+        pipe.views = OFFICIAL_X_TRANS.params()
+    try:
+        front = _front(pipe)
+        ref, ref_xy, has_mm = _eager_inputs(pipe, frame, image)
+        out, flags = _prelude(front, frame, image)
+    finally:
+        pipe.views = views
+    f, c, n = out["raw"]
+    rf, rc, rn = ref[""]
+    assert int(n) == int(rn) > 1000 and torch.equal(f, rf) and torch.equal(c, rc)
+    assert torch.equal(out["pts_xy"][out["pts_valid"]], ref_xy)
+    assert int(flags[F_RAW_ROWS]) == int(out["pts_valid"].sum()) or mode == "three_views"
+    assert int(flags[F_RAW_VOX]) > 0
+    if mode in ("camera", "three_views"):
+        mf, mc, mn = out["mm"]
+        rmf, rmc, rmn = ref["_mm"]
+        assert has_mm and int(mn) == int(rmn) > 1000 and torch.equal(mf, rmf) and torch.equal(mc, rmc)
+        assert int(flags[F_PSEUDO]) <= front.prelude.pseudo_capacity and int(flags[F_MM_VOX]) > 0
+    else:
+        assert out["mm"] == (None, None, None) and not has_mm
+
+
+def test_prelude_is_sync_free_on_the_cuda_path(graph_pipe, kitti_frame, monkeypatch):
+    """The prelude counted on its CUDA code path (opcount; ipbasic's GPU branches forced): no .item / .tolist /
+    nonzero / bool index / host<->device copy once its constants exist (the first call builds them, as the CUDA
+    graph's warm-up does), and the same output shapes for frames of different content."""
+    import cmfiou_core.depth.ipbasic as ipb
+    from cmfiou_core.opcount import OpCounter
+
+    monkeypatch.setattr(ipb, "FORCE_GPU_PATHS", True)
+    front = _front(graph_pipe)
+    shapes = []
+    for k, fr in enumerate([kitti_frame, _thinned(kitti_frame, 3)]):
+        inp = front.inputs(fr, fr.image)
+        args = (inp["pts"], inp["cnt"], inp["img"], inp["rnd"], inp["calib"], inp["fov_hw"])
+        if k == 0:
+            front.prelude(*args)
+        with OpCounter(cuda_paths=True) as oc:
+            out, flags = front.prelude(*args)
+        assert oc.n_syncs() == 0, oc.sync_sites()
+        assert oc.n_ops() > 300
+        shapes.append([tuple(t.shape) for t in (*out["raw"], *out["mm"], out["pts_xy"], out["pts_valid"], flags)])
+    assert shapes[0] == shapes[1]
+
+
+def _thinned(frame, step):
+    import dataclasses
+
+    return dataclasses.replace(frame, points=np.ascontiguousarray(frame.points[::step]))
+
+
+# ----------------------------------------------------------------------------------------------- through FrameGraph
+def _agree(a, b):
+    from engine_agreement import match
+
+    assert len(a.scores) >= 3 and len(a.scores) == len(b.scores)
+    pairs = match(a, b, max_dist=0.5)
+    assert len(pairs) == len(a.scores)
+    i, j = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    assert np.abs(a.boxes[i] - b.boxes[j])[:, :6].max() <= 1e-2
+    assert np.abs(a.scores[i] - b.scores[j]).max() <= 1e-2
+
+
+def test_graph_pipeline_overflow_empty_modality_and_empty_frame(kitti_samples, caplog):
+    """The graph pipeline (StaticFront -> FrameGraph, CPU, demo checkpoint) against the eager one on a near crop of
+    a real frame: a frame with no point in range first (the eager note, before any capacity exists), then a pseudo-row
+    capacity that overflows (a warning, capacities grown, the frame re-run: the eager detections), then a frame whose
+    depth stage makes no pseudo row (the pseudo modality empty on the device, where the eager path has no pseudo
+    tensors: the same detections), then the empty frame again on calibrated capacities."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_pipeline import load_frames
+
+    from cmfiou_core.pipeline import Pipeline
+
+    (_, frame), = [f for f in load_frames([str(kitti_samples / "object" / "training")], 0, REPO / "data", 13)
+                   if f[0].endswith("000009")]
+    p = frame.points
+    keep = (p[:, 0] > 0) & (p[:, 0] < 25) & (np.abs(p[:, 1]) < 10)
+    crop = dataclasses.replace(frame, points=np.ascontiguousarray(p[keep]))
+    far = dataclasses.replace(frame, points=np.ascontiguousarray(p + np.float32([200, 0, 0, 0])))
+    a = Pipeline.from_config(None, "", "cpu")
+    g = Pipeline.from_config(None, "", "cpu", engine="graph")
+    ea, eg = a(far), g(far)
+    assert len(eg) == 0 and eg.note == ea.note and "no LiDAR point inside the detection range" in ea.note
+    assert not g.model.backbone_3d.calibrated
+    g._front.prelude.pseudo_capacity = 4096
+    with caplog.at_level("WARNING"):
+        _agree(a(crop), g(crop))
+    assert g._front.regrowths == 1 and "pseudo rows exceed the capacity" in caplog.text
+    assert g._front.prelude.pseudo_capacity >= g._front.last_flags[1] > 4096
+    for pipe in (a, g):
+        pipe.depth.cfg = dataclasses.replace(pipe.depth.cfg, max_z=-10.0)   # every pseudo point filtered out
+    _agree(a(crop), g(crop))
+    assert g._front.last_flags[1] == 0 and g._front.last_flags[5] == 0
+    eg = g(far)
+    assert len(eg) == 0 and eg.note == ea.note and g.model.backbone_3d.calibrated
