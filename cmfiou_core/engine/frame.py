@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..opcount import mark
 from .padded import PaddedSparse
 from .runtime import EngineBackbone
 
@@ -200,7 +201,9 @@ class FrameGraph:
 
         def run_static():
             flat, meta = self._forward(B, V, args, pts_xy, pts_valid, tp, extra)
-            return flat.cpu(), meta
+            flat = flat.cpu()
+            mark("frame.host")      # opcount: what follows reads the host copy
+            return flat, meta
 
         first = not bb.calibrated
         if first:
@@ -269,4 +272,6 @@ class FrameGraph:
                 dst.copy_(src)
         graph.replay()
         self.replays += 1
-        return out.cpu(), meta
+        out = out.cpu()
+        mark("frame.host")
+        return out, meta

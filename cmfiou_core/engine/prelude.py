@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..device_const import device_const
+from ..opcount import mark
 from ..model.vfe import mean_voxel_features
 
 log = logging.getLogger(__name__)
@@ -445,13 +446,17 @@ class StaticFront:
             self._bufs[key] = b
         return b
 
-    def _stage(self, name: str, host: torch.Tensor) -> torch.Tensor:
-        """A host tensor -> its persistent device input buffer (pinned staging, non-blocking copy on CUDA)."""
+    def _stage(self, name: str, shape, dtype, write) -> torch.Tensor:
+        """``write(t)`` fills a host tensor of ``shape`` -> the data in its persistent device input buffer (on CUDA
+        written straight into a reused page-locked buffer, then a non-blocking copy: the frame's result copy
+        synchronises before a buffer is written again)."""
         if self.pipe.device.type != "cuda":
+            host = torch.empty(shape, dtype=dtype)
+            write(host)
             return host
-        pin = self._buffer(name, host.shape, host.dtype, True)
-        pin.copy_(host)
-        dev = self._buffer(name, host.shape, host.dtype, False)
+        pin = self._buffer(name, shape, dtype, True)
+        write(pin)
+        dev = self._buffer(name, shape, dtype, False)
         dev.copy_(pin, non_blocking=True)
         return dev
 
@@ -495,25 +500,37 @@ class StaticFront:
         fov_hw = None
         if not use_img and calib is not None and calib.image_width is not None and pipe.depth_cfg.fov_filter_raw:
             fov_hw = (int(calib.image_height), int(calib.image_width))
-        host_pts = torch.zeros((P, 4), dtype=torch.float32)
-        host_pts[:n] = torch.from_numpy(points)
-        out = {"pts": self._stage("points", host_pts), "cnt": self._stage("count", torch.tensor(n, dtype=torch.int64)),
-               "img": self._stage("image", torch.from_numpy(np.ascontiguousarray(image))) if use_img else None,
-               "rnd": None, "calib": calib, "fov_hw": fov_hw, "use_img": use_img}
-        if use_img and pre.uses_random:
-            r = torch.rand(pre.pseudo_capacity, generator=self._gen.manual_seed(self.seed_fn(frame.points)))
-            out["rnd"] = self._stage("rnd", r)
+        def write_points(t):
+            a = t.numpy()
+            np.copyto(a[:n], points)
+            a[n:] = 0.0
+
+        def write_count(t):
+            t.fill_(n)
+
+        out = {"pts": self._stage("points", (P, 4), torch.float32, write_points),
+               "cnt": self._stage("count", (), torch.int64, write_count), "img": None, "rnd": None, "calib": calib,
+               "fov_hw": fov_hw, "use_img": use_img}
+        if use_img:
+            im = np.asarray(image)
+            out["img"] = self._stage("image", im.shape, torch.uint8, lambda t: np.copyto(t.numpy(), im))
+            if pre.uses_random:
+                seed = self.seed_fn(frame.points)
+                out["rnd"] = self._stage("rnd", (pre.pseudo_capacity,), torch.float32,
+                                         lambda t: torch.rand(t.shape, generator=self._gen.manual_seed(seed), out=t))
         return out
 
     @torch.no_grad()
     def __call__(self, frame, image, timer) -> FrontResult:
         pipe, pre = self.pipe, self.prelude
         dev = pipe.device
+        mark("front.h2d")           # opcount sections: host staging, then device work until FrameGraph's copy
         inp = self.inputs(frame, image)
         pts, cnt, img, rnd, calib, fov_hw, use_img = (inp[k] for k in ("pts", "cnt", "img", "rnd", "calib", "fov_hw",
                                                                        "use_img"))
         P = pts.shape[0]
         timer.mark("h2d")
+        mark("front.device")
         bcal = calib if calib is not None else self.default_calib()
         V = len(pre.views)
         cal = self._calib_tensors(bcal, V)
