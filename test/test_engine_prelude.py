@@ -412,3 +412,20 @@ def test_graph_pipeline_overflow_sync_empty_modality_and_empty_frame(kitti_sampl
     eg = g(far)
     assert len(eg) == 0 and eg.note == ea.note and g.model.backbone_3d.calibrated
 
+
+
+def test_prelude_output_does_not_depend_on_the_capacities(graph_pipe, kitti_frame):
+    """One answer per frame: the same frame through larger point and pseudo-row capacities (as after other frames
+    grew them) gives the identical backbone inputs, anchor-mask points and flags; the discard's draws are a
+    function of the frame (frame_seed), not of the capacity."""
+    front = _front(graph_pipe)
+    small, fs = _prelude(front, kitti_frame, kitti_frame.image)
+    front.point_capacity = 1 << 18
+    front.prelude.pseudo_capacity = 200704
+    big, fb = _prelude(front, kitti_frame, kitti_frame.image)
+    assert torch.equal(fs, fb)
+    for mod in ("raw", "mm"):
+        assert all(torch.equal(x, y) for x, y in zip(small[mod], big[mod]))
+    n = small["pts_valid"].shape[0]
+    assert torch.equal(small["pts_xy"][small["pts_valid"]], big["pts_xy"][big["pts_valid"]])
+    assert not big["pts_valid"][n:].any()
