@@ -14,7 +14,8 @@ device value on the host are recognisable by name:
 - ``h2d``: ``torch.tensor(data)`` / ``new_tensor`` (``aten.lift_fresh``): a pageable host->device copy, which
   PyTorch completes with a stream synchronisation when the target is CUDA.
 
-Code marks sections with :func:`mark` (a no-op unless a counter is active). Device-specific branches ask
+Code marks sections with :func:`mark` (a no-op unless a counter is active); a kernel that no aten op dispatches (a
+Triton launch) is counted by :func:`record_kernel`. Device-specific branches ask
 :func:`cuda_path` (true inside a counter with ``cuda_paths``, the default), so a CPU count follows the CUDA code
 (matrix NMS, CUDA chunk sizes). Usage::
 
@@ -59,6 +60,16 @@ def mark(name: str) -> None:
     """Start section ``name`` of the active counter (no-op without one)."""
     if _ACTIVE is not None:
         _ACTIVE.section = name
+
+
+def record_kernel(name: str) -> None:
+    """Count one kernel that no aten op dispatches (a Triton launch) in the active counter's section (no-op without
+    one): one op and one kernel, named ``name`` in ``op_names``."""
+    o = _ACTIVE
+    if o is not None:
+        o.ops[o.section] = o.ops.get(o.section, 0) + 1
+        o.kernels[o.section] = o.kernels.get(o.section, 0) + 1
+        o.op_names[o.section][name] += 1
 
 
 def _where() -> str:

@@ -14,6 +14,9 @@
 #                                is installed; compat: always build it; system: never build it
 #   CMFIOU_TF2_MSGS=auto|compat|system      the same for compat/tf2_msgs (TFMessage only: /tf, /tf_static)
 #   CMFIOU_TORCH_VERSION=2.13.0  CMFIOU_SPCONV=<pip requirement>  override the torch version / spconv package
+#   CMFIOU_TRITON=<pip requirement>|0   Triton where torch did not bring it (a CPU build): the engine's kernels run
+#                                under Triton's interpreter in the tests (default triton==3.9.0, ~285 MB download,
+#                                ~1 GB installed); 0 = none (test_engine_triton.py and the kernel tests then skip)
 set -euo pipefail
 T0=$(date +%s%N)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -47,7 +50,8 @@ PYTAG=$("$VP" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 # ---- 1. Python dependencies ----------------------------------------------------------------------------------------
 HAS_GPU=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then HAS_GPU=1; fi
-DEPS_HASH=$( (cat "$ROOT/requirements.txt" "$ROOT/requirements-ros.txt"; echo "py$PYTAG gpu$HAS_GPU torch$TORCH_VERSION ${CMFIOU_SPCONV:-}") \
+TRITON=${CMFIOU_TRITON:-triton==3.9.0}
+DEPS_HASH=$( (cat "$ROOT/requirements.txt" "$ROOT/requirements-ros.txt"; echo "py$PYTAG gpu$HAS_GPU torch$TORCH_VERSION ${CMFIOU_SPCONV:-} $TRITON") \
   | sha1sum | cut -c1-16)
 if ! stamp_ok deps "$DEPS_HASH"; then
   "$VP" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 64)' 2>/dev/null \
@@ -87,6 +91,11 @@ PYEOF
 )}
     log "installing $SPCONV"
     pipi "$SPCONV"
+  fi
+  # Triton: a CUDA build of torch depends on its own; a CPU build gets one for the tests (interpreter).
+  if [ "$TRITON" != 0 ] && ! "$VP" -c 'import triton' 2>/dev/null; then
+    log "installing $TRITON (the engine's Triton kernels run under its interpreter in the CPU tests)"
+    pipi "$TRITON" || die "could not install $TRITON (set CMFIOU_TRITON=0 to set up without it: the Triton tests skip)"
   fi
   command -v cmake >/dev/null || { log "no cmake on PATH: installing it from PyPI into the venv"; pipi cmake; }
   log "installing python requirements + ROS 2 Kilted wheels"

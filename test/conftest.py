@@ -9,7 +9,13 @@ try:
 
     torch.set_num_threads(1)
 except ImportError:  # pragma: no cover - torch is a hard requirement, setup.sh installs it
-    pass
+    torch = None
+
+# Triton's interpreter runs the engine's @triton.jit kernels on CPU tensors (fixture ``triton_device``). Triton decides
+# at its first import, so it is chosen here, before any test module is imported; on a CUDA host the kernels compile.
+# Only code that asks for it runs Triton on the CPU (engine.sparse.TRITON_ON_CPU, direct kernel calls in tests).
+if torch is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 KITTI_SAMPLES = Path(os.environ.get("CMFIOU_KITTI_SAMPLES", REPO.parent / "shared" / "kitti_samples"))
@@ -29,3 +35,20 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared reference folder not found at {SHARED} (set CMFIOU_SHARED)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def triton_device() -> str:
+    """Device for tests of the Triton kernels: 'cuda' (compiled) where CUDA exists, else 'cpu' (Triton's interpreter,
+    set above); skips without Triton. Keep CPU sizes small: the interpreter runs each program in numpy."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("Triton is not installed (scripts/setup.sh installs it unless CMFIOU_TRITON=0)")
+    if torch.cuda.is_available():
+        return "cuda"
+    from cmfiou_core.engine import triton_conv
+
+    if not triton_conv.INTERPRETER:
+        pytest.skip("no CUDA and Triton's interpreter is off (TRITON_INTERPRET=0, or triton imported before conftest)")
+    return "cpu"

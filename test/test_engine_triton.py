@@ -1,27 +1,35 @@
-"""The fused Triton sparse conv (cmfiou_core/engine/triton_conv.py) against the torch gather + GEMM path on CUDA,
-for fp32 (IEEE or TF32 products) and bf16 inputs, Cin 8 and 64, absent taps and padding rows. Collected only where CUDA and
-Triton exist (the GPU host); the CPU always runs the torch path, tested in test_engine_backbone.py."""
+"""The Triton kernels of the engine (cmfiou_core/engine/triton_conv.py, triton_maps.py) against their torch paths:
+the fused sparse conv against gather + GEMM for fp32 (IEEE or TF32 products), bf16 and fp16 inputs, Cin 8 and 64,
+absent taps and padding rows; the kernel maps against the torch dense-grid maps (identical integers).
+
+On the GPU host the kernels compile (CUDA); elsewhere they run on CPU tensors under Triton's interpreter (fixture
+``triton_device`` in conftest.py) at smaller sizes. The interpreter computes tl.dot in numpy: IEEE fp32 products
+only (no TF32) and no bf16, so those two cases run on CUDA only."""
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA (the fused kernel runs on the GPU only)", allow_module_level=True)
-triton_conv = pytest.importorskip("cmfiou_core.engine.triton_conv")
-if not triton_conv.AVAILABLE:
-    pytest.skip("Triton is not installed", allow_module_level=True)
+from cmfiou_core.engine import triton_conv
+from cmfiou_core.opcount import OpCounter
+
+
+def _gen(dev, seed):
+    return torch.Generator(device=dev).manual_seed(seed)
 
 
 @pytest.mark.parametrize("cin,cout,dtype", [(8, 64, torch.float32), (64, 64, torch.float32), (64, 64, torch.bfloat16),
                                             (64, 32, torch.float16)])
-def test_fused_conv_equals_gather_gemm(cin, cout, dtype):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    n, m, k = 5000, 7000, 27
-    x = torch.randn(n, cin, device="cuda", generator=g).to(dtype)
-    rows = torch.randint(0, n, (m, k), device="cuda", generator=g)
-    rows[torch.rand(m, k, device="cuda", generator=g) < 0.6] = n        # absent taps
+def test_fused_conv_equals_gather_gemm(cin, cout, dtype, triton_device):
+    dev = triton_device
+    if dev == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter has no bf16 tl.dot (it multiplies the raw bits): CUDA only")
+    g = _gen(dev, 0)
+    n, m, k = (5000, 7000, 27) if dev == "cuda" else (300, 200, 27)
+    x = torch.randn(n, cin, device=dev, generator=g).to(dtype)
+    rows = torch.randint(0, n, (m, k), device=dev, generator=g)
+    rows[torch.rand(m, k, device=dev, generator=g) < 0.6] = n        # absent taps
     rows[-100:] = n                                                     # padding rows: every tap absent
-    w = torch.randn(k * cin, cout, device="cuda", generator=g) / (k * cin) ** 0.5
-    b = torch.randn(cout, device="cuda", generator=g)
+    w = torch.randn(k * cin, cout, device=dev, generator=g) / (k * cin) ** 0.5
+    b = torch.randn(cout, device=dev, generator=g)
     xp = torch.cat([x.float(), x.new_zeros((1, cin)).float()])
     ref = torch.relu(xp[rows].reshape(m, -1).double() @ w.to(dtype).double() + b.double())
     got = triton_conv.sparse_conv(x, rows, w, b, relu=True).double()
@@ -31,16 +39,22 @@ def test_fused_conv_equals_gather_gemm(cin, cout, dtype):
 
 
 @pytest.mark.parametrize("tf32,tol", [(False, 1e-5), (True, 2e-2)])
-def test_fused_conv_fp32_follows_torchs_tf32_switch(tf32, tol, monkeypatch):
+def test_fused_conv_fp32_follows_torchs_tf32_switch(tf32, tol, monkeypatch, triton_device):
     """fp32 inputs: IEEE products (spconv's CUDA kernels, inference.precision fp32) unless torch's matmul switch
     allows TF32 (inference.precision tf32), whose 10-bit mantissa products are ~1e-3 off."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-    g = torch.Generator(device="cuda").manual_seed(2)
-    n, m, k, c = 4000, 4000, 27, 64
-    x = torch.randn(n, c, device="cuda", generator=g)
-    rows = torch.randint(0, n + 1, (m, k), device="cuda", generator=g)
-    w = torch.randn(k * c, c, device="cuda", generator=g) / (k * c) ** 0.5
-    b = torch.randn(c, device="cuda", generator=g)
+    dev = triton_device
+    if dev == "cpu" and tf32:
+        pytest.skip("Triton's interpreter computes tl.dot with IEEE fp32 products only: the TF32 case is CUDA only")
+    if dev == "cuda":   # (a CPU build's cuBLAS module cannot be monkeypatched back; its switch is off anyway)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    else:
+        assert not torch.backends.cuda.matmul.allow_tf32
+    g = _gen(dev, 2)
+    n, m, k, c = (4000, 4000, 27, 64) if dev == "cuda" else (300, 130, 27, 64)
+    x = torch.randn(n, c, device=dev, generator=g)
+    rows = torch.randint(0, n + 1, (m, k), device=dev, generator=g)
+    w = torch.randn(k * c, c, device=dev, generator=g) / (k * c) ** 0.5
+    b = torch.randn(c, device=dev, generator=g)
     xp = torch.cat([x, x.new_zeros((1, c))]).double()
     ref = xp[rows].reshape(m, -1) @ w.double() + b.double()
     err = float((triton_conv.sparse_conv(x, rows, w, b).double() - ref).abs().max() / ref.abs().max())
@@ -49,70 +63,77 @@ def test_fused_conv_fp32_follows_torchs_tf32_switch(tf32, tol, monkeypatch):
         assert err > 1e-5          # TF32 really was used
 
 
-def test_fused_conv_residual_and_padding_rows():
+def test_fused_conv_residual_and_padding_rows(triton_device):
     """residual added before the ReLU, rows >= count zeroed (the engine's masked basic-block epilogue)."""
-    g = torch.Generator(device="cuda").manual_seed(1)
-    n, m, k, c = 3000, 3000, 27, 32
-    x = torch.randn(n, c, device="cuda", generator=g)
-    rows = torch.randint(0, n + 1, (m, k), device="cuda", generator=g)
-    w = torch.randn(k * c, c, device="cuda", generator=g) / (k * c) ** 0.5
-    b = torch.randn(c, device="cuda", generator=g)
-    res = torch.randn(m, c, device="cuda", generator=g)
-    count = torch.tensor(2500, device="cuda")
+    dev = triton_device
+    g = _gen(dev, 1)
+    n, m, k, c = (3000, 3000, 27, 32) if dev == "cuda" else (300, 150, 27, 32)
+    cnt = m - m // 6
+    x = torch.randn(n, c, device=dev, generator=g)
+    rows = torch.randint(0, n + 1, (m, k), device=dev, generator=g)
+    w = torch.randn(k * c, c, device=dev, generator=g) / (k * c) ** 0.5
+    b = torch.randn(c, device=dev, generator=g)
+    res = torch.randn(m, c, device=dev, generator=g)
+    count = torch.tensor(cnt, device=dev)
     xp = torch.cat([x, x.new_zeros((1, c))]).double()
     ref = torch.relu(xp[rows].reshape(m, -1) @ w.double() + b.double() + res.double())
-    ref[2500:] = 0
+    ref[cnt:] = 0
     got = triton_conv.sparse_conv(x, rows, w, b, relu=True, residual=res, count=count).double()
     assert (got - ref).abs().max() <= 2e-2 * float(ref.abs().max())
-    assert torch.equal(got[2500:], torch.zeros_like(got[2500:]))
+    assert torch.equal(got[cnt:], torch.zeros_like(got[cnt:]))
 
 
-def _random_sites(shape, batch, n, cap, seed):
+def _random_sites(shape, batch, n, cap, seed, dev):
     """A key-sorted PaddedSparse of n unique random sites (capacity cap) built by the torch reference path."""
     from cmfiou_core.engine import sparse as S
 
     g = torch.Generator().manual_seed(seed)
     space = batch * int(torch.tensor(shape).prod())
-    keys = torch.randperm(space, generator=g)[:n].cuda()
+    keys = torch.randperm(space, generator=g)[:n].to(dev)
     idx = S.keys_to_indices(keys, shape)
-    feats = torch.zeros((n, 1), device="cuda")
+    feats = torch.zeros((n, 1), device=dev)
     return S.sort_sites(feats, idx, shape, batch, cap)
 
 
 @pytest.mark.parametrize("shape,batch", [((41, 160, 140), 2), ((30, 50), 3)])
-def test_triton_kernel_maps_equal_torch_maps(shape, batch, monkeypatch):
+def test_triton_kernel_maps_equal_torch_maps(shape, batch, monkeypatch, triton_device):
     """subm / strided / inverse maps and the strided output sites: the Triton kernels give the same integers as the
     torch dense-grid path (identical rows, identical output indices, counts and overflow)."""
     from cmfiou_core.engine import sparse as S
 
+    dev = triton_device
+    monkeypatch.setattr(S, "TRITON_ON_CPU", True)
+    monkeypatch.setattr(S, "_FORCE_DENSE", True)
     nd = len(shape)
-    sites = _random_sites(shape, batch, 4000, 5000, 0)
+    f = 1 if dev == "cuda" else 10                                   # the interpreter: a tenth of the sites
+    sites = _random_sites(shape, batch, 4000 // f, 5000 // f, 0, dev)
     k3 = (3,) * nd
     cases = [("subm", lambda s: S.subm_map(s, k3)),
              ("subm5", lambda s: S.subm_map(s, (5,) * nd if nd == 2 else (3, 5, 5))),
-             ("down", lambda s: S.conv_map(s, k3, (2,) * nd, (1,) * nd, 6000)),
-             ("down_overflow", lambda s: S.conv_map(s, k3, (2,) * nd, (1,) * nd, 1500)),
-             ("down_p0", lambda s: S.conv_map(s, k3, (2,) * nd, (0,) * nd, 6000)),
-             ("dilate", lambda s: S.conv_map(s, k3, (1,) * nd, (1,) * nd, 40000))]
+             ("down", lambda s: S.conv_map(s, k3, (2,) * nd, (1,) * nd, 6000 // f)),
+             ("down_overflow", lambda s: S.conv_map(s, k3, (2,) * nd, (1,) * nd, 1500 // f)),
+             ("down_p0", lambda s: S.conv_map(s, k3, (2,) * nd, (0,) * nd, 6000 // f)),
+             ("dilate", lambda s: S.conv_map(s, k3, (1,) * nd, (1,) * nd, 40000 // f))]
     for name, fn in cases:
         got = {}
         for flag in (True, False):
             monkeypatch.setattr(S, "USE_TRITON_MAPS", flag)
             s = S.PaddedSparse(sites.features, sites.indices, sites.count, sites.spatial_shape, sites.batch_size)
-            r = fn(s)
-            km, ov = r if isinstance(r, tuple) else (r, torch.zeros((), device="cuda"))
-            inv = None
-            if name.startswith("down") or name == "dilate":
-                ks = (3,) * nd
-                st = (2,) * nd if name.startswith("down") else (1,) * nd
-                pd = (0,) * nd if name == "down_p0" else (1,) * nd
-                out = S.PaddedSparse(km.out.features, km.out.indices, km.out.count, km.out.spatial_shape, batch)
-                inv = S.inverse_map(out, s, ks, st, pd).rows
-                # the Triton path's grid is the one its emission kernel wrote; the torch path builds it here
-                grid = km.out.__dict__.get("_row_grid") if flag else S.row_grid(out)
-                got[flag] = (km.rows, km.out.indices, km.out.count, ov, inv, grid)
-            else:
+            with OpCounter(cuda_paths=False) as oc:
+                r = fn(s)
+                km, ov = r if isinstance(r, tuple) else (r, torch.zeros((), device=dev))
                 got[flag] = (km.rows,)
+                if name.startswith("down") or name == "dilate":
+                    ks = (3,) * nd
+                    st = (2,) * nd if name.startswith("down") else (1,) * nd
+                    pd = (0,) * nd if name == "down_p0" else (1,) * nd
+                    out = S.PaddedSparse(km.out.features, km.out.indices, km.out.count, km.out.spatial_shape, batch)
+                    inv = S.inverse_map(out, s, ks, st, pd).rows
+                    # the Triton path's grid is the one its emission kernel wrote; the torch path builds it here
+                    grid = km.out.__dict__.get("_row_grid") if flag else S.row_grid(out)
+                    got[flag] = (km.rows, km.out.indices, km.out.count, ov, inv, grid)
+            launches = sum(v for k, v in oc.op_names["main"].items() if k.startswith("triton."))
+            assert (launches > 0) == flag, (name, flag, launches)     # the Triton path really ran (and only it)
         for a, b in zip(got[True], got[False]):
             assert torch.equal(a.long(), b.long()), name
     assert int(got[True][2]) > 0

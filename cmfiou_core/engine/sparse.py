@@ -32,6 +32,7 @@ DENSE_MAX = 1 << 30
 USE_TRITON = True            # CUDA: the fused Triton conv (engine.triton_conv) instead of gather + GEMM
 USE_TRITON_MAPS = True       # CUDA: kernel maps by engine.triton_maps (one or two kernels a map) on dense grids
 _FORCE_DENSE = None          # tests: True / False to force a path, None = by device
+TRITON_ON_CPU = False        # tests: the Triton kernels on CPU tensors too (needs Triton's interpreter, see triton_conv)
 
 
 def use_dense(device, key_space: int) -> bool:
@@ -111,11 +112,17 @@ def _compact_dense(keys: torch.Tensor, capacity: int, key_space: int):
     return table[:capacity], count, total - count
 
 
+def _triton_device(device) -> bool:
+    """The Triton kernels run for tensors on ``device``: CUDA, or the CPU in tests (``TRITON_ON_CPU``)."""
+    t = torch.device(device).type
+    return t == "cuda" or (TRITON_ON_CPU and t == "cpu")
+
+
 def _triton_maps(device, key_space: int) -> bool:
-    if not (USE_TRITON_MAPS and torch.device(device).type == "cuda" and use_dense(device, key_space)):
+    if not (USE_TRITON_MAPS and _triton_device(device) and use_dense(device, key_space)):
         return False
-    from . import triton_maps
-    return triton_maps.AVAILABLE
+    from . import triton_conv
+    return triton_conv.supports(device)
 
 
 def row_grid(sites: PaddedSparse) -> torch.Tensor:
@@ -311,10 +318,10 @@ class FoldedConv(nn.Module):
     def forward(self, x: torch.Tensor, kmap: KernelMap, relu: bool = False, residual: Optional[torch.Tensor] = None,
                 mask: bool = False) -> torch.Tensor:
         """gather(x) @ W + b [+ residual] [-> ReLU] [-> padding rows of the output set zeroed (``mask``)]."""
-        if x.is_cuda and USE_TRITON:
+        if USE_TRITON and _triton_device(x.device):
             from . import triton_conv
 
-            if triton_conv.AVAILABLE:
+            if triton_conv.supports(x):
                 return triton_conv.sparse_conv(x, kmap.rows, self.weight, self.bias, relu=relu, residual=residual,
                                                count=kmap.out.count if mask else None)
         cap_in = x.shape[0]

@@ -3,7 +3,8 @@ neighbour rows straight from the feature table (absent taps masked, nothing mate
 ``x[rows[:, k]] @ W_k`` in fp32 on the tensor cores, then add the folded-BatchNorm bias and apply ReLU.
 
 The same computation as ``FoldedConv``'s torch path (gather -> one GEMM), which stays the reference and the CPU
-implementation; ``test/test_engine_triton.py`` compares the two on the GPU. fp32 inputs use TF32 tensor-core products
+implementation; ``test/test_engine_triton.py`` compares the two (on the GPU, and on the CPU under Triton's interpreter:
+see :func:`supports`). fp32 inputs use TF32 tensor-core products
 when torch's matmul switch allows them (``torch.backends.cuda.matmul.allow_tf32``, set by the pipeline's
 ``inference.precision``) and IEEE fp32 products otherwise (as spconv's CUDA kernels); bf16 / fp16 inputs use their
 native products; accumulation is fp32 in every case.
@@ -20,6 +21,22 @@ except Exception:  # noqa: BLE001 - any import problem means: no fused kernel, t
     tl = None
 
 AVAILABLE = triton is not None
+
+
+def supports(t) -> bool:
+    """Whether this package's Triton kernels run on ``t``'s device (``t`` a tensor or a device): CUDA with Triton installed, or the CPU when
+    Triton's interpreter is active (``TRITON_INTERPRET=1`` before triton is first imported; test/conftest.py sets it
+    on hosts without CUDA). The engine itself calls the kernels on CUDA tensors only (``engine.sparse``,
+    ``engine.nms``); the CPU runs are for tests."""
+    kind = (t.device if isinstance(t, torch.Tensor) else torch.device(t)).type
+    return AVAILABLE and (kind == "cuda" or (INTERPRETER and kind == "cpu"))
+
+
+def launched(name: str) -> None:
+    """Count one Triton launch in an active ``opcount.OpCounter`` (a launch is one kernel; no aten op sees it)."""
+    from ..opcount import record_kernel
+
+    record_kernel("triton." + name)
 
 
 if AVAILABLE:
@@ -60,6 +77,10 @@ if AVAILABLE:
             acc = tl.where((offs_m < tl.load(count_ptr))[:, None], acc, 0.0)
         tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
+# triton.jit returns an interpreted kernel when TRITON_INTERPRET=1 was set before triton's import (the choice is made
+# there, for triton's own library functions too, so one process is either compiled or interpreted)
+INTERPRETER = AVAILABLE and type(_sparse_conv_kernel).__name__ == "InterpretedFunction"
+
 
 def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 relu: bool = False, residual: torch.Tensor = None, count: torch.Tensor = None) -> torch.Tensor:
@@ -68,8 +89,10 @@ def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias:
     ``torch.backends.cuda.matmul.allow_tf32``, IEEE otherwise.
 
     x (N, Cin), rows (M, K) int64, weight (K*Cin, Cout), bias (Cout,) -> (M, Cout) in x's dtype."""
-    if not AVAILABLE or not x.is_cuda:
-        raise RuntimeError("sparse_conv: the fused kernel needs CUDA and Triton; use FoldedConv's torch path")
+    if not supports(x):
+        raise RuntimeError(f"sparse_conv: the fused kernel needs Triton and a CUDA tensor (or Triton's interpreter for "
+                           f"a CPU tensor), got a {x.device.type} tensor with Triton "
+                           f"{'installed' if AVAILABLE else 'missing'}; use FoldedConv's torch path")
     M, K = rows.shape
     cin = x.shape[1]
     cout = weight.shape[1]
@@ -79,6 +102,7 @@ def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias:
     grid = (triton.cdiv(M, BM), triton.cdiv(cout, BN))
     res = residual.contiguous() if residual is not None else y
     cnt = count.reshape(1) if count is not None else rows
+    launched("sparse_conv")
     _sparse_conv_kernel[grid](x.contiguous(), rows.contiguous(), weight.to(x.dtype).contiguous(),
                               bias.float().contiguous(), y, res, cnt, M, x.shape[0], K=K, CIN=cin, COUT=cout, BM=BM,
                               BN=BN, BK=BK, RELU=relu, HAS_RES=residual is not None, HAS_COUNT=count is not None,

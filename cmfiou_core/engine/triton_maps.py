@@ -12,8 +12,9 @@ at compile time (``MODE``):
   the output indices ``(b, c...)`` and the output's dense row grid.
 
 ``_fill_kernel`` writes a site set's dense row grid (row of every valid site). The torch code in ``engine.sparse`` is
-the reference and the CPU implementation; ``test/test_engine_triton.py`` compares both on the GPU (identical
-integers: these kernels do no floating-point arithmetic).
+the reference and the CPU implementation; ``test/test_engine_triton.py`` compares both (identical integers: these
+kernels do no floating-point arithmetic), on the GPU and on the CPU under Triton's interpreter
+(``triton_conv.supports``).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from .triton_conv import AVAILABLE, tl, triton
+from .triton_conv import AVAILABLE, launched, supports, tl, triton
 
 GATHER, INVERSE, MARK, EMIT = 0, 1, 2, 3
 
@@ -103,6 +104,13 @@ if AVAILABLE:
         tl.store(grid_ptr + tl.where(ok, key, 0), r.to(tl.int32), mask=ok)
 
 
+def _check(t: torch.Tensor, what: str) -> None:
+    if not supports(t):
+        raise RuntimeError(f"{what}: the Triton kernels need Triton and a CUDA tensor (or Triton's interpreter for a "
+                           f"CPU tensor), got a {t.device.type} tensor with Triton "
+                           f"{'installed' if AVAILABLE else 'missing'}; use engine.sparse's torch path")
+
+
 def _dims3(v: Sequence[int], fill: int) -> Tuple[int, int, int]:
     v = [int(x) for x in v]
     return tuple(v + [fill] * (3 - len(v)))
@@ -113,10 +121,12 @@ def _launch(mode, idx, count, target_shape, stride, padding, kernel, grid=None, 
     nd = len(target_shape)
     if nd not in (2, 3):
         raise ValueError(f"kernel maps: 2 or 3 spatial dimensions, got {nd}")
+    _check(idx, "kernel maps")
     n = idx.shape[0]
     K = _dims3(kernel, 1)
     KP = triton.next_power_of_2(K[0] * K[1] * K[2])
     dummy = idx
+    launched("map")
     _map_kernel[(triton.cdiv(max(n, 1), block),)](
         idx.contiguous(), count.reshape(1), n, grid if grid is not None else dummy,
         pos if pos is not None else dummy, out if out is not None else dummy,
@@ -169,8 +179,10 @@ def fill_row_grid(idx, count, batch_size: int, shape, capacity: int) -> torch.Te
     space = int(batch_size)
     for s in shape:
         space *= int(s)
+    _check(idx, "fill_row_grid")
     g = torch.full((space + 1,), int(capacity), dtype=torch.int32, device=idx.device)
     n = idx.shape[0]
+    launched("fill")
     _fill_kernel[(triton.cdiv(max(n, 1), 256),)](idx.contiguous(), count.reshape(1), n, g, *_dims3(shape, 1),
                                                  ND=len(shape), BLOCK=256, num_warps=4)
     return g
