@@ -8,6 +8,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from ..segments import run_start
+
 
 class VelodyneDepthError(ValueError):
     """A velodyne_depth .npy file is malformed (the message names the file and the problem)."""
@@ -93,7 +95,7 @@ def input_point_discard(points: torch.Tensor, rate: float = 0.8, bin_num: int = 
     start = torch.ones(N, dtype=torch.bool, device=dev)
     start[1:] = sb[1:] != sb[:-1]
     p = torch.arange(N, device=dev)
-    rank[order] = p - torch.cummax(torch.where(start, p, torch.zeros_like(p)), 0).values
+    rank[order] = p - run_start(start)
     capped = inbin & (b < pos)
     keep = inbin & ((b >= pos) | (rank < per_bin))
     within = torch.where(capped, rank, p)

@@ -23,6 +23,7 @@ import torch
 from ..calib import Calibration, CalibrationError
 from ..config import ConfigError
 from ..device_const import device_const
+from ..segments import run_start
 from .config import DepthConfig, ThinningConfig
 from ..timing import StageTimer
 from .ipbasic import ipbasic_complete
@@ -224,7 +225,7 @@ def la_sampling2_order_sorted(xyz: torch.Tensor, valid: torch.Tensor, cfg: Thinn
     if N > 1:
         is_start[1:] = skey[1:] != skey[:-1]
     seg = torch.cumsum(is_start.to(torch.int64), 0) - 1
-    start = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), 0).values
+    start = run_start(is_start)
     rank = pos - start
     compete = (rank < cfg.max_points_per_voxel) & (skey != sentinel)
     zs = z[perm].masked_fill(~compete, float("inf"))

@@ -33,6 +33,7 @@ import torch
 from ..device_const import device_const
 from ..opcount import mark
 from ..model.vfe import mean_voxel_features
+from ..segments import run_start
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def voxelize_static(points: torch.Tensor, valid: torch.Tensor, voxel_size: Seque
     if N > 1:
         is_start[1:] = skey[1:] != skey[:-1]
     seg = torch.cumsum(is_start, 0) - 1
-    start = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), 0).values
+    start = run_start(is_start)
     slot = pos - start
     head = is_start & okv                                        # the first point of each voxel (sorted position)
     head_orig = torch.zeros(N, dtype=torch.bool, device=dev).scatter_(0, perm, head)
@@ -254,7 +255,7 @@ def discard_static(rows: torch.Tensor, valid: torch.Tensor, rnd: torch.Tensor, r
     if S > 1:
         start[1:] = sb[1:] != sb[:-1]
     rank = torch.empty(S, dtype=torch.int64, device=dev).scatter_(
-        0, order, p - torch.cummax(torch.where(start, p, torch.zeros_like(p)), 0).values)
+        0, order, p - run_start(start))
     capped = inbin & (b < pos)
     keep = inbin & ((b >= pos) | (rank < per_bin))
     within = torch.where(capped, rank, cpos)
