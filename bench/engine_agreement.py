@@ -39,40 +39,19 @@ def match(a, b, max_dist=1.0):
     return pairs
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--checkpoint", default="")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--kitti", action="append", default=[])
-    ap.add_argument("--generated", type=int, default=8)
-    ap.add_argument("--gen-dir", default="/tmp/agree_gen")
-    ap.add_argument("--score", type=float, default=0.3, help="unmatched detections are counted above this score")
-    ap.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32",
-                    help="CUDA products of both pipelines: fp32 = IEEE (spconv's own; the equivalence check), tf32 / "
-                         "bf16 = the engine's fast settings (the eager one then runs TF32 / bf16 autocast)")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
-
-    from bench_pipeline import load_frames
-
-    from cmfiou_core.eval.rotated_iou import rotated_iou_paired
-    from cmfiou_core.pipeline import Pipeline
-
-    frames = load_frames(args.kitti, args.generated, Path(args.gen_dir), 1000)
-    eager = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="eager", precision=args.precision)
-    graph = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="graph", precision=args.precision)
+def compare(frames, pa, pb, score, rotated_iou_paired):
+    """Run pipelines pa and pb on every frame; -> (per-frame rows, worst values)."""
     rows, worst = [], {"centre_m": 0.0, "size_m": 0.0, "heading": 0.0, "score": 0.0, "unmatched": 0, "pairs_off": 0,
                        "min_bev_iou": 1.0}
     for name, fr in frames:
-        a, b = eager(fr), graph(fr)
+        a, b = pa(fr), pb(fr)
         pairs = match(a, b)
         ia = {i for i, _, _ in pairs}
         ib = {j for _, j, _ in pairs}
-        un_a = int(sum(1 for i in range(len(a.scores)) if i not in ia and a.scores[i] >= args.score))
-        un_b = int(sum(1 for j in range(len(b.scores)) if j not in ib and b.scores[j] >= args.score))
-        r = {"frame": name, "eager": int(len(a.scores)), "graph": int(len(b.scores)), "matched": len(pairs),
-             "unmatched_eager": un_a, "unmatched_graph": un_b}
+        un_a = int(sum(1 for i in range(len(a.scores)) if i not in ia and a.scores[i] >= score))
+        un_b = int(sum(1 for j in range(len(b.scores)) if j not in ib and b.scores[j] >= score))
+        r = {"frame": name, "a": int(len(a.scores)), "b": int(len(b.scores)), "matched": len(pairs),
+             "unmatched_a": un_a, "unmatched_b": un_b}
         if pairs:
             i, j = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
             r["max_centre_m"] = float(np.abs(a.boxes[i, :3] - b.boxes[j, :3]).max())
@@ -92,14 +71,55 @@ def main(argv=None) -> int:
                 worst[k] = max(worst[k], r[w])
         worst["unmatched"] += un_a + un_b
         rows.append(r)
-        print(json.dumps(r))
-    print("worst:", json.dumps(worst))
-    rep = {"what": "eager vs engine=graph per-frame detections", "frames": rows, "worst": worst,
-           "score_threshold_for_unmatched": args.score, "precision": args.precision,
-           "matched_pairs": int(sum(r["matched"] for r in rows))}
+    return rows, worst
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--checkpoint", default="")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--kitti", action="append", default=[])
+    ap.add_argument("--generated", type=int, default=8)
+    ap.add_argument("--gen-dir", default="/tmp/agree_gen")
+    ap.add_argument("--score", type=float, default=0.3, help="unmatched detections are counted above this score")
+    ap.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32",
+                    help="CUDA products of both pipelines: fp32 = IEEE (spconv's own; the equivalence check), tf32 / "
+                         "bf16 = the engine's fast settings (the eager one then runs TF32 / bf16 autocast)")
+    ap.add_argument("--compare", default="eager:graph",
+                    help="comma list of A:B pairs of eager, graph, graph_eager_front (the engine after the eager "
+                         "front); eager:eager runs the eager pipeline twice (its run-to-run noise)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    from bench_pipeline import load_frames
+
+    from cmfiou_core.eval.rotated_iou import rotated_iou_paired
+    from cmfiou_core.pipeline import Pipeline
+
+    frames = load_frames(args.kitti, args.generated, Path(args.gen_dir), 1000)
+    eager = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="eager", precision=args.precision)
+    graph = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="graph", precision=args.precision)
+    # graph engine after the EAGER front (a stage hook makes Pipeline take eager_front + FrameGraph): separates the
+    # static front's share of a difference from the engine's
+    graph_ef = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="graph",
+                                    precision=args.precision) if "graph_eager_front" in args.compare else None
+    if graph_ef is not None:
+        graph_ef.stage_hooks.append(lambda name, batch: None)
+    runs = {"eager": eager, "graph": graph, "graph_eager_front": graph_ef}
+    report = {"what": "per-frame detections of pairs of pipelines (eager spconv / engine=graph)",
+              "score_threshold_for_unmatched": args.score, "precision": args.precision, "comparisons": {}}
+    for comp in args.compare.split(","):
+        an, bn = comp.split(":")
+        rows, worst = compare(frames, runs[an], runs[bn], args.score, rotated_iou_paired)
+        report["comparisons"][comp] = {"frames": rows, "worst": worst,
+                                       "matched_pairs": int(sum(r["matched"] for r in rows))}
+        print(comp, "worst:", json.dumps(worst), flush=True)
+    first = report["comparisons"][args.compare.split(",")[0]]
+    report.update(frames=first["frames"], worst=first["worst"])      # the headline comparison
     from cmfiou_core.provenance import write_report
 
-    write_report(args.json, rep, config=args.config, checkpoint=args.checkpoint or None, device=args.device)
+    write_report(args.json, report, config=args.config, checkpoint=args.checkpoint or None, device=args.device)
     return 0
 
 

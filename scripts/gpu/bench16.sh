@@ -5,7 +5,9 @@
 #           CUDA tests, host->device staging probe, 40 generated scenes of seed 2027 (never trained on), generator
 #           throughput on 16 cores.
 #   PART=B  carry .gpu_real2 (the other 7 real frames + ImageSets): engine-vs-eager agreement (IEEE fp32) on the 13
-#           real frames and the 40 scenes, then the pipeline benches (graph tf32 / bf16, 1 and 3 views).
+#           real frames and the 40 scenes (and eager vs eager, graph vs graph, the engine after the eager front),
+#           then the pipeline benches (graph tf32 / bf16, 1 and 3 views; warm-up covers every input, so each capacity
+#           / image-size bucket is captured before the measured frames).
 #   PART=C  AP of eager fp32 / graph fp32 / graph tf32 / graph bf16 on both sets (cmfiou_core.tools.evaluate).
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD CMFIOU_SHARE_DIR=$PWD
@@ -52,10 +54,11 @@ B)
   ls $K/velodyne | wc -l
   log "engine agreement, IEEE fp32, 13 real frames + 40 scenes"
   timeout 240 python3 bench/engine_agreement.py --device cuda --checkpoint '' --kitti $K --kitti $S/training \
-    --generated 0 --precision fp32 --json $OUT/engine_agreement_fp32_demo_h200.json 2>&1 | filt | tail -4
+    --generated 0 --precision fp32 --compare ${COMPARE:-eager:graph,eager:eager,graph:graph,graph_eager_front:graph} \
+    --json $OUT/engine_agreement_fp32_demo_h200.json 2>&1 | filt | tail -6
   for pv in ${RUNS:-tf32:1 bf16:1 bf16:3}; do p=${pv%:*}; v=${pv#*:}
     log "pipeline graph $p, $v view(s), demo checkpoint"
-    TO=150 B --checkpoint '' --engine graph --precision $p --views $v --frames ${FRAMES:-100} --warmup 30 --profile 3 \
+    TO=150 B --checkpoint '' --engine graph --precision $p --views $v --frames ${FRAMES:-100} --warmup ${WARMUP:-60} --profile 3 \
       --profile-top ${TOP:-0} --verbose --label "$v view(s) graph $p demo" \
       --json $OUT/bench_${v}view_graph_${p}_demo_h200.json --md $OUT/bench_${v}view_graph_${p}_demo_h200.md 2>&1 | filt
     TOP=0
