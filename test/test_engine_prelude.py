@@ -406,7 +406,8 @@ def test_graph_pipeline_overflow_sync_empty_modality_and_empty_frame(kitti_sampl
     device = [s for s in oc.syncs if s[0] not in ("front.h2d", "frame.host")]
     assert [(k, op) for _, k, op, _ in device] == [("d2h", "Tensor.cpu")], oc.sync_sites()
     assert "frame.py" in device[0][3]
-    assert all(op == "Tensor.numpy" and "_stage" in where for sec, _, op, where in oc.syncs if sec == "front.h2d")
+    # front.h2d writes host arrays into page-locked buffers (torch.from_numpy counts as a 'lift_fresh'): host only
+    assert {s[2] for s in oc.syncs if s[0] == "front.h2d"} <= {"aten.lift_fresh", "Tensor.numpy"}, oc.sync_sites()
     assert oc.n_ops("front.device") > 300 and oc.n_ops() > 5000
     assert g._front.last_flags[1] == 0 and g._front.last_flags[5] == 0
     eg = g(far)

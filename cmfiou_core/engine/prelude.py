@@ -501,10 +501,9 @@ class StaticFront:
         fov_hw = None
         if not use_img and calib is not None and calib.image_width is not None and pipe.depth_cfg.fov_filter_raw:
             fov_hw = (int(calib.image_height), int(calib.image_width))
-        def write_points(t):
-            a = t.numpy()
-            np.copyto(a[:n], points)
-            a[n:] = 0.0
+        def write_points(t):   # torch copies (multi-threaded; measured faster than np.copyto on the GPU host)
+            t[:n].copy_(torch.from_numpy(points))
+            t[n:].zero_()
 
         def write_count(t):
             t.fill_(n)
@@ -514,7 +513,8 @@ class StaticFront:
                "fov_hw": fov_hw, "use_img": use_img}
         if use_img:
             im = np.asarray(image)
-            out["img"] = self._stage("image", im.shape, torch.uint8, lambda t: np.copyto(t.numpy(), im))
+            out["img"] = self._stage("image", im.shape, torch.uint8,
+                                     lambda t: t.copy_(torch.from_numpy(np.ascontiguousarray(im))))
             if pre.uses_random:
                 seed = self.seed_fn(frame.points)
                 out["rnd"] = self._stage("rnd", (pre.pseudo_capacity,), torch.float32,
