@@ -62,7 +62,7 @@ def compare(frames, pa, pb, score, rotated_iou_paired):
                                      b.boxes[j][:, [0, 1, 3, 4, 6]].astype(np.float64))
             r["min_bev_iou"] = float(iou.min())
             centre = np.abs(a.boxes[i, :3] - b.boxes[j, :3]).max(1)
-            # the issue's bar: every matched pair within 1 cm or at BEV IoU >= 0.99
+            # the equivalence bar: every matched pair within 1 cm or at BEV IoU >= 0.99
             r["pairs_off"] = int(((centre > 0.01) & (iou < 0.99)).sum())
             worst["pairs_off"] += r["pairs_off"]
             worst["min_bev_iou"] = min(worst["min_bev_iou"], r["min_bev_iou"])
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
                          "bf16 = the engine's fast settings (the eager one then runs TF32 / bf16 autocast)")
     ap.add_argument("--compare", default="eager:graph",
                     help="comma list of A:B pairs of eager, graph, graph_eager_front (the engine after the eager "
-                         "front); eager:eager runs the eager pipeline twice (its run-to-run noise)")
+                         "front), eager_perturbed (weights x (1 + 1e-6 N(0,1))); eager:eager runs the eager pipeline "
+                         "twice (its run-to-run noise)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -106,7 +107,20 @@ def main(argv=None) -> int:
                                     precision=args.precision) if "graph_eager_front" in args.compare else None
     if graph_ef is not None:
         graph_ef.stage_hooks.append(lambda name, batch: None)
-    runs = {"eager": eager, "graph": graph, "graph_eager_front": graph_ef}
+    # the eager model with every weight scaled by (1 + 1e-6 N(0, 1)): how far rounding-level changes move the
+    # detections (the scale of two fp32 implementations' differences)
+    perturbed = None
+    if "eager_perturbed" in args.compare:
+        import torch
+
+        perturbed = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="eager",
+                                         precision=args.precision)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for prm in perturbed.model.parameters():
+                if prm.dtype.is_floating_point:
+                    prm.mul_(1 + 1e-6 * torch.randn(prm.shape, generator=g).to(prm.device))
+    runs = {"eager": eager, "graph": graph, "graph_eager_front": graph_ef, "eager_perturbed": perturbed}
     report = {"what": "per-frame detections of pairs of pipelines (eager spconv / engine=graph)",
               "score_threshold_for_unmatched": args.score, "precision": args.precision, "comparisons": {}}
     for comp in args.compare.split(","):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16 runs on the GPU host, as three calls on one warm machine (the carry limit keeps the spconv bundle, the demo
+# The real-time benches on the GPU host, as three calls on one warm machine (the carry limit keeps the spconv bundle, the demo
 # checkpoint and the 13 real KITTI frames apart; /tmp survives between calls while the machine is warm):
 #   PART=A  carry .gpu_bundle + .gpu_data (real frames 000000-000005; demo checkpoint moved out of the tree): unpack,
 #           CUDA tests, host->device staging probe, 40 generated scenes of seed 2027 (never trained on), generator
@@ -54,7 +54,7 @@ B)
   ls $K/velodyne | wc -l
   log "engine agreement, IEEE fp32, 13 real frames + 40 scenes"
   timeout 240 python3 bench/engine_agreement.py --device cuda --checkpoint '' --kitti $K --kitti $S/training \
-    --generated 0 --precision fp32 --compare ${COMPARE:-eager:graph,eager:eager,graph:graph,graph_eager_front:graph} \
+    --generated 0 --precision fp32 --compare ${COMPARE:-eager:graph,eager:eager,graph:graph,graph_eager_front:graph,eager:eager_perturbed} \
     --json $OUT/engine_agreement_fp32_demo_h200.json 2>&1 | filt | tail -6
   for pv in ${RUNS:-tf32:1 bf16:1 bf16:3}; do p=${pv%:*}; v=${pv#*:}
     log "pipeline graph $p, $v view(s), demo checkpoint"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16 probe on the GPU host: CUDA tests of the engine, then the end-to-end graph pipeline with a profile of its
+# Real-time probe on the GPU host: CUDA tests of the engine, then the end-to-end graph pipeline with a profile of its
 # kernels, then the backbone engine's op-level profile. Everything goes to $OUT/log as it happens (unbuffered, no pipe
 # that holds output back).
 set -uo pipefail
