@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..opcount import mark
+from .graphs import capture
 from .padded import PaddedSparse
 from .runtime import EngineBackbone
 
@@ -253,15 +254,7 @@ class FrameGraph:
                 return self._forward(B, V, static_in[:n_args], static_in[n_args], static_in[n_args + 1],
                                      static_in[n_args + 2], static_in[n_args + 3])
 
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out, meta = fn()
+            graph, (out, meta) = capture(fn)
             g = (graph, static_in, out, meta)
             self._graphs[key] = g
             self.captures += 1

@@ -34,6 +34,7 @@ from ..device_const import device_const
 from ..opcount import mark
 from ..model.vfe import mean_voxel_features
 from ..segments import run_start
+from .graphs import capture
 
 log = logging.getLogger(__name__)
 
@@ -593,15 +594,7 @@ class StaticFront:
         if g is None:
             if len(self._graphs) >= self.MAX_GRAPHS:
                 self._graphs.clear()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                res = run()
+            graph, res = capture(run)
             g = self._graphs[key] = (graph, res)
             self.captures += 1
             log.info("StaticFront: captured a CUDA graph for the prelude (points %d, pseudo rows %d)", key[0], key[1])

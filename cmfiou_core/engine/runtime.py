@@ -20,6 +20,7 @@ from torch import nn
 
 from ..model.backbone3d import VCEConv8x
 from .backbone import BackboneEngine, Capacities, calib_tensors
+from .graphs import capture
 from .padded import PaddedSparse
 from .sparse import sort_sites
 
@@ -112,15 +113,7 @@ class EngineBackbone(nn.Module):
         g = self._graphs.get(key)
         if g is None:
             static_in = [None if a is None else a.clone() for a in args]
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self._static(*static_in, BV)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self._static(*static_in, BV)
+            graph, static_out = capture(lambda: self._static(*static_in, BV))
             g = (graph, static_in, static_out)
             self._graphs[key] = g
             self.captures += 1
