@@ -335,29 +335,41 @@ class Prelude:
         """pts (P, 4) float32 (rows >= n ignored), n () int64, image (H, W, 3) uint8 or None (LiDAR-only), rnd (S,)
         float32 (with the discard and an image), calib (``Calibration``), fov_hw: the raw FOV filter's image size on
         LiDAR-only frames (None: no filter). -> (dict of FrameGraph.run's backbone inputs and anchor-mask points,
-        flags (N_FLAGS,) int64)."""
+        flags (N_FLAGS,) int64). = ``part_b(part_a(...), rnd)``."""
+        return self.part_b(self.part_a(pts, n, image, calib, fov_hw), rnd)
+
+    def part_a(self, pts: torch.Tensor, n: torch.Tensor, image: Optional[torch.Tensor], calib,
+               fov_hw: Optional[Tuple[int, int]]) -> dict:
+        """Raw rows + FOV, depth, range masks (everything before the discard, which needs the frame's random
+        numbers: the host draws them while the device runs this part). -> a dict of device tensors for part_b."""
         dev = pts.device
         P = pts.shape[0]
         valid = torch.arange(P, device=dev) < n
         zero = torch.zeros((), dtype=torch.int64, device=dev)
-        n_ps, thin_ovf = zero, zero
-        pseudo = None
+        st = {"n_ps": zero, "thin_ovf": zero, "pseudo": None, "pv": None}
         if image is None:
             raw_valid = fov_mask(self.gen, pts, valid, calib, *fov_hw) if fov_hw is not None else valid
         else:
             d = depth_static(self.gen, pts, valid, image, calib, self.pseudo_capacity, self.sort_thinning)
-            raw_valid, pseudo, pv = d.raw_valid, d.pseudo, d.pseudo_valid
-            n_ps, thin_ovf = d.n_pseudo, d.thinning_overflow.to(torch.int64)
+            raw_valid, st["pseudo"], st["pv"] = d.raw_valid, d.pseudo, d.pseudo_valid
+            st["n_ps"], st["thin_ovf"] = d.n_pseudo, d.thinning_overflow.to(torch.int64)
         lo = device_const(self.pc_range[:3], torch.float32, dev)
         hi = device_const(self.pc_range[3:], torch.float32, dev)
-        raw = raw_rows(pts)
-        raw_valid = raw_valid & in_range(raw, lo, hi)
-        n_raw = raw_valid.sum()
-        if pseudo is not None:
-            pv = pv & in_range(pseudo, lo, hi)
-            if self.rate > 0:
-                pseudo, k = discard_static(pseudo, pv, rnd, self.rate, self.bin_num, self.max_dis)
-                pv = torch.arange(pseudo.shape[0], device=dev) < k
+        st["raw"] = raw = raw_rows(pts)
+        st["raw_valid"] = raw_valid & in_range(raw, lo, hi)
+        if st["pseudo"] is not None:
+            st["pv"] = st["pv"] & in_range(st["pseudo"], lo, hi)
+        return st
+
+    def part_b(self, st: dict, rnd: Optional[torch.Tensor]):
+        """The discard, test views, voxelization and VFE on part_a's output -> (inputs dict, flags)."""
+        raw, raw_valid, pseudo, pv = st["raw"], st["raw_valid"], st["pseudo"], st["pv"]
+        dev = raw.device
+        zero = torch.zeros((), dtype=torch.int64, device=dev)
+        n_raw, n_ps, thin_ovf = raw_valid.sum(), st["n_ps"], st["thin_ovf"]
+        if pseudo is not None and self.rate > 0:
+            pseudo, k = discard_static(pseudo, pv, rnd, self.rate, self.bin_num, self.max_dis)
+            pv = torch.arange(pseudo.shape[0], device=dev) < k
         mods = {"raw": [], "mm": []}
         pts_xy = pts_valid = None
         for v in range(len(self.views)):
@@ -452,10 +464,10 @@ class StaticFront:
         """``write(t)`` fills a host tensor of ``shape`` -> the data in its persistent device input buffer (on CUDA
         written straight into a reused page-locked buffer, then a non-blocking copy: the frame's result copy
         synchronises before a buffer is written again)."""
-        if self.pipe.device.type != "cuda":
-            host = torch.empty(shape, dtype=dtype)
-            write(host)
-            return host
+        if self.pipe.device.type != "cuda":     # the same persistent input buffers, written in place
+            buf = self._buffer(name, shape, dtype, False)
+            write(buf)
+            return buf
         pin = self._buffer(name, shape, dtype, True)
         write(pin)
         dev = self._buffer(name, shape, dtype, False)
@@ -474,7 +486,7 @@ class StaticFront:
         return t
 
     # ------------------------------------------------------------------ per frame
-    def inputs(self, frame, image) -> dict:
+    def inputs(self, frame, image, with_rnd: bool = True) -> dict:
         """A frame (``image``: the frame's image, None for LiDAR-only) -> the prelude's inputs in their device
         buffers (points padded to the point capacity, count, image, the discard's random numbers) plus ``calib``
         (the frame's, possibly None), ``fov_hw`` and ``use_img``. Checks the calibration as the depth stage does."""
@@ -516,20 +528,27 @@ class StaticFront:
             im = np.asarray(image)
             out["img"] = self._stage("image", im.shape, torch.uint8,
                                      lambda t: t.copy_(torch.from_numpy(np.ascontiguousarray(im))))
-            if pre.uses_random:
-                seed = self.seed_fn(frame.points)
-                out["rnd"] = self._stage("rnd", (pre.pseudo_capacity,), torch.float32,
-                                         lambda t: torch.rand(t.shape, generator=self._gen.manual_seed(seed), out=t))
+            if with_rnd:
+                out["rnd"] = self.rnd(frame)
         return out
+
+    def rnd(self, frame) -> Optional[torch.Tensor]:
+        """The discard's random numbers of ``frame`` over the pseudo-row capacity, in their device buffer (None
+        without a discard)."""
+        if not self.prelude.uses_random:
+            return None
+        seed = self.seed_fn(frame.points)
+        return self._stage("rnd", (self.prelude.pseudo_capacity,), torch.float32,
+                           lambda t: torch.rand(t.shape, generator=self._gen.manual_seed(seed), out=t))
 
     @torch.no_grad()
     def __call__(self, frame, image, timer) -> FrontResult:
         pipe, pre = self.pipe, self.prelude
         dev = pipe.device
         mark("front.h2d")           # opcount sections: host staging, then device work until FrameGraph's copy
-        inp = self.inputs(frame, image)
-        pts, cnt, img, rnd, calib, fov_hw, use_img = (inp[k] for k in ("pts", "cnt", "img", "rnd", "calib", "fov_hw",
-                                                                       "use_img"))
+        inp = self.inputs(frame, image, with_rnd=False)
+        pts, cnt, img, calib, fov_hw, use_img = (inp[k] for k in ("pts", "cnt", "img", "calib", "fov_hw", "use_img"))
+        rnd = None
         P = pts.shape[0]
         timer.mark("h2d")
         mark("front.device")
@@ -545,14 +564,27 @@ class StaticFront:
         rerun = False
         try:
             for _ in range(4):
-                run = (lambda: pre(pts, cnt, img, rnd, bcal, fov_hw))   # noqa: E731
-                if use_graph and bb.calibrated and not rerun:
-                    gkey = (P, pre.pseudo_capacity, None if img is None else tuple(img.shape), fov_hw,
-                            tuple(map(tuple, pre.views)),
-                            (bcal.P2.tobytes(), bcal.R0_rect.tobytes(), bcal.Tr_velo_to_cam.tobytes()))
-                    out, flags = self._replay(gkey, run)
+                # part a (rows, depth, range masks) is queued first; the host draws the discard's numbers while the
+                # device runs it, then part b (discard .. VFE) follows
+                graphed = use_graph and bb.calibrated and not rerun
+                gkey = (P, pre.pseudo_capacity, None if img is None else tuple(img.shape), fov_hw,
+                        tuple(map(tuple, pre.views)),
+                        (bcal.P2.tobytes(), bcal.R0_rect.tobytes(), bcal.Tr_velo_to_cam.tobytes()))
+                box = {"rnd": rnd}
+
+                def draw():
+                    if use_img and box["rnd"] is None:
+                        box["rnd"] = self.rnd(frame)
+
+                run_a = (lambda: pre.part_a(pts, cnt, img, bcal, fov_hw))   # noqa: E731
+                run_b = (lambda st: pre.part_b(st, box["rnd"]))   # noqa: E731
+                if graphed:
+                    out, flags = self._replay(gkey, run_a, draw, run_b)
                 else:
-                    out, flags = run()
+                    st = run_a()
+                    draw()
+                    out, flags = run_b(st)
+                rnd = box["rnd"]
                 timer.mark("prelude")
                 if not bb.calibrated:
                     # calibration frame (host syncs anyway): the backbone cannot size its convs from an empty cloud
@@ -578,7 +610,7 @@ class StaticFront:
                     self._graphs.clear()
                     log.warning("StaticFront: %d pseudo rows exceed the capacity: grown to %d and the frame re-run; "
                                 "the prelude's CUDA graph is captured again", f[F_PSEUDO], pre.pseudo_capacity)
-                    rnd = self.inputs(frame, image)["rnd"]
+                    rnd = self.rnd(frame) if use_img else None
                 if thin:            # as the eager generator: this frame is thinned again by sorting
                     pre.sort_thinning = True
             else:
@@ -589,16 +621,27 @@ class StaticFront:
             return FrontResult(None, f)
         return FrontResult(det, f)
 
-    def _replay(self, key, run):
+    def _replay(self, key, run_a, between, run_b):
+        """Replay (capturing first) the two prelude graphs of this bucket: part a, then ``between()`` on the host
+        while the device runs it, then part b on part a's static outputs; -> part b's static outputs. The pair is
+        one cache entry, so part b never reads the outputs of another capture of part a."""
         g = self._graphs.get(key)
         if g is None:
             if len(self._graphs) >= self.MAX_GRAPHS:
                 self._graphs.clear()
-            graph, res = capture(run)
-            g = self._graphs[key] = (graph, res)
+            graph_a, st = capture(run_a)
+            graph_a.replay()
+            between()
+            graph_b, res = capture(lambda: run_b(st))
+            graph_b.replay()
+            g = self._graphs[key] = (graph_a, graph_b, res)
             self.captures += 1
-            log.info("StaticFront: captured a CUDA graph for the prelude (points %d, pseudo rows %d)", key[0], key[1])
-        graph, res = g
-        graph.replay()
+            log.info("StaticFront: captured the prelude's CUDA graphs (points %d, pseudo rows %d)", key[0], key[1])
+        else:
+            graph_a, graph_b, res = g
+            graph_a.replay()
+            between()
+            graph_b.replay()
         self.replays += 1
         return res
+
