@@ -567,6 +567,10 @@ class StaticFront:
                 # part a (rows, depth, range masks) is queued first; the host draws the discard's numbers while the
                 # device runs it, then part b (discard .. VFE) follows
                 graphed = use_graph and bb.calibrated and not rerun
+                if graphed and use_img and pre.uses_random:
+                    # the draws' buffers exist before the graphs are looked up (a new buffer drops the graphs; one
+                    # made between the two replays would leave part b reading the old one)
+                    self._buffer("rnd", (pre.pseudo_capacity,), torch.float32, False)
                 gkey = (P, pre.pseudo_capacity, None if img is None else tuple(img.shape), fov_hw,
                         tuple(map(tuple, pre.views)),
                         (bcal.P2.tobytes(), bcal.R0_rect.tobytes(), bcal.Tr_velo_to_cam.tobytes()))
