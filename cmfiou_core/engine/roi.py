@@ -169,6 +169,11 @@ class FusedModality:
     ranges: List[List[int]]      # per scale (rz, ry, rx)
     r2: torch.Tensor             # (S, Kn, 1, 1) float32 radius^2 (the kernel's float32 value)
     nsample: List[int]
+    # the same constants packed for engine.triton_pool (one row per source / per (source, scale) pair)
+    src_i: torch.Tensor          # (S, 5) long: base, B, Z, Y, X
+    src_f: torch.Tensor          # (S, 3) float32 voxel size at the source's stride (x, y, z)
+    sk_i: torch.Tensor           # (S*Kn, 4) long: table offset, rz, ry, rx
+    sk_f: torch.Tensor           # (S*Kn,) float32 radius^2
 
 
 def fusable(layers) -> bool:
@@ -206,18 +211,23 @@ def prepare_fused(layers, gp, feats: Mapping[str, PaddedSparse], voxel_size, pc_
             ob.append(b)
     S, Kn = len(gp.sources), len(layers[0].mlps_in)
     r2 = [float(np.float32(r) * np.float32(r)) for L in layers for r in L.radii]
+    ranges = [list(map(int, q)) for q in layers[0].query_ranges]
+    src_i = [v for i in range(S) for v in [bases[i]] + dims[4 * i:4 * i + 4]]
+    sk_i = [v for i in range(S) for k in range(Kn) for v in [off[i * Kn + k]] + ranges[k]]
     return FusedModality(
         v2p, device_const(bases, torch.long, dev).view(S, 1, 1),
         device_const(dims, torch.long, dev).view(S, 1, 4), device_const(vsz, torch.float32, dev).view(S, 1, 3),
         device_const([float(v) for v in gp.strides], torch.float32, dev).view(S, 1, 1), src.grid[1],
         torch.cat(f_in), torch.cat(xyz), device_const(off, torch.long, dev).view(S, Kn, 1, 1),
-        torch.stack(pw), torch.stack(pb)[:, None], torch.stack(ow), torch.stack(ob)[:, None],
-        [list(map(int, q)) for q in layers[0].query_ranges],
-        device_const(r2, torch.float32, dev).view(S, Kn, 1, 1), list(layers[0].nsamples))
+        torch.stack(pw), torch.stack(pb)[:, None], torch.stack(ow), torch.stack(ob)[:, None], ranges,
+        device_const(r2, torch.float32, dev).view(S, Kn, 1, 1), list(layers[0].nsamples),
+        device_const(src_i, torch.long, dev).view(S, 5), device_const(vsz, torch.float32, dev).view(S, 3),
+        device_const(sk_i, torch.long, dev).view(S * Kn, 4), device_const(r2, torch.float32, dev))
 
 
-def _fused_query(fm: FusedModality, cur: torch.Tensor, q: torch.Tensor):
-    """cur (S, m, 4) long [b, z, y, x] per source, q (m, 3) -> (table rows (S, Kn, m, ns), keep (S, Kn, m) bool)."""
+def _fused_query(fm: FusedModality, cur: torch.Tensor, q: torch.Tensor, counts: Optional[list] = None):
+    """cur (S, m, 4) long [b, z, y, x] per source, q (m, 3) -> (table rows (S, Kn, m, ns), keep (S, Kn, m) bool).
+    ``counts`` (tests): gets the hit counts (S, Kn, m) appended."""
     dev = q.device
     S, m = cur.shape[0], cur.shape[1]
     R = [max(r[a] for r in fm.ranges) for a in range(3)]
@@ -256,10 +266,39 @@ def _fused_query(fm: FusedModality, cur: torch.Tensor, q: torch.Tensor):
         # slots past the hit count repeat the first hit; no hit -> row 0, zeroed by ``keep`` (eager semantics)
         rows.append(torch.where(slot < cnt, out[..., :ns], out[..., 0:1]) + fm.off[:, k])
         keeps.append(cnt[..., 0] > 0)
+        if counts is not None:
+            counts.append(cnt[..., 0])
+    if counts is not None:
+        counts[:] = [torch.stack(counts, 1)]
     return torch.stack(rows, 1), torch.stack(keeps, 1)
 
 
-def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor, new_xyz: torch.Tensor) -> torch.Tensor:
+def fused_coords(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor) -> torch.Tensor:
+    """coords (B, M/B, 3) float grid-voxel coordinates at stride 1 (x, y, z), bidx (B, M/B, 1) -> (S, M, 4) long
+    [b, z, y, x] of every query in every source (the eager ``(coords // stride).flip(-1)`` and ``.int()``)."""
+    S = fm.base.shape[0]
+    M = coords.shape[0] * coords.shape[1]
+    return torch.cat([bidx[None].expand(S, -1, -1, -1), (coords[None] // fm.strides[..., None]).flip(-1)],
+                     dim=-1).int().view(S, M, 4).long()
+
+
+def use_pool_kernel(mode: str, fm: FusedModality, q: torch.Tensor) -> bool:
+    """Whether ``fused_grid_pool`` runs ``engine.triton_pool``: ``mode`` 'torch' never, 'triton' always (an error
+    where it cannot run), 'auto' on CUDA with Triton (and, counting ops on the CUDA path on the CPU, where the
+    interpreter is on), for fp32 features."""
+    if mode == "torch":
+        return False
+    from . import triton_pool
+
+    if mode == "triton":
+        return True
+    if mode != "auto":
+        raise ValueError(f"pool kernel mode {mode!r}: expected 'auto', 'triton' or 'torch'")
+    return fm.f_in.dtype == torch.float32 and triton_pool.runnable(q) and (q.is_cuda or cuda_path(q))
+
+
+def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor, new_xyz: torch.Tensor,
+                    kernel: str = "auto") -> torch.Tensor:
     """All sources and scales of a modality in one pass: coords (B, M/B, 3) float grid-voxel coordinates at stride 1
     (x, y, z), bidx (B, M/B, 1), new_xyz (M, 3) -> (M, sum Cout) in the eager channel order (source-major).
 
@@ -268,12 +307,15 @@ def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor,
     over a leading source axis), each scale reads its nested sub-cube; then one gather, one batched pos-MLP, one
     max-pool and one batched out-MLP for all (source, scale) pairs, with the BatchNorms folded (eval) -- the eager
     grouping up to float rounding. The query runs in one piece on CUDA and in row chunks (cache-sized, the eager
-    chunking) on the CPU."""
+    chunking) on the CPU. ``kernel`` (see :func:`use_pool_kernel`): the same in one ``engine.triton_pool`` launch."""
     S = fm.base.shape[0]
     M = new_xyz.shape[0]
-    cur = torch.cat([bidx[None].expand(S, -1, -1, -1),
-                     (coords[None] // fm.strides[..., None]).flip(-1)], dim=-1).int().view(S, M, 4).long()
+    cur = fused_coords(fm, coords, bidx)
     q = new_xyz.float()
+    if use_pool_kernel(kernel, fm, q):
+        from . import triton_pool
+
+        return triton_pool.grid_pool(fm, cur, q.contiguous())[0]
     K = int(np.prod([2 * max(r[a] for r in fm.ranges) + 1 for a in range(3)]))
     rows = M if cuda_path(q) else max(1, _QUERY_CHUNK_ELEMS // (S * K))
     parts = [_fused_query(fm, cur[:, i:i + rows], q[i:i + rows]) for i in range(0, M, rows)]
@@ -291,10 +333,11 @@ def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor,
 
 
 def grid_pool_static(layers, gp, voxel_size, pc_range, rois: torch.Tensor,
-                     sources: Union[FusedModality, Mapping[str, PooledSource]], sample_offset: int = 0) -> torch.Tensor:
+                     sources: Union[FusedModality, Mapping[str, PooledSource]], sample_offset: int = 0,
+                     kernel: str = "auto") -> torch.Tensor:
     """``grid_pool.roi_grid_pool`` on prepared sources (a ``FusedModality`` or per-source ``PooledSource``s):
     rois (B, N, 7+) -> (B*N, G^3, C). Frame b pools sample ``sample_offset + b`` of the sources (views batched as
-    samples)."""
+    samples). ``kernel``: a ``FusedModality``'s implementation (:func:`use_pool_kernel`)."""
     B, N = rois.shape[0], rois.shape[1]
     G3 = gp.grid_size ** 3
     xyz = global_grid_points(rois.reshape(-1, rois.shape[-1]), gp.grid_size).view(B, -1, 3)
@@ -306,7 +349,7 @@ def grid_pool_static(layers, gp, voxel_size, pc_range, rois: torch.Tensor,
     bidx = bidx.expand(B, coords.shape[1], 1)
     new_xyz = xyz.reshape(-1, 3)
     if isinstance(sources, FusedModality):
-        return fused_grid_pool(sources, coords, bidx, new_xyz).view(B * N, G3, -1)
+        return fused_grid_pool(sources, coords, bidx, new_xyz, kernel).view(B * N, G3, -1)
     pooled = []
     for i, name in enumerate(gp.sources):
         src = sources[name]
@@ -328,16 +371,21 @@ Features = Mapping[str, PaddedSparse]
 class StaticRoIHead:
     """The eval forward of ``head`` (a ``RoIHead``, shared, not copied) with static shapes.
 
-    ``nms_mode`` / ``pair_capacity``: see ``engine.nms.nms_sorted_static``."""
+    ``nms_mode`` / ``pair_capacity``: see ``engine.nms.nms_sorted_static``. ``fused``: all sources and scales of a
+    modality in one pooling pass (``fused_grid_pool``) where their settings allow it; ``pool_kernel``: that pass as
+    the one-launch Triton kernel (``engine.triton_pool``) 'auto' (on CUDA with Triton), 'triton' or 'torch'."""
 
     def __init__(self, head: RoIHead, nms_mode: str = "auto", pair_capacity: Optional[int] = None,
-                 fused: bool = True):
+                 fused: bool = True, pool_kernel: str = "auto"):
         if not isinstance(head, RoIHead):
             raise TypeError(f"StaticRoIHead needs a RoIHead, got {type(head).__name__}")
         self.head = head
         self.nms_mode = nms_mode
         self.pair_capacity = pair_capacity
         self.fused = fused
+        if pool_kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"StaticRoIHead: pool_kernel {pool_kernel!r}, expected 'auto', 'triton' or 'torch'")
+        self.pool_kernel = pool_kernel
 
     def prepare(self, feats: Features, mm: bool) -> Union[FusedModality, Dict[str, PooledSource]]:
         c = self.head.cfg
@@ -410,10 +458,10 @@ class StaticRoIHead:
             off = view * B if stacked else 0
             mark(f"s{t}.pool_raw")
             pooled = grid_pool_static(head.roi_grid_pool_layers, c.grid_pool, c.voxel_size, c.point_cloud_range,
-                                      rois, src[sv], off)
+                                      rois, src[sv], off, self.pool_kernel)
             mark(f"s{t}.pool_mm")
             pooled_mm = grid_pool_static(head.roi_grid_pool_layers_mm, c.grid_pool_mm, c.voxel_size,
-                                         c.point_cloud_range, rois, src_mm[sv], off)
+                                         c.point_cloud_range, rois, src_mm[sv], off, self.pool_kernel)
             mark(f"s{t}.head")
             sh = head.shared_fc_layers[0](pooled.reshape(R, -1)).unsqueeze(0)
             sh_mm = head.shared_fc_layers_mm[0](pooled_mm.reshape(R, -1)).unsqueeze(0)
