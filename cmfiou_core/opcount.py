@@ -26,6 +26,7 @@ Triton launch) is counted by :func:`record_kernel`. Device-specific branches ask
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
 import weakref
@@ -72,6 +73,21 @@ def record_kernel(name: str) -> None:
         o.op_names[o.section][name] += 1
 
 
+@contextlib.contextmanager
+def kernel_launch(name: str):
+    """``with kernel_launch(name): <launch>``: :func:`record_kernel` for a launch whose own aten ops are no part of
+    the device's work (the Triton interpreter's host copies of the arguments, on the CPU): they are not counted."""
+    record_kernel(name)
+    o = _ACTIVE
+    if o is not None:
+        o._uncounted += 1
+    try:
+        yield
+    finally:
+        if o is not None:
+            o._uncounted -= 1
+
+
 def _where() -> str:
     """Innermost stack frame in this repository (outside this file): 'path:line (function)'."""
     for fr in reversed(traceback.extract_stack()[:-3]):
@@ -107,6 +123,8 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         o = self.o
+        if o._uncounted:
+            return func(*args, **kwargs)
         name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
         o.ops[o.section] = o.ops.get(o.section, 0) + 1
         o.op_names[o.section][name] += 1
@@ -139,7 +157,7 @@ class _Function(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         kind = _HOST_FUNCS.get(getattr(func, "__name__", ""))
-        if kind is None:
+        if kind is None or self.o._uncounted:
             return func(*args, **kwargs)
         o = self.o
         src = args[0] if args else None
@@ -169,6 +187,7 @@ class OpCounter:
         self.op_names: Dict[str, Counter] = _DefaultCounters()
         self.syncs: List[Tuple[str, str, str, str]] = []
         self._host_depth = 0
+        self._uncounted = 0     # > 0 inside kernel_launch
         self._modes = []
         self._prev = None
 

@@ -284,17 +284,16 @@ def fused_coords(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor) ->
 
 def use_pool_kernel(mode: str, fm: FusedModality, q: torch.Tensor) -> bool:
     """Whether ``fused_grid_pool`` runs ``engine.triton_pool``: ``mode`` 'torch' never, 'triton' always (an error
-    where it cannot run), 'auto' on CUDA with Triton (and, counting ops on the CUDA path on the CPU, where the
-    interpreter is on), for fp32 features."""
+    where it cannot run; on the CPU under Triton's interpreter: tests), 'auto' for fp32 CUDA tensors with Triton."""
     if mode == "torch":
         return False
-    from . import triton_pool
-
     if mode == "triton":
         return True
     if mode != "auto":
         raise ValueError(f"pool kernel mode {mode!r}: expected 'auto', 'triton' or 'torch'")
-    return fm.f_in.dtype == torch.float32 and triton_pool.runnable(q) and (q.is_cuda or cuda_path(q))
+    from .triton_conv import supports
+
+    return q.is_cuda and fm.f_in.dtype == torch.float32 and supports(q)
 
 
 def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor, new_xyz: torch.Tensor,

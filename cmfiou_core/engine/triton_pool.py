@@ -26,18 +26,17 @@ is exact. ``test/test_engine_pool.py`` runs the kernel against the torch path un
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
-from .triton_conv import AVAILABLE, tl, triton
+from ..opcount import kernel_launch
+from .triton_conv import AVAILABLE, INTERPRETER, supports, tl, triton
 
-# the Triton interpreter (CPU tensors) is chosen by the environment before triton is imported
-INTERPRETED = AVAILABLE and os.environ.get("TRITON_INTERPRET", "") == "1"
-
-BM = 16      # query points per program (the output product's tile height: >= 16)
-BC = 64      # cube cells per scan step
+# (query points per program (>= 16: the output product's tile height), cube cells per scan step, warps): compiled
+# (sm_90: 128 registers, no spills) and interpreted (fewer, larger numpy steps; the interpreter's cost is per op)
+BLOCKS_CUDA = (16, 64, 8)
+BLOCKS_INTERPRETED = (128, 256, 4)
 
 
 if AVAILABLE:
@@ -144,20 +143,19 @@ if AVAILABLE:
         tl.store(out_ptr + m64[:, None] * OUTW + sk * CO + co[None, :], o, mask=mok[:, None] & cook[None, :])
 
 
-def runnable(t: torch.Tensor) -> bool:
-    """Whether the kernel can run on ``t``'s device here: CUDA with Triton, or CPU tensors under the interpreter."""
-    return AVAILABLE and (t.is_cuda if not INTERPRETED else t.device.type == "cpu")
-
-
-def grid_pool(fm, cur: torch.Tensor, q: torch.Tensor, with_rows: bool = False
+def grid_pool(fm, cur: torch.Tensor, q: torch.Tensor, with_rows: bool = False, blocks: Optional[tuple] = None
               ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
     """``engine.roi.fused_grid_pool`` after its coordinate step, as one kernel: fm a ``FusedModality``, cur (S, M, 4)
     long [b, z, y, x] per source, q (M, 3) float32 query points -> (M, S*Kn*Cout) pooled features, and with
     ``with_rows`` the slot table (S*Kn, M, NSP) int32 (rows within the source; slots >= count unspecified) and the
-    per-query hit counts (S*Kn, M) int32 (capped at nsample)."""
-    if not runnable(q):
-        raise RuntimeError("triton_pool.grid_pool needs CUDA tensors and Triton, or CPU tensors under "
-                           "TRITON_INTERPRET=1; use engine.roi.fused_grid_pool's torch path")
+    per-query hit counts (S*Kn, M) int32 (capped at nsample). ``blocks``: (BM, BC, warps) instead of the defaults."""
+    if not supports(q):
+        raise RuntimeError(f"triton_pool.grid_pool: the kernel needs Triton and CUDA tensors (or Triton's interpreter "
+                           f"for CPU tensors), got {q.device.type} tensors with Triton "
+                           f"{'installed' if AVAILABLE else 'missing'}; use engine.roi.fused_grid_pool's torch path")
+    if fm.f_in.dtype != torch.float32 or q.dtype != torch.float32:
+        raise TypeError(f"triton_pool.grid_pool: float32 features and queries, got {fm.f_in.dtype} / {q.dtype}")
+    bm, bc, warps = blocks or (BLOCKS_INTERPRETED if INTERPRETER else BLOCKS_CUDA)
     S, M = cur.shape[0], cur.shape[1]
     KN = len(fm.ranges)
     SK = S * KN
@@ -171,10 +169,12 @@ def grid_pool(fm, cur: torch.Tensor, q: torch.Tensor, with_rows: bool = False
     cnt = torch.empty((SK, M), dtype=torch.int32, device=dev)
     if M:
         px, py, pz = (float(v) for v in fm.origin)
-        grid = (triton.cdiv(M, BM), SK)
-        _grid_pool_kernel[grid](
-            cur, q, fm.v2p, fm.src_i, fm.src_f, fm.sk_i, fm.sk_f, fm.f_in, fm.xyz, fm.pos_w, fm.pos_b, fm.out_w,
-            fm.out_b, out, idx, cnt, M, px, py, pz, KN=KN, NS=NS, NSP=NSP, C=C, CP=max(16, triton.next_power_of_2(C)),
-            CO=CO, COP=max(16, triton.next_power_of_2(CO)), OUTW=SK * CO, BM=BM, BC=BC,
-            IEEE=not torch.backends.cuda.matmul.allow_tf32, num_warps=4, enable_fp_fusion=False)
+        grid = (triton.cdiv(M, bm), SK)
+        with kernel_launch("triton.grid_pool"):
+            _grid_pool_kernel[grid](
+                cur, q, fm.v2p, fm.src_i, fm.src_f, fm.sk_i, fm.sk_f, fm.f_in, fm.xyz, fm.pos_w, fm.pos_b, fm.out_w,
+                fm.out_b, out, idx, cnt, M, px, py, pz, KN=KN, NS=NS, NSP=NSP, C=C,
+                CP=max(16, triton.next_power_of_2(C)), CO=CO, COP=max(16, triton.next_power_of_2(CO)), OUTW=SK * CO,
+                BM=bm, BC=bc, IEEE=not torch.backends.cuda.matmul.allow_tf32, num_warps=warps,
+                enable_fp_fusion=False)     # no FMA contraction: the distances round as the torch path's
     return out, ((idx, cnt) if with_rows else None)
