@@ -37,6 +37,9 @@ from .nms import PaddedDetections, StaticProposals, post_process_static, proposa
 from .padded import PaddedSparse
 
 
+USE_TRITON_POOL = True   # CUDA: pool_kernel 'auto' runs engine.triton_pool (one launch per modality and stage)
+
+
 # ------------------------------------------------------------------------------------------------- sources
 @dataclass
 class PooledSource:
@@ -284,7 +287,8 @@ def fused_coords(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor) ->
 
 def use_pool_kernel(mode: str, fm: FusedModality, q: torch.Tensor) -> bool:
     """Whether ``fused_grid_pool`` runs ``engine.triton_pool``: ``mode`` 'torch' never, 'triton' always (an error
-    where it cannot run; on the CPU under Triton's interpreter: tests), 'auto' for fp32 CUDA tensors with Triton."""
+    where it cannot run; on the CPU under Triton's interpreter: tests), 'auto' for fp32 CUDA tensors with Triton
+    (unless the module switch ``USE_TRITON_POOL`` is off)."""
     if mode == "torch":
         return False
     if mode == "triton":
@@ -293,7 +297,7 @@ def use_pool_kernel(mode: str, fm: FusedModality, q: torch.Tensor) -> bool:
         raise ValueError(f"pool kernel mode {mode!r}: expected 'auto', 'triton' or 'torch'")
     from .triton_conv import supports
 
-    return q.is_cuda and fm.f_in.dtype == torch.float32 and supports(q)
+    return USE_TRITON_POOL and q.is_cuda and fm.f_in.dtype == torch.float32 and supports(q)
 
 
 def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor, new_xyz: torch.Tensor,
