@@ -304,3 +304,22 @@ def test_auto_runs_the_kernel_on_cuda_only():
         from cmfiou_core.engine.triton_conv import AVAILABLE
         assert R.use_pool_kernel("auto", fmc, q.cuda()) == AVAILABLE
         head.cpu()
+
+
+def test_folded_pool_weights_are_kept_until_the_weights_change():
+    """The folded position / output MLPs are computed once per weight state: the same tensors while the weights are
+    unchanged, recomputed (equal to a fresh fold) after an in-place change (an optimizer step, load_state_dict)."""
+    head = _head(3)
+    layers = head.roi_grid_pool_layers
+    first = R.folded_pool_weights(layers)
+    assert all(a is b for a, b in zip(first, R.folded_pool_weights(layers)))
+    with torch.no_grad():
+        layers[1].mlps_out[0][1].running_var.mul_(2.0)
+        layers[0].mlps_pos[1][0].weight.add_(0.1)
+    again = R.folded_pool_weights(layers)
+    w, b = R.fold_bn(layers[1].mlps_out[0])
+    assert torch.equal(again[2][2], w.t()) and torch.equal(again[3][2, 0], b)
+    a, _ = R.fold_bn(layers[0].mlps_pos[1])
+    assert torch.equal(again[0][1], a.t())
+    assert not torch.equal(again[2][2], first[2][2]) and not torch.equal(again[0][1], first[0][1])
+    assert torch.equal(again[2][0], first[2][0])          # untouched pairs fold to the same values
