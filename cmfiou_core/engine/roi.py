@@ -174,7 +174,7 @@ class FusedModality:
     r2: torch.Tensor             # (S, Kn, 1, 1) float32 radius^2 (the kernel's float32 value)
     nsample: List[int]
     # the same constants packed for engine.triton_pool (one row per source / per (source, scale) pair)
-    src_i: torch.Tensor          # (S, 5) long: base, B, Z, Y, X
+    src_i: torch.Tensor          # (S, 6) long: base, B, Z, Y, X, stride
     src_f: torch.Tensor          # (S, 3) float32 voxel size at the source's stride (x, y, z)
     sk_i: torch.Tensor           # (S*Kn, 4) long: table offset, rz, ry, rx
     sk_f: torch.Tensor           # (S*Kn,) float32 radius^2
@@ -245,7 +245,7 @@ def prepare_fused(layers, gp, feats: Mapping[str, PaddedSparse], voxel_size, pc_
     S, Kn = len(gp.sources), len(layers[0].mlps_in)
     r2 = [float(np.float32(r) * np.float32(r)) for L in layers for r in L.radii]
     ranges = [list(map(int, q)) for q in layers[0].query_ranges]
-    src_i = [v for i in range(S) for v in [bases[i]] + dims[4 * i:4 * i + 4]]
+    src_i = [v for i in range(S) for v in [bases[i]] + dims[4 * i:4 * i + 4] + [int(gp.strides[i])]]
     sk_i = [v for i in range(S) for k in range(Kn) for v in [off[i * Kn + k]] + ranges[k]]
     return FusedModality(
         v2p, device_const(bases, torch.long, dev).view(S, 1, 1),
@@ -254,7 +254,7 @@ def prepare_fused(layers, gp, feats: Mapping[str, PaddedSparse], voxel_size, pc_
         torch.cat(f_in), torch.cat(xyz), device_const(off, torch.long, dev).view(S, Kn, 1, 1),
         *folded_pool_weights(layers), ranges,
         device_const(r2, torch.float32, dev).view(S, Kn, 1, 1), list(layers[0].nsamples),
-        device_const(src_i, torch.long, dev).view(S, 5), device_const(vsz, torch.float32, dev).view(S, 3),
+        device_const(src_i, torch.long, dev).view(S, 6), device_const(vsz, torch.float32, dev).view(S, 3),
         device_const(sk_i, torch.long, dev).view(S * Kn, 4), device_const(r2, torch.float32, dev))
 
 
@@ -330,10 +330,16 @@ def use_pool_kernel(mode: str, fm: FusedModality, q: torch.Tensor) -> bool:
     return USE_TRITON_POOL and q.is_cuda and fm.f_in.dtype == torch.float32 and supports(q)
 
 
-def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor, new_xyz: torch.Tensor,
-                    kernel: str = "auto") -> torch.Tensor:
+def frame_index(B: int, per_frame: int, sample_offset: int, dtype, device) -> torch.Tensor:
+    """(B, per_frame, 1): the sample each query pools from, ``sample_offset + b`` for frame b."""
+    return (torch.arange(B, device=device) + int(sample_offset)).to(dtype).view(B, 1, 1).expand(B, per_frame, 1)
+
+
+def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, new_xyz: torch.Tensor, kernel: str = "auto",
+                    sample_offset: int = 0) -> torch.Tensor:
     """All sources and scales of a modality in one pass: coords (B, M/B, 3) float grid-voxel coordinates at stride 1
-    (x, y, z), bidx (B, M/B, 1), new_xyz (M, 3) -> (M, sum Cout) in the eager channel order (source-major).
+    (x, y, z) of frame b's queries, which pool sample ``sample_offset + b``, new_xyz (M, 3) -> (M, sum Cout) in the
+    eager channel order (source-major).
 
     Same neighbour sets as ``grid_pool.voxel_query`` (same coordinates, bounds, float32 distances, scan order): the
     neighbour table, occupancy lookup and distances are built once on the largest cube for every source (batched
@@ -343,12 +349,13 @@ def fused_grid_pool(fm: FusedModality, coords: torch.Tensor, bidx: torch.Tensor,
     chunking) on the CPU. ``kernel`` (see :func:`use_pool_kernel`): the same in one ``engine.triton_pool`` launch."""
     S = fm.base.shape[0]
     M = new_xyz.shape[0]
-    cur = fused_coords(fm, coords, bidx)
     q = new_xyz.float()
     if use_pool_kernel(kernel, fm, q):
         from . import triton_pool
 
-        return triton_pool.grid_pool(fm, cur, q.contiguous())[0]
+        return triton_pool.grid_pool(fm, coords, q.contiguous(), sample_offset)[0]
+    cur = fused_coords(fm, coords, frame_index(coords.shape[0], coords.shape[1], sample_offset, coords.dtype,
+                                                coords.device))
     K = int(np.prod([2 * max(r[a] for r in fm.ranges) + 1 for a in range(3)]))
     rows = M if cuda_path(q) else max(1, _QUERY_CHUNK_ELEMS // (S * K))
     parts = [_fused_query(fm, cur[:, i:i + rows], q[i:i + rows]) for i in range(0, M, rows)]
@@ -378,11 +385,10 @@ def grid_pool_static(layers, gp, voxel_size, pc_range, rois: torch.Tensor,
     cy = (xyz[:, :, 1:2] - pc_range[1]) // voxel_size[1]
     cz = (xyz[:, :, 2:3] - pc_range[2]) // voxel_size[2]
     coords = torch.cat([cx, cy, cz], dim=-1)
-    bidx = (torch.arange(B, device=rois.device) + int(sample_offset)).to(rois.dtype).view(B, 1, 1)
-    bidx = bidx.expand(B, coords.shape[1], 1)
     new_xyz = xyz.reshape(-1, 3)
     if isinstance(sources, FusedModality):
-        return fused_grid_pool(sources, coords, bidx, new_xyz, kernel).view(B * N, G3, -1)
+        return fused_grid_pool(sources, coords, new_xyz, kernel, sample_offset).view(B * N, G3, -1)
+    bidx = frame_index(B, coords.shape[1], sample_offset, rois.dtype, rois.device)
     pooled = []
     for i, name in enumerate(gp.sources):
         src = sources[name]

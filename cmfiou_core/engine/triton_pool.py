@@ -3,6 +3,9 @@ scale) pair of one modality in ONE kernel launch, instead of ~140 torch ops a st
 
 One program takes ``BM`` query points (RoI grid points) and one (source s, scale k) pair:
 
+0. **The query's voxel** at the source's stride from its integral stride-1 grid coordinates (``floor(c / stride)``
+   in integers, the torch path's ``coords // stride`` and ``.int()``), and its sample (frame ``m // P`` pools
+   sample ``sample_offset + m // P``).
 1. **Voxel query** (integers and the distance test only): the scale's cube of (2rz+1)(2ry+1)(2rx+1) cells around
    the query's voxel, in the eager scan order (dz outermost, dy, dx innermost), ``BC`` cells at a time. A cell is a
    hit when it lies inside the source's (B, Z, Y, X) grid, its voxel -> row map entry is a row (padding rows are
@@ -41,7 +44,7 @@ BLOCKS_INTERPRETED = (128, 256, 4)
 
 if AVAILABLE:
     @triton.jit
-    def _grid_pool_kernel(cur_ptr, q_ptr, v2p_ptr, srci_ptr, srcf_ptr, ski_ptr, skf_ptr, f_ptr, xyz_ptr,
+    def _grid_pool_kernel(coords_ptr, P, sample0, q_ptr, v2p_ptr, srci_ptr, srcf_ptr, ski_ptr, skf_ptr, f_ptr, xyz_ptr,
                           pw_ptr, pb_ptr, ow_ptr, ob_ptr, out_ptr, idx_ptr, cnt_ptr, M, px, py, pz,
                           KN: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr, C: tl.constexpr,
                           CP: tl.constexpr, CO: tl.constexpr, COP: tl.constexpr, OUTW: tl.constexpr,
@@ -49,11 +52,12 @@ if AVAILABLE:
         pid = tl.program_id(0)
         sk = tl.program_id(1)                      # (source, scale) pair: s * KN + k
         s = sk // KN
-        base = tl.load(srci_ptr + s * 5)           # offset of the source in the voxel -> row map
-        nb_b = tl.load(srci_ptr + s * 5 + 1)       # (B, Z, Y, X) of the source's grid
-        nz = tl.load(srci_ptr + s * 5 + 2)
-        ny = tl.load(srci_ptr + s * 5 + 3)
-        nx = tl.load(srci_ptr + s * 5 + 4)
+        base = tl.load(srci_ptr + s * 6)           # offset of the source in the voxel -> row map
+        nb_b = tl.load(srci_ptr + s * 6 + 1)       # (B, Z, Y, X) of the source's grid
+        nz = tl.load(srci_ptr + s * 6 + 2)
+        ny = tl.load(srci_ptr + s * 6 + 3)
+        nx = tl.load(srci_ptr + s * 6 + 4)
+        st = tl.load(srci_ptr + s * 6 + 5).to(tl.int32)   # the source's stride
         vx = tl.load(srcf_ptr + s * 3)             # float32 voxel size at the source's stride
         vy = tl.load(srcf_ptr + s * 3 + 1)
         vz = tl.load(srcf_ptr + s * 3 + 2)
@@ -65,11 +69,16 @@ if AVAILABLE:
         m = pid * BM + tl.arange(0, BM)
         mok = m < M
         m64 = m.to(tl.int64)
-        crow = (s * M + m64) * 4
-        cb = tl.load(cur_ptr + crow, mask=mok, other=-1)
-        cz = tl.load(cur_ptr + crow + 1, mask=mok, other=0).to(tl.int32)
-        cy = tl.load(cur_ptr + crow + 2, mask=mok, other=0).to(tl.int32)
-        cx = tl.load(cur_ptr + crow + 3, mask=mok, other=0).to(tl.int32)
+        # the query's voxel at the source's stride: floor(c / stride) of the integral stride-1 coordinates (the torch
+        # path's float ``coords // stride`` then ``.int()``; exact for |c| < 2^31), in non-negative integer divisions
+        # (C and Python division agree there); frame m // P pools sample sample0 + m // P
+        cb = (sample0 + m // P).to(tl.int64)
+        gx0 = tl.load(coords_ptr + m64 * 3, mask=mok, other=0.0).to(tl.int32)
+        gy0 = tl.load(coords_ptr + m64 * 3 + 1, mask=mok, other=0.0).to(tl.int32)
+        gz0 = tl.load(coords_ptr + m64 * 3 + 2, mask=mok, other=0.0).to(tl.int32)
+        cx = tl.where(gx0 >= 0, gx0 // st, -((st - 1 - gx0) // st))
+        cy = tl.where(gy0 >= 0, gy0 // st, -((st - 1 - gy0) // st))
+        cz = tl.where(gz0 >= 0, gz0 // st, -((st - 1 - gz0) // st))
         qx = tl.load(q_ptr + m64 * 3, mask=mok, other=0.0)
         qy = tl.load(q_ptr + m64 * 3 + 1, mask=mok, other=0.0)
         qz = tl.load(q_ptr + m64 * 3 + 2, mask=mok, other=0.0)
@@ -143,10 +152,11 @@ if AVAILABLE:
         tl.store(out_ptr + m64[:, None] * OUTW + sk * CO + co[None, :], o, mask=mok[:, None] & cook[None, :])
 
 
-def grid_pool(fm, cur: torch.Tensor, q: torch.Tensor, with_rows: bool = False, blocks: Optional[tuple] = None
-              ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
-    """``engine.roi.fused_grid_pool`` after its coordinate step, as one kernel: fm a ``FusedModality``, cur (S, M, 4)
-    long [b, z, y, x] per source, q (M, 3) float32 query points -> (M, S*Kn*Cout) pooled features, and with
+def grid_pool(fm, coords: torch.Tensor, q: torch.Tensor, sample_offset: int = 0, with_rows: bool = False,
+              blocks: Optional[tuple] = None) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+    """``engine.roi.fused_grid_pool`` as one kernel: fm a ``FusedModality``, coords (B, P, 3) float integral grid
+    coordinates at stride 1 (x, y, z) of frame b's queries (which pool sample ``sample_offset + b``), q (B*P, 3)
+    float32 query points -> (B*P, S*Kn*Cout) pooled features, and with
     ``with_rows`` the slot table (S*Kn, M, NSP) int32 (rows within the source; slots >= count unspecified) and the
     per-query hit counts (S*Kn, M) int32 (capped at nsample). ``blocks``: (BM, BC, warps) instead of the defaults."""
     if not supports(q):
@@ -156,7 +166,12 @@ def grid_pool(fm, cur: torch.Tensor, q: torch.Tensor, with_rows: bool = False, b
     if fm.f_in.dtype != torch.float32 or q.dtype != torch.float32:
         raise TypeError(f"triton_pool.grid_pool: float32 features and queries, got {fm.f_in.dtype} / {q.dtype}")
     bm, bc, warps = blocks or (BLOCKS_INTERPRETED if INTERPRETER else BLOCKS_CUDA)
-    S, M = cur.shape[0], cur.shape[1]
+    S = int(fm.src_i.shape[0])
+    P = int(coords.shape[1])
+    M = int(coords.shape[0]) * P
+    if q.shape != (M, 3):
+        raise ValueError(f"triton_pool.grid_pool: q {tuple(q.shape)} for coords {tuple(coords.shape)}")
+    coords = coords.reshape(M, 3).float().contiguous()
     KN = len(fm.ranges)
     SK = S * KN
     NS = int(fm.nsample[0])
@@ -172,7 +187,7 @@ def grid_pool(fm, cur: torch.Tensor, q: torch.Tensor, with_rows: bool = False, b
         grid = (triton.cdiv(M, bm), SK)
         with kernel_launch("triton.grid_pool"):
             _grid_pool_kernel[grid](
-                cur, q, fm.v2p, fm.src_i, fm.src_f, fm.sk_i, fm.sk_f, fm.f_in, fm.xyz, fm.pos_w, fm.pos_b, fm.out_w,
+                coords, P, int(sample_offset), q, fm.v2p, fm.src_i, fm.src_f, fm.sk_i, fm.sk_f, fm.f_in, fm.xyz, fm.pos_w, fm.pos_b, fm.out_w,
                 fm.out_b, out, idx, cnt, M, px, py, pz, KN=KN, NS=NS, NSP=NSP, C=C,
                 CP=max(16, triton.next_power_of_2(C)), CO=CO, COP=max(16, triton.next_power_of_2(CO)), OUTW=SK * CO,
                 BM=bm, BC=bc, IEEE=not torch.backends.cuda.matmul.allow_tf32, num_warps=warps,
