@@ -28,6 +28,18 @@ from ..opcount import cuda_path
 
 
 _CHUNK_PAIRS_CUDA = 1 << 18
+USE_TRITON_NMS = True     # CUDA: suppression matrix + greedy walk as two Triton kernels (engine.triton_nms)
+TRITON_ON_CPU = False     # tests / op counts: the Triton NMS on CPU tensors too (needs Triton's interpreter)
+
+
+def triton_nms_used(boxes: torch.Tensor) -> bool:
+    """Whether ``nms_sorted_static(mode='auto')`` runs the Triton kernels for ``boxes``: CUDA with Triton (or the CPU
+    under Triton's interpreter with ``TRITON_ON_CPU``), unless ``USE_TRITON_NMS`` is off."""
+    if not USE_TRITON_NMS or not (boxes.is_cuda or (TRITON_ON_CPU and boxes.device.type == "cpu")):
+        return False
+    from . import triton_conv
+
+    return triton_conv.supports(boxes)
 
 
 def suppression_matrix(boxes: torch.Tensor, valid: torch.Tensor, thresh: float,
@@ -131,16 +143,24 @@ def nms_sorted_static(boxes: torch.Tensor, valid: torch.Tensor, thresh: float, m
                       pair_capacity: Optional[int] = None, mode: str = "auto"):
     """boxes (B, K, 7+) sorted by descending score, valid (B, K) -> (pos (B, T), kept (B, T), overflow ()).
 
-    ``mode``: ``matrix`` (one suppression matrix over the candidate pairs, then a walk of ~4 ops per step: few large
-    kernels, the CUDA choice), ``rows`` (one IoU row per step: fewest pairs, the CPU choice), ``auto`` picks by
-    device (``opcount.cuda_path``: an op counter counts the CUDA choice on the CPU). Identical selections."""
+    ``mode``: ``triton`` (the suppression matrix in one Triton kernel over every candidate pair, the walk in another:
+    ~5 kernels, never overflows, ``pair_capacity`` unused; the CUDA choice where Triton exists), ``matrix`` (the same
+    matrix and walk as torch ops: ~150 kernels per 2^18-pair pass, 3 per walk step), ``rows`` (one IoU row per step:
+    fewest pairs, the CPU choice), ``auto`` picks ``triton`` where :func:`triton_nms_used`, else by device
+    (``opcount.cuda_path``: an op counter counts the CUDA choice on the CPU). Identical selections (``triton``: up to
+    an IoU within ~1e-12 of ``thresh``, see engine.triton_nms)."""
     if mode == "auto":
-        mode = "matrix" if cuda_path(boxes) else "rows"
+        mode = "triton" if triton_nms_used(boxes) else ("matrix" if cuda_path(boxes) else "rows")
+    if mode == "triton":
+        from .triton_nms import greedy_walk, suppression_bits
+
+        sup = suppression_bits(boxes, valid, thresh)
+        return greedy_walk(sup, valid, max_keep, with_flag=True)
     if mode == "rows":
         pos, kept = greedy_keep_rows(boxes, valid, thresh, max_keep)
         return pos, kept, torch.zeros((), dtype=torch.bool, device=boxes.device)
     if mode != "matrix":
-        raise ValueError(f"nms_sorted_static: mode must be auto, matrix or rows, got {mode!r}")
+        raise ValueError(f"nms_sorted_static: mode must be auto, triton, matrix or rows, got {mode!r}")
     sup, overflow = suppression_matrix(boxes, valid, thresh, pair_capacity)
     pos, kept = greedy_keep(sup, valid, max_keep)
     return pos, kept, overflow

@@ -32,11 +32,12 @@ def supports(t) -> bool:
     return AVAILABLE and (kind == "cuda" or (INTERPRETER and kind == "cpu"))
 
 
-def launched(name: str) -> None:
-    """Count one Triton launch in an active ``opcount.OpCounter`` (a launch is one kernel; no aten op sees it)."""
-    from ..opcount import record_kernel
+def launched(name: str):
+    """Context manager around one Triton launch: an active ``opcount.OpCounter`` counts it as one kernel (no aten op
+    sees it) and not the interpreter's host copies inside."""
+    from ..opcount import kernel_launch
 
-    record_kernel("triton." + name)
+    return kernel_launch("triton." + name)
 
 
 if AVAILABLE:
@@ -102,9 +103,10 @@ def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias:
     grid = (triton.cdiv(M, BM), triton.cdiv(cout, BN))
     res = residual.contiguous() if residual is not None else y
     cnt = count.reshape(1) if count is not None else rows
-    launched("sparse_conv")
-    _sparse_conv_kernel[grid](x.contiguous(), rows.contiguous(), weight.to(x.dtype).contiguous(),
-                              bias.float().contiguous(), y, res, cnt, M, x.shape[0], K=K, CIN=cin, COUT=cout, BM=BM,
-                              BN=BN, BK=BK, RELU=relu, HAS_RES=residual is not None, HAS_COUNT=count is not None,
-                              IEEE=x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32, num_warps=4)
+    xc, rc, wc, bc = x.contiguous(), rows.contiguous(), weight.to(x.dtype).contiguous(), bias.float().contiguous()
+    with launched("sparse_conv"):
+        _sparse_conv_kernel[grid](xc, rc, wc, bc, y, res, cnt, M, x.shape[0], K=K, CIN=cin, COUT=cout, BM=BM,
+                                  BN=BN, BK=BK, RELU=relu, HAS_RES=residual is not None, HAS_COUNT=count is not None,
+                                  IEEE=x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+                                  num_warps=4)
     return y

@@ -126,13 +126,14 @@ def _launch(mode, idx, count, target_shape, stride, padding, kernel, grid=None, 
     K = _dims3(kernel, 1)
     KP = triton.next_power_of_2(K[0] * K[1] * K[2])
     dummy = idx
-    launched("map")
-    _map_kernel[(triton.cdiv(max(n, 1), block),)](
-        idx.contiguous(), count.reshape(1), n, grid if grid is not None else dummy,
-        pos if pos is not None else dummy, out if out is not None else dummy,
-        out_grid if out_grid is not None else dummy, int(absent), int(cap_out),
-        *_dims3(target_shape, 1), *_dims3(stride, 1), *_dims3(padding, 0),
-        K0=K[0], K1=K[1], K2=K[2], KP=KP, ND=nd, MODE=mode, BLOCK=block, num_warps=4)
+    ic, cnt = idx.contiguous(), count.reshape(1)
+    with launched("map"):
+        _map_kernel[(triton.cdiv(max(n, 1), block),)](
+            ic, cnt, n, grid if grid is not None else dummy,
+            pos if pos is not None else dummy, out if out is not None else dummy,
+            out_grid if out_grid is not None else dummy, int(absent), int(cap_out),
+            *_dims3(target_shape, 1), *_dims3(stride, 1), *_dims3(padding, 0),
+            K0=K[0], K1=K[1], K2=K[2], KP=KP, ND=nd, MODE=mode, BLOCK=block, num_warps=4)
 
 
 def gather_rows(out_idx, out_count, in_grid, in_capacity: int, in_shape, stride, padding, kernel) -> torch.Tensor:
@@ -182,7 +183,8 @@ def fill_row_grid(idx, count, batch_size: int, shape, capacity: int) -> torch.Te
     _check(idx, "fill_row_grid")
     g = torch.full((space + 1,), int(capacity), dtype=torch.int32, device=idx.device)
     n = idx.shape[0]
-    launched("fill")
-    _fill_kernel[(triton.cdiv(max(n, 1), 256),)](idx.contiguous(), count.reshape(1), n, g, *_dims3(shape, 1),
-                                                 ND=len(shape), BLOCK=256, num_warps=4)
+    ic, cnt = idx.contiguous(), count.reshape(1)
+    with launched("fill"):
+        _fill_kernel[(triton.cdiv(max(n, 1), 256),)](ic, cnt, n, g, *_dims3(shape, 1), ND=len(shape), BLOCK=256,
+                                                     num_warps=4)
     return g
