@@ -8,6 +8,10 @@ shapes and no host synchronisation (no ``.item()``, ``nonzero()`` or data-depend
   IoU is the eager ``bev_intersection_aligned`` (float64, strict ``IoU > thresh``). The default capacity is every
   upper-triangle pair, so nothing can overflow; a smaller one is a memory/speed bucket and reports ``overflow`` (a
   device flag, read by the caller with the result) when the frame had more candidate pairs.
+- **Triton (CUDA).** Where Triton exists, ``mode='auto'`` runs both as two kernels (``engine.triton_nms``: the
+  matrix over every candidate pair with the same float64 arithmetic, then the walk in one program per frame): ~5
+  kernels per NMS instead of ~150 per pair pass + 3 per walk step; the torch code below stays the reference and the
+  CPU path.
 - **Greedy walk.** A static loop of ``max_keep`` steps: take the first alive box (lowest sorted position), keep it,
   clear it and every box it suppresses. This is exactly the eager walk over kept boxes (later keeps never affect
   earlier ones); steps after the last alive box produce padding (``valid`` False).

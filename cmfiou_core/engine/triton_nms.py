@@ -258,21 +258,13 @@ def _check(t: torch.Tensor, what: str) -> None:
                            f" use engine.nms's torch path")
 
 
-_CONSTS = {}
-
-
 def _consts(thresh: float, device) -> torch.Tensor:
     """float64 constants of the kernel (a Python float argument would reach Triton as float32): the threshold and the
-    eager path's literals. Cached per (thresh, device): no host->device copy after the first call (graph capture)."""
+    eager path's literals, cached per device (``device_const``: no host->device copy after the first, warm-up call)."""
+    from ..device_const import device_const
     from ..geometry.iou import _rel_eps
 
-    key = (float(thresh), str(device))
-    c = _CONSTS.get(key)
-    if c is None:
-        c = torch.tensor([float(thresh), 1 + 1e-6, 1e-6, _rel_eps(torch.float64), 1e-30, 1e-8], dtype=torch.float64,
-                         device=device)
-        _CONSTS[key] = c
-    return c
+    return device_const((float(thresh), 1 + 1e-6, 1e-6, _rel_eps(torch.float64), 1e-30, 1e-8), torch.float64, device)
 
 
 def suppression_bits(boxes: torch.Tensor, valid: torch.Tensor, thresh: float, with_iou: bool = False,
