@@ -92,14 +92,15 @@ def test_suppression_matrix_kernel_equals_torch(thresh, triton_device):
 
 def test_suppression_kernel_variants_agree(triton_device):
     """The vertex ranking one column at a time (CUDA's default) and as one block (the interpreter's), 1 and 32 rows
-    per program: the same matrix as the torch path."""
+    per candidate tile, 32 and 256 pairs per IoU chunk: the same matrix as the torch path."""
     dev = triton_device
     boxes = _boxes(1, 40, 3, spread=8.0, dev=dev)
     valid = torch.ones(1, 40, dtype=torch.bool, device=dev)
     ref, _ = N.suppression_matrix(boxes, valid, 0.2)
     assert int(ref.sum()) > 5
-    for loop, rows, k in ((True, 32, 40), (False, 1, 40), (True, 1, 12)):
-        got = TN.suppression_bits(boxes[:, :k], valid[:, :k], 0.2, rows_per_program=rows, loop=loop)
+    for loop, rows, pairs, k in ((True, 32, 32, 40), (False, 1, 256, 40), (False, 1, 32, 40), (True, 1, 32, 12)):
+        got = TN.suppression_bits(boxes[:, :k], valid[:, :k], 0.2, rows_per_program=rows, loop=loop,
+                                  pairs_per_program=pairs)
         assert torch.equal(got, ref[:, :k, :k]), (loop, rows)
 
 
@@ -185,8 +186,8 @@ def test_proposal_layer_triton_equals_torch_real_frame(demo_proposals, triton_de
         assert torch.equal(TN.suppression_bits(boxes, valid, thresh), ref) and int(ref.sum()) > 10, thresh
 
 
-def test_default_dispatch_two_kernels_and_post_processing(triton_device, monkeypatch):
-    """``mode='auto'`` takes the Triton NMS where it runs (CUDA; here the CPU too with TRITON_ON_CPU): 2 Triton launches
+def test_default_dispatch_triton_kernels_and_post_processing(triton_device, monkeypatch):
+    """``mode='auto'`` takes the Triton NMS where it runs (CUDA; here the CPU too with TRITON_ON_CPU): 3 Triton launches
     and a handful of torch ops per NMS instead of ~150 per pass + 3 per step, no host sync after the first call; the final post-processing (per class and
     class-agnostic) selects the same detections as the torch walk."""
     from cmfiou_core.model.postprocess import PostProcessConfig
@@ -199,8 +200,8 @@ def test_default_dispatch_two_kernels_and_post_processing(triton_device, monkeyp
     with OpCounter(cuda_paths=False) as oc:
         pos, kept, ovf = N.nms_sorted_static(boxes, valid, 0.3, 20)
     names = oc.op_names["main"]
-    assert names["triton.nms_suppression"] == 1 and names["triton.nms_walk"] == 1
-    assert oc.n_kernels() <= 6 and oc.n_syncs() == 0, (dict(names), oc.sync_sites())   # graph-capturable
+    assert names["triton.nms_candidates"] == names["triton.nms_iou"] == names["triton.nms_walk"] == 1
+    assert oc.n_kernels() <= 8 and oc.n_syncs() == 0, (dict(names), oc.sync_sites())   # graph-capturable
     rpos, rkept, _ = N.nms_sorted_static(boxes, valid, 0.3, 20, mode="rows")
     assert torch.equal(pos, rpos) and torch.equal(kept, rkept) and not bool(ovf)
     g = torch.Generator().manual_seed(6)

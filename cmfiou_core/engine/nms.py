@@ -9,7 +9,7 @@ shapes and no host synchronisation (no ``.item()``, ``nonzero()`` or data-depend
   upper-triangle pair, so nothing can overflow; a smaller one is a memory/speed bucket and reports ``overflow`` (a
   device flag, read by the caller with the result) when the frame had more candidate pairs.
 - **Triton (CUDA).** Where Triton exists, ``mode='auto'`` runs both as two kernels (``engine.triton_nms``: the
-  matrix over every candidate pair with the same float64 arithmetic, then the walk in one program per frame): ~5
+  matrix over every candidate pair with the same float64 arithmetic, then the walk in one program per frame): ~7
   kernels per NMS instead of ~150 per pair pass + 3 per walk step; the torch code below stays the reference and the
   CPU path.
 - **Greedy walk.** A static loop of ``max_keep`` steps: take the first alive box (lowest sorted position), keep it,
@@ -147,8 +147,8 @@ def nms_sorted_static(boxes: torch.Tensor, valid: torch.Tensor, thresh: float, m
                       pair_capacity: Optional[int] = None, mode: str = "auto"):
     """boxes (B, K, 7+) sorted by descending score, valid (B, K) -> (pos (B, T), kept (B, T), overflow ()).
 
-    ``mode``: ``triton`` (the suppression matrix in one Triton kernel over every candidate pair, the walk in another:
-    ~5 kernels, never overflows, ``pair_capacity`` unused; the CUDA choice where Triton exists), ``matrix`` (the same
+    ``mode``: ``triton`` (the suppression matrix by two Triton kernels over every candidate pair, the walk by a third:
+    ~7 kernels, never overflows, ``pair_capacity`` unused; the CUDA choice where Triton exists), ``matrix`` (the same
     matrix and walk as torch ops: ~150 kernels per 2^18-pair pass, 3 per walk step), ``rows`` (one IoU row per step:
     fewest pairs, the CPU choice), ``auto`` picks ``triton`` where :func:`triton_nms_used`, else by device
     (``opcount.cuda_path``: an op counter counts the CUDA choice on the CPU). Identical selections (``triton``: up to

@@ -1,8 +1,9 @@
 """Rotated-BEV NMS in two Triton kernels: the suppression matrix and the greedy walk (engine.nms on CUDA).
 
-``suppression_bits`` -- one kernel for the whole (B, K, K) matrix: a program takes one box i and 32 boxes j, tests
-the eager candidate rule (i < j, both valid, circumscribed BEV circles overlapping, float64) and, when any pair of its
-tile is a candidate, computes the rotated BEV intersection of every pair of the tile with the arithmetic of
+``suppression_bits`` -- two kernels for the whole (B, K, K) matrix: the first tests the eager candidate rule (i < j,
+both valid, circumscribed BEV circles overlapping, float64) on tiles of one box i x 32 boxes j, clears the matrix
+and lists the candidate pairs; the second (persistent programs) computes the rotated BEV intersection of each listed
+pair with the arithmetic of
 ``geometry.iou._intersection_area_aligned`` in float64: the same 24 candidate vertices (corners of each box inside the
 other, edge/edge crossings) with the same tolerances and the same operation order (no FMA contraction:
 ``enable_fp_fusion=False``; the headings' cos / sin come from torch), so every inside / crossing decision is the
@@ -33,8 +34,10 @@ if AVAILABLE:
     _MIN = tl.standard._elementwise_min
 
     @triton.jit
-    def _sup_kernel(box_ptr, cs_ptr, sn_ptr, valid_ptr, c_ptr, sup_ptr, iou_ptr, K, sbb, sbk,
-                    BI: tl.constexpr, WRITE_IOU: tl.constexpr, LOOP: tl.constexpr):
+    def _cand_kernel(box_ptr, valid_ptr, c_ptr, sup_ptr, pairs_ptr, count_ptr, K, sbb, sbk, BI: tl.constexpr):
+        """Tile (BI boxes i) x (32 boxes j) of frame b: clear its part of the matrix and append its candidate pairs
+        ((b * K + i) * K + j) to the pair list (a block reserved with one atomic add: the list's order varies, the
+        matrix does not)."""
         b = tl.program_id(0)
         i0 = tl.program_id(1) * BI
         j0 = tl.program_id(2) * 32
@@ -45,36 +48,68 @@ if AVAILABLE:
         in_k = (ii < K) & (jj < K)
         i_s = tl.where(ii < K, ii, 0)
         j_s = tl.where(jj < K, jj, 0)
-        bo = b.to(tl.int64) * sbb
-        ai = bo + i_s.to(tl.int64) * sbk
-        bj = bo + j_s.to(tl.int64) * sbk
-        ax = tl.load(box_ptr + ai).to(tl.float64)
-        ay = tl.load(box_ptr + ai + 1).to(tl.float64)
-        adx = tl.load(box_ptr + ai + 3).to(tl.float64)
-        ady = tl.load(box_ptr + ai + 4).to(tl.float64)
-        bx = tl.load(box_ptr + bj).to(tl.float64)
-        by = tl.load(box_ptr + bj + 1).to(tl.float64)
-        bdx = tl.load(box_ptr + bj + 3).to(tl.float64)
-        bdy = tl.load(box_ptr + bj + 4).to(tl.float64)
-        va = tl.load(valid_ptr + b * K + i_s) != 0
-        vb = tl.load(valid_ptr + b * K + j_s) != 0
+        out = (b * K + i_s).to(tl.int64) * K + j_s
+        tl.store(sup_ptr + out, ii < 0, mask=in_k)
+        if i0 < j0 + 32:                                    # any pair i < j in the tile
+            bo = b.to(tl.int64) * sbb
+            ai = bo + i_s.to(tl.int64) * sbk
+            bj = bo + j_s.to(tl.int64) * sbk
+            ax = tl.load(box_ptr + ai).to(tl.float64)
+            ay = tl.load(box_ptr + ai + 1).to(tl.float64)
+            adx = tl.load(box_ptr + ai + 3).to(tl.float64)
+            ady = tl.load(box_ptr + ai + 4).to(tl.float64)
+            bx = tl.load(box_ptr + bj).to(tl.float64)
+            by = tl.load(box_ptr + bj + 1).to(tl.float64)
+            bdx = tl.load(box_ptr + bj + 3).to(tl.float64)
+            bdy = tl.load(box_ptr + bj + 4).to(tl.float64)
+            va = tl.load(valid_ptr + b * K + i_s) != 0
+            vb = tl.load(valid_ptr + b * K + j_s) != 0
+            grow = tl.load(c_ptr + 1)      # 1 + 1e-6
+            pad = tl.load(c_ptr + 2)       # 1e-6
+            # the eager candidate rule (engine.nms.suppression_matrix)
+            rad_a = tl.sqrt(adx * adx + ady * ady) / 2
+            rad_b = tl.sqrt(bdx * bdx + bdy * bdy) / 2
+            ddx = ax - bx
+            ddy = ay - by
+            d2 = ddx * ddx + ddy * ddy
+            rr = (rad_a + rad_b) * grow + pad
+            cand = in_k & (ii < jj) & va & vb & (d2 <= rr * rr)
+            ci = cand.to(tl.int32)
+            n = tl.reduce(ci, 0, _ADD)
+            if n > 0:
+                base = tl.atomic_add(count_ptr, n.to(tl.int64))
+                rank = tl.associative_scan(ci, 0, _ADD) - 1
+                tl.store(pairs_ptr + base + rank, out, mask=cand)
+
+    @triton.jit
+    def _iou_kernel(box_ptr, cs_ptr, sn_ptr, c_ptr, sup_ptr, iou_ptr, pairs_ptr, count_ptr, K, sbb, sbk, NPROG,
+                    P: tl.constexpr, WRITE_IOU: tl.constexpr, LOOP: tl.constexpr):
+        """Persistent: program g takes chunks g, g + NPROG, ... of P listed candidate pairs and sets their matrix bit
+        (IoU > thresh)."""
+        total = tl.load(count_ptr)
         thresh = tl.load(c_ptr)
-        grow = tl.load(c_ptr + 1)      # 1 + 1e-6
-        pad = tl.load(c_ptr + 2)       # 1e-6
         rel = tl.load(c_ptr + 3)       # geometry.iou._rel_eps(float64)
         tiny = tl.load(c_ptr + 4)      # 1e-30
         umin = tl.load(c_ptr + 5)      # 1e-8 (union clamp)
-        # the eager candidate rule (engine.nms.suppression_matrix)
-        rad_a = tl.sqrt(adx * adx + ady * ady) / 2
-        rad_b = tl.sqrt(bdx * bdx + bdy * bdy) / 2
-        ddx = ax - bx
-        ddy = ay - by
-        d2 = ddx * ddx + ddy * ddy
-        rr = (rad_a + rad_b) * grow + pad
-        cand = in_k & (ii < jj) & va & vb & (d2 <= rr * rr)
-        sup = cand & (ii < 0)
-        iou = tl.full((P,), -1.0, tl.float64)
-        if tl.reduce(cand.to(tl.int32), 0, _MAX) > 0:
+        n_chunks = (total + P - 1) // P
+        for chunk in range(tl.program_id(0), n_chunks, NPROG):
+            p = chunk * P + tl.arange(0, P)
+            cand = p < total
+            out = tl.load(pairs_ptr + p, mask=cand, other=0)
+            b = out // K // K
+            i_s = (out // K) % K
+            j_s = out % K
+            bo = b * sbb
+            ai = bo + i_s * sbk
+            bj = bo + j_s * sbk
+            ax = tl.load(box_ptr + ai).to(tl.float64)
+            ay = tl.load(box_ptr + ai + 1).to(tl.float64)
+            adx = tl.load(box_ptr + ai + 3).to(tl.float64)
+            ady = tl.load(box_ptr + ai + 4).to(tl.float64)
+            bx = tl.load(box_ptr + bj).to(tl.float64)
+            by = tl.load(box_ptr + bj + 1).to(tl.float64)
+            bdx = tl.load(box_ptr + bj + 3).to(tl.float64)
+            bdy = tl.load(box_ptr + bj + 4).to(tl.float64)
             acs = tl.load(cs_ptr + b * K + i_s)[:, None]
             asn = tl.load(sn_ptr + b * K + i_s)[:, None]
             bcs = tl.load(cs_ptr + b * K + j_s)[:, None]
@@ -228,11 +263,9 @@ if AVAILABLE:
             area = tl.where(n >= 3, area, tl.full((P,), 0.0, tl.float64))
             iou_c = area / tl.maximum(area_a + area_b - area, umin)
             sup = cand & (iou_c > thresh)
-            iou = tl.where(cand, iou_c, iou)
-        out = (b * K + i_s).to(tl.int64) * K + j_s
-        tl.store(sup_ptr + out, sup, mask=in_k)
-        if WRITE_IOU:
-            tl.store(iou_ptr + out, iou, mask=in_k)
+            tl.store(sup_ptr + out, sup, mask=cand)
+            if WRITE_IOU:
+                tl.store(iou_ptr + out, iou_c, mask=cand)
 
     @triton.jit
     def _walk_kernel(sup_ptr, valid_ptr, pos_ptr, kept_ptr, flag_ptr, K, T, KP: tl.constexpr):
@@ -267,36 +300,62 @@ def _consts(thresh: float, device) -> torch.Tensor:
     return device_const((float(thresh), 1 + 1e-6, 1e-6, _rel_eps(torch.float64), 1e-30, 1e-8), torch.float64, device)
 
 
+_SMS = {}
+
+
+def _programs(dev: torch.device) -> int:
+    """Persistent programs of the IoU kernel: one per SM on CUDA (a program uses 255 registers x 256 threads: one
+    block per SM; sm_90 cubin compiled on the CPU), one on the CPU (the interpreter)."""
+    if dev.type != "cuda":
+        return 1
+    n = _SMS.get(str(dev))
+    if n is None:
+        n = _SMS[str(dev)] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return n
+
+
 def suppression_bits(boxes: torch.Tensor, valid: torch.Tensor, thresh: float, with_iou: bool = False,
-                     rows_per_program: int = 0, loop=None):
+                     rows_per_program: int = 0, loop=None, pairs_per_program: int = 0):
     """boxes (B, K, 7+) sorted by descending score, valid (B, K) bool -> sup (B, K, K) bool, [b, i, j] = i < j, both
     valid, circles overlapping and IoU_bev(i, j) > thresh (``engine.nms.suppression_matrix`` without a pair
     capacity: every candidate pair is evaluated, nothing can overflow). ``with_iou``: also the float64 IoU of each
-    candidate pair (-1 elsewhere), for tests. ``rows_per_program`` (boxes i per program, a power of 2) and ``loop``
-    (vertex ranking one column at a time, else as one (P, 32, 32) block) default to CUDA's choice (1, loop) on CUDA
-    and the interpreter's (32, block) on the CPU; both give the same integers. One kernel (plus cos / sin of the
-    headings)."""
+    candidate pair (-1 elsewhere), for tests.
+
+    Two kernels: the candidate test over (``rows_per_program`` x 32)-pair tiles, which clears the matrix and lists
+    the candidate pairs, then the IoU of the listed pairs by persistent programs, ``pairs_per_program`` at a time
+    (only candidates are computed: ~4% of the pairs of a real 2000-proposal frame). ``loop``: rank the polygon
+    vertices one column at a time (few registers), else as one (P, 32, 32) block (few interpreter operations).
+    Defaults: CUDA (1, 32, loop), the CPU (32, 256, block); all give the same matrix. Plus cos / sin of the headings
+    and the pair counter's zeroing (torch): 5 kernels."""
     _check(boxes, "suppression_bits")
     if boxes.dim() != 3 or boxes.shape[-1] < 7 or valid.shape != boxes.shape[:2]:
         raise ValueError(f"suppression_bits: boxes (B, K, 7+) and valid (B, K), got {tuple(boxes.shape)} and "
                          f"{tuple(valid.shape)}")
     B, K = boxes.shape[0], boxes.shape[1]
     dev = boxes.device
+    cuda = dev.type == "cuda"
     bx = boxes if boxes.stride(-1) == 1 else boxes.contiguous()
     head = bx[..., 6].to(torch.float64)
     cs = torch.cos(head).contiguous()
     sn = torch.sin(head).contiguous()
     sup = torch.empty((B, K, K), dtype=torch.bool, device=dev)
-    iou = torch.empty((B, K, K), dtype=torch.float64, device=dev) if with_iou else cs
+    iou = torch.full((B, K, K), -1.0, dtype=torch.float64, device=dev) if with_iou else cs
     if K == 0 or B == 0:
         return (sup, iou) if with_iou else sup
-    loop = dev.type == "cuda" if loop is None else bool(loop)
-    bi = rows_per_program or (1 if dev.type == "cuda" else 32)    # the interpreter: fewer, larger programs
-    grid = (B, triton.cdiv(K, bi), triton.cdiv(K, 32))
+    loop = cuda if loop is None else bool(loop)
+    bi = rows_per_program or (1 if cuda else 32)
+    pp = pairs_per_program or (32 if cuda else 256)
+    pairs = torch.empty(max(1, B * K * (K - 1) // 2), dtype=torch.int64, device=dev)
+    count = torch.zeros(1, dtype=torch.int64, device=dev)
     vc, consts = valid.contiguous(), _consts(thresh, dev)
-    with launched("nms_suppression"):
-        _sup_kernel[grid](bx, cs, sn, vc, consts, sup, iou, K, bx.stride(0), bx.stride(1), BI=bi, WRITE_IOU=with_iou,
-                          LOOP=loop, num_warps=4, enable_fp_fusion=False)
+    with launched("nms_candidates"):
+        _cand_kernel[(B, triton.cdiv(K, bi), triton.cdiv(K, 32))](bx, vc, consts, sup, pairs, count, K, bx.stride(0),
+                                                                 bx.stride(1), BI=bi, num_warps=4,
+                                                                 enable_fp_fusion=False)
+    nprog = _programs(dev)
+    with launched("nms_iou"):
+        _iou_kernel[(nprog,)](bx, cs, sn, consts, sup, iou, pairs, count, K, bx.stride(0), bx.stride(1), nprog, P=pp,
+                              WRITE_IOU=with_iou, LOOP=loop, num_warps=8 if cuda else 4, enable_fp_fusion=False)
     return (sup, iou) if with_iou else sup
 
 
