@@ -147,13 +147,13 @@ def count(head, batch, pp_cfg):
     return oc
 
 
-def static_runner(head, batch, pp_cfg, pair_capacity=None):
+def static_runner(head, batch, pp_cfg, pair_capacity=None, pool_kernel="auto"):
     """() -> detections of the static engine on ``batch`` (inputs converted to PaddedSparse once, here)."""
     from cmfiou_core.engine.padded import PaddedSparse
     from cmfiou_core.engine.roi import StaticRoIHead
     from cmfiou_core.model.postprocess import PostProcessConfig
 
-    st = StaticRoIHead(head, pair_capacity=pair_capacity)
+    st = StaticRoIHead(head, pair_capacity=pair_capacity, pool_kernel=pool_kernel)
     cfg = PostProcessConfig.from_any(pp_cfg)
 
     def padded(d):
@@ -181,6 +181,8 @@ def main(argv=None):
     ap.add_argument("--exact-layout", action="store_true", help="official per-row conv layout in the grid pooling")
     ap.add_argument("--engine", default="eager", choices=["eager", "static"],
                     help="eager RoIHead (default) or the static-shape engine.roi.StaticRoIHead")
+    ap.add_argument("--pool-kernel", default="auto", choices=["auto", "triton", "torch"],
+                    help="--engine static: grid pooling by the Triton kernel (auto: on CUDA) or the torch path")
     ap.add_argument("--kitti-frame", default=None, help="demo checkpoint on this real KITTI frame id (e.g. 000008)")
     ap.add_argument("--pair-capacity", type=int, default=None,
                     help="static engine: NMS candidate-pair capacity of the matrix walk (default: all pairs)")
@@ -211,7 +213,7 @@ def main(argv=None):
 
         use_exact_official_layout(head)
     if a.engine == "static":
-        head_call, pp_call = static_runner(head, batch, pp_cfg, a.pair_capacity)
+        head_call, pp_call = static_runner(head, batch, pp_cfg, a.pair_capacity, a.pool_kernel)
     else:
         def head_call():
             return head(fresh(batch))
@@ -265,7 +267,8 @@ def main(argv=None):
                  for s in stages}
     head_sections = [k for k in ops if k != "postprocess"]
     out = {
-        "source": inp["source"], "engine": a.engine, "pair_capacity": a.pair_capacity, "device": str(dev),
+        "source": inp["source"], "engine": a.engine, "pool_kernel": a.pool_kernel, "pair_capacity": a.pair_capacity,
+        "device": str(dev),
         "device_name": device_name(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "iters": a.iters, "warmup": a.warmup, "smoke": a.smoke, "exact_layout": a.exact_layout,
         "voxels": {k: {s: int(v[1].shape[0]) for s, v in inp[k].items()}

@@ -261,7 +261,7 @@ def test_static_head_with_the_pool_kernel_equals_torch(official, triton_device):
     """The whole static head (3 stages, both modalities, official_roi weights, real features) with pool_kernel
     'triton' against 'torch' on 2 car-size boxes on real voxels, each stage fed the torch run's input RoIs: 1e-4
     (the pooled features differ by float rounding only; chained stages could differ more, since the pooling is
-    discontinuous in the box: see test_engine_roi). One kernel launch per stage and modality."""
+    discontinuous in the box: see test_engine_roi). One kernel launch per stage and modality, no host sync."""
     import copy
 
     from cmfiou_core.engine.nms import StaticProposals
@@ -282,9 +282,10 @@ def test_static_head_with_the_pool_kernel_equals_torch(official, triton_device):
     args = (to(bd["multi_scale_3d_features"]), to(bd["multi_scale_3d_features_mm"]), bd["st_features_2d"].to(dev),
             bd["batch_box_preds"].to(dev), bd["batch_cls_preds"].to(dev))
     ref = R.StaticRoIHead(head, pool_kernel="torch")(*args, proposals=props)
-    with OpCounter(cuda_paths=False) as oc:   # each stage fed the torch run's input RoIs: isolated stages
+    with OpCounter(cuda_paths=True) as oc:    # each stage fed the torch run's input RoIs: isolated stages
         iso = R.StaticRoIHead(head, pool_kernel="triton")(*args, proposals=props,
                                                             stage_rois=[props.rois] + ref["stage_box_preds"][:2])
+    assert oc.n_syncs() == 0, oc.sync_sites()  # graph-capturable: no host synchronisation on the CUDA path
     for t in range(3):
         for sec in ("pool_raw", "pool_mm"):
             assert oc.op_names[f"s{t}.{sec}"]["triton.grid_pool"] == 1, (t, sec)
