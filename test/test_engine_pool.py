@@ -171,7 +171,7 @@ def test_pool_kernel_equals_torch_on_random_voxels(case, triton_device):
     """'wide_radius': radii beyond the query cubes (0.6 m on a 0.4 m half-cube), where the cube's position itself
     decides hits (so the rounding of negative coordinates to a cell shows)."""
     dev = triton_device
-    head = _head(0, {"grid_pool": {"radii": [[0.6, 1.2], [1.2, 2.4]]}} if case == "wide_radius" else None)
+    head = _head(0, {"grid_pool": {"radii": [[0.6, 1.2], [1.2, 2.4]]}} if case == "wide_radius" else None).to(dev)
     st = R.StaticRoIHead(head)
     B = 2
     s3, s4 = (11, 40, 44), (5, 20, 22)
@@ -202,7 +202,7 @@ def test_pool_kernel_with_the_cuda_block_sizes(triton_device):
     """The compiled block sizes (16 queries, 64 cells a step: several scan steps a cube, early stops) on the CPU
     too, on fewer queries."""
     dev = triton_device
-    head = _head(1)
+    head = _head(1).to(dev)
     st = R.StaticRoIHead(head)
     s3, s4 = (11, 40, 44), (5, 20, 22)
     feats = {"x_conv3": _source(_sites(s3, 1, 200, [(0, 3, 10, 10, 5, 6, 6)], 7), s3, 1, 64, 11, 8, dev),

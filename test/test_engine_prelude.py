@@ -480,3 +480,15 @@ def test_prelude_graph_replay_reads_the_frames_own_inputs(graph_pipe, kitti_fram
             assert all(torch.equal(x, y) for x, y in zip(out[0][mod], direct[0][mod]))
         assert front.captures == 1 and front.replays == k + 1
     assert int(out[1][0]) > 0
+
+
+def test_staging_buffers_persist_per_shape(graph_pipe):
+    """A frame of another image size gets its own persistent input buffer; the buffer of the first size (which its
+    CUDA graphs read) is the same tensor when that size comes back, and no graph is dropped on the way."""
+    front = _front(graph_pipe)
+    front._graphs["sentinel"] = object()            # stands for a captured bucket
+    a = front._buffer("image", (375, 1242, 3), torch.uint8, False)
+    b = front._buffer("image", (370, 1224, 3), torch.uint8, False)
+    assert b is not a and tuple(b.shape) == (370, 1224, 3)
+    assert front._buffer("image", (375, 1242, 3), torch.uint8, False) is a
+    assert "sentinel" in front._graphs

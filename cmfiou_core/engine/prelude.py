@@ -448,15 +448,22 @@ class StaticFront:
         self.last_flags: Tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ host side
+    MAX_BUFFERS = 32
+
     def _buffer(self, name: str, shape, dtype, pinned: bool):
-        key = (name, pinned)
+        # one persistent buffer per name AND shape: frames of another image size (bags mixing cameras, KITTI's
+        # 1224x370 / 1238x374 / 1242x375) get their own, so the graphs captured on the others stay valid (replacing
+        # the buffer would drop every graph: measured as a capture on each image-size change, 8 of 80 frames)
+        key = (name, pinned, tuple(shape), dtype)
         b = self._bufs.get(key)
-        if b is None or tuple(b.shape) != tuple(shape) or b.dtype != dtype:
+        if b is None:
+            if len(self._bufs) >= self.MAX_BUFFERS:     # many sizes: start again (graphs read the old buffers)
+                self._bufs.clear()
+                self._graphs.clear()
             if pinned:
                 b = torch.empty(shape, dtype=dtype).pin_memory()
             else:
                 b = torch.empty(shape, dtype=dtype, device=self.pipe.device)
-                self._graphs.clear()            # graphs read the old device buffers
             self._bufs[key] = b
         return b
 
@@ -631,8 +638,8 @@ class StaticFront:
         one cache entry, so part b never reads the outputs of another capture of part a."""
         g = self._graphs.get(key)
         if g is None:
-            if len(self._graphs) >= self.MAX_GRAPHS:
-                self._graphs.clear()
+            if len(self._graphs) >= self.MAX_GRAPHS:     # least recently replayed bucket out
+                self._graphs.pop(next(iter(self._graphs)))
             graph_a, st = capture(run_a)
             graph_a.replay()
             between()
@@ -642,6 +649,7 @@ class StaticFront:
             self.captures += 1
             log.info("StaticFront: captured the prelude's CUDA graphs (points %d, pseudo rows %d)", key[0], key[1])
         else:
+            self._graphs[key] = self._graphs.pop(key)   # most recently replayed last (the eviction order)
             graph_a, graph_b, res = g
             graph_a.replay()
             between()
