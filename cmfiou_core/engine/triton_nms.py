@@ -34,6 +34,12 @@ if AVAILABLE:
     _MIN = tl.standard._elementwise_min
 
     @triton.jit
+    def _box_bev(box_ptr, row):
+        """x, y, dx, dy (float64) of the boxes at element offsets ``row`` of the (., 7+) box table."""
+        return (tl.load(box_ptr + row).to(tl.float64), tl.load(box_ptr + row + 1).to(tl.float64),
+                tl.load(box_ptr + row + 3).to(tl.float64), tl.load(box_ptr + row + 4).to(tl.float64))
+
+    @triton.jit
     def _cand_kernel(box_ptr, valid_ptr, c_ptr, sup_ptr, pairs_ptr, count_ptr, K, sbb, sbk, BI: tl.constexpr):
         """Tile (BI boxes i) x (32 boxes j) of frame b: clear its part of the matrix and append its candidate pairs
         ((b * K + i) * K + j) to the pair list (a block reserved with one atomic add: the list's order varies, the
@@ -54,14 +60,8 @@ if AVAILABLE:
             bo = b.to(tl.int64) * sbb
             ai = bo + i_s.to(tl.int64) * sbk
             bj = bo + j_s.to(tl.int64) * sbk
-            ax = tl.load(box_ptr + ai).to(tl.float64)
-            ay = tl.load(box_ptr + ai + 1).to(tl.float64)
-            adx = tl.load(box_ptr + ai + 3).to(tl.float64)
-            ady = tl.load(box_ptr + ai + 4).to(tl.float64)
-            bx = tl.load(box_ptr + bj).to(tl.float64)
-            by = tl.load(box_ptr + bj + 1).to(tl.float64)
-            bdx = tl.load(box_ptr + bj + 3).to(tl.float64)
-            bdy = tl.load(box_ptr + bj + 4).to(tl.float64)
+            ax, ay, adx, ady = _box_bev(box_ptr, ai)
+            bx, by, bdx, bdy = _box_bev(box_ptr, bj)
             va = tl.load(valid_ptr + b * K + i_s) != 0
             vb = tl.load(valid_ptr + b * K + j_s) != 0
             grow = tl.load(c_ptr + 1)      # 1 + 1e-6
@@ -102,14 +102,8 @@ if AVAILABLE:
             bo = b * sbb
             ai = bo + i_s * sbk
             bj = bo + j_s * sbk
-            ax = tl.load(box_ptr + ai).to(tl.float64)
-            ay = tl.load(box_ptr + ai + 1).to(tl.float64)
-            adx = tl.load(box_ptr + ai + 3).to(tl.float64)
-            ady = tl.load(box_ptr + ai + 4).to(tl.float64)
-            bx = tl.load(box_ptr + bj).to(tl.float64)
-            by = tl.load(box_ptr + bj + 1).to(tl.float64)
-            bdx = tl.load(box_ptr + bj + 3).to(tl.float64)
-            bdy = tl.load(box_ptr + bj + 4).to(tl.float64)
+            ax, ay, adx, ady = _box_bev(box_ptr, ai)
+            bx, by, bdx, bdy = _box_bev(box_ptr, bj)
             acs = tl.load(cs_ptr + b * K + i_s)[:, None]
             asn = tl.load(sn_ptr + b * K + i_s)[:, None]
             bcs = tl.load(cs_ptr + b * K + j_s)[:, None]
