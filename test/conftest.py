@@ -22,6 +22,21 @@ KITTI_SAMPLES = Path(os.environ.get("CMFIOU_KITTI_SAMPLES", REPO.parent / "share
 SHARED = Path(os.environ.get("CMFIOU_SHARED", REPO.parent / "shared"))
 
 
+def kitti_object_frame(root: Path, fid: str):
+    """KITTI object frame ``fid`` of ``root`` (the kitti_samples folder) -> (points (N, 4) float32, RGB image,
+    Calibration of its calib file and image size)."""
+    import numpy as np
+    from PIL import Image
+
+    from cmfiou_core.calib import Calibration
+
+    d = Path(root) / "object" / "training"
+    img = np.array(Image.open(d / "image_2" / f"{fid}.png").convert("RGB"))
+    cal = Calibration.from_kitti_object_file(d / "calib" / f"{fid}.txt", img.shape[1], img.shape[0])
+    pts = np.fromfile(d / "velodyne" / f"{fid}.bin", np.float32).reshape(-1, 4)
+    return pts, img, cal
+
+
 @pytest.fixture(scope="session")
 def kitti_samples() -> Path:
     """Root of the real KITTI sample frames; tests using it skip cleanly when it is absent."""

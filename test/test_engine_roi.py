@@ -190,19 +190,15 @@ def test_static_head_lidar_only_empty_pseudo_sources(official, fused):
 def demo_frame(kitti_samples):
     """The bundled demo checkpoint on real KITTI frame 000008: the RoI head's inputs (captured at its call) and the
     eager outputs + detections."""
-    from PIL import Image
-
-    from cmfiou_core.calib import Calibration
     from cmfiou_core.pipeline import DEMO_CHECKPOINT, Pipeline
     from cmfiou_core.types import Frame
 
     if not DEMO_CHECKPOINT.is_file():
         pytest.skip("bundled demo checkpoint missing")
     pipe = Pipeline.from_config(None, None, "cpu")
-    d = kitti_samples / "object" / "training"
-    img = np.array(Image.open(d / "image_2" / "000008.png").convert("RGB"))
-    cal = Calibration.from_kitti_object_file(d / "calib" / "000008.txt", img.shape[1], img.shape[0])
-    pts = np.fromfile(d / "velodyne" / "000008.bin", np.float32).reshape(-1, 4)
+    from conftest import kitti_object_frame
+
+    pts, img, cal = kitti_object_frame(kitti_samples, "000008")
     seen = {}
     head = pipe.model.roi_head
     h1 = head.register_forward_pre_hook(lambda m, args: seen.update({"in": dict(args[0])}))   # returns None

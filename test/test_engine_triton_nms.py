@@ -141,20 +141,16 @@ def test_suppression_kernel_extreme_boxes(shared_dir, triton_device):
 @pytest.fixture(scope="module")
 def demo_proposals(kitti_samples):
     """The demo checkpoint's RPN output on real KITTI frame 000008 (camera + LiDAR, CPU), captured at the RoI head."""
-    from PIL import Image
-
     pytest.importorskip("spconv.pytorch")
-    from cmfiou_core.calib import Calibration
     from cmfiou_core.pipeline import DEMO_CHECKPOINT, Pipeline
     from cmfiou_core.types import Frame
 
     if not DEMO_CHECKPOINT.is_file():
         pytest.skip("bundled demo checkpoint missing")
     pipe = Pipeline.from_config(None, None, "cpu")
-    d = kitti_samples / "object" / "training"
-    img = np.array(Image.open(d / "image_2" / "000008.png").convert("RGB"))
-    cal = Calibration.from_kitti_object_file(d / "calib" / "000008.txt", img.shape[1], img.shape[0])
-    pts = np.fromfile(d / "velodyne" / "000008.bin", np.float32).reshape(-1, 4)
+    from conftest import kitti_object_frame
+
+    pts, img, cal = kitti_object_frame(kitti_samples, "000008")
     seen = {}
     h = pipe.model.roi_head.register_forward_pre_hook(lambda m, args: seen.update(
         {"box": args[0]["batch_box_preds"].clone(), "cls": args[0]["batch_cls_preds"].clone()}))

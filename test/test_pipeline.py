@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from cmfiou_core.calib import Calibration
 from cmfiou_core import resources
 from cmfiou_core.pipeline import DEMO_CHECKPOINT_NAME, Pipeline, default_config, demo_checkpoint
 
@@ -20,13 +19,9 @@ def fused():
 
 
 def _kitti(root, fid):
-    from PIL import Image
+    from conftest import kitti_object_frame
 
-    d = root / "object" / "training"
-    img = np.array(Image.open(d / "image_2" / f"{fid}.png").convert("RGB"))
-    cal = Calibration.from_kitti_object_file(d / "calib" / f"{fid}.txt", img.shape[1], img.shape[0])
-    pts = np.fromfile(d / "velodyne" / f"{fid}.bin", np.float32).reshape(-1, 4)
-    return pts, img, cal
+    return kitti_object_frame(root, fid)
 
 
 def _check(det, n_stamp):
