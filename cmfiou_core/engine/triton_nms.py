@@ -40,6 +40,14 @@ if AVAILABLE:
                 tl.load(box_ptr + row + 3).to(tl.float64), tl.load(box_ptr + row + 4).to(tl.float64))
 
     @triton.jit
+    def _corner(k, hx, hy, cs, sn, cx, cy, one):
+        """Corner k (0..3, CCW from (+, +)) of a box with half sizes hx, hy, heading cos / sin cs, sn and centre
+        cx, cy (relative to the pair's origin): geometry.iou._rect_corners_rel's arithmetic."""
+        lx = hx * tl.where((k == 0) | (k == 3), one, -one)
+        ly = hy * tl.where(k < 2, one, -one)
+        return lx * cs - ly * sn + cx, lx * sn + ly * cs + cy
+
+    @triton.jit
     def _cand_kernel(box_ptr, valid_ptr, c_ptr, sup_ptr, pairs_ptr, count_ptr, K, sbb, sbk, BI: tl.constexpr):
         """Tile (BI boxes i) x (32 boxes j) of frame b: clear its part of the matrix and append its candidate pairs
         ((b * K + i) * K + j) to the pair list (a block reserved with one atomic add: the list's order varies, the
@@ -173,22 +181,10 @@ if AVAILABLE:
             ej = q % 4
             ei1 = (ei + 1) % 4
             ej1 = (ej + 1) % 4
-            lx = ahx * tl.where((ei == 0) | (ei == 3), one, -one)
-            ly = ahy * tl.where(ei < 2, one, -one)
-            p0x = lx * acs - ly * asn + acx
-            p0y = lx * asn + ly * acs + acy
-            lx = ahx * tl.where((ei1 == 0) | (ei1 == 3), one, -one)
-            ly = ahy * tl.where(ei1 < 2, one, -one)
-            p1x = lx * acs - ly * asn + acx
-            p1y = lx * asn + ly * acs + acy
-            lx = bhx * tl.where((ej == 0) | (ej == 3), one, -one)
-            ly = bhy * tl.where(ej < 2, one, -one)
-            q0x = lx * bcs - ly * bsn + bcx
-            q0y = lx * bsn + ly * bcs + bcy
-            lx = bhx * tl.where((ej1 == 0) | (ej1 == 3), one, -one)
-            ly = bhy * tl.where(ej1 < 2, one, -one)
-            q1x = lx * bcs - ly * bsn + bcx
-            q1y = lx * bsn + ly * bcs + bcy
+            p0x, p0y = _corner(ei, ahx, ahy, acs, asn, acx, acy, one)
+            p1x, p1y = _corner(ei1, ahx, ahy, acs, asn, acx, acy, one)
+            q0x, q0y = _corner(ej, bhx, bhy, bcs, bsn, bcx, bcy, one)
+            q1x, q1y = _corner(ej1, bhx, bhy, bcs, bsn, bcx, bcy, one)
             rx = p1x - p0x
             ry = p1y - p0y
             sx = q1x - q0x
