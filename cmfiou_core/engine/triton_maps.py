@@ -28,6 +28,19 @@ GATHER, INVERSE, MARK, EMIT = 0, 1, 2, 3
 
 if AVAILABLE:
     @triton.jit
+    def _site(idx_ptr, r, ok, ND: tl.constexpr):
+        """(b, x0, x1, x2) int64 of site rows ``r`` of the (N, ND + 1) index table (x2 = 0 for 2-D tensors)."""
+        row = r.to(tl.int64) * (ND + 1)
+        b = tl.load(idx_ptr + row, mask=ok, other=0).to(tl.int64)
+        x0 = tl.load(idx_ptr + row + 1, mask=ok, other=0).to(tl.int64)
+        x1 = tl.load(idx_ptr + row + 2, mask=ok, other=0).to(tl.int64)
+        if ND == 3:
+            x2 = tl.load(idx_ptr + row + 3, mask=ok, other=0).to(tl.int64)
+        else:
+            x2 = tl.zeros_like(x0)
+        return b, x0, x1, x2
+
+    @triton.jit
     def _map_kernel(idx_ptr, count_ptr, N, grid_ptr, pos_ptr, out_ptr, out_grid_ptr, absent, cap_out,
                     T0, T1, T2, S0, S1, S2, P0, P1, P2,
                     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, KP: tl.constexpr,
@@ -42,14 +55,7 @@ if AVAILABLE:
         k0 = k // (K1 * K2)
         k1 = (k // K2) % K1
         k2 = k % K2
-        row = r.to(tl.int64) * (ND + 1)
-        b = tl.load(idx_ptr + row, mask=r_ok, other=0).to(tl.int64)
-        x0 = tl.load(idx_ptr + row + 1, mask=r_ok, other=0).to(tl.int64)
-        x1 = tl.load(idx_ptr + row + 2, mask=r_ok, other=0).to(tl.int64)
-        if ND == 3:
-            x2 = tl.load(idx_ptr + row + 3, mask=r_ok, other=0).to(tl.int64)
-        else:
-            x2 = tl.zeros_like(x0)
+        b, x0, x1, x2 = _site(idx_ptr, r, r_ok, ND)
         ok = r_ok[:, None] & k_ok[None, :]
         if MODE == 0:
             c0 = x0[:, None] * S0 - P0 + k0[None, :]
@@ -92,14 +98,7 @@ if AVAILABLE:
     def _fill_kernel(idx_ptr, count_ptr, N, grid_ptr, T0, T1, T2, ND: tl.constexpr, BLOCK: tl.constexpr):
         r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = (r < N) & (r < tl.load(count_ptr))
-        row = r.to(tl.int64) * (ND + 1)
-        b = tl.load(idx_ptr + row, mask=ok, other=0).to(tl.int64)
-        x0 = tl.load(idx_ptr + row + 1, mask=ok, other=0).to(tl.int64)
-        x1 = tl.load(idx_ptr + row + 2, mask=ok, other=0).to(tl.int64)
-        if ND == 3:
-            x2 = tl.load(idx_ptr + row + 3, mask=ok, other=0).to(tl.int64)
-        else:
-            x2 = tl.zeros_like(x0)
+        b, x0, x1, x2 = _site(idx_ptr, r, ok, ND)
         key = ((b * T0 + x0) * T1 + x1) * T2 + x2
         tl.store(grid_ptr + tl.where(ok, key, 0), r.to(tl.int32), mask=ok)
 
