@@ -67,3 +67,43 @@ def triton_device() -> str:
     if not triton_conv.INTERPRETER:
         pytest.skip("no CUDA and Triton's interpreter is off (TRITON_INTERPRET=0, or triton imported before conftest)")
     return "cpu"
+
+
+_SESSION_START = __import__("time").time()
+
+
+def _mapped_shm() -> set:
+    """/dev/shm paths some live process has mapped (read from /proc/*/maps)."""
+    used = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            for line in maps.read_text().splitlines():
+                i = line.find("/dev/shm/")
+                if i >= 0:
+                    used.add(line[i:].split(" (deleted)")[0])
+        except OSError:      # the process ended, or is not ours to read
+            continue
+    return used
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_stale_fastdds_segments():
+    """After each test module: delete the Fast DDS shared-memory segments (/dev/shm/fastdds_*, ~34 MB each with our
+    enlarged segment size) that this session's ROS child processes left behind when they were killed and that no
+    live process maps any more. /dev/shm is RAM: a day of such leftovers once filled 15 GB of a 24 GB host."""
+    yield
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return
+    # data segments only (>= 1 MB; lock and port files are small): one no process maps is garbage
+    stale = [p for p in shm.glob("fastdds_*")
+             if p.is_file() and p.stat().st_mtime >= _SESSION_START and p.stat().st_size >= 1 << 20]
+    if not stale:
+        return
+    used = _mapped_shm()
+    for p in stale:
+        if str(p) not in used:
+            try:
+                p.unlink()
+            except OSError:
+                pass
