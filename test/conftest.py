@@ -37,6 +37,20 @@ def kitti_object_frame(root: Path, fid: str):
     return pts, img, cal
 
 
+def assert_detections_agree(a, b, min_count: int, max_dist: float = 0.5, tol: float = 1e-2) -> None:
+    """Detections a and b (eager vs engine): at least ``min_count`` each, the same count, every box matched (same
+    class, BEV centre within ``max_dist``) with box parameters and scores within ``tol``."""
+    import numpy as np
+    from engine_agreement import match
+
+    assert len(a.scores) >= min_count and len(a.scores) == len(b.scores)
+    pairs = match(a, b, max_dist=max_dist)
+    assert len(pairs) == len(a.scores)
+    i, j = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    assert np.abs(a.boxes[i] - b.boxes[j])[:, :6].max() <= tol
+    assert np.abs(a.scores[i] - b.scores[j]).max() <= tol
+
+
 @pytest.fixture(scope="session")
 def kitti_samples() -> Path:
     """Root of the real KITTI sample frames; tests using it skip cleanly when it is absent."""

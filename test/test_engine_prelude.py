@@ -347,14 +347,9 @@ def _thinned(frame, step):
 
 # ----------------------------------------------------------------------------------------------- through FrameGraph
 def _agree(a, b):
-    from engine_agreement import match
+    from conftest import assert_detections_agree
 
-    assert len(a.scores) >= 3 and len(a.scores) == len(b.scores)
-    pairs = match(a, b, max_dist=0.5)
-    assert len(pairs) == len(a.scores)
-    i, j = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
-    assert np.abs(a.boxes[i] - b.boxes[j])[:, :6].max() <= 1e-2
-    assert np.abs(a.scores[i] - b.scores[j]).max() <= 1e-2
+    assert_detections_agree(a, b, min_count=3)
 
 
 def test_graph_pipeline_overflow_sync_empty_modality_and_empty_frame(kitti_samples, caplog, monkeypatch):
