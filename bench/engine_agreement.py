@@ -92,6 +92,11 @@ def main(argv=None) -> int:
                          "twice (its run-to-run noise)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    names = ("eager", "graph", "graph_eager_front", "eager_perturbed")
+    for comp in args.compare.split(","):
+        sides = comp.split(":")
+        if len(sides) != 2 or any(n not in names for n in sides):
+            ap.error(f"--compare: {comp!r} is not A:B with A, B in {', '.join(names)}")
 
     from bench_pipeline import load_frames
 
