@@ -63,7 +63,11 @@ def compare(frames, pa, pb, score, rotated_iou_paired):
             r["min_bev_iou"] = float(iou.min())
             centre = np.abs(a.boxes[i, :3] - b.boxes[j, :3]).max(1)
             # the equivalence bar: every matched pair within 1 cm or at BEV IoU >= 0.99
-            r["pairs_off"] = int(((centre > 0.01) & (iou < 0.99)).sum())
+            off = (centre > 0.01) & (iou < 0.99)
+            r["pairs_off"] = int(off.sum())
+            # each pair off the bar: scores of both sides, centre difference (m), BEV IoU
+            r["off"] = [[round(float(a.scores[i[k]]), 4), round(float(b.scores[j[k]]), 4), round(float(centre[k]), 4),
+                         round(float(iou[k]), 4)] for k in np.nonzero(off)[0]]
             worst["pairs_off"] += r["pairs_off"]
             worst["min_bev_iou"] = min(worst["min_bev_iou"], r["min_bev_iou"])
             for k, w in (("centre_m", "max_centre_m"), ("size_m", "max_size_m"), ("heading", "max_heading"),
@@ -90,8 +94,18 @@ def main(argv=None) -> int:
                     help="comma list of A:B pairs of eager, graph, graph_eager_front (the engine after the eager "
                          "front), eager_perturbed (weights x (1 + 1e-6 N(0,1))); eager:eager runs the eager pipeline "
                          "twice (its run-to-run noise)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="torch.use_deterministic_algorithms(True, warn_only=True) (CUBLAS_WORKSPACE_CONFIG=:4096:8): "
+                         "torch's deterministic CUDA kernels, e.g. for eager:eager")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.deterministic:
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # before CUDA initialises
+        import torch
+
+        torch.use_deterministic_algorithms(True, warn_only=True)
     names = ("eager", "graph", "graph_eager_front", "eager_perturbed")
     for comp in args.compare.split(","):
         sides = comp.split(":")
@@ -127,7 +141,8 @@ def main(argv=None) -> int:
                     prm.mul_(1 + 1e-6 * torch.randn(prm.shape, generator=g).to(prm.device))
     runs = {"eager": eager, "graph": graph, "graph_eager_front": graph_ef, "eager_perturbed": perturbed}
     report = {"what": "per-frame detections of pairs of pipelines (eager spconv / engine=graph)",
-              "score_threshold_for_unmatched": args.score, "precision": args.precision, "comparisons": {}}
+              "score_threshold_for_unmatched": args.score, "precision": args.precision,
+              "deterministic_algorithms": bool(args.deterministic), "comparisons": {}}
     for comp in args.compare.split(","):
         an, bn = comp.split(":")
         rows, worst = compare(frames, runs[an], runs[bn], args.score, rotated_iou_paired)
