@@ -61,6 +61,15 @@ B)
   cp -r .gpu_real2/training/. $K/ && mkdir -p /tmp/kitti/ImageSets && cp .gpu_real2/ImageSets/* /tmp/kitti/ImageSets/
   ls $K/velodyne | wc -l
   [ -f /tmp/kern_ok ] || { export NOKERN=1; log "kernel tests failed in part A: Triton pool / NMS off"; }
+  # DET=1: where the eager pipeline stops being reproducible (module outputs of two runs), then with torch's
+  # deterministic algorithms
+  if [ -n "${DET:-}" ]; then
+    for m in "" --deterministic; do
+      log "eager run-to-run determinism $m"
+      TO=100 P determinism --device cuda --checkpoint '' --kitti $K --frames ${DET_FRAMES:-3} $m \
+        --json $OUT/determinism${m:+_deterministic}_demo_h200.json 2>&1 | filt | tail -${DET_TAIL:-30}
+    done
+  fi
   for pv in ${RUNS:-bf16:1 bf16:3}; do p=${pv%:*}; v=${pv#*:}
     log "pipeline graph $p, $v view(s), demo checkpoint"
     TO=150 B --checkpoint '' --engine graph --precision $p --views $v --frames ${FRAMES:-100} --warmup ${WARMUP:-60} --profile 3 \
@@ -71,7 +80,11 @@ B)
   log "engine agreement, IEEE fp32, 13 real frames + 40 scenes"
   TO=240 P engine_agreement --device cuda --checkpoint '' --kitti $K --kitti $S/training \
     --generated 0 --precision fp32 --compare ${COMPARE:-eager:graph,eager:eager,graph_eager_front:graph,eager:eager_perturbed} \
-    --json $OUT/engine_agreement_fp32_demo_h200.json 2>&1 | filt | tail -6 ;;
+    --json $OUT/engine_agreement_fp32_demo_h200.json 2>&1 | filt | tail -6
+  # AGREE_DET=1: eager against itself under torch's deterministic algorithms
+  [ -n "${AGREE_DET:-}" ] && { log "eager:eager, deterministic algorithms"; TO=150 P engine_agreement --device cuda \
+    --checkpoint '' --kitti $K --kitti $S/training --generated 0 --precision fp32 --compare eager:eager --deterministic \
+    --json $OUT/engine_agreement_eager_deterministic_demo_h200.json 2>&1 | filt | tail -3; } ;;
 C)
   for ep in ${EVALS:-eager:fp32 graph:fp32 graph:tf32 graph:bf16}; do e=${ep%:*}; p=${ep#*:}
     for set in real seed2027; do
