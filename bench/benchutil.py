@@ -49,3 +49,19 @@ def write_json(out: dict, path: Optional[str], provenance: Optional[dict] = None
         print(txt)
     else:
         Path(path).write_text(txt + "\n")
+
+
+def spconv_native(model: torch.nn.Module, which: str) -> int:
+    """Switch the model's spconv convolutions to ``ConvAlgo.Native`` (the CPU build's only algorithm; the weights
+    stay KRSC either way): ``which`` = none | 2d (the ResVC image-plane convolutions) | all. -> convs switched."""
+    if which == "none":
+        return 0
+    from spconv.core import ConvAlgo
+    from spconv.pytorch.conv import SparseConvolution
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, SparseConvolution) and (which == "all" or m.ndim == 2):
+            m.algo = ConvAlgo.Native
+            n += 1
+    return n

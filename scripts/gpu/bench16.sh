@@ -30,8 +30,9 @@ A)
   mkdir -p /tmp/kitti && cp -r .gpu_data/kitti/training /tmp/kitti/
   log tests
   rm -f /tmp/kern_ok
-  timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider --maxfail=6 -rfE test/test_engine_triton.py \
-    $(ls test/test_engine_pool.py test/test_engine_triton_nms.py 2>/dev/null) > /tmp/kern_tests.log 2>&1 && touch /tmp/kern_ok
+  timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider --maxfail=6 -rfE \
+    ${KTESTS:-test/test_engine_triton.py test/test_engine_pool.py test/test_engine_triton_nms.py} > /tmp/kern_tests.log 2>&1 \
+    && touch /tmp/kern_ok
   filt < /tmp/kern_tests.log | tail -25
   timeout 120 python3 -m pytest -q -p no:cacheprovider --maxfail=3 -rfE test/test_engine_roi.py test/test_engine_frame.py \
     -k "cuda or bf16" 2>&1 | filt | tail -8
@@ -70,7 +71,17 @@ B)
         --json $OUT/determinism${m:+_deterministic}_demo_h200.json 2>&1 | filt | tail -${DET_TAIL:-30}
     done
   fi
-  for pv in ${RUNS:-bf16:1 bf16:3}; do p=${pv%:*}; v=${pv#*:}
+  # PROBE=1: ResVC's first image-plane conv (and a 3D one) of a real frame, per spconv algorithm, against a dense conv
+  [ -n "${PROBE:-}" ] && for mod in backbone_3d.vir_conv1.d2_conv1 backbone_3d.vir_conv2.d2_conv1 backbone_3d.vir_conv4.d3_conv2 backbone_3d.vir_conv1.d3_conv3; do
+    log "spconv probe $mod"; TO=90 P spconv_probe --device cuda --checkpoint '' --kitti $K --module $mod \
+      --json $OUT/spconv_probe_${mod//./_}_h200.json 2>&1 | filt | tail -8; done
+  # NATIVE="2d all": eager:eager and eager:graph with the eager spconv convs on ConvAlgo.Native
+  for nat in ${NATIVE:-}; do
+    log "agreement, eager spconv $nat on Native"; TO=200 P engine_agreement --device cuda --checkpoint '' --kitti $K \
+      --kitti $S/training --generated 0 --precision fp32 --compare ${NCOMPARE:-eager:eager,eager:graph} \
+      --eager-spconv-native $nat --json $OUT/engine_agreement_fp32_native_${nat}_demo_h200.json 2>&1 | filt | tail -4
+  done
+  for pv in ${RUNS-bf16:1 bf16:3}; do p=${pv%:*}; v=${pv#*:}
     log "pipeline graph $p, $v view(s), demo checkpoint"
     TO=150 B --checkpoint '' --engine graph --precision $p --views $v --frames ${FRAMES:-100} --warmup ${WARMUP:-60} --profile 3 \
       --profile-top ${TOP:-0} --verbose --label "$v view(s) graph $p demo" \
