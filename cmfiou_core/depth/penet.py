@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -367,7 +367,10 @@ class PENetCompleter:
         self._device = None
         self._K = {}  # cached per calibration/device: a blocking H2D copy per frame would sync the stream
 
-    def __call__(self, sparse: torch.Tensor, image: torch.Tensor, calib) -> torch.Tensor:
+    def __call__(self, sparse: torch.Tensor, image: torch.Tensor, calib, K: Optional[torch.Tensor] = None
+                 ) -> torch.Tensor:
+        """``K``: (1, 3, 3) float32 intrinsics on the device instead of ``calib.P2``'s (the graph engine passes its
+        per-frame calibration buffer, so a captured graph does not hold one calibration's)."""
         dev = sparse.device
         if self._device != dev:
             self.model.to(dev)
@@ -376,10 +379,11 @@ class PENetCompleter:
         Hp, Wp = -(-H // self.pad) * self.pad, -(-W // self.pad) * self.pad
         d = F.pad(sparse.view(1, 1, H, W).float(), (0, Wp - W, 0, Hp - H))
         rgb = F.pad(image.permute(2, 0, 1).unsqueeze(0).float(), (0, Wp - W, 0, Hp - H))
-        key = (calib.P2.tobytes(), str(dev))
-        if key not in self._K:
-            self._K = {key: torch.as_tensor(calib.P2[:, :3], dtype=torch.float32, device=dev).unsqueeze(0)}
-        K = self._K[key]
+        if K is None:
+            key = (calib.P2.tobytes(), str(dev))
+            if key not in self._K:
+                self._K = {key: torch.as_tensor(calib.P2[:, :3], dtype=torch.float32, device=dev).unsqueeze(0)}
+            K = self._K[key]
         with torch.inference_mode():
             out = self.model(rgb, d, position_grid(Hp, Wp, dev), K)
         return out[0, 0, :H, :W].clamp_min(0)

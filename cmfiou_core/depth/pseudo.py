@@ -10,7 +10,9 @@ CUDA-event timings. Remaining syncs in the hot path (CUDA): that one ``tolist``;
 voxel holds more than ``max_points_per_voxel`` points (sort-based recomputation); one-off H2D copies of small
 cached constants on the first call per device (calibration matrices, tap offsets / weights, grid bounds).
 The implementation before the speed work is frozen in :mod:`cmfiou_core.depth.reference`; tests assert
-bit-identical output.
+bit-identical output (on the CPU; see :func:`lift_xyz` for CUDA). Every calibration number reaches the device
+computations as a tensor (:meth:`PseudoPointGenerator._mats`, :func:`lift_intrinsics`), so the graph engine
+(``engine.prelude``) runs the same code on its per-frame calibration buffers.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..calib import Calibration, CalibrationError
@@ -57,32 +60,44 @@ def raw_rows_from_points(points: torch.Tensor) -> torch.Tensor:
 _PIXEL_GRID_CACHE: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _pixel_offsets(calib: Calibration, H: int, W: int, dev) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cached flat (u - cu, v - cv) float32 pixel grids, computed with exactly the ops of ``Calibration.img_to_rect``
-    (so the cached values are bit-identical to recomputing them)."""
-    P = calib.P2
-    key = (H, W, float(P[0, 2]), float(P[1, 2]), str(dev))
+def _pixel_grid(H: int, W: int, dev) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cached flat float32 pixel column / row grids (u, v) of an H x W image, row-major (no calibration in it: the
+    lifting subtracts the principal point per frame, so a CUDA graph of it reads the calibration as an input)."""
+    key = (H, W, str(dev))
     g = _PIXEL_GRID_CACHE.get(key)
     if g is None:
         if len(_PIXEL_GRID_CACHE) > 16:
             _PIXEL_GRID_CACHE.clear()
         v, u = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32),
                               torch.arange(W, device=dev, dtype=torch.float32), indexing="ij")
-        g = (u.reshape(-1) - P[0, 2], v.reshape(-1) - P[1, 2])
+        g = (u.reshape(-1), v.reshape(-1))
         _PIXEL_GRID_CACHE[key] = g
     return g
 
 
-def lift_xyz(depth: torch.Tensor, calib: Calibration, R2V: torch.Tensor) -> torch.Tensor:
-    """Every pixel (u = column, v = row, d) -> (H*W, 3) LiDAR xyz in row-major pixel order
-    (``img_to_rect`` then ``rect_to_lidar``; bit-identical to the frozen reference ``lift_depth``). No host sync."""
-    H, W = depth.shape
-    uc, vc = _pixel_offsets(calib, H, W, depth.device)
-    P = calib.P2
+def lift_intrinsics(calib: Calibration) -> np.ndarray:
+    """(6,) float32 [fu, fv, cu, cv, tx, ty] of ``calib.P2``, the numbers :func:`lift_xyz` uses: tx = P2[0, 3] / -fu
+    and ty = P2[1, 3] / -fv evaluated in float64 as ``Calibration.img_to_rect`` does, then each value rounded to
+    float32 (the value a float32 tensor op with that float64 scalar operand computes with)."""
+    P = np.asarray(calib.P2, dtype=np.float64)
     fu, fv = P[0, 0], P[1, 1]
-    tx, ty = P[0, 3] / (-fu), P[1, 3] / (-fv)
+    return np.array([fu, fv, P[0, 2], P[1, 2], P[0, 3] / (-fu), P[1, 3] / (-fv)], dtype=np.float32)
+
+
+def lift_xyz(depth: torch.Tensor, intrinsics: torch.Tensor, R2V: torch.Tensor) -> torch.Tensor:
+    """Every pixel (u = column, v = row, d) -> (H*W, 3) LiDAR xyz in row-major pixel order
+    (``img_to_rect`` then ``rect_to_lidar``). No host sync.
+
+    ``intrinsics``: (6,) float32 :func:`lift_intrinsics` on the depth's device, read as tensors (the eager generator
+    and the graph engine's calibration buffer run this one function, so they agree on every device). On the CPU this
+    is bit-identical to the frozen reference ``lift_depth`` (scalar operands: float32 ``a / b`` either way). On CUDA
+    a division by a Python scalar is a multiplication by its float32 reciprocal, a division by a tensor is a true
+    division: this function's values can differ from the reference evaluated on CUDA by one ulp."""
+    H, W = depth.shape
+    u, v = _pixel_grid(H, W, depth.device)
+    fu, fv, cu, cv, tx, ty = intrinsics.unbind(0)
     d = depth.reshape(-1).to(torch.float32)
-    rect = torch.stack([uc * d / fu + tx, vc * d / fv + ty, d], dim=-1)  # = Calibration.img_to_rect
+    rect = torch.stack([(u - cu) * d / fu + tx, (v - cv) * d / fv + ty, d], dim=-1)  # = Calibration.img_to_rect
     return rect @ R2V[:3, :3].T + R2V[:3, 3]
 
 
@@ -101,7 +116,8 @@ def lift_depth(depth: torch.Tensor, image: torch.Tensor, calib: Calibration, min
     if R2V is None:
         R2V = torch.as_tensor(calib.R2V, dtype=torch.float32, device=depth.device)
     d = depth.reshape(-1).to(torch.float32)
-    rows = pseudo_rows(lift_xyz(depth, calib, R2V), image.reshape(-1, 3))
+    intr = torch.from_numpy(lift_intrinsics(calib)).to(depth.device)
+    rows = pseudo_rows(lift_xyz(depth, intr, R2V), image.reshape(-1, 3))
     return rows, (d >= min_depth) & (d > 0)
 
 
@@ -303,18 +319,27 @@ class PseudoPointGenerator:
                 penet_model = build_penet()
                 load_penet_checkpoint(penet_model, cfg.penet.checkpoint)
             self._penet = PENetCompleter(penet_model, pad_multiple=cfg.penet.pad_multiple)
-        self._mat_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._mat_cache: Dict[tuple, Tuple[torch.Tensor, ...]] = {}
         self._grid = thinning_grid(cfg.thinning)  # None: sort-based thinning (grid too large for a dense scatter)
 
-    def _mats(self, calib: Calibration, device):
+    def _calib_cached(self, calib: Calibration, device) -> Tuple[torch.Tensor, ...]:
         key = (calib.P2.tobytes(), calib.R0_rect.tobytes(), calib.Tr_velo_to_cam.tobytes(), str(device))
         m = self._mat_cache.get(key)
         if m is None:
             if len(self._mat_cache) > 16:
                 self._mat_cache.clear()
-            m = tuple(torch.as_tensor(a, dtype=torch.float32, device=device) for a in (calib.V2R, calib.P2, calib.R2V))
+            m = tuple(torch.as_tensor(a, dtype=torch.float32, device=device)
+                      for a in (calib.V2R, calib.P2, calib.R2V, lift_intrinsics(calib)))
             self._mat_cache[key] = m
         return m
+
+    def _mats(self, calib: Calibration, device):
+        """(V2R 4x4, P2 3x4, R2V 4x4) float32 on ``device``, cached per calibration."""
+        return self._calib_cached(calib, device)[:3]
+
+    def _intrinsics(self, calib: Calibration, device) -> torch.Tensor:
+        """:func:`lift_intrinsics` of ``calib`` as a float32 tensor on ``device``, cached per calibration."""
+        return self._calib_cached(calib, device)[3]
 
     @staticmethod
     def _check_inputs(points, image, calib):
@@ -363,7 +388,7 @@ class PseudoPointGenerator:
         timer.mark("completion")
 
         # 3. lifting (xyz only; the 8-column rows are built for the selected points) + z filter
-        xyz = lift_xyz(dense, calib, R2V)
+        xyz = lift_xyz(dense, self._intrinsics(calib, dev), R2V)
         d = dense.reshape(-1)
         valid = (d >= cfg.min_depth) & (d > 0) & (xyz[:, 2] < cfg.max_z)
         timer.mark("lifting")

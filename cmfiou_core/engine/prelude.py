@@ -146,12 +146,70 @@ def raw_rows(points: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:, :3], p[:, 3:4] * 10.0, z, z, z, z + 2.0], 1)
 
 
+@dataclass
+class CalibTensors:
+    """One calibration as float32 tensors on the device: the depth stage's ``V2R`` (4, 4), ``P2`` (3, 4), ``R2V``
+    (4, 4) and ``intr`` (6,) (``depth.pseudo.lift_intrinsics``), and the backbone's per-view ``m_rect`` / ``p2_t``
+    (V, 4, 3) (``engine.backbone.calib_tensors``; None where only the depth stage needs them). ``StaticFront``'s
+    are views of one persistent buffer that it fills per frame (``pack_calib`` -> its staging copy), so a captured
+    prelude graph reads the frame's calibration as an input instead of holding the capture's as constants."""
+    V2R: torch.Tensor
+    P2: torch.Tensor
+    R2V: torch.Tensor
+    intr: torch.Tensor
+    m_rect: Optional[torch.Tensor] = None
+    p2_t: Optional[torch.Tensor] = None
+
+
+_CALIB_LAYOUT = (("V2R", (4, 4)), ("P2", (3, 4)), ("R2V", (4, 4)), ("intr", (6,)))
+
+
+def calib_size(views: int) -> int:
+    """Float32 values of ``pack_calib(calib, views)``."""
+    return sum(int(np.prod(shape)) for _, shape in _CALIB_LAYOUT) + 2 * 12 * int(views)
+
+
+def pack_calib(calib, views: int) -> torch.Tensor:
+    """``calib`` -> the flat (``calib_size(views)``,) float32 CPU tensor that ``unpack_calib`` reads: the values the
+    eager stages compute with (the depth generator's ``_mats`` / ``_intrinsics`` conversions, ``calib_tensors`` of
+    ``views`` copies for the backbone)."""
+    from ..depth.pseudo import lift_intrinsics
+    from .backbone import calib_tensors
+
+    parts = [torch.as_tensor(a, dtype=torch.float32) for a in (calib.V2R, calib.P2, calib.R2V, lift_intrinsics(calib))]
+    bb = calib_tensors([calib] * int(views), "cpu")
+    parts += [bb["m_rect"], bb["p2_t"]]
+    return torch.cat([t.reshape(-1) for t in parts])
+
+
+def unpack_calib(flat: torch.Tensor, views: int) -> CalibTensors:
+    """Views of a ``pack_calib`` buffer (on any device) -> CalibTensors."""
+    out, o = {}, 0
+    for name, shape in _CALIB_LAYOUT + (("m_rect", (views, 4, 3)), ("p2_t", (views, 4, 3))):
+        k = int(np.prod(shape))
+        out[name] = flat[o:o + k].view(shape)
+        o += k
+    if o != flat.shape[0]:
+        raise ValueError(f"unpack_calib: a buffer of {flat.shape[0]} values for {views} views (expected {o})")
+    return CalibTensors(**out)
+
+
+def calib_inputs(gen, calib, device) -> CalibTensors:
+    """``calib``: CalibTensors (returned as they are) or a ``Calibration`` (-> the depth generator's cached tensors
+    of it, without the backbone's)."""
+    if isinstance(calib, CalibTensors):
+        return calib
+    V2R, P2, R2V = gen._mats(calib, device)
+    return CalibTensors(V2R, P2, R2V, gen._intrinsics(calib, device))
+
+
 def fov_mask(gen, pts: torch.Tensor, valid: torch.Tensor, calib, height: int, width: int) -> torch.Tensor:
-    """The raw rows' FOV test (``depth.projection.fov_flag``, the generator's cached matrices) over padded points."""
+    """The raw rows' FOV test (``depth.projection.fov_flag``) over padded points; ``calib`` as for
+    ``calib_inputs``."""
     from ..depth.projection import fov_flag, project_points
 
-    V2R, P2, _ = gen._mats(calib, pts.device)
-    uv, d = project_points(pts[:, :3], V2R, P2)
+    ct = calib_inputs(gen, calib, pts.device)
+    uv, d = project_points(pts[:, :3], ct.V2R, ct.P2)
     return fov_flag(uv, d, int(height), int(width)) & valid
 
 
@@ -173,7 +231,8 @@ class StaticDepth:
 def depth_static(gen, pts: torch.Tensor, valid: torch.Tensor, image: torch.Tensor, calib, capacity: int,
                  sort_thinning: bool = False) -> StaticDepth:
     """The generator's steps (its device path: no compaction of the valid pixels) with the padded points' validity
-    folded into the FOV mask and the final compaction replaced by the thinning order cut to ``capacity`` rows."""
+    folded into the FOV mask and the final compaction replaced by the thinning order cut to ``capacity`` rows.
+    ``calib``: CalibTensors (every calibration number read from tensors) or a ``Calibration`` (``calib_inputs``)."""
     from ..depth.ipbasic import ipbasic_complete
     from ..depth.pseudo import _compact_order, la_sampling2_dense, la_sampling2_order_sorted, lift_xyz, pseudo_rows
     from ..depth.config import DepthConfig
@@ -185,13 +244,16 @@ def depth_static(gen, pts: torch.Tensor, valid: torch.Tensor, image: torch.Tenso
         ch, cw = DepthConfig.OFFICIAL_CROP
         image = image[:ch, :cw]
     H, W = int(image.shape[0]), int(image.shape[1])
-    V2R, P2, R2V = gen._mats(calib, dev)
+    ct = calib_inputs(gen, calib, dev)
     p = pts[:, :4].to(torch.float32)
-    uv, d = project_points(p[:, :3], V2R, P2)
+    uv, d = project_points(p[:, :3], ct.V2R, ct.P2)
     fov = fov_flag(uv, d, H, W) & valid
     sparse = sparse_depth_map(uv, d, fov, H, W)
-    dense = gen._penet(sparse, image, calib) if gen._penet is not None else ipbasic_complete(sparse, cfg.ipbasic)
-    xyz = lift_xyz(dense, calib, R2V)
+    if gen._penet is not None:
+        dense = gen._penet(sparse, image, None, K=ct.P2[:, :3].unsqueeze(0))
+    else:
+        dense = ipbasic_complete(sparse, cfg.ipbasic)
+    xyz = lift_xyz(dense, ct.intr, ct.R2V)
     dd = dense.reshape(-1)
     ok = (dd >= cfg.min_depth) & (dd > 0) & (xyz[:, 2] < cfg.max_z)
     th = cfg.thinning
@@ -333,7 +395,8 @@ class Prelude:
     def __call__(self, pts: torch.Tensor, n: torch.Tensor, image: Optional[torch.Tensor], rnd: Optional[torch.Tensor],
                  calib, fov_hw: Optional[Tuple[int, int]]):
         """pts (P, 4) float32 (rows >= n ignored), n () int64, image (H, W, 3) uint8 or None (LiDAR-only), rnd (S,)
-        float32 (with the discard and an image), calib (``Calibration``), fov_hw: the raw FOV filter's image size on
+        float32 (with the discard and an image), calib (``CalibTensors``, e.g. ``StaticFront``'s staged buffer, or a
+        ``Calibration``), fov_hw: the raw FOV filter's image size on
         LiDAR-only frames (None: no filter). -> (dict of FrameGraph.run's backbone inputs and anchor-mask points,
         flags (N_FLAGS,) int64). = ``part_b(part_a(...), rnd)``."""
         return self.part_b(self.part_a(pts, n, image, calib, fov_hw), rnd)
@@ -422,8 +485,11 @@ class StaticFront:
     Buckets: the point capacity grows (never shrinks) in steps of ``POINT_QUANTUM`` to fit a frame, known on the host
     before the copy; the pseudo-row capacity grows when a frame's depth stage made more rows than it held (the frame
     is re-run without a graph, a warning says so); a thinning voxel over its point cap re-runs the frame with the sort
-    thinning (as the eager generator does). A prelude graph also depends on the calibration (the depth lifting uses
-    its intrinsics as constants) and the image size: at most ``MAX_GRAPHS`` are kept."""
+    thinning (as the eager generator does). A prelude graph also depends on the image size (its own buffers) and the
+    test views (``graph_key``), not on the calibration: every calibration number (the depth stage's V2R / P2 / R2V and
+    lifting intrinsics, the backbone's ``m_rect`` / ``p2_t``) is a graph input, staged per frame into one persistent
+    buffer like the points (``stage_calib``), so a rig whose calibration changes every frame (KITTI object frames)
+    replays one graph. At most ``MAX_GRAPHS`` are kept."""
 
     POINT_QUANTUM = 1 << 14
     MAX_GRAPHS = 8
@@ -441,7 +507,7 @@ class StaticFront:
         self._gen = torch.Generator()          # CPU: the discard's draws are the eager pipeline's (frame_seed)
         self._bufs = {}
         self._graphs = {}
-        self._calib = {}
+        self._calib_host = {}                   # calibration -> its pack_calib values (host, per views count)
         self.captures = 0
         self.replays = 0
         self.regrowths = 0
@@ -481,22 +547,32 @@ class StaticFront:
         dev.copy_(pin, non_blocking=True)
         return dev
 
-    def _calib_tensors(self, calib, V: int):
-        from .backbone import calib_tensors
+    def stage_calib(self, calib, views: int) -> CalibTensors:
+        """``calib`` -> its values (``pack_calib``, cached on the host per calibration) in the persistent device
+        buffer the prelude graphs read (``_stage``), as CalibTensors views of it."""
+        key = (calib.P2.tobytes(), calib.R0_rect.tobytes(), calib.Tr_velo_to_cam.tobytes(), int(views))
+        packed = self._calib_host.get(key)
+        if packed is None:
+            if len(self._calib_host) > 64:
+                self._calib_host.clear()
+            packed = self._calib_host[key] = pack_calib(calib, views)
+        buf = self._stage("calib", (calib_size(views),), torch.float32, lambda t: t.copy_(packed))
+        return unpack_calib(buf, views)
 
-        key = (calib.P2.tobytes(), calib.R0_rect.tobytes(), calib.Tr_velo_to_cam.tobytes(), V)
-        t = self._calib.get(key)
-        if t is None:
-            if len(self._calib) > 16:
-                self._calib.clear()
-            t = self._calib[key] = calib_tensors([calib] * V, self.pipe.device)
-        return t
+    def graph_key(self, inp: dict) -> tuple:
+        """The prelude graphs' cache key of a frame's staged inputs (``inputs``): the point and pseudo-row capacities,
+        the image size (None: LiDAR-only), the LiDAR-only FOV size, the test views. Not the calibration: the graphs
+        read it from its staging buffer."""
+        img = inp["img"]
+        return (int(inp["pts"].shape[0]), self.prelude.pseudo_capacity, None if img is None else tuple(img.shape),
+                inp["fov_hw"], tuple(map(tuple, self.prelude.views)))
 
     # ------------------------------------------------------------------ per frame
     def inputs(self, frame, image, with_rnd: bool = True) -> dict:
         """A frame (``image``: the frame's image, None for LiDAR-only) -> the prelude's inputs in their device
-        buffers (points padded to the point capacity, count, image, the discard's random numbers) plus ``calib``
-        (the frame's, possibly None), ``fov_hw`` and ``use_img``. Checks the calibration as the depth stage does."""
+        buffers (points padded to the point capacity, count, image, the discard's random numbers, ``cal``: the
+        calibration's CalibTensors, the backbone's default one for a frame without) plus ``calib`` (the frame's,
+        possibly None), ``fov_hw`` and ``use_img``. Checks the calibration as the depth stage does."""
         from ..calib import Calibration, CalibrationError
 
         pipe, pre = self.pipe, self.prelude
@@ -530,7 +606,8 @@ class StaticFront:
 
         out = {"pts": self._stage("points", (P, 4), torch.float32, write_points),
                "cnt": self._stage("count", (), torch.int64, write_count), "img": None, "rnd": None, "calib": calib,
-               "fov_hw": fov_hw, "use_img": use_img}
+               "fov_hw": fov_hw, "use_img": use_img,
+               "cal": self.stage_calib(calib if calib is not None else self.default_calib(), len(pre.views))}
         if use_img:
             im = np.asarray(image)
             out["img"] = self._stage("image", im.shape, torch.uint8,
@@ -554,14 +631,11 @@ class StaticFront:
         dev = pipe.device
         mark("front.h2d")           # opcount sections: host staging, then device work until FrameGraph's copy
         inp = self.inputs(frame, image, with_rnd=False)
-        pts, cnt, img, calib, fov_hw, use_img = (inp[k] for k in ("pts", "cnt", "img", "calib", "fov_hw", "use_img"))
+        pts, cnt, img, cal, fov_hw, use_img = (inp[k] for k in ("pts", "cnt", "img", "cal", "fov_hw", "use_img"))
         rnd = None
-        P = pts.shape[0]
         timer.mark("h2d")
         mark("front.device")
-        bcal = calib if calib is not None else self.default_calib()
         V = len(pre.views)
-        cal = self._calib_tensors(bcal, V)
         tp = trans = None
         if pre.transform:
             tp = device_const([x for v in pre.views for x in v], torch.float32, dev).view(1, V, 3)
@@ -578,16 +652,14 @@ class StaticFront:
                     # the draws' buffers exist before the graphs are looked up (a new buffer drops the graphs; one
                     # made between the two replays would leave part b reading the old one)
                     self._buffer("rnd", (pre.pseudo_capacity,), torch.float32, False)
-                gkey = (P, pre.pseudo_capacity, None if img is None else tuple(img.shape), fov_hw,
-                        tuple(map(tuple, pre.views)),
-                        (bcal.P2.tobytes(), bcal.R0_rect.tobytes(), bcal.Tr_velo_to_cam.tobytes()))
+                gkey = self.graph_key(inp)
                 box = {"rnd": rnd}
 
                 def draw():
                     if use_img and box["rnd"] is None:
                         box["rnd"] = self.rnd(frame)
 
-                run_a = (lambda: pre.part_a(pts, cnt, img, bcal, fov_hw))   # noqa: E731
+                run_a = (lambda: pre.part_a(pts, cnt, img, cal, fov_hw))   # noqa: E731
                 run_b = (lambda st: pre.part_b(st, box["rnd"]))   # noqa: E731
                 if graphed:
                     out, flags = self._replay(gkey, run_a, draw, run_b)
@@ -605,7 +677,7 @@ class StaticFront:
                         return FrontResult(None, f)
                 raw_f, raw_c, raw_n = out["raw"]
                 mm_f, mm_c, mm_n = out["mm"] if bb.eager.cfg.mm else (None, None, None)
-                args = (raw_f, raw_c, raw_n, mm_f, mm_c, mm_n, cal["m_rect"], cal["p2_t"], trans)
+                args = (raw_f, raw_c, raw_n, mm_f, mm_c, mm_n, cal.m_rect, cal.p2_t, trans)
                 det, extra = self.fg.run(1, V, args, out["pts_xy"], out["pts_valid"], tp, extra=flags)
                 timer.mark("engine")
                 f = self.last_flags = tuple(int(v) for v in extra)
