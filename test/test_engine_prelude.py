@@ -30,6 +30,26 @@ def kitti_frame(kitti_samples):
     return frame
 
 
+def _other_calib(kitti_samples, frame, stem: str):
+    """Another real KITTI object calibration (frame ``stem``'s file: other P2, R0_rect and Tr_velo_to_cam than
+    ``frame``'s) with ``frame``'s image size, so only the calibration differs."""
+    from cmfiou_core.calib import Calibration
+
+    h, w = frame.image.shape[:2]
+    cal = Calibration.from_kitti_object_file(kitti_samples / "object" / "training" / "calib" / f"{stem}.txt", w, h)
+    assert not np.array_equal(cal.P2, frame.calib.P2) and not np.array_equal(cal.Tr_velo_to_cam,
+                                                                           frame.calib.Tr_velo_to_cam)
+    return cal
+
+
+@pytest.fixture(scope="module")
+def other_calib_frame(kitti_samples, kitti_frame):
+    """``kitti_frame`` (000000, 1224x370) with frame 000001's calibration."""
+    import dataclasses
+
+    return dataclasses.replace(kitti_frame, calib=_other_calib(kitti_samples, kitti_frame, "000001"))
+
+
 def _rows(points: np.ndarray) -> torch.Tensor:
     from cmfiou_core.depth.pseudo import raw_rows_from_points
 
@@ -269,27 +289,28 @@ def _front(pipe):
 
 
 def _prelude(front, frame, image):
-    from cmfiou_core.pipeline import _identity_calib
-
+    """The prelude on ``frame`` staged by ``front`` (the calibration read from its staging buffer, as the graphs)."""
     inp = front.inputs(frame, image)
-    cal = inp["calib"] if inp["calib"] is not None else _identity_calib()
-    return front.prelude(inp["pts"], inp["cnt"], inp["img"], inp["rnd"], cal, inp["fov_hw"])
+    return front.prelude(inp["pts"], inp["cnt"], inp["img"], inp["rnd"], inp["cal"], inp["fov_hw"])
 
 
-@pytest.mark.parametrize("mode", ["camera", "lidar_only", "no_camera_model", "three_views"])
-def test_prelude_equals_the_eager_front(graph_pipe, kitti_frame, mode):
+@pytest.mark.parametrize("mode", ["camera", "camera_other_calib", "lidar_only", "lidar_only_other_calib",
+                                  "no_camera_model", "three_views"])
+def test_prelude_equals_the_eager_front(graph_pipe, kitti_frame, other_calib_frame, mode):
     """Frame -> backbone inputs (raw and pseudo VFE features, coordinates, counts) and anchor-mask points, bit for
-    bit against the eager pipeline's front: camera + LiDAR; LiDAR-only with the camera's FOV; LiDAR-only without a
-    camera model; the three official test views."""
+    bit against the eager pipeline's front: camera + LiDAR (the frame's own calibration, and another real one:
+    every calibration number comes from the staged buffer); LiDAR-only with the camera's FOV (both calibrations);
+    LiDAR-only without a camera model; the three official test views."""
     import dataclasses
 
     from cmfiou_core.engine.prelude import F_MM_VOX, F_PSEUDO, F_RAW_ROWS, F_RAW_VOX
     from cmfiou_core.model.model_config import OFFICIAL_X_TRANS
 
     pipe = graph_pipe
-    frame, image = kitti_frame, kitti_frame.image
+    frame = other_calib_frame if mode.endswith("other_calib") else kitti_frame
+    image = frame.image
     views = pipe.views
-    if mode not in ("camera", "three_views"):
+    if not mode.startswith("camera") and mode != "three_views":
         image = None
     if mode == "no_camera_model":
         frame = dataclasses.replace(frame, calib=None, image=None)
@@ -307,7 +328,7 @@ def test_prelude_equals_the_eager_front(graph_pipe, kitti_frame, mode):
     assert torch.equal(out["pts_xy"][out["pts_valid"]], ref_xy)
     assert int(flags[F_RAW_ROWS]) == int(out["pts_valid"].sum()) or mode == "three_views"
     assert int(flags[F_RAW_VOX]) > 0
-    if mode in ("camera", "three_views"):
+    if image is not None:
         mf, mc, mn = out["mm"]
         rmf, rmc, rmn = ref["_mm"]
         assert has_mm and int(mn) == int(rmn) > 1000 and torch.equal(mf, rmf) and torch.equal(mc, rmc)
@@ -316,19 +337,20 @@ def test_prelude_equals_the_eager_front(graph_pipe, kitti_frame, mode):
         assert out["mm"] == (None, None, None) and not has_mm
 
 
-def test_prelude_is_sync_free_on_the_cuda_path(graph_pipe, kitti_frame, monkeypatch):
+def test_prelude_is_sync_free_on_the_cuda_path(graph_pipe, kitti_frame, other_calib_frame, monkeypatch):
     """The prelude counted on its CUDA code path (opcount; ipbasic's GPU branches forced): no .item / .tolist /
     nonzero / bool index / host<->device copy once its constants exist (the first call builds them, as the CUDA
-    graph's warm-up does), and the same output shapes for frames of different content."""
+    graph's warm-up does), and the same output shapes for frames of different content and calibration (a new
+    calibration is staged data, no new constant)."""
     import cmfiou_core.depth.ipbasic as ipb
     from cmfiou_core.opcount import OpCounter
 
     monkeypatch.setattr(ipb, "FORCE_GPU_PATHS", True)
     front = _front(graph_pipe)
     shapes = []
-    for k, fr in enumerate([kitti_frame, _thinned(kitti_frame, 3)]):
+    for k, fr in enumerate([kitti_frame, _thinned(other_calib_frame, 3)]):
         inp = front.inputs(fr, fr.image)
-        args = (inp["pts"], inp["cnt"], inp["img"], inp["rnd"], inp["calib"], inp["fov_hw"])
+        args = (inp["pts"], inp["cnt"], inp["img"], inp["rnd"], inp["cal"], inp["fov_hw"])
         if k == 0:
             front.prelude(*args)
         with OpCounter(cuda_paths=True) as oc:
@@ -357,6 +379,9 @@ def test_graph_pipeline_overflow_sync_empty_modality_and_empty_frame(kitti_sampl
     a real frame (one test: the CPU engine is slow to build and calibrate):
     - a frame with no point in range first: the eager note, before any capacity exists;
     - a pseudo-row capacity that overflows: a warning, capacities grown, the frame re-run: the eager detections;
+    - calibration A then B (the same points and image, another real KITTI calibration) through the prelude's
+      graphs (replay emulated on the CPU: the graph replayed for B holds the objects of A's capture): one capture,
+      each frame the eager detections of its own calibration (which differ);
     - a frame whose depth stage makes no pseudo row (the pseudo modality empty on the device, where the eager path
       has no pseudo tensors): the same detections; it is counted on its CUDA code path (opcount): between the host
       staging (writes into page-locked buffers) and FrameGraph's result copy no sync of any kind, and that copy is
@@ -366,6 +391,7 @@ def test_graph_pipeline_overflow_sync_empty_modality_and_empty_frame(kitti_sampl
     import sys
 
     import cmfiou_core.depth.ipbasic as ipb
+    import cmfiou_core.engine.prelude as prelude
     from cmfiou_core.opcount import OpCounter
 
     sys.path.insert(0, str(REPO / "bench"))
@@ -385,10 +411,21 @@ def test_graph_pipeline_overflow_sync_empty_modality_and_empty_frame(kitti_sampl
     assert len(eg) == 0 and eg.note == ea.note and "no LiDAR point inside the detection range" in ea.note
     assert not g.model.backbone_3d.calibrated
     g._front.prelude.pseudo_capacity = 4096
+    ref_a = a(crop)
     with caplog.at_level("WARNING"):
-        _agree(a(crop), g(crop))
+        _agree(ref_a, g(crop))
     assert g._front.regrowths == 1 and "pseudo rows exceed the capacity" in caplog.text
     assert g._front.prelude.pseudo_capacity >= g._front.last_flags[1] > 4096
+    crop_b = dataclasses.replace(crop, calib=_other_calib(kitti_samples, crop, "000000"))
+    ref_b = a(crop_b)
+    assert not np.array_equal(ref_a.boxes, ref_b.boxes)
+    monkeypatch.setattr(prelude, "capture", lambda fn: (lambda r: (r, r.out))(_ReplayOnCPU(fn)))
+    g._front.use_graph = True
+    _agree(ref_a, g(crop))
+    assert g._front.captures == 1
+    _agree(ref_b, g(crop_b))
+    assert g._front.captures == 1 and g._front.replays == 2
+    g._front.use_graph = None
     for pipe in (a, g):
         pipe.depth.cfg = dataclasses.replace(pipe.depth.cfg, max_z=-10.0)   # every pseudo point filtered out
     ref = a(crop)
@@ -408,6 +445,37 @@ def test_graph_pipeline_overflow_sync_empty_modality_and_empty_frame(kitti_sampl
     eg = g(far)
     assert len(eg) == 0 and eg.note == ea.note and g.model.backbone_3d.calibrated
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graph_front_replays_one_capture_across_calibrations_on_cuda(kitti_samples):
+    """CUDA: frames differing only in their calibration (a near crop of a real frame with its own and another real
+    KITTI calibration, alternating) replay the prelude graph captured on the first graphed frame (captures stays
+    1), and each gives the eager CUDA pipeline's detections of its calibration."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_pipeline import load_frames
+
+    from cmfiou_core.pipeline import Pipeline
+
+    (_, frame), = [f for f in load_frames([str(kitti_samples / "object" / "training")], 0, REPO / "data", 13)
+                   if f[0].endswith("000009")]
+    p = frame.points
+    keep = (p[:, 0] > 0) & (p[:, 0] < 25) & (np.abs(p[:, 1]) < 10)     # the CPU test's near crop
+    frame = dataclasses.replace(frame, points=np.ascontiguousarray(p[keep]))
+    frame_b = dataclasses.replace(frame, calib=_other_calib(kitti_samples, frame, "000000"))
+    a = Pipeline.from_config(None, "", "cuda")
+    g = Pipeline.from_config(None, "", "cuda", engine="graph")
+    refs = [a(frame), a(frame_b)]
+    assert not np.array_equal(refs[0].boxes, refs[1].boxes)
+    _agree(refs[0], g(frame))               # sizes the backbone's capacities (no graph yet)
+    _agree(refs[0], g(frame))               # the first graphed frame: the prelude's one capture
+    captures = g._front.captures
+    assert captures >= 1
+    for k in range(4):
+        _agree(refs[(k + 1) % 2], g(frame_b if k % 2 == 0 else frame))
+    assert g._front.captures == captures and g._front.replays >= 5
 
 
 def test_prelude_output_does_not_depend_on_the_capacities(graph_pipe, kitti_frame):
@@ -453,28 +521,75 @@ def _copy_into(dst, src):
         assert dst is None and src is None
 
 
-def test_prelude_graph_replay_reads_the_frames_own_inputs(graph_pipe, kitti_frame, monkeypatch):
+def test_prelude_graph_replay_reads_the_frames_own_inputs(graph_pipe, kitti_frame, other_calib_frame, monkeypatch):
     """StaticFront's two-part prelude replay (part a, the host's random draws, part b on part a's static outputs)
-    with graph replay emulated on the CPU: frames of different content staged into the same input buffers give,
-    replay after replay, exactly the prelude's direct results for each frame."""
+    with graph replay emulated on the CPU (the replayed functions hold the objects of the capture's frame, as a
+    graph holds its tensors): frames of different content and calibration staged into the same input buffers give,
+    under one graph key, replay after replay, exactly the prelude's direct results for each frame."""
     import cmfiou_core.engine.prelude as prelude
 
     monkeypatch.setattr(prelude, "capture", lambda fn: (lambda g: (g, g.out))(_ReplayOnCPU(fn)))
     front = _front(graph_pipe)
     pre = front.prelude
-    frames = [kitti_frame, _thinned(kitti_frame, 2), kitti_frame]
+    frames = [kitti_frame, _thinned(kitti_frame, 2), other_calib_frame, kitti_frame]
+    mm = []
     for k, fr in enumerate(frames):
         direct = _prelude(_front(graph_pipe), fr, fr.image)
         inp = front.inputs(fr, fr.image, with_rnd=False)
         box = {}
-        key = (inp["pts"].shape[0], pre.pseudo_capacity)
-        out = front._replay(key, lambda: pre.part_a(inp["pts"], inp["cnt"], inp["img"], inp["calib"], None),
-                            lambda: box.setdefault("rnd", front.rnd(fr)), lambda st: pre.part_b(st, box["rnd"]))
+        out = front._replay(front.graph_key(inp),
+                            lambda inp=inp: pre.part_a(inp["pts"], inp["cnt"], inp["img"], inp["cal"], None),
+                            lambda: box.setdefault("rnd", front.rnd(fr)),
+                            lambda st, box=box: pre.part_b(st, box["rnd"]))
         assert torch.equal(out[1], direct[1])
         for mod in ("raw", "mm"):
             assert all(torch.equal(x, y) for x, y in zip(out[0][mod], direct[0][mod]))
         assert front.captures == 1 and front.replays == k + 1
+        mm.append(out[0]["mm"][0].clone())
     assert int(out[1][0]) > 0
+    # the calibration reached the replay: same points and image, another calibration -> other pseudo features
+    assert torch.equal(mm[0], mm[3]) and not torch.equal(mm[0], mm[2])
+
+
+def test_graph_key_and_calibration_buffer_do_not_depend_on_the_calibration(graph_pipe, kitti_frame,
+                                                                            other_calib_frame):
+    """Two frames that differ only in their calibration: the same prelude graph key, and their calibration numbers
+    in the same device buffer (the tensors a graph reads), holding each frame's own values -- the eager stages'
+    (the depth generator's matrices and lifting intrinsics, the backbone's calib_tensors). The image size, a
+    LiDAR-only frame and the test views stay in the key."""
+    import dataclasses
+
+    from cmfiou_core.engine.backbone import calib_tensors
+    from cmfiou_core.model.model_config import OFFICIAL_X_TRANS
+
+    front = _front(graph_pipe)
+    gen = graph_pipe.depth
+    ia = front.inputs(kitti_frame, kitti_frame.image, with_rnd=False)
+    key = front.graph_key(ia)
+    ptr = {f: getattr(ia["cal"], f).data_ptr() for f in ("V2R", "P2", "R2V", "intr", "m_rect", "p2_t")}
+    for fr in (other_calib_frame, kitti_frame):
+        inp = front.inputs(fr, fr.image, with_rnd=False)
+        assert front.graph_key(inp) == key
+        cal = inp["cal"]
+        assert {f: getattr(cal, f).data_ptr() for f in ptr} == ptr
+        ref = gen._mats(fr.calib, "cpu")
+        assert all(torch.equal(a, b) for a, b in zip((cal.V2R, cal.P2, cal.R2V), ref))
+        assert torch.equal(cal.intr, gen._intrinsics(fr.calib, "cpu"))
+        bb = calib_tensors([fr.calib], "cpu")
+        assert torch.equal(cal.m_rect, bb["m_rect"]) and torch.equal(cal.p2_t, bb["p2_t"])
+        if fr is other_calib_frame:
+            assert not torch.equal(cal.P2, gen._mats(kitti_frame.calib, "cpu")[1])
+    h, w = kitti_frame.image.shape[:2]
+    small = dataclasses.replace(other_calib_frame, image=kitti_frame.image[:h - 10, :w - 20],
+                                calib=other_calib_frame.calib.with_image_size(w - 20, h - 10))
+    assert front.graph_key(front.inputs(small, small.image, with_rnd=False)) != key
+    assert front.graph_key(front.inputs(kitti_frame, None, with_rnd=False)) != key
+    views = graph_pipe.views
+    graph_pipe.views = OFFICIAL_X_TRANS.params()
+    try:
+        assert front.graph_key(front.inputs(kitti_frame, kitti_frame.image, with_rnd=False)) != key
+    finally:
+        graph_pipe.views = views
 
 
 def test_staging_buffers_persist_per_shape(graph_pipe):
