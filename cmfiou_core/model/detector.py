@@ -22,6 +22,7 @@ from .bev import BaseBEVBackbone, HeightCompression
 from .model_config import FullConfig, ModelConfig
 from ..geometry.view_transform import view_transform_points
 from .rpn import AnchorHeadSingle
+from .spconv_compat import use_native_algorithm
 from .vfe import MeanVFE
 from .voxelize import Voxelizer
 
@@ -70,6 +71,7 @@ class CMFIOU(nn.Module):
         self.roi_head = _build_roi_head(cfg, self.backbone_3d, self.backbone_2d.num_bev_features) \
             if with_roi_head else None
         self.register_buffer("global_step", torch.LongTensor(1).zero_())
+        use_native_algorithm(self)   # the GPU's implicit-GEMM convs are not reproducible here (spconv_compat)
 
     def update_global_step(self):
         self.global_step += 1
