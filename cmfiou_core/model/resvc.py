@@ -156,6 +156,36 @@ def image_plane_conv_unique(features: torch.Tensor, uv: torch.Tensor, spatial_sh
     return out.features[inverse]
 
 
+def align_rows(features: torch.Tensor, indices: torch.Tensor, target_indices: torch.Tensor,
+               spatial_shape: Sequence[int]) -> torch.Tensor:
+    """Rows of ``features`` (at ``indices``) reordered to ``target_indices`` (the same voxel set in another order).
+
+    Two strided convolutions of one input have the same output voxels, but spconv does not promise their order: on
+    the CPU it is the same, on the GPU the implicit-GEMM algorithms build each conv's outputs through a hash table, so
+    adding their features row by row (ResVC's ``d3 + resnet_layer``) would add different voxels. Identity when the
+    orders agree; ValueError when the voxel sets differ (one host sync: the eager path only)."""
+    if torch.equal(indices, target_indices):
+        return features
+    key_src = _linear_key(indices, spatial_shape)
+    key_dst = _linear_key(target_indices, spatial_shape)
+    o_src = torch.argsort(key_src)
+    o_dst = torch.argsort(key_dst)
+    if key_src.shape != key_dst.shape or not torch.equal(key_src[o_src], key_dst[o_dst]):
+        raise ValueError(f"align_rows: the two sparse tensors hold different voxels ({key_src.numel()} vs "
+                         f"{key_dst.numel()} rows)")
+    out = torch.empty_like(features)
+    out[o_dst] = features[o_src]
+    return out
+
+
+def _linear_key(indices: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    idx = indices.long()
+    key = idx[:, 0]
+    for d, s in enumerate(spatial_shape):
+        key = key * int(s) + idx[:, d + 1]
+    return key
+
+
 class ResConvBlock(nn.Module):
     """ResVC block (c = channels, h = c/2): optional strided ``down_layer``; D = d3_conv2(d3_conv1(X)) (+ resnet_layer(X));
     G = d2_conv2(d2_conv1(D on the image plane)); D = d3_conv3(mid_norm(D + G)); out = output_norm(d3_conv4(D) + X)."""
@@ -191,8 +221,8 @@ class ResConvBlock(nn.Module):
             x = self.down_layer(x)
         d3 = self.d3_conv2(self.d3_conv1(x))
         if self.residual:
-            res = self.resnet_layer(x)
-            d3 = d3.replace_feature(d3.features + res.features)
+            res = self.resnet_layer(x)   # same voxels as d3, not necessarily in d3's row order (align_rows)
+            d3 = d3.replace_feature(d3.features + align_rows(res.features, res.indices, d3.indices, d3.spatial_shape))
         uv = voxels_to_image_indices(d3.indices, batch_size, calibs, img_stride, trans_param, self.pc_range,
                                      self.voxel_size)
         shape = [IMAGE_GRID_W // img_stride, IMAGE_GRID_H // img_stride]
