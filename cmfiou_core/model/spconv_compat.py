@@ -6,7 +6,11 @@ KITTI frames + 40 generated scenes, IEEE fp32; ``bench/engine_agreement.py``, ``
 engine_agreement_fp32_native_all_demo_h200.json``): with the implicit-GEMM algorithms the eager model run twice on the
 same frame gives different detections (76 of 873 matched boxes more than 1 cm apart and below BEV IoU 0.99, up to
 0.73 m), whereas each single submanifold convolution is reproducible and right to 3e-7 against a dense convolution
-(``bench/spconv_probe.py``), so the variation comes from the strided / inverse convolutions. With every convolution on
+(``bench/spconv_probe.py``), so the variation comes from the strided / inverse convolutions. The module outputs of two runs
+(``bench/determinism.py``) first differ at ResVC's image-plane convolution, whose input adds two strided convs
+(``d3_conv1`` and ``resnet_layer``) row by row: with hash-ordered outputs that adds different voxels. ResVC now aligns
+the rows by voxel (``resvc.align_rows``); whether that alone makes the implicit-GEMM algorithms reproducible is not yet
+measured, so the algorithm stays Native. With every convolution on
 Native: 0 of 873 (largest difference 0.4 mm), and the static engine agrees with it on 872 of 873. Native is also the
 only algorithm of the CPU build, so the CPU and the GPU now run the same algorithm. The weights are KRSC for every
 algorithm in spconv 2.3 (``ALL_WEIGHT_IS_KRSC``), so checkpoints are unaffected.
