@@ -65,3 +65,16 @@ def spconv_native(model: torch.nn.Module, which: str) -> int:
             m.algo = ConvAlgo.Native
             n += 1
     return n
+
+
+def pipeline_arg_parser(doc: str):
+    """An ArgumentParser with the options every pipeline-comparing bench takes: --config, --checkpoint (empty: the
+    bundled demo checkpoint), --device, --kitti DIR (repeatable; KITTI-layout folders)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--checkpoint", default="")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--kitti", action="append", default=[])
+    return ap

@@ -16,7 +16,6 @@ torch's own warnings in either mode.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -107,11 +106,9 @@ def record(pipe, frame):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--checkpoint", default="")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--kitti", action="append", default=[])
+    from benchutil import pipeline_arg_parser
+
+    ap = pipeline_arg_parser(__doc__)
     ap.add_argument("--generated", type=int, default=0)
     ap.add_argument("--gen-dir", default="/tmp/determinism_gen")
     ap.add_argument("--frames", type=int, default=4, help="frames to check (the first N of the inputs)")

@@ -9,7 +9,6 @@ boxes, max score difference, unmatched detections above a score. Writes JSON (wi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -79,11 +78,9 @@ def compare(frames, pa, pb, score, rotated_iou_paired):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--checkpoint", default="")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--kitti", action="append", default=[])
+    from benchutil import pipeline_arg_parser
+
+    ap = pipeline_arg_parser(__doc__)
     ap.add_argument("--generated", type=int, default=8)
     ap.add_argument("--gen-dir", default="/tmp/agree_gen")
     ap.add_argument("--score", type=float, default=0.3, help="unmatched detections are counted above this score")

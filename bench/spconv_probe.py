@@ -12,7 +12,6 @@ whether it is right, per algorithm, and what the input looks like (sites, duplic
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Dict
@@ -40,11 +39,9 @@ def dense_subm(weight, x):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--checkpoint", default="")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--kitti", action="append", default=[])
+    from benchutil import pipeline_arg_parser
+
+    ap = pipeline_arg_parser(__doc__)
     ap.add_argument("--frame", type=int, default=0, help="index of the frame among the inputs")
     ap.add_argument("--module", default="backbone_3d.vir_conv1.d2_conv1")
     ap.add_argument("--repeats", type=int, default=3)
