@@ -115,6 +115,12 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
     ap.add_argument("--deterministic", action="store_true",
                     help="torch.use_deterministic_algorithms(True, warn_only=True) for both runs")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="a model with seed-0 random weights instead of a checkpoint (reproducibility needs no "
+                         "trained weights; for a device host that cannot carry the checkpoint)")
+    ap.add_argument("--spconv-algo", choices=("native", "implicit_gemm"), default="native",
+                    help="the spconv algorithm of every conv: native (what the model uses) or implicit_gemm (the "
+                         "GPU wheels' default, MaskImplicitGemm)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.deterministic:
@@ -128,8 +134,28 @@ def main(argv=None) -> int:
 
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if args.device == "cpu":
+        torch.set_num_threads(1)   # spconv's CPU kernels are reproducible with one thread only (project rule)
     frames = load_frames(args.kitti, args.generated, Path(args.gen_dir), args.frames)[:args.frames]
-    pipe = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="eager", precision=args.precision)
+    if args.random_weights:
+        from cmfiou_core.model.detector import build_model
+        from cmfiou_core.model.model_config import load_config
+        from cmfiou_core.pipeline import default_config
+
+        cfg = load_config(args.config or default_config())
+        torch.manual_seed(0)
+        pipe = Pipeline(cfg, build_model(cfg), args.device, weights_loaded=False, engine="eager",
+                        precision=args.precision)
+    else:
+        pipe = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="eager",
+                                    precision=args.precision)
+    if args.spconv_algo == "implicit_gemm":
+        from spconv.core import ConvAlgo
+        from spconv.pytorch.conv import SparseConvolution
+
+        for m in pipe.model.modules():
+            if isinstance(m, SparseConvolution):
+                m.algo = ConvAlgo.MaskImplicitGemm
     nondet_ops: Dict[str, int] = {}
     per_module: Dict[str, Dict[str, Any]] = {}
     rows = []
@@ -177,6 +203,7 @@ def main(argv=None) -> int:
     differing = {k: v for k, v in per_module.items() if v["differ"]}
     report = {"what": "run-to-run differences of the eager pipeline, per module output (canonical order)",
               "deterministic_algorithms": bool(args.deterministic), "precision": args.precision,
+              "random_weights": bool(args.random_weights), "spconv_algo": args.spconv_algo,
               "nondeterministic_torch_ops": nondet_ops, "frames": rows, "differing_outputs": differing,
               "outputs_checked": len(per_module)}
     print("non-deterministic torch ops (torch's warnings):", nondet_ops or "none", flush=True)
