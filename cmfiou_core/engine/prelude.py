@@ -691,8 +691,9 @@ class StaticFront:
                     pre.pseudo_capacity = int(-(-int(f[F_PSEUDO] * self.margin) // q) * q)
                     self.regrowths += 1
                     self._graphs.clear()
-                    log.warning("StaticFront: %d pseudo rows exceed the capacity: grown to %d and the frame re-run; "
-                                "the prelude's CUDA graph is captured again", f[F_PSEUDO], pre.pseudo_capacity)
+                    log.warning("StaticFront: %d pseudo rows exceed the capacity: grown to %d and the frame re-run%s",
+                                f[F_PSEUDO], pre.pseudo_capacity,
+                                "; the prelude's CUDA graph is captured again" if use_graph else "")
                     rnd = self.rnd(frame) if use_img else None
                 if thin:            # as the eager generator: this frame is thinned again by sorting
                     pre.sort_thinning = True

@@ -172,9 +172,16 @@ class EngineBackbone(nn.Module):
         if not overflow:
             return False
         self.regrowths += 1
-        log.warning("%s: capacity overflow (%d sites): capacities grown to %s and the frame re-run; the CUDA graph "
-                    "is captured again", who, overflow, sorted(self.engine.caps.fixed.values()))
+        graph = "; its CUDA graph is captured again" if self.graphed() else ""
+        log.warning("%s: capacity overflow (%d sites): capacities grown to %s and the frame re-run%s", who, overflow,
+                    sorted(self.engine.caps.fixed.values()), graph)
         return True
+
+    def graphed(self) -> bool:
+        """Whether this engine replays CUDA graphs (``use_graph``, by default: its weights are on a CUDA device)."""
+        if self.use_graph is not None:
+            return bool(self.use_graph)
+        return any(t.is_cuda for t in self.eager.parameters())
 
     def _write(self, batch, out, B, V, sfx, has_mm):
         """Cut the padded outputs into per-view spconv tensors (one host copy of all row counts)."""
