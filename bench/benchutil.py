@@ -51,18 +51,18 @@ def write_json(out: dict, path: Optional[str], provenance: Optional[dict] = None
         Path(path).write_text(txt + "\n")
 
 
-def spconv_native(model: torch.nn.Module, which: str) -> int:
-    """Switch the model's spconv convolutions to ``ConvAlgo.Native`` (the CPU build's only algorithm; the weights
-    stay KRSC either way): ``which`` = none | 2d (the ResVC image-plane convolutions) | all. -> convs switched."""
-    if which == "none":
-        return 0
+def set_spconv_algo(model: torch.nn.Module, algo: str) -> int:
+    """Put every spconv convolution of ``model`` on ``algo``: ``native`` (what the detector builds,
+    ``model.spconv_compat``) or ``implicit_gemm`` (the GPU wheels' default ``MaskImplicitGemm``, to reproduce what
+    the eager model did before; GPU builds only). Weights are KRSC for both. -> convolutions set."""
     from spconv.core import ConvAlgo
     from spconv.pytorch.conv import SparseConvolution
 
+    target = {"native": ConvAlgo.Native, "implicit_gemm": ConvAlgo.MaskImplicitGemm}[algo]
     n = 0
     for m in model.modules():
-        if isinstance(m, SparseConvolution) and (which == "all" or m.ndim == 2):
-            m.algo = ConvAlgo.Native
+        if isinstance(m, SparseConvolution):
+            m.algo = target
             n += 1
     return n
 

@@ -149,13 +149,9 @@ def main(argv=None) -> int:
     else:
         pipe = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="eager",
                                     precision=args.precision)
-    if args.spconv_algo == "implicit_gemm":
-        from spconv.core import ConvAlgo
-        from spconv.pytorch.conv import SparseConvolution
+    from benchutil import set_spconv_algo
 
-        for m in pipe.model.modules():
-            if isinstance(m, SparseConvolution):
-                m.algo = ConvAlgo.MaskImplicitGemm
+    set_spconv_algo(pipe.model, args.spconv_algo)
     nondet_ops: Dict[str, int] = {}
     per_module: Dict[str, Dict[str, Any]] = {}
     rows = []

@@ -94,8 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--deterministic", action="store_true",
                     help="torch.use_deterministic_algorithms(True, warn_only=True) (CUBLAS_WORKSPACE_CONFIG=:4096:8): "
                          "torch's deterministic CUDA kernels, e.g. for eager:eager")
-    ap.add_argument("--eager-spconv-native", choices=("none", "2d", "all"), default="none",
-                    help="run the eager pipelines' spconv convolutions (2d: the image-plane ones) with ConvAlgo.Native")
+    ap.add_argument("--eager-spconv-algo", choices=("native", "implicit_gemm"), default="native",
+                    help="the eager pipelines' spconv algorithm: native (what the model builds) or implicit_gemm (the "
+                         "GPU wheels' default, which the model used before; not reproducible on the GPU)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.deterministic:
@@ -138,16 +139,16 @@ def main(argv=None) -> int:
             for prm in perturbed.model.parameters():
                 if prm.dtype.is_floating_point:
                     prm.mul_(1 + 1e-6 * torch.randn(prm.shape, generator=g).to(prm.device))
-    from benchutil import spconv_native
+    from benchutil import set_spconv_algo
 
     for p in (eager, perturbed):
         if p is not None:
-            print(f"eager spconv convs switched to Native: {spconv_native(p.model, args.eager_spconv_native)}")
+            set_spconv_algo(p.model, args.eager_spconv_algo)
     runs = {"eager": eager, "graph": graph, "graph_eager_front": graph_ef, "eager_perturbed": perturbed}
     report = {"what": "per-frame detections of pairs of pipelines (eager spconv / engine=graph)",
               "score_threshold_for_unmatched": args.score, "precision": args.precision,
               "deterministic_algorithms": bool(args.deterministic),
-              "eager_spconv_native": args.eager_spconv_native, "comparisons": {}}
+              "eager_spconv_algo": args.eager_spconv_algo, "comparisons": {}}
     for comp in args.compare.split(","):
         an, bn = comp.split(":")
         rows, worst = compare(frames, runs[an], runs[bn], args.score, rotated_iou_paired)

@@ -77,12 +77,12 @@ B)
   [ -n "${PROBE:-}" ] && for mod in backbone_3d.vir_conv1.d2_conv1 backbone_3d.vir_conv2.d2_conv1 backbone_3d.vir_conv4.d3_conv2 backbone_3d.vir_conv1.d3_conv3; do
     log "spconv probe $mod"; TO=90 P spconv_probe --device cuda --checkpoint '' --kitti $K --module $mod \
       --json $OUT/spconv_probe_${mod//./_}_h200.json 2>&1 | filt | tail -8; done
-  # NATIVE="2d all": eager:eager and eager:graph with the eager spconv convs on ConvAlgo.Native
-  for nat in ${NATIVE:-}; do
-    log "agreement, eager spconv $nat on Native"; TO=200 P engine_agreement --device cuda --checkpoint '' --kitti $K \
-      --kitti $S/training --generated 0 --precision fp32 --compare ${NCOMPARE:-eager:eager,eager:graph} \
-      --eager-spconv-native $nat --json $OUT/engine_agreement_fp32_native_${nat}_demo_h200.json 2>&1 | filt | tail -4
-  done
+  # IGEMM=1: eager:eager with the eager convs back on spconv's GPU default (MaskImplicitGemm): reproducible now that
+  # ResVC aligns its residual rows by voxel?
+  [ -n "${IGEMM:-}" ] && { log "agreement, eager spconv on implicit GEMM"; TO=200 P engine_agreement --device cuda \
+      --checkpoint '' --kitti $K --kitti $S/training --generated 0 --precision fp32 --compare eager:eager \
+      --eager-spconv-algo implicit_gemm --json $OUT/engine_agreement_fp32_implicit_gemm_aligned_demo_h200.json 2>&1 \
+      | filt | tail -3; }
   for pv in ${RUNS-bf16:1 bf16:3}; do p=${pv%:*}; v=${pv#*:}
     log "pipeline graph $p, $v view(s), demo checkpoint"
     TO=150 B --checkpoint '' --engine graph --precision $p --views $v --frames ${FRAMES:-100} --warmup ${WARMUP:-60} --profile 3 \
