@@ -52,19 +52,13 @@ def write_json(out: dict, path: Optional[str], provenance: Optional[dict] = None
 
 
 def set_spconv_algo(model: torch.nn.Module, algo: str) -> int:
-    """Put every spconv convolution of ``model`` on ``algo``: ``native`` (what the detector builds,
-    ``model.spconv_compat``) or ``implicit_gemm`` (the GPU wheels' default ``MaskImplicitGemm``, to reproduce what
-    the eager model did before; GPU builds only). Weights are KRSC for both. -> convolutions set."""
+    """``model.spconv_compat.set_algorithm`` by name: ``native`` (what the detector builds) or ``implicit_gemm``
+    (the GPU wheels' default ``MaskImplicitGemm``, what the eager model ran before; GPU builds only)."""
     from spconv.core import ConvAlgo
-    from spconv.pytorch.conv import SparseConvolution
 
-    target = {"native": ConvAlgo.Native, "implicit_gemm": ConvAlgo.MaskImplicitGemm}[algo]
-    n = 0
-    for m in model.modules():
-        if isinstance(m, SparseConvolution):
-            m.algo = target
-            n += 1
-    return n
+    from cmfiou_core.model.spconv_compat import set_algorithm
+
+    return set_algorithm(model, {"native": ConvAlgo.Native, "implicit_gemm": ConvAlgo.MaskImplicitGemm}[algo])
 
 
 def pipeline_arg_parser(doc: str):

@@ -31,6 +31,8 @@ def canonical(x: Any) -> List[Tuple[str, Any]]:
     """Flatten a module output into (path, tensor) pairs; sparse tensors sorted by their voxel key."""
     import torch
 
+    from cmfiou_core.engine.sparse import linear_keys
+
     out: List[Tuple[str, Any]] = []
 
     def walk(v, path):
@@ -38,11 +40,7 @@ def canonical(x: Any) -> List[Tuple[str, Any]]:
             out.append((path, v.detach().clone()))
         elif hasattr(v, "features") and hasattr(v, "indices") and hasattr(v, "spatial_shape"):
             idx = v.indices.long()
-            shape = [int(s) for s in v.spatial_shape]
-            key = idx[:, 0]
-            for d, s in enumerate(shape):
-                key = key * s + idx[:, d + 1]
-            order = torch.argsort(key)
+            order = torch.argsort(linear_keys(idx, v.spatial_shape))
             out.append((path + ".indices", idx[order].clone()))
             out.append((path + ".features", v.features.detach()[order].clone()))
         elif isinstance(v, dict):

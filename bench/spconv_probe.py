@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     from bench_pipeline import load_frames
     from spconv.core import ConvAlgo
 
+    from cmfiou_core.engine.sparse import linear_keys
     from cmfiou_core.pipeline import Pipeline
     from cmfiou_core.provenance import write_report
 
@@ -71,9 +72,7 @@ def main(argv=None) -> int:
     x = box["x"]
     idx = x.indices.long()
     shape = [int(s) for s in x.spatial_shape]
-    key = idx[:, 0]
-    for d, s in enumerate(shape):
-        key = key * s + idx[:, d + 1]
+    key = linear_keys(idx, shape)
     info = {"frame": fname, "module": args.module, "conv": repr(conv), "algo": str(conv.algo),
             "sites": int(idx.shape[0]), "unique_sites": int(torch.unique(key).numel()),
             "spatial_shape": shape, "batch_size": int(x.batch_size),

@@ -54,7 +54,7 @@ import threading
 
 import torch
 
-__all__ = ["enable_cpu_backward", "cpu_backward_enabled", "use_native_algorithm"]
+__all__ = ["enable_cpu_backward", "cpu_backward_enabled", "set_algorithm", "use_native_algorithm"]
 
 _LOCK = threading.Lock()
 _MARK = "_cmfiou_cpu_safe"
@@ -93,16 +93,22 @@ def enable_cpu_backward() -> bool:
         return True
 
 
-def use_native_algorithm(model: torch.nn.Module) -> int:
-    """Put every spconv convolution of ``model`` on ``ConvAlgo.Native`` (see the module docstring: the GPU's
-    implicit-GEMM algorithms are not reproducible in this model). Weights need no change (KRSC for every algorithm).
-    Returns the number of convolutions switched."""
-    from spconv.core import ConvAlgo
+def set_algorithm(model: torch.nn.Module, algo) -> int:
+    """Put every spconv convolution of ``model`` on ``algo`` (a ``spconv.core.ConvAlgo``). Weights need no change
+    (KRSC for every algorithm). Returns the number of convolutions whose algorithm changed."""
     from spconv.pytorch.conv import SparseConvolution
 
     n = 0
     for m in model.modules():
-        if isinstance(m, SparseConvolution) and m.algo != ConvAlgo.Native:
-            m.algo = ConvAlgo.Native
+        if isinstance(m, SparseConvolution) and m.algo != algo:
+            m.algo = algo
             n += 1
     return n
+
+
+def use_native_algorithm(model: torch.nn.Module) -> int:
+    """Put every spconv convolution of ``model`` on ``ConvAlgo.Native`` (see the module docstring: the GPU's
+    implicit-GEMM algorithms are not reproducible in this model). Returns the number of convolutions switched."""
+    from spconv.core import ConvAlgo
+
+    return set_algorithm(model, ConvAlgo.Native)
