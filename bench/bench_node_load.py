@@ -12,6 +12,12 @@ Starts the real detector node as a subprocess (real rclpy, its own ROS domain), 
 
     python bench/bench_node_load.py --rates 0 1 10 20 --seconds 30 --json node_load.json
     python bench/bench_node_load.py --tiny-sleep-ms 200        # test pipeline (200 ms per frame) instead of CMF-IOU
+    python bench/bench_node_load.py --device cuda --engine graph --model-config cfg_bf16.yaml --frames 13 \
+        --rates 1 10 20 --json node_load_h200.json                # the GPU host: every real frame in turn
+
+Per phase, ``dropped`` counts inputs without an output (the node keeps the newest frame: above its rate it drops by
+design; at a rate it sustains it must drop none), ``frame_ms`` the node's own time per frame (FrameTimings.total_ms:
+conversion + pipeline + publish).
 """
 from __future__ import annotations
 
@@ -52,6 +58,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "kitti_samples" / "object"))
     ap.add_argument("--frame", type=int, default=0, help="index of the KITTI frame to publish")
+    ap.add_argument("--frames", type=int, default=1,
+                    help="publish this many frames from --frame on, in turn (KITTI's image sizes vary: each size is "
+                         "one capacity bucket of the graph engine)")
+    ap.add_argument("--engine", default="", help="the node's engine parameter (eager | graph | auto; '' = config)")
+    ap.add_argument("--model-config", default="", help="the node's model_config parameter (e.g. inference.precision)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--tiny-sleep-ms", type=float, default=None,
@@ -78,14 +89,16 @@ def main(argv=None) -> int:
     from cmfiou_ros.replay_node import KittiSource
     from cmfiou_ros.run_graph import child_env
 
+    if ns.frames < 1:
+        raise SystemExit("--frames must be >= 1")
     src = KittiSource(ns.data)
-    _, pts, rgb, calib = src.load(ns.frame % len(src))
-    T = np.eye(4)
-    T[:3] = calib.Tr_velo_to_cam
-    cloud = C.xyzi_to_pointcloud2(pts, 0, "velo_link")
-    image = C.rgb_to_image(rgb, 0, "cam")
-    info = C.calibration_to_camera_info(calib, 0, "cam")
-    ext = C.matrix_to_transform_msg(T, 0, "cam", "velo_link")
+    msgs = []  # (cloud, image, info, extrinsic) per published frame
+    for k in range(ns.frames):
+        _, pts, rgb, calib = src.load((ns.frame + k) % len(src))
+        T = np.eye(4)
+        T[:3] = calib.Tr_velo_to_cam
+        msgs.append((C.xyzi_to_pointcloud2(pts, 0, "velo_link"), C.rgb_to_image(rgb, 0, "cam"),
+                     C.calibration_to_camera_info(calib, 0, "cam"), C.matrix_to_transform_msg(T, 0, "cam", "velo_link")))
 
     params = ["-p", "use_tf:=false", "-p", "extrinsic_topic:=/bench/lidar_to_camera", "-p", "diagnostics_period:=1.0",
               "-p", f"device:={ns.device}"]
@@ -95,6 +108,10 @@ def main(argv=None) -> int:
         env["CMFIOU_TINY_SLEEP_MS"] = str(ns.tiny_sleep_ms)
     elif ns.checkpoint:
         params += ["-p", f"checkpoint:={ns.checkpoint}"]
+    if ns.engine:
+        params += ["-p", f"engine:={ns.engine}"]
+    if ns.model_config:
+        params += ["-p", f"model_config:={Path(ns.model_config).resolve()}"]
     cmd = [sys.executable, "-m", "cmfiou_ros.detector_node", "--ros-args"] + params
     proc = subprocess.Popen(cmd, env=child_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ctx = rclpy.Context()
@@ -118,6 +135,7 @@ def main(argv=None) -> int:
     results = {"command": " ".join(["python", "bench/bench_node_load.py"] + (argv if argv is not None else
                                                                               sys.argv[1:])),
                "pipeline": "tiny" if ns.tiny_sleep_ms is not None else "cmfiou", "device": ns.device,
+               "engine": ns.engine or "config", "model_config": ns.model_config or "default", "frames": ns.frames,
                "cpu_count": os.cpu_count(), "phases": [],
                "note": "a shared host: other jobs ran beside the bench (loadavg_1min per phase: at the start and end, "
                        "mean and max of 1 s samples; it includes the detector and this publisher, ~1-2)",
@@ -131,7 +149,8 @@ def main(argv=None) -> int:
                 raise SystemExit(f"detector did not come up (rc {proc.poll()}): {proc.stderr.read()[-2000:]}")
         time.sleep(2.0)  # discovery of the other topics; pipeline warm-up already done at configure
 
-        def publish(stamp_ns):
+        def publish(stamp_ns, k):
+            cloud, image, info, ext = msgs[k % len(msgs)]
             st = C.ns_to_stamp(stamp_ns)
             ext.header.stamp = info.header.stamp = image.header.stamp = cloud.header.stamp = st
             pubs["ext"].publish(ext)
@@ -153,7 +172,7 @@ def main(argv=None) -> int:
             while time.monotonic() - w0 < ns.seconds:
                 if period is not None and time.monotonic() >= t_next:
                     s = time.time_ns()
-                    publish(s)
+                    publish(s, len(sent))
                     sent.append(s)
                     t_next += period
                 wait = 0.05 if period is None else max(0.0, min(0.05, t_next - time.monotonic()))
@@ -168,13 +187,17 @@ def main(argv=None) -> int:
                 ex.spin_once(timeout_sec=0.05)
             lat = [(r - s) * 1e-9 for r, s in got]
             newest = [(r - s) * 1e-9 for r, s in got if sent and s == sent[-1]]
+            pct = (lambda v, q: float(np.percentile(v, q)) if v else None)
             ph = {"rate_hz": rate, "seconds": round(w1 - w0, 2), "inputs": len(sent), "outputs": len(got),
+                  "dropped": len(set(sent) - {s for _, s in got}),
                   "main_thread_cpu_pct": round(100.0 * (c1 - c0) / (w1 - w0), 1),
                   "process_cpu_pct": round(100.0 * (p1 - p0) / (w1 - w0), 1),
-                  "frame_ms_p50": float(np.percentile(proc_ms, 50)) if proc_ms else None,
+                  "frame_ms_p50": pct(proc_ms, 50),
+                  "frame_ms": {"p50": pct(proc_ms, 50), "p95": pct(proc_ms, 95), "p99": pct(proc_ms, 99),
+                               "max": max(proc_ms) if proc_ms else None},
                   "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
                   "loadavg_1min_mean_max": [round(float(np.mean(loads)), 2), round(max(loads), 2)],
-                  "latency_s": {"p50": float(np.percentile(lat, 50)) if lat else None,
+                  "latency_s": {"p50": pct(lat, 50), "p95": pct(lat, 95), "p99": pct(lat, 99),
                                 "max": max(lat) if lat else None,
                                 "newest": newest[0] if newest else None}}
             results["phases"].append(ph)

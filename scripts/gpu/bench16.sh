@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The real-time benches on the GPU host, as three calls on one warm machine (the carry limit keeps the spconv bundle, the demo
 # checkpoint and the 13 real KITTI frames apart; /tmp survives between calls while the machine is warm):
-#   PART=A  carry .gpu_bundle + .gpu_data (real frames 000000-000005; demo checkpoint moved out of the tree): unpack,
+#   PART=A  carry .gpu_bundle + .gpu_data (real frames 000000-000003; demo checkpoint moved out of the tree): unpack,
 #           CUDA tests, host->device staging probe, 40 generated scenes of seed 2027 (never trained on), generator
 #           throughput on 16 cores.
 #   PART=B  carry .gpu_real2 (the other 7 real frames + ImageSets): engine-vs-eager agreement (IEEE fp32) on the 13
 #           real frames and the 40 scenes (and eager vs eager, graph vs graph, the engine after the eager front),
 #           then the pipeline benches (graph tf32 / bf16, 1 and 3 views; warm-up covers every input, so each capacity
 #           / image-size bucket is captured before the measured frames).
+#   PART=W  carry .gpu_wheels + .gpu_real3 (scripts/gpu/ros_env.sh --download; demo checkpoint moved out): ROS 2 Kilted for the
+#           host's Python 3.12 through scripts/setup.sh offline (rclpy, Fast DDS, the interfaces built here), the
+#           CUDA test of the static front across calibrations; B's NODE=1 then runs the real detector node.
 #   PART=C  AP of eager fp32 / graph fp32 / graph tf32 / graph bf16 on both sets (cmfiou_core.tools.evaluate).
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD CMFIOU_SHARE_DIR=$PWD
@@ -56,6 +59,11 @@ for name, arr in (("points", a), ("image", img)):
         print(f"{name} {arr.nbytes/1e6:.1f} MB {how}: median {np.median(ts):.3f} ms max {max(ts):.3f} ms "
               f"(torch threads {torch.get_num_threads()})")
 EOF
+  # IALGO=1: run-to-run reproducibility of the eager forward (random weights, 2 real frames) per spconv algorithm:
+  # does implicit GEMM reproduce now that ResVC aligns its residual rows by voxel?
+  [ -n "${IALGO:-}" ] && for a in implicit_gemm native; do log "determinism, random weights, spconv $a"
+    TO=${IALGO_S:-80} P determinism --device cuda --random-weights --kitti $K --frames 2 --spconv-algo $a \
+      --json $OUT/determinism_random_${a}_h200.json 2>&1 | filt | tail -6; done
   log "generate 40 scenes seed 2027"
   python3 -m cmfiou_core.tools.gen_scenes --out $S --num 40 --seed 2027 --val-fraction 1.0 --workers 16 2>&1 | tail -2
   [ -n "${GENBENCH:-}" ] && log "generator throughput" && timeout 150 python3 scripts/bench_generator.py --frames 64 --workers 16 --profiles v1 kitti_v2 \
@@ -97,7 +105,27 @@ B)
   # AGREE_DET=1: eager against itself under torch's deterministic algorithms
   [ -n "${AGREE_DET:-}" ] && { log "eager:eager, deterministic algorithms"; TO=150 P engine_agreement --device cuda \
     --checkpoint '' --kitti $K --kitti $S/training --generated 0 --precision fp32 --compare eager:eager --deterministic \
-    --json $OUT/engine_agreement_eager_deterministic_demo_h200.json 2>&1 | filt | tail -3; } ;;
+    --json $OUT/engine_agreement_eager_deterministic_demo_h200.json 2>&1 | filt | tail -3; }
+  # NODE=1 (after PART=W): the real detector node (rclpy, Fast DDS SHM) fed the 13 real frames in turn at 1, 10 and
+  # 20 Hz by bench_node_load.py; graph engine, bf16 (the latency rows' setting)
+  if [ -n "${NODE:-}" ]; then
+    V=$(python3 -c 'import sys; print(sys.prefix)'); . $V/cmfiou.env
+    cp config/cmfiou_kitti.yaml /tmp/node_bf16.yaml && printf '\ninference:\n  engine: graph\n  precision: bf16\n' >> /tmp/node_bf16.yaml
+    log "detector node, graph bf16, 13 real frames at 1 / 10 / 20 Hz"
+    timeout ${NODE_S:-240} python3 bench/bench_node_load.py --device cuda --engine graph --model-config /tmp/node_bf16.yaml \
+      --data /tmp/kitti --frames 13 --rates 1 10 20 --seconds ${NODE_PHASE_S:-20} --drain 10 --startup-timeout 180 \
+      --json $OUT/node_load_graph_bf16_demo_h200.json 2>&1 | filt | tail -8
+  fi ;;
+W)
+  log "ROS 2 for Python 3.12 (offline setup.sh)"
+  cp -r .gpu_real3/training/. $K/   # two real frames (000004, 000005) that do not fit A's carry
+  timeout 300 scripts/gpu/ros_env.sh .gpu_wheels 2>&1 | tail -12
+  V=$(python3 -c 'import sys; print(sys.prefix)'); . $V/cmfiou.env
+  python3 -c "import rclpy, vision_msgs.msg, cmfiou_ros.msg; from rclpy.utilities import get_rmw_implementation_identifier as g; rclpy.init(); print('rclpy ok', g())"
+  mkdir -p /tmp/ks/object && ln -sfn /tmp/kitti/training /tmp/ks/object/training
+  log "CUDA test: the static front across calibrations"
+  CMFIOU_KITTI_SAMPLES=/tmp/ks timeout 200 python3 -m pytest -q -p no:cacheprovider -rfE test/test_engine_prelude.py \
+    -k on_cuda 2>&1 | filt | tail -6 ;;
 C)
   for ep in ${EVALS:-eager:fp32 graph:fp32 graph:tf32 graph:bf16}; do e=${ep%:*}; p=${ep#*:}
     for set in real seed2027; do
