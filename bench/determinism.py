@@ -203,7 +203,8 @@ def main(argv=None) -> int:
     print("non-deterministic torch ops (torch's warnings):", nondet_ops or "none", flush=True)
     for k, v in list(differing.items())[:40]:
         print(f"  {k}: differ {v['differ']}/{v['calls']} max_abs {v['max_abs']:.3g} max_rel {v['max_rel']:.3g}")
-    write_report(args.json, report, config=args.config, checkpoint=args.checkpoint or None, device=args.device)
+    write_report(args.json, report, config=args.config,
+                 checkpoint="none" if args.random_weights else (args.checkpoint or None), device=args.device)
     return 0
 
 

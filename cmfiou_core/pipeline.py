@@ -33,7 +33,7 @@ from .depth.io import input_point_discard
 from .depth.projection import fov_flag, project_points
 from .depth.pseudo import PseudoPointGenerator, raw_rows_from_points
 from .model.detector import build_model, prepare_batch
-from .model.model_config import ENGINES, PRECISIONS, FullConfig, InferenceConfig, load_config
+from .model.model_config import ENGINES, PRECISIONS, FullConfig, InferenceConfig, graph_engine_unsupported, load_config
 from .model.voxelize import Voxelizer
 from .timing import StageTimer
 from .types import Detections, Frame
@@ -208,7 +208,13 @@ class Pipeline:
             engine = cfg.inference.engine
         if engine not in ENGINES:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        requested = engine
         engine = InferenceConfig(engine).resolve(dev)
+        why = graph_engine_unsupported(cfg.model) if engine == "graph" and requested == "auto" else None
+        if why:
+            log.warning("inference.engine auto: the graph engine cannot run %s: %s; running the eager engine",
+                        cfg.source, why)
+            engine = "eager"
         pipe = cls(cfg, model, dev, timing=timing, seed=seed, weights_loaded=loaded, amp=amp, engine=engine,
                    precision=precision)
         pipe.weights = weights

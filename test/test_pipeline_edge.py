@@ -89,7 +89,7 @@ def test_inference_engine_from_config_argument_and_auto(tmp_path):
     from cmfiou_core.pipeline import Pipeline, default_config
 
     base = yaml.safe_load(default_config().read_text())
-    assert Pipeline.from_config(None, "none", "cpu").engine == "eager"           # no section: eager
+    assert Pipeline.from_config(None, "none", "cpu").engine == "eager"           # no section: auto, eager on the CPU
 
     def write(section):
         cfg = dict(base, inference=section)
@@ -106,3 +106,19 @@ def test_inference_engine_from_config_argument_and_auto(tmp_path):
         Pipeline.from_config(write({"engin": "graph"}), "none", "cpu")
     with pytest.raises(ConfigError, match="engine must be one of"):
         Pipeline.from_config(None, "none", "cpu", engine="fast")
+
+
+def test_graph_engine_unsupported_names_what_the_engine_cannot_run():
+    """``engine: auto`` falls back to eager (with this reason logged) for configs the graph engine refuses: the
+    official release's duplicate image-plane sites and wide view batching; the shipped config runs on the engine, and
+    the engine itself refuses the official config with the same cause."""
+    from cmfiou_core.model.model_config import graph_engine_unsupported
+    from cmfiou_core.pipeline import Pipeline, default_config, load_config
+    from cmfiou_core.resources import config as config_path
+
+    assert graph_engine_unsupported(load_config(default_config()).model) is None
+    official = load_config(config_path("cmfiou_kitti_official.yaml"))
+    why = graph_engine_unsupported(official.model)
+    assert why is not None and "image_plane_duplicates" in why and "'official'" in why
+    with pytest.raises(ValueError, match="image_plane_duplicates"):
+        Pipeline.from_config(config_path("cmfiou_kitti_official.yaml"), "none", "cpu", engine="graph")

@@ -70,7 +70,8 @@ def missing_provenance(report) -> list:
     if not no_model and not HEX64.match(str(p.get("config_sha256"))):
         bad.append("config_sha256")
     # random weights (--checkpoint none) have no file to hash; anything else must be hashed
-    random_weights = p.get("checkpoint") is None and re.search(r"--checkpoint[ =](none|'none')\b", str(p.get("command")))
+    random_weights = p.get("checkpoint") is None and re.search(r"--checkpoint[ =](none|'none')\b|--random-weights\b",
+                                                                str(p.get("command")))
     if not no_model and not HEX64.match(str(p.get("checkpoint_sha256"))) and not random_weights:
         bad.append("checkpoint_sha256")
     if not (p.get("device") or p.get("device_name")):
