@@ -89,7 +89,8 @@ def main(argv=None) -> int:
                          "bf16 = the engine's fast settings (the eager one then runs TF32 / bf16 autocast)")
     ap.add_argument("--compare", default="eager:graph",
                     help="comma list of A:B pairs of eager, graph, graph_eager_front (the engine after the eager "
-                         "front), eager_perturbed (weights x (1 + 1e-6 N(0,1))); eager:eager runs the eager pipeline "
+                         "front), eager_perturbed (weights x (1 + 1e-6 N(0,1))), eager_engine_backbone (eager with "
+                         "the engine's sparse backbone only); eager:eager runs the eager pipeline "
                          "twice (its run-to-run noise)")
     ap.add_argument("--deterministic", action="store_true",
                     help="torch.use_deterministic_algorithms(True, warn_only=True) (CUBLAS_WORKSPACE_CONFIG=:4096:8): "
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
         import torch
 
         torch.use_deterministic_algorithms(True, warn_only=True)
-    names = ("eager", "graph", "graph_eager_front", "eager_perturbed")
+    names = ("eager", "graph", "graph_eager_front", "eager_perturbed", "eager_engine_backbone")
     for comp in args.compare.split(","):
         sides = comp.split(":")
         if len(sides) != 2 or any(n not in names for n in sides):
@@ -144,7 +145,20 @@ def main(argv=None) -> int:
     for p in (eager, perturbed):
         if p is not None:
             set_spconv_algo(p.model, args.eager_spconv_algo)
-    runs = {"eager": eager, "graph": graph, "graph_eager_front": graph_ef, "eager_perturbed": perturbed}
+    # the eager pipeline with only its sparse backbone (S2D + ResVC) replaced by the engine's (engine.runtime
+    # use_engine, no CUDA graph); BEV, RPN, proposal layer, RoI head and post-processing stay eager: separates the
+    # backbone's share of an engine-vs-eager difference from the rest of FrameGraph's
+    eager_eb = None
+    if "eager_engine_backbone" in args.compare:
+        import torch
+
+        from cmfiou_core.engine.runtime import use_engine
+
+        eager_eb = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="eager",
+                                        precision=args.precision)
+        use_engine(eager_eb.model, use_graph=False, dtype=eager_eb.amp or torch.float32)
+    runs = {"eager": eager, "graph": graph, "graph_eager_front": graph_ef, "eager_perturbed": perturbed,
+            "eager_engine_backbone": eager_eb}
     report = {"what": "per-frame detections of pairs of pipelines (eager spconv / engine=graph)",
               "score_threshold_for_unmatched": args.score, "precision": args.precision,
               "deterministic_algorithms": bool(args.deterministic),

@@ -100,7 +100,7 @@ B)
   done
   log "engine agreement, IEEE fp32, 13 real frames + 40 scenes"
   TO=240 P engine_agreement --device cuda --checkpoint '' --kitti $K --kitti $S/training \
-    --generated 0 --precision fp32 --compare ${COMPARE:-eager:graph,eager:eager,graph_eager_front:graph,eager:eager_perturbed} \
+    --generated 0 --precision fp32 --compare ${COMPARE:-eager:graph,eager:eager_engine_backbone,eager:graph_eager_front,eager:eager_perturbed} \
     --json $OUT/engine_agreement_fp32_demo_h200.json 2>&1 | filt | tail -6
   # AGREE_DET=1: eager against itself under torch's deterministic algorithms
   [ -n "${AGREE_DET:-}" ] && { log "eager:eager, deterministic algorithms"; TO=150 P engine_agreement --device cuda \
