@@ -34,3 +34,9 @@ def test_cmfiou_train_one_iteration_cpu(tmp_path):
     _, rep = load_checkpoint(out / "export.pt", model, strict=True)
     changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert changed  # trained weights (fp16 export) load strictly into a fresh model
+    # the CPU build of spconv has only Native: asking for implicit GEMM there is refused, naming the option
+    r = subprocess.run([sys.executable, "-m", "cmfiou_core.tools.train", "--config", "config/cmfiou_kitti.yaml",
+                        "--data", str(data), "--device", "cpu", "--max-iters", "1", "--batch-size", "1",
+                        "--workers", "0", "--out", str(tmp_path / "run2"), "--no-progress", "--no-tensorboard",
+                        "--spconv-algo", "implicit_gemm"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "--spconv-algo implicit_gemm needs CUDA" in r.stderr, r.stderr[-2000:]
