@@ -51,15 +51,6 @@ def write_json(out: dict, path: Optional[str], provenance: Optional[dict] = None
         Path(path).write_text(txt + "\n")
 
 
-def set_spconv_algo(model: torch.nn.Module, algo: str) -> int:
-    """``model.spconv_compat.set_algorithm`` by name: ``native`` (what the detector builds) or ``implicit_gemm``
-    (the GPU wheels' default ``MaskImplicitGemm``, what the eager model ran before; GPU builds only)."""
-    from spconv.core import ConvAlgo
-
-    from cmfiou_core.model.spconv_compat import set_algorithm
-
-    return set_algorithm(model, {"native": ConvAlgo.Native, "implicit_gemm": ConvAlgo.MaskImplicitGemm}[algo])
-
 
 def pipeline_arg_parser(doc: str):
     """An ArgumentParser with the options every pipeline-comparing bench takes: --config, --checkpoint (empty: the

@@ -106,6 +106,8 @@ def record(pipe, frame):
 def main(argv=None) -> int:
     from benchutil import pipeline_arg_parser
 
+    from cmfiou_core.model.spconv_compat import ALGORITHM_NAMES, set_algorithm
+
     ap = pipeline_arg_parser(__doc__)
     ap.add_argument("--generated", type=int, default=0)
     ap.add_argument("--gen-dir", default="/tmp/determinism_gen")
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--random-weights", action="store_true",
                     help="a model with seed-0 random weights instead of a checkpoint (reproducibility needs no "
                          "trained weights; for a device host that cannot carry the checkpoint)")
-    ap.add_argument("--spconv-algo", choices=("native", "implicit_gemm"), default="native",
+    ap.add_argument("--spconv-algo", choices=ALGORITHM_NAMES, default="native",
                     help="the spconv algorithm of every conv: native (what the model uses) or implicit_gemm (the "
                          "GPU wheels' default, MaskImplicitGemm)")
     ap.add_argument("--json", default=None)
@@ -147,9 +149,8 @@ def main(argv=None) -> int:
     else:
         pipe = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="eager",
                                     precision=args.precision)
-    from benchutil import set_spconv_algo
 
-    set_spconv_algo(pipe.model, args.spconv_algo)
+    set_algorithm(pipe.model, args.spconv_algo)
     nondet_ops: Dict[str, int] = {}
     per_module: Dict[str, Dict[str, Any]] = {}
     rows = []

@@ -80,6 +80,8 @@ def compare(frames, pa, pb, score, rotated_iou_paired):
 def main(argv=None) -> int:
     from benchutil import pipeline_arg_parser
 
+    from cmfiou_core.model.spconv_compat import ALGORITHM_NAMES, set_algorithm
+
     ap = pipeline_arg_parser(__doc__)
     ap.add_argument("--generated", type=int, default=8)
     ap.add_argument("--gen-dir", default="/tmp/agree_gen")
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--deterministic", action="store_true",
                     help="torch.use_deterministic_algorithms(True, warn_only=True) (CUBLAS_WORKSPACE_CONFIG=:4096:8): "
                          "torch's deterministic CUDA kernels, e.g. for eager:eager")
-    ap.add_argument("--eager-spconv-algo", choices=("native", "implicit_gemm"), default="native",
+    ap.add_argument("--eager-spconv-algo", choices=ALGORITHM_NAMES, default="native",
                     help="the eager pipelines' spconv algorithm: native (what the model builds) or implicit_gemm (the "
                          "GPU wheels' default, which the model used before; not reproducible on the GPU)")
     ap.add_argument("--json", default=None)
@@ -140,11 +142,10 @@ def main(argv=None) -> int:
             for prm in perturbed.model.parameters():
                 if prm.dtype.is_floating_point:
                     prm.mul_(1 + 1e-6 * torch.randn(prm.shape, generator=g).to(prm.device))
-    from benchutil import set_spconv_algo
 
     for p in (eager, perturbed):
         if p is not None:
-            set_spconv_algo(p.model, args.eager_spconv_algo)
+            set_algorithm(p.model, args.eager_spconv_algo)
     # the eager pipeline with only its sparse backbone (S2D + ResVC) replaced by the engine's (engine.runtime
     # use_engine, no CUDA graph); BEV, RPN, proposal layer, RoI head and post-processing stay eager: separates the
     # backbone's share of an engine-vs-eager difference from the rest of FrameGraph's

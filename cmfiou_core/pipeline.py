@@ -123,8 +123,9 @@ class Pipeline:
             from .engine.frame import FrameGraph
             from .engine.runtime import use_engine
 
-            if self.model.roi_head is None:
-                raise ConfigError("engine 'graph' needs a model with a RoI head (model.roi_head)")
+            why = graph_engine_unsupported(self.mcfg)
+            if why:
+                raise ConfigError(f"engine 'graph' cannot run {cfg.source}: {why}")
             self._frame_graph = FrameGraph(self.model, use_engine(self.model, dtype=self.amp or torch.float32))
         self._front = None
         self.depth_cfg = DepthConfig.from_dict(cfg.depth, cfg.source)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..model.backbone3d import VCEConv8x
+from ..model.model_config import backbone_engine_unsupported
 from ..model.resvc import (IMAGE_GRID_H, IMAGE_GRID_W, ResConvBlock, _affine4, inverse_view_transform,
                            pixels_to_cells, voxel_centers)
 from ..model.s2d import RAWSDBlock, SparseBasicBlock3D
@@ -87,12 +88,9 @@ class BackboneEngine(nn.Module):
         self.cfg = backbone.cfg
         self.caps = capacities or Capacities()
         self.sparse_shape = list(backbone.sparse_shape)
-        if self.cfg.mm and self.cfg.image_plane_duplicates != "mean":
-            raise ValueError("BackboneEngine: needs backbone_3d.image_plane_duplicates: mean (the official duplicate "
-                             "sites depend on spconv's internal pair order); use inference.engine: eager for "
-                             f"{self.cfg.image_plane_duplicates!r}")
-        if self.cfg.view_batching != "separate":
-            raise ValueError("BackboneEngine: needs backbone_3d.view_batching: separate (views are batched as samples)")
+        why = backbone_engine_unsupported(self.cfg)
+        if why:
+            raise ValueError(f"BackboneEngine: {why}; use inference.engine: eager")
         self.conv_input = _Block(backbone.conv_input)
         self.conv1 = _Block(backbone.conv1)
         self.levels = nn.ModuleList()

@@ -237,18 +237,22 @@ class InferenceConfig:
         return "graph" if torch.device(device).type == "cuda" else "eager"
 
 
-def graph_engine_unsupported(model: "ModelConfig") -> Optional[str]:
-    """Why the graph engine cannot run this model config (None: it can). ``engine: auto`` then runs eager and says
-    so; ``engine: graph`` is refused with the same reason by the engine itself."""
-    b = model.backbone_3d
-    if model.roi_head is None:
-        return "model.roi_head is not set (the engine runs the RoI head)"
+def backbone_engine_unsupported(b: Backbone3DConfig) -> Optional[str]:
+    """Why the engine's sparse backbone (``engine.backbone.BackboneEngine``) cannot run this backbone (None: it can)."""
     if b.mm and b.image_plane_duplicates != "mean":
         return (f"backbone_3d.image_plane_duplicates is {b.image_plane_duplicates!r} (the engine needs 'mean': the "
                 "official duplicate sites depend on spconv's internal pair order)")
     if b.view_batching != "separate":
-        return f"backbone_3d.view_batching is {b.view_batching!r} (the engine needs 'separate')"
+        return f"backbone_3d.view_batching is {b.view_batching!r} (the engine needs 'separate': views as samples)"
     return None
+
+
+def graph_engine_unsupported(model: "ModelConfig") -> Optional[str]:
+    """Why the graph engine cannot run this model config (None: it can). ``engine: graph`` is refused with this
+    reason; ``engine: auto`` then runs eager and says so."""
+    if model.roi_head is None:
+        return "model.roi_head is not set (the engine runs the RoI head)"
+    return backbone_engine_unsupported(model.backbone_3d)
 
 
 def _parse_inference(raw, source: str) -> InferenceConfig:

@@ -54,7 +54,8 @@ import threading
 
 import torch
 
-__all__ = ["enable_cpu_backward", "cpu_backward_enabled", "set_algorithm", "use_native_algorithm"]
+__all__ = ["ALGORITHM_NAMES", "enable_cpu_backward", "cpu_backward_enabled", "set_algorithm",
+           "use_native_algorithm"]
 
 _LOCK = threading.Lock()
 _MARK = "_cmfiou_cpu_safe"
@@ -93,10 +94,22 @@ def enable_cpu_backward() -> bool:
         return True
 
 
+ALGORITHM_NAMES = ("native", "implicit_gemm")
+
+
 def set_algorithm(model: torch.nn.Module, algo) -> int:
-    """Put every spconv convolution of ``model`` on ``algo`` (a ``spconv.core.ConvAlgo``). Weights need no change
-    (KRSC for every algorithm). Returns the number of convolutions whose algorithm changed."""
+    """Put every spconv convolution of ``model`` on ``algo``: a ``spconv.core.ConvAlgo`` or a name of
+    :data:`ALGORITHM_NAMES` (``native``; ``implicit_gemm`` = ``MaskImplicitGemm``, the GPU wheels' default, GPU builds
+    only). Weights need no change (KRSC for every algorithm). Returns the number of convolutions whose algorithm
+    changed."""
+    from spconv.core import ConvAlgo
     from spconv.pytorch.conv import SparseConvolution
+
+    if isinstance(algo, str):
+        names = dict(zip(ALGORITHM_NAMES, (ConvAlgo.Native, ConvAlgo.MaskImplicitGemm)))
+        if algo not in names:
+            raise ValueError(f"spconv algorithm must be one of {', '.join(ALGORITHM_NAMES)}, got {algo!r}")
+        algo = names[algo]
 
     n = 0
     for m in model.modules():
@@ -109,6 +122,4 @@ def set_algorithm(model: torch.nn.Module, algo) -> int:
 def use_native_algorithm(model: torch.nn.Module) -> int:
     """Put every spconv convolution of ``model`` on ``ConvAlgo.Native`` (see the module docstring: the GPU's
     implicit-GEMM algorithms are not reproducible in this model). Returns the number of convolutions switched."""
-    from spconv.core import ConvAlgo
-
-    return set_algorithm(model, ConvAlgo.Native)
+    return set_algorithm(model, "native")

@@ -34,6 +34,7 @@ def default_config() -> str:
     return str(_default())
 
 from cmfiou_core.model.model_config import OPT_DEFAULTS, optimization_settings  # noqa: E402,F401  (re-exported)
+from cmfiou_core.model.spconv_compat import ALGORITHM_NAMES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-every-minutes", type=float, default=0.0, help="extra mid-epoch saves of latest.pth")
     ap.add_argument("--keep-last", type=int, default=5)
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    ap.add_argument("--spconv-algo", default="auto", choices=["auto", "native", "implicit_gemm"],
+    ap.add_argument("--spconv-algo", default="auto", choices=["auto", *ALGORITHM_NAMES],
                     help="spconv algorithm of every sparse convolution while training: auto = implicit_gemm on CUDA "
                          "(spconv's GPU default; measured ~1 it/s at batch 2 on Native on the H200), native on the "
                          "CPU (its only one). Inference always runs Native: the GPU's implicit GEMM is not "
@@ -223,10 +224,8 @@ def main(argv=None) -> int:
             if algo != "native":
                 if dist_info.device.type != "cuda":
                     raise SystemExit(f"--spconv-algo {algo} needs CUDA (spconv's CPU build has only native)")
-                from spconv.core import ConvAlgo
-
                 from cmfiou_core.model.spconv_compat import set_algorithm
-                n = set_algorithm(model, ConvAlgo.MaskImplicitGemm)
+                n = set_algorithm(model, algo)
                 if dist_info.is_main:
                     log.info("training with spconv %s (%d convolutions; inference runs Native)", algo, n)
             train_set, collate = _build_train_data(full, args.data, tcfg.seed, args.no_pseudo)
