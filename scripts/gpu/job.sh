@@ -14,10 +14,10 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd); cd "$ROOT"
 SITE=${SITE:-/tmp/site}  # where setup unpacks the bundle
 export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE:$ROOT NCCL_NVLS_ENABLE=0 CMFIOU_SHARE_DIR=${CMFIOU_SHARE_DIR:-$ROOT}
 PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}; WORKERS=${WORKERS:-12}; RUN_ROOT=${RUN_ROOT:-/tmp}
-GEN=${GEN:-/tmp/gen}; NGEN=${NGEN:-400}; MIN=${MIN:-12}  # gen: GEN_PROFILE (v1|kitti_v2), GEN_SEED, GEN_VAL
+GEN=${GEN:-/tmp/gen}; NGEN=${NGEN:-400}; MIN=${MIN:-12}  # gen: GEN_PROFILE (v1|kitti_v2), GEN_SEED, GEN_VAL, GEN_MIX
 # eval_fresh: scenes of a seed never used in training (FRESH_SEED, FRESH_N, FRESH_PROFILE) in FRESH_GEN
 FRESH_GEN=${FRESH_GEN:-/tmp/gen_fresh}; FRESH_SEED=${FRESH_SEED:-2028}; FRESH_N=${FRESH_N:-120}
-FRESH_PROFILE=${FRESH_PROFILE:-kitti_v2}
+FRESH_PROFILE=${FRESH_PROFILE:-kitti_v2}  # FRESH_TAG: suffix of eval_fresh's JSON names
 log() { echo "=== $(date +%T) $*"; }
 for stage in "$@"; do case $stage in
 setup)
@@ -35,6 +35,15 @@ gen)
   [ -f $GEN/kitti_infos_train.json ] || {
     $PY -m cmfiou_core.tools.gen_scenes --out $GEN --num $NGEN --seed ${GEN_SEED:-7} --profile ${GEN_PROFILE:-v1} \
       --val-fraction ${GEN_VAL:-0.2} --workers ${GEN_WORKERS:-16} &&
+    if [ "${GEN_MIX:-0}" -gt 0 ]; then
+      # GEN_MIX more scenes of profile GEN_MIX_PROFILE (seed GEN_SEED+1, ids from NGEN on) in the same root; gen_scenes
+      # writes ImageSets for its own ids only, so the first run's lists are kept and the second's appended
+      mkdir -p $GEN/.sets && cp $GEN/ImageSets/*.txt $GEN/.sets/ &&
+      $PY -m cmfiou_core.tools.gen_scenes --out $GEN --num $GEN_MIX --seed $(( ${GEN_SEED:-7} + 1 )) --start $NGEN \
+        --profile ${GEN_MIX_PROFILE:-v1} --val-fraction ${GEN_VAL:-0.2} --workers ${GEN_WORKERS:-16} &&
+      for f in train val trainval; do cat $GEN/.sets/$f.txt $GEN/ImageSets/$f.txt > $GEN/.sets/$f.all &&
+        mv $GEN/.sets/$f.all $GEN/ImageSets/$f.txt; done && rm -rf $GEN/.sets &&
+      echo "mixed: $(wc -l < $GEN/ImageSets/train.txt) train / $(wc -l < $GEN/ImageSets/val.txt) val"; fi &&
     $PY -m cmfiou_core.tools.make_depth --root $GEN --device $DEVICE &&
     $PY -m cmfiou_core.tools.create_infos --root $GEN --raw-from-bin; } 2>&1 | grep --line-buffered -v Warn | tail -5 ;;
 gputest)
@@ -99,7 +108,7 @@ gen_fresh|eval_fresh)
     lo=""; [ $name = lidar ] && lo=--lidar-only
     log "eval_fresh $name"
     $PY -m cmfiou_core.tools.evaluate --data $FRESH_GEN --split val --checkpoint "$ck" --device $DEVICE $lo \
-      --json $OUT/ap_${name}_fresh.json 2>&1 | grep --line-buffered -v "Warn\|AP:\|AP@\|AP_R40\|ret\[slices" | tail -14
+      --json $OUT/ap_${name}_fresh${FRESH_TAG:-}.json 2>&1 | grep --line-buffered -v "Warn\|AP:\|AP@\|AP_R40\|ret\[slices" | tail -14
   done ;;
 bench|bench1|bench3)
   ck=${CKPT:-/tmp/run_full/export_fp16.pt}; ckarg=""; [ -f "$ck" ] && ckarg="--checkpoint $ck"
