@@ -4,7 +4,8 @@
 # usage: scripts/gpu/job.sh STAGE...   stages: setup gputest gen gen_fresh probe train_full train_lidar eval
 #        eval_fresh bench bench1 bench3 engine split_ckpt
 # The bundle (43.6 MiB) and the tracked tree (41 MiB with the demo checkpoint) do not fit one call's 64 MiB together:
-# split it (split -n 2 -d .gpu_bundle/gpu_site.tar.xz .gpu_bundle/gpu_site.part) and carry one part per call
+# split it (split -b 31500000 -d .gpu_bundle/gpu_site.tar.xz .gpu_bundle/gpu_site.part: 31.5 + 14.2 MB, so the second
+# part fits beside the tree with the checkpoint) and carry one part per call
 # (.gpu_bundle/gpu_site.part00 with the first, .gpu_bundle/gpu_site.part01 with the next, while the machine is warm:
 # carried files stay there between calls); setup joins the parts (xz's checksums refuse a missing or truncated part).
 # The CPU runs the same stages at toy size: DEVICE=cpu WORKERS=0 GEN_WORKERS=2 RUN_ROOT=/tmp/x OUT=/tmp/x/out.
@@ -103,7 +104,7 @@ gen_fresh|eval_fresh)
     $PY -m cmfiou_core.tools.gen_scenes --out $FRESH_GEN --num $FRESH_N --seed $FRESH_SEED --profile $FRESH_PROFILE \
       --val-fraction 1.0 --workers ${GEN_WORKERS:-16} 2>&1 | grep --line-buffered -v Warn | tail -3; }
   [ $stage = gen_fresh ] && continue
-  for name in ${EVAL_RUNS:-full} demo; do
+  for name in ${EVAL_RUNS:-full} ${FRESH_DEMO-demo}; do   # FRESH_DEMO= : the trained run(s) only
     if [ $name = demo ]; then ck=""; else ck=$RUN_ROOT/run_$name/export_fp16.pt; [ -f $ck ] || continue; fi
     lo=""; [ $name = lidar ] && lo=--lidar-only
     log "eval_fresh $name"

@@ -8,8 +8,8 @@
 #           (job.sh train_full, TRAIN_EXTRA, MIN minutes, this call's part STOP_S) in the background while issue 16's
 #           checks run beside it on the real frames (the static front's CUDA test; backbone engine == eager index sets
 #           and feature difference; eager vs graph / eager with the engine backbone detections).
-#   CALL=3  nothing new carried: the rest of the training, eval_fresh on both fresh sets (trained and demo),
-#           evaluate on the real frames here, split_ckpt (the export back in 15 MB parts).
+#   CALL=3  nothing new carried: the rest of the training, split_ckpt (the export back in 15 MB parts), evaluate
+#           on the real frames here, eval_fresh on both fresh sets (trained only), TF32=1 the graph tf32 bench.
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD CMFIOU_SHARE_DIR=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -40,15 +40,32 @@ case ${CALL:-1} in
   timeout 240 python3 bench/engine_agreement.py --device cuda --checkpoint '' --kitti $K --generated 0 --precision fp32 \
     --compare eager:graph,eager:eager_engine_backbone --json $OUT/engine_agreement_fp32_real7_demo_h200.json 2>&1 \
     | filt | tail -12
+  # frame 000000 (the one pair off in session 9) again with the Triton grid-pool / NMS kernels off: kernel or not?
+  mkdir -p /tmp/k0/training && for d in velodyne image_2 calib label_2; do mkdir -p /tmp/k0/training/$d
+    ln -sf $K/$d/000000.* /tmp/k0/training/$d/; done
+  log "engine agreement on 000000, Triton grid-pool / NMS off"
+  timeout 120 python3 -c "import sys; sys.path.insert(0, 'bench'); import cmfiou_core.engine.nms as n, cmfiou_core.engine.roi as r
+n.USE_TRITON_NMS = r.USE_TRITON_POOL = False
+import engine_agreement as m; sys.exit(m.main(sys.argv[1:]))" --device cuda --checkpoint '' --kitti /tmp/k0/training \
+    --generated 0 --precision fp32 --compare eager:graph --json $OUT/engine_agreement_fp32_000000_nokern_demo_h200.json \
+    2>&1 | filt | tail -4
   log "waiting for the training"; wait $tp; tail -16 /tmp/train_call2.log ;;
 3)
+  # most important first (a call cut at the device budget still brings $OUT back): the training, the export, the
+  # real frames, the fresh-seed scenes; the demo's numbers on both fresh sets are in docs/results already
   [ -n "${NO_TRAIN:-}" ] || { log "training, rest"; WORKERS=${WORKERS:-12} STOP_S=${STOP_S:-400} $J train_full; }
-  FRESH_GEN=/tmp/fresh_v2 FRESH_TAG=_seed2028_v2 $J eval_fresh
-  FRESH_GEN=/tmp/fresh_v1 FRESH_TAG=_seed2027_v1 $J eval_fresh
-  for tag in trained demo; do ck=""; [ $tag = trained ] && ck=/tmp/run_full/export_fp16.pt; log "evaluate real frames here ($tag)"
-    timeout 120 python3 -m cmfiou_core.tools.evaluate --data /tmp/kitti --split all --device cuda --checkpoint "$ck" \
-      --json $OUT/ap_real7_$tag.json 2>&1 | filt | grep -i "car\|ped\|cyc\|unmatched" | head -8
-  done
-  $J split_ckpt ;;
+  $J split_ckpt
+  log "evaluate real frames here (trained)"
+  timeout 120 python3 -m cmfiou_core.tools.evaluate --data /tmp/kitti --split all --device cuda \
+    --checkpoint /tmp/run_full/export_fp16.pt --json $OUT/ap_real7_trained.json 2>&1 | filt \
+    | grep -i "car\|ped\|cyc\|unmatched" | head -8
+  FRESH_DEMO= FRESH_GEN=/tmp/fresh_v2 FRESH_TAG=_seed2028_v2 $J eval_fresh
+  FRESH_DEMO= FRESH_GEN=/tmp/fresh_v1 FRESH_TAG=_seed2027_v1 $J eval_fresh
+  # TF32=1: the default precision's latency with today's engine (graph tf32, 1 view, the real frames + seed 2027)
+  [ -n "${TF32:-}" ] && { log "pipeline graph tf32, 1 view, demo checkpoint"
+    timeout 150 python3 bench/bench_pipeline.py --device cuda --no-messages --kitti $K --kitti /tmp/fresh_v1/training \
+      --checkpoint '' --engine graph --precision tf32 --views 1 --frames 100 --warmup 60 --profile 3 --verbose \
+      --label "1 view graph tf32 demo" --json $OUT/bench_1view_graph_tf32_demo_h200.json \
+      --md $OUT/bench_1view_graph_tf32_demo_h200.md 2>&1 | filt | tail -30; } ;;
 esac
 log done
