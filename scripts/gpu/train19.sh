@@ -1,67 +1,64 @@
 #!/usr/bin/env bash
-# Issue 19's training round on the GPU host as three calls on one warm machine (/tmp survives between them):
-#   CALL=1  carry .gpu_bundle/gpu_site.part00 + .gpu_data + .gpu_real3, demo checkpoint moved out of the tree:
-#           NGEN kitti_v2 scenes (seed GEN_SEED) + GEN_MIX v1 scenes (seed GEN_SEED+1) with depth, infos and the GT
-#           database; FRESH_N kitti_v2 scenes of seed 2028 and 40 v1 scenes of seed 2027 (never trained on); the real
-#           frames to /tmp/kitti. No spconv needed.
-#   CALL=2  carry .gpu_bundle/gpu_site.part01 with the checkpoint in the tree: setup joins the bundle; training
-#           (job.sh train_full, TRAIN_EXTRA, MIN minutes, this call's part STOP_S) in the background while issue 16's
-#           checks run beside it on the real frames (the static front's CUDA test; backbone engine == eager index sets
-#           and feature difference; eager vs graph / eager with the engine backbone detections).
-#   CALL=3  nothing new carried: the rest of the training, split_ckpt (the export back in 15 MB parts), evaluate
-#           on the real frames here, eval_fresh on both fresh sets (trained only), TF32=1 the graph tf32 bench.
+# Issue 19's training round on the GPU host as two calls on one warm machine (/tmp survives between them; the 64 MiB
+# carry keeps the spconv bundle's two parts, the demo checkpoint and the real frames apart):
+#   CALL=1  carry .gpu_bundle/gpu_site.part01 with the checkpoint in the tree (58.9 MB): the checkpoint to
+#           /tmp/demo.pt; NGEN kitti_v2 scenes (seed GEN_SEED) + GEN_MIX v1 scenes (seed GEN_SEED+1) with depth,
+#           infos and the GT database; FRESH_N kitti_v2 scenes of seed 2028 and 40 v1 scenes of seed 2027 (never
+#           trained on). No spconv needed.
+#   CALL=2  carry .gpu_bundle/gpu_site.part00 + .gpu_data + .gpu_real3, the checkpoint moved out of the tree
+#           (55.7 MB): setup joins the bundle, the checkpoint goes back into models/ here, the real frames to
+#           /tmp/kitti; training (job.sh train_full, TRAIN_EXTRA, MIN minutes) in the background while issue 16's
+#           checks run beside it (the static front's CUDA test; eager vs graph / eager with the engine backbone on
+#           the real frames; frame 000000 with the Triton kernels off); then the export (15 MB parts), the real
+#           frames, both fresh sets (the trained run; the demo's numbers are in docs/results already).
+#   CALL=3  (optional) TF32=1: the graph tf32 bench (1 view; the default precision) with the demo checkpoint.
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD CMFIOU_SHARE_DIR=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 log() { echo "=== $(date +%T) $*"; }
 filt() { grep --line-buffered -v "Warn\|is_fx\|slices\|_warn_once\|ret\[\|^\[bench\] frame\|warm-up frame" ; }
-K=/tmp/kitti/training; J=scripts/gpu/job.sh
-export GEN=${GEN:-/tmp/gen_v2} MIN=${MIN:-11}
+K=/tmp/kitti/training; J=scripts/gpu/job.sh; CK=models/cmfiou_synthetic_demo_fp16.pt
+export GEN=${GEN:-/tmp/gen_v2} MIN=${MIN:-6}
 case ${CALL:-1} in
 1)
-  mkdir -p $K && cp -r .gpu_data/kitti/training/. $K/ && cp -r .gpu_real3/training/. $K/ && ls $K/velodyne | tr '\n' ' '
-  NGEN=${NGEN:-800} GEN_PROFILE=kitti_v2 GEN_SEED=${GEN_SEED:-101} GEN_VAL=${GEN_VAL:-0.05} GEN_MIX=${GEN_MIX:-0} \
+  cp $CK /tmp/demo.pt && sha256sum /tmp/demo.pt
+  NGEN=${NGEN:-520} GEN_PROFILE=kitti_v2 GEN_SEED=${GEN_SEED:-101} GEN_VAL=${GEN_VAL:-0.05} GEN_MIX=${GEN_MIX:-0} \
     $J gen
   FRESH_GEN=/tmp/fresh_v2 FRESH_SEED=2028 FRESH_N=${FRESH_N:-120} FRESH_PROFILE=kitti_v2 $J gen_fresh
   FRESH_GEN=/tmp/fresh_v1 FRESH_SEED=2027 FRESH_N=40 FRESH_PROFILE=v1 $J gen_fresh
   du -sh $GEN /tmp/fresh_v2 /tmp/fresh_v1 ;;
 2)
   $J setup || exit 3
-  STOP_S=${STOP_S:-480} WORKERS=${WORKERS:-10} $J train_full > /tmp/train_call2.log 2>&1 &
+  [ -f $CK ] || { mkdir -p models && cp /tmp/demo.pt $CK; }
+  mkdir -p $K && cp -r .gpu_data/kitti/training/. $K/ && cp -r .gpu_real3/training/. $K/ && ls $K/velodyne | tr '\n' ' '
+  WORKERS=${WORKERS:-10} $J train_full > /tmp/train.log 2>&1 &
   tp=$!
   mkdir -p /tmp/ks/object && ln -sfn $K /tmp/ks/object/training
   log "CUDA test: the static front across calibrations"
-  CMFIOU_KITTI_SAMPLES=/tmp/ks timeout 200 python3 -m pytest -q -p no:cacheprovider -rfE test/test_engine_prelude.py \
+  CMFIOU_KITTI_SAMPLES=/tmp/ks timeout 170 python3 -m pytest -q -p no:cacheprovider -rfE test/test_engine_prelude.py \
     -k on_cuda 2>&1 | filt | tail -6
-  log "backbone engine vs eager (Native), fp32, real frames"
-  timeout 150 python3 bench/bench_engine.py --device cuda --checkpoint '' --kitti $K --generated 0 --frames 6 \
-    --dtypes fp32 --json $OUT/bench_engine_real_fp32_h200.json 2>&1 | filt | tail -6
   log "engine agreement, IEEE fp32, real frames"
-  timeout 240 python3 bench/engine_agreement.py --device cuda --checkpoint '' --kitti $K --generated 0 --precision fp32 \
+  timeout 170 python3 bench/engine_agreement.py --device cuda --checkpoint '' --kitti $K --generated 0 --precision fp32 \
     --compare eager:graph,eager:eager_engine_backbone --json $OUT/engine_agreement_fp32_real7_demo_h200.json 2>&1 \
     | filt | tail -12
   # frame 000000 (the one pair off in session 9) again with the Triton grid-pool / NMS kernels off: kernel or not?
   mkdir -p /tmp/k0/training && for d in velodyne image_2 calib label_2; do mkdir -p /tmp/k0/training/$d
     ln -sf $K/$d/000000.* /tmp/k0/training/$d/; done
   log "engine agreement on 000000, Triton grid-pool / NMS off"
-  timeout 120 python3 -c "import sys; sys.path.insert(0, 'bench'); import cmfiou_core.engine.nms as n, cmfiou_core.engine.roi as r
+  timeout 90 python3 -c "import sys; sys.path.insert(0, 'bench'); import cmfiou_core.engine.nms as n, cmfiou_core.engine.roi as r
 n.USE_TRITON_NMS = r.USE_TRITON_POOL = False
 import engine_agreement as m; sys.exit(m.main(sys.argv[1:]))" --device cuda --checkpoint '' --kitti /tmp/k0/training \
     --generated 0 --precision fp32 --compare eager:graph --json $OUT/engine_agreement_fp32_000000_nokern_demo_h200.json \
     2>&1 | filt | tail -4
-  log "waiting for the training"; wait $tp; tail -16 /tmp/train_call2.log ;;
-3)
-  # most important first (a call cut at the device budget still brings $OUT back): the training, the export, the
-  # real frames, the fresh-seed scenes; the demo's numbers on both fresh sets are in docs/results already
-  [ -n "${NO_TRAIN:-}" ] || { log "training, rest"; WORKERS=${WORKERS:-12} STOP_S=${STOP_S:-400} $J train_full; }
+  log "waiting for the training"; wait $tp; tail -16 /tmp/train.log
   $J split_ckpt
   log "evaluate real frames here (trained)"
-  timeout 120 python3 -m cmfiou_core.tools.evaluate --data /tmp/kitti --split all --device cuda \
+  timeout 90 python3 -m cmfiou_core.tools.evaluate --data /tmp/kitti --split all --device cuda \
     --checkpoint /tmp/run_full/export_fp16.pt --json $OUT/ap_real7_trained.json 2>&1 | filt \
     | grep -i "car\|ped\|cyc\|unmatched" | head -8
   FRESH_DEMO= FRESH_GEN=/tmp/fresh_v2 FRESH_TAG=_seed2028_v2 $J eval_fresh
-  FRESH_DEMO= FRESH_GEN=/tmp/fresh_v1 FRESH_TAG=_seed2027_v1 $J eval_fresh
-  # TF32=1: the default precision's latency with today's engine (graph tf32, 1 view, the real frames + seed 2027)
+  FRESH_DEMO= FRESH_GEN=/tmp/fresh_v1 FRESH_TAG=_seed2027_v1 $J eval_fresh ;;
+3)
   [ -n "${TF32:-}" ] && { log "pipeline graph tf32, 1 view, demo checkpoint"
     timeout 150 python3 bench/bench_pipeline.py --device cuda --no-messages --kitti $K --kitti /tmp/fresh_v1/training \
       --checkpoint '' --engine graph --precision tf32 --views 1 --frames 100 --warmup 60 --profile 3 --verbose \
