@@ -22,6 +22,7 @@ export GEN=${GEN:-/tmp/gen_v2} MIN=${MIN:-5}
 case ${CALL:-1} in
 1)
   cp $CK /tmp/demo.pt && sha256sum /tmp/demo.pt
+  [ "${NGEN:-520}" -gt 0 ] || exit 0   # NGEN=0: the checkpoint only (for CALL=2 NO_TRAIN=1)
   NGEN=${NGEN:-520} GEN_PROFILE=kitti_v2 GEN_SEED=${GEN_SEED:-101} GEN_VAL=${GEN_VAL:-0.05} GEN_MIX=${GEN_MIX:-0} \
     $J gen
   FRESH_GEN=/tmp/fresh_v2 FRESH_SEED=2028 FRESH_N=${FRESH_N:-120} FRESH_PROFILE=kitti_v2 $J gen_fresh
@@ -31,8 +32,7 @@ case ${CALL:-1} in
   $J setup || exit 3
   [ -f $CK ] || { mkdir -p models && cp /tmp/demo.pt $CK; }
   mkdir -p $K && cp -r .gpu_data/kitti/training/. $K/ && cp -r .gpu_real3/training/. $K/ && ls $K/velodyne | tr '\n' ' '
-  WORKERS=${WORKERS:-10} $J train_full > /tmp/train.log 2>&1 &
-  tp=$!
+  tp=""; [ -n "${NO_TRAIN:-}" ] || { WORKERS=${WORKERS:-10} $J train_full > /tmp/train.log 2>&1 & tp=$!; }
   mkdir -p /tmp/ks/object && ln -sfn $K /tmp/ks/object/training
   log "CUDA test: the static front across calibrations"
   CMFIOU_KITTI_SAMPLES=/tmp/ks timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE test/test_engine_prelude.py \
@@ -50,6 +50,8 @@ n.USE_TRITON_NMS = r.USE_TRITON_POOL = False
 import engine_agreement as m; sys.exit(m.main(sys.argv[1:]))" --device cuda --checkpoint '' --kitti /tmp/k0/training \
     --generated 0 --precision fp32 --compare eager:graph --json $OUT/engine_agreement_fp32_000000_nokern_demo_h200.json \
     2>&1 | filt | tail -4
+  # NO_TRAIN=1: issue 16's checks, then the graph tf32 bench (no training ran beside it)
+  [ -n "$tp" ] || { TF32=1 CALL=3 bash $0; exit; }
   log "waiting for the training"; wait $tp; tail -16 /tmp/train.log
   $J split_ckpt
   log "evaluate real frames here (trained)"
@@ -60,7 +62,7 @@ import engine_agreement as m; sys.exit(m.main(sys.argv[1:]))" --device cuda --ch
   PY='timeout 50 python3' FRESH_DEMO= FRESH_GEN=/tmp/fresh_v1 FRESH_TAG=_seed2027_v1 $J eval_fresh ;;
 3)
   [ -n "${TF32:-}" ] && { log "pipeline graph tf32, 1 view, demo checkpoint"
-    timeout 150 python3 bench/bench_pipeline.py --device cuda --no-messages --kitti $K --kitti /tmp/fresh_v1/training \
+    timeout 150 python3 bench/bench_pipeline.py --device cuda --no-messages --kitti $K $([ -d /tmp/fresh_v1/training ] && echo --kitti /tmp/fresh_v1/training) \
       --checkpoint '' --engine graph --precision tf32 --views 1 --frames 100 --warmup 60 --profile 3 --verbose \
       --label "1 view graph tf32 demo" --json $OUT/bench_1view_graph_tf32_demo_h200.json \
       --md $OUT/bench_1view_graph_tf32_demo_h200.md 2>&1 | filt | tail -30; } ;;
