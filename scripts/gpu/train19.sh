@@ -22,12 +22,12 @@ export GEN=${GEN:-/tmp/gen_v2} MIN=${MIN:-5}
 case ${CALL:-1} in
 1)
   cp $CK /tmp/demo.pt && sha256sum /tmp/demo.pt
-  [ "${NGEN:-520}" -gt 0 ] || exit 0   # NGEN=0: the checkpoint only (for CALL=2 NO_TRAIN=1)
-  NGEN=${NGEN:-520} GEN_PROFILE=kitti_v2 GEN_SEED=${GEN_SEED:-101} GEN_VAL=${GEN_VAL:-0.05} GEN_MIX=${GEN_MIX:-0} \
-    $J gen
-  FRESH_GEN=/tmp/fresh_v2 FRESH_SEED=2028 FRESH_N=${FRESH_N:-120} FRESH_PROFILE=kitti_v2 $J gen_fresh
+  if [ "${NGEN:-520}" -gt 0 ]; then   # NGEN=0: the checkpoint and the 40 v1 scenes only (for CALL=2 NO_TRAIN=1)
+    NGEN=${NGEN:-520} GEN_PROFILE=kitti_v2 GEN_SEED=${GEN_SEED:-101} GEN_VAL=${GEN_VAL:-0.05} GEN_MIX=${GEN_MIX:-0} \
+      $J gen
+    FRESH_GEN=/tmp/fresh_v2 FRESH_SEED=2028 FRESH_N=${FRESH_N:-120} FRESH_PROFILE=kitti_v2 $J gen_fresh; fi
   FRESH_GEN=/tmp/fresh_v1 FRESH_SEED=2027 FRESH_N=40 FRESH_PROFILE=v1 $J gen_fresh
-  du -sh $GEN /tmp/fresh_v2 /tmp/fresh_v1 ;;
+  du -sh /tmp/gen* /tmp/fresh_v* ;;
 2)
   $J setup || exit 3
   [ -f $CK ] || { mkdir -p models && cp /tmp/demo.pt $CK; }
