@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     from cmfiou_core.engine.runtime import EngineBackbone
     from cmfiou_core.pipeline import Pipeline
 
-    frames = load_frames(args.kitti, args.generated, Path(args.gen_dir), args.generated)
-    pipe = Pipeline.from_config(args.config, args.checkpoint or None, args.device)
+    frames = load_frames(args.kitti, args.generated, Path(args.gen_dir), max(args.frames, 1))
+    pipe = Pipeline.from_config(args.config, args.checkpoint or None, args.device, engine="eager")
     if args.views == "3":
         from cmfiou_core.model.model_config import OFFICIAL_X_TRANS
         pipe.views = OFFICIAL_X_TRANS.params()

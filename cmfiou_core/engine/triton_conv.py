@@ -83,13 +83,20 @@ if AVAILABLE:
 INTERPRETER = AVAILABLE and type(_sparse_conv_kernel).__name__ == "InterpretedFunction"
 
 
+# the tile per input dtype: (BM, BN at most, BK, num_warps, num_stages); fp32 covers TF32 and IEEE products.
+# bench/bench_sparse_conv.py times candidates on a real frame's convolutions (every call of one frame, replayed)
+TILES = {torch.float32: (64, 64, 32, 4, 3), torch.bfloat16: (64, 64, 32, 4, 3), torch.float16: (64, 64, 32, 4, 3)}
+
+
 def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                relu: bool = False, residual: torch.Tensor = None, count: torch.Tensor = None) -> torch.Tensor:
+                relu: bool = False, residual: torch.Tensor = None, count: torch.Tensor = None,
+                tile=None) -> torch.Tensor:
     """y[m] = sum_k x[rows[m, k]] @ weight[k*Cin:(k+1)*Cin] + bias (rows[m, k] >= len(x): absent) [+ residual[m]],
     optional ReLU, then rows m >= count (a device scalar) set to 0. fp32 x: TF32 products if
     ``torch.backends.cuda.matmul.allow_tf32``, IEEE otherwise.
 
-    x (N, Cin), rows (M, K) int64, weight (K*Cin, Cout), bias (Cout,) -> (M, Cout) in x's dtype."""
+    x (N, Cin), rows (M, K) int64, weight (K*Cin, Cout), bias (Cout,) -> (M, Cout) in x's dtype. ``tile``: a
+    (BM, BN, BK, num_warps, num_stages) instead of ``TILES[x.dtype]`` (the tile bench)."""
     if not supports(x):
         raise RuntimeError(f"sparse_conv: the fused kernel needs Triton and a CUDA tensor (or Triton's interpreter for "
                            f"a CPU tensor), got a {x.device.type} tensor with Triton "
@@ -98,8 +105,9 @@ def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias:
     cin = x.shape[1]
     cout = weight.shape[1]
     y = torch.empty((M, cout), dtype=x.dtype, device=x.device)
-    BM, BN = 64, 64 if cout >= 64 else max(16, triton.next_power_of_2(cout))
-    BK = 32 if cin >= 32 else 16
+    BM, bn, bk, warps, stages = TILES[x.dtype] if tile is None else tile
+    BN = bn if cout >= bn else max(16, triton.next_power_of_2(cout))
+    BK = min(bk, max(16, triton.next_power_of_2(cin)))
     grid = (triton.cdiv(M, BM), triton.cdiv(cout, BN))
     res = residual.contiguous() if residual is not None else y
     cnt = count.reshape(1) if count is not None else rows
@@ -108,5 +116,5 @@ def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias:
         _sparse_conv_kernel[grid](xc, rc, wc, bc, y, res, cnt, M, x.shape[0], K=K, CIN=cin, COUT=cout, BM=BM,
                                   BN=BN, BK=BK, RELU=relu, HAS_RES=residual is not None, HAS_COUNT=count is not None,
                                   IEEE=x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
-                                  num_warps=4)
+                                  num_warps=warps, num_stages=stages)
     return y
