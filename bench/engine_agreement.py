@@ -77,6 +77,38 @@ def compare(frames, pa, pb, score, rotated_iou_paired):
     return rows, worst
 
 
+class _BackboneNoise:
+    """Stage hook: after ``backbone_3d``, every sparse tensor in the batch (its multi-scale features, per modality)
+    gets features x (1 + eps N(0, 1)), drawn from ``seed`` and the frame's order of tensors (a tensor reachable
+    under two keys is perturbed once)."""
+
+    def __init__(self, eps: float, seed: int = 0):
+        self.eps, self.seed = float(eps), seed
+
+    def __call__(self, stage, batch):
+        if stage != "backbone_3d":
+            return
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed)
+        done = {}
+
+        def perturb(t):
+            if not hasattr(t, "replace_feature") or not hasattr(t, "features"):
+                return t
+            if id(t) not in done:
+                f = t.features
+                noise = torch.randn(f.shape, generator=g).to(device=f.device, dtype=f.dtype)
+                done[id(t)] = t.replace_feature(f * (1 + self.eps * noise))
+            return done[id(t)]
+
+        for k, v in list(batch.items()):
+            if isinstance(v, dict):
+                batch[k] = {kk: perturb(vv) for kk, vv in v.items()}
+            else:
+                batch[k] = perturb(v)
+
+
 def main(argv=None) -> int:
     from benchutil import pipeline_arg_parser
 
@@ -92,7 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", default="eager:graph",
                     help="comma list of A:B pairs of eager, graph, graph_eager_front (the engine after the eager "
                          "front), eager_perturbed (weights x (1 + 1e-6 N(0,1))), eager_engine_backbone (eager with "
-                         "the engine's sparse backbone only); eager:eager runs the eager pipeline "
+                         "the engine's sparse backbone only), eager_backbone_noise (eager, the backbone's output features x (1 + "
+                         "--noise N(0,1)), --noise-seeds draws); eager:eager runs the eager pipeline "
                          "twice (its run-to-run noise)")
     ap.add_argument("--deterministic", action="store_true",
                     help="torch.use_deterministic_algorithms(True, warn_only=True) (CUBLAS_WORKSPACE_CONFIG=:4096:8): "
@@ -100,6 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eager-spconv-algo", choices=ALGORITHM_NAMES, default="native",
                     help="the eager pipelines' spconv algorithm: native (what the model builds) or implicit_gemm (the "
                          "GPU wheels' default, which the model used before; not reproducible on the GPU)")
+    ap.add_argument("--noise", type=float, default=1e-6,
+                    help="eager_backbone_noise: relative size of the noise on the backbone's output features")
+    ap.add_argument("--noise-seeds", type=int, default=8, help="eager_backbone_noise: draws (one comparison each)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.deterministic:
@@ -109,7 +145,7 @@ def main(argv=None) -> int:
         import torch
 
         torch.use_deterministic_algorithms(True, warn_only=True)
-    names = ("eager", "graph", "graph_eager_front", "eager_perturbed", "eager_engine_backbone")
+    names = ("eager", "graph", "graph_eager_front", "eager_perturbed", "eager_engine_backbone", "eager_backbone_noise")
     for comp in args.compare.split(","):
         sides = comp.split(":")
         if len(sides) != 2 or any(n not in names for n in sides):
@@ -158,19 +194,33 @@ def main(argv=None) -> int:
         eager_eb = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="eager",
                                         precision=args.precision)
         use_engine(eager_eb.model, use_graph=False, dtype=eager_eb.amp or torch.float32)
+    # the eager pipeline with every sparse backbone output feature scaled by (1 + NOISE N(0, 1)) (a stage hook after
+    # backbone_3d; one draw per --noise-seeds seed): does a rounding-level difference in the backbone's output, the
+    # size of the engine's, move this frame's detections? (an engine-vs-eager pair off that the same noise also
+    # makes is a near-tie downstream: proposal NMS, top-k or the RoI head's selection, not an engine defect)
+    noisy = None
+    if "eager_backbone_noise" in args.compare:
+        noisy = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="eager",
+                                     precision=args.precision)
+        noisy.stage_hooks.append(_BackboneNoise(args.noise))
     runs = {"eager": eager, "graph": graph, "graph_eager_front": graph_ef, "eager_perturbed": perturbed,
-            "eager_engine_backbone": eager_eb}
+            "eager_engine_backbone": eager_eb, "eager_backbone_noise": noisy}
     report = {"what": "per-frame detections of pairs of pipelines (eager spconv / engine=graph)",
               "score_threshold_for_unmatched": args.score, "precision": args.precision,
               "deterministic_algorithms": bool(args.deterministic),
               "eager_spconv_algo": args.eager_spconv_algo, "comparisons": {}}
     for comp in args.compare.split(","):
         an, bn = comp.split(":")
-        rows, worst = compare(frames, runs[an], runs[bn], args.score, rotated_iou_paired)
-        report["comparisons"][comp] = {"frames": rows, "worst": worst,
-                                       "matched_pairs": int(sum(r["matched"] for r in rows))}
-        print(comp, "worst:", json.dumps(worst), flush=True)
-    first = report["comparisons"][args.compare.split(",")[0]]
+        for seed in range(args.noise_seeds) if "eager_backbone_noise" in (an, bn) else [None]:
+            key = comp
+            if seed is not None:
+                noisy.stage_hooks[-1].seed = seed
+                key = f"{comp}@seed{seed}"
+            rows, worst = compare(frames, runs[an], runs[bn], args.score, rotated_iou_paired)
+            report["comparisons"][key] = {"frames": rows, "worst": worst,
+                                          "matched_pairs": int(sum(r["matched"] for r in rows))}
+            print(key, "worst:", json.dumps(worst), flush=True)
+    first = next(iter(report["comparisons"].values()))
     report.update(frames=first["frames"], worst=first["worst"])      # the headline comparison
     from cmfiou_core.provenance import write_report
 
