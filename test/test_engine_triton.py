@@ -38,6 +38,30 @@ def test_fused_conv_equals_gather_gemm(cin, cout, dtype, triton_device):
     assert torch.equal(got[-100:], torch.relu(b).to(dtype).double().expand(100, -1))
 
 
+@pytest.mark.parametrize("tile", [(32, 32, 16, 4, 1), (128, 64, 32, 8, 3), (64, 64, 64, 4, 2)])
+def test_every_tile_computes_the_same_conv(tile, monkeypatch, triton_device):
+    """bench/bench_sparse_conv.py's candidate tiles (and TILES entries) change the blocking only: IEEE fp32 results
+    equal gather + GEMM for Cin / Cout smaller and larger than the tile's blocks, with absent taps and a residual."""
+    dev = triton_device
+    if dev == "cuda":   # (a CPU build's cuBLAS module cannot be monkeypatched back; its switch is off anyway)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    else:
+        assert not torch.backends.cuda.matmul.allow_tf32
+    g = _gen(dev, 3)
+    for cin, cout in ((16, 32), (64, 96)):
+        n, m, k = 150, 130, 27
+        x = torch.randn(n, cin, device=dev, generator=g)
+        rows = torch.randint(0, n, (m, k), device=dev, generator=g)
+        rows[torch.rand(m, k, device=dev, generator=g) < 0.5] = n
+        w = torch.randn(k * cin, cout, device=dev, generator=g) / (k * cin) ** 0.5
+        b = torch.randn(cout, device=dev, generator=g)
+        res = torch.randn(m, cout, device=dev, generator=g)
+        xp = torch.cat([x, x.new_zeros((1, cin))]).double()
+        ref = torch.relu(xp[rows].reshape(m, -1) @ w.double() + b.double() + res.double())
+        got = triton_conv.sparse_conv(x, rows, w, b, relu=True, residual=res, tile=tile).double()
+        assert (got - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max())), (tile, cin, cout)
+
+
 @pytest.mark.parametrize("tf32,tol", [(False, 1e-5), (True, 2e-2)])
 def test_fused_conv_fp32_follows_torchs_tf32_switch(tf32, tol, monkeypatch, triton_device):
     """fp32 inputs: IEEE products (spconv's CUDA kernels, inference.precision fp32) unless torch's matmul switch
