@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Issue 16: the fused sparse conv's tile per dtype (TF32 ran 5x slower than bf16 in it: 11.7 vs 2.3 ms a frame).
+# Carry folders: scripts/gpu/carry_dirs.sh.
+#   CALL=0  one call, no checkpoint: carry both bundle parts + .gpu_k0 (see the stage's comment).
 #   CALL=1  carry .gpu_bundle/gpu_site.part01 with the checkpoint in the tree: the checkpoint to /tmp/demo.pt,
 #           40 v1 scenes of seed 2027 (never trained on) to /tmp/fresh_v1.
 #   CALL=2  carry .gpu_bundle/gpu_site.part00 + .gpu_data (real frames; the checkpoint moved out): setup,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 19's training round on the GPU host as two calls on one warm machine (/tmp survives between them; the 64 MiB
-# carry keeps the spconv bundle's two parts, the demo checkpoint and the real frames apart):
+# carry keeps the spconv bundle's two parts, the demo checkpoint and the real frames apart; the carry folders:
+# scripts/gpu/carry_dirs.sh):
 #   CALL=1  carry .gpu_bundle/gpu_site.part01 with the checkpoint in the tree (58.9 MB): the checkpoint to
 #           /tmp/demo.pt; NGEN kitti_v2 scenes (seed GEN_SEED) + GEN_MIX v1 scenes (seed GEN_SEED+1) with depth,
 #           infos and the GT database; FRESH_N kitti_v2 scenes of seed 2028 and 40 v1 scenes of seed 2027 (never
