@@ -28,7 +28,7 @@ case ${CALL:-1} in
       $J gen
     FRESH_GEN=/tmp/fresh_v2 FRESH_SEED=2028 FRESH_N=${FRESH_N:-120} FRESH_PROFILE=kitti_v2 $J gen_fresh; fi
   FRESH_GEN=/tmp/fresh_v1 FRESH_SEED=2027 FRESH_N=40 FRESH_PROFILE=v1 $J gen_fresh
-  du -sh /tmp/gen* /tmp/fresh_v* ;;
+  du -sh $GEN /tmp/fresh_v* 2>/dev/null ;;
 2)
   $J setup || exit 3
   [ -f $CK ] || { mkdir -p models && cp /tmp/demo.pt $CK; }
