@@ -10,9 +10,7 @@ cuBLAS) is timed beside them. fp32 runs with TF32 products (``inference.precisio
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,18 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+# candidates beside the current TILES entry
 FP32_TILES = [(64, 64, 32, 4, 3), (64, 64, 16, 4, 3), (128, 64, 32, 8, 3), (32, 64, 32, 4, 3), (64, 64, 32, 4, 1),
               (64, 32, 32, 4, 3)]
 HALF_TILES = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 64, 64, 4, 3)]
 
 
-def record(pipe, batch, dtype, device):
+def record(pipe, batch, dtype):
     """The frame's sparse_conv calls through the backbone engine with feature dtype ``dtype`` (no graph)."""
     from cmfiou_core.engine import triton_conv
     from cmfiou_core.engine.runtime import EngineBackbone
 
     eng = EngineBackbone(pipe.model.backbone_3d, None, pipe.model.cfg.max_voxels(False), use_graph=False,
-                         dtype=dtype).to(device).eval()
+                         dtype=dtype).to("cuda").eval()
     calls, real = [], triton_conv.sparse_conv
 
     def rec(x, rows, weight, bias, relu=False, residual=None, count=None, tile=None):
@@ -52,26 +51,20 @@ def record(pipe, batch, dtype, device):
     return calls
 
 
+def fused(c, tile):
+    from cmfiou_core.engine import triton_conv
+    return triton_conv.sparse_conv(c["x"], c["rows"], c["weight"], c["bias"], relu=c["relu"], residual=c["residual"],
+                                   count=c["count"], tile=tile)
+
+
 def torch_path(c):
-    x, rows = c["x"], c["rows"]
-    xp = torch.cat([x, x.new_zeros((1, x.shape[1]))])
-    g = xp[torch.clamp(rows, max=x.shape[0])]
-    y = torch.addmm(c["bias"].to(x.dtype), g.reshape(g.shape[0], -1), c["weight"].to(x.dtype))
-    if c["residual"] is not None:
-        y = y + c["residual"]
-    return torch.relu(y) if c["relu"] else y
+    from cmfiou_core.engine.sparse import gather_gemm
+    return gather_gemm(c["x"], c["rows"], c["weight"], c["bias"], relu=c["relu"], residual=c["residual"])
 
 
 def replay(calls, fn, reps):
     outs = [fn(c) for c in calls]           # compile / warm
     outs = [fn(c) for c in calls]
-    cuda = bool(calls) and calls[0]["x"].is_cuda
-    if not cuda:                            # the CPU run (Triton's interpreter) checks the bench, its times mean nothing
-        t = time.perf_counter()
-        for _ in range(reps):
-            for c in calls:
-                fn(c)
-        return (time.perf_counter() - t) * 1e3 / reps, outs
     torch.cuda.synchronize()
     t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t0.record()
@@ -84,6 +77,7 @@ def replay(calls, fn, reps):
 
 
 def main(argv=None) -> int:
+    from bench_engine import _batches
     from bench_pipeline import load_frames
 
     from cmfiou_core.engine import triton_conv
@@ -98,51 +92,37 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--tiles", type=int, default=0, help="only the first N candidates of each dtype (0: all)")
     ap.add_argument("--ieee", action="store_true", help="fp32 with IEEE products (inference.precision: fp32)")
-    ap.add_argument("--device", default="cuda", help="cuda; cpu (with TRITON_INTERPRET=1) only checks the bench")
-    ap.add_argument("--crop", type=float, default=0.0, help="keep points with 0 < x < CROP m only (CPU check)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_sparse_conv: --device cuda needs CUDA (the fused kernel's tiles are GPU-specific)")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_sparse_conv: needs CUDA (the fused kernel's tiles are GPU-specific)")
     frames = load_frames(args.kitti, 0, ROOT / "data", args.frame + 1)
     if not frames:
         raise SystemExit("no frames: give --kitti DIR")
-    name, frame = frames[min(args.frame, len(frames) - 1)]
-    if args.crop > 0:
-        p = frame.points
-        frame = dataclasses.replace(frame, points=p[(p[:, 0] > 0) & (p[:, 0] < args.crop) & (abs(p[:, 1]) < args.crop / 2)])
-    if args.device == "cpu":
-        from cmfiou_core.engine import sparse
-        sparse.TRITON_ON_CPU = True          # the fused conv under Triton's interpreter
-    pipe = Pipeline.from_config(args.config, args.checkpoint or None, args.device, engine="eager")
-    got = []
-    pipe.stage_hooks.append(lambda stage, b: got.append(dict(b)) if stage == "voxelize" else None)
-    pipe(frame)
-    batch = got[-1]
+    pipe = Pipeline.from_config(args.config, args.checkpoint or None, "cuda", engine="eager")
+    (name, batch), = _batches(pipe, [frames[min(args.frame, len(frames) - 1)]])
     report = {"what": "fused sparse conv tiles, one frame's convolutions replayed", "frame": name,
-              "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__, "reps": args.reps, "results": {}}
+              "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "reps": args.reps, "results": {}}
     best = {}
     for label, dtype, tiles in (("fp32-ieee" if args.ieee else "tf32", torch.float32, FP32_TILES),
                                 ("bf16", torch.bfloat16, HALF_TILES)):
+        # the current tile first (the others' reference), then the other candidates
+        tiles = [triton_conv.TILES[dtype]] + [t for t in tiles if t != triton_conv.TILES[dtype]]
         tiles = tiles[:args.tiles] if args.tiles else tiles
         torch.backends.cuda.matmul.allow_tf32 = label == "tf32"
-        calls = record(pipe, batch, dtype, args.device)
+        calls = record(pipe, batch, dtype)
         if not calls:
-            raise SystemExit(f"{label}: the engine made no fused-conv call on {args.device} (Triton missing, or the CPU "
-                             f"without TRITON_INTERPRET=1)")
+            raise SystemExit(f"{label}: the engine made no fused-conv call (Triton missing?)")
         shapes = sorted({(c["rows"].shape[1], c["x"].shape[1], c["weight"].shape[1]) for c in calls})
         print(f"{label}: {len(calls)} convolutions, (K, Cin, Cout) {shapes}", flush=True)
-        ref_ms, ref = replay(calls, lambda c: triton_conv.sparse_conv(
-            c["x"], c["rows"], c["weight"], c["bias"], relu=c["relu"], residual=c["residual"], count=c["count"],
-            tile=tiles[0]), args.reps)
-        rows = {}
+        rows, ref = {}, None
         for tile in tiles + ["torch"]:
             if tile == "torch":
                 ms, out = replay(calls, torch_path, args.reps)
             else:
-                ms, out = replay(calls, lambda c, t=tile: triton_conv.sparse_conv(
-                    c["x"], c["rows"], c["weight"], c["bias"], relu=c["relu"], residual=c["residual"],
-                    count=c["count"], tile=t), args.reps)
+                ms, out = replay(calls, lambda c, t=tile: fused(c, t), args.reps)
+            if ref is None:
+                ref_ms, ref = ms, out
             diff = max(float((a.float() - b.float()).abs().max() / max(1.0, float(b.float().abs().max())))
                        for a, b in zip(out, ref))
             key = "torch gather+GEMM" if tile == "torch" else ",".join(map(str, tile))
@@ -155,7 +135,7 @@ def main(argv=None) -> int:
         print(f"  {label} fastest tile: {best[label]} ({rows[best[label]]['ms_per_frame']} ms, current "
               f"{ref_ms:.3f} ms)", flush=True)
     report["fastest"] = best
-    write_report(args.json, report, config=args.config, checkpoint=args.checkpoint or None, device=args.device)
+    write_report(args.json, report, config=args.config, checkpoint=args.checkpoint or None, device="cuda")
     return 0
 
 

@@ -324,16 +324,22 @@ class FoldedConv(nn.Module):
             if triton_conv.supports(x):
                 return triton_conv.sparse_conv(x, kmap.rows, self.weight, self.bias, relu=relu, residual=residual,
                                                count=kmap.out.count if mask else None)
-        cap_in = x.shape[0]
-        xp = torch.cat([x, x.new_zeros((1, x.shape[1]))])
-        rows = torch.clamp(kmap.rows, max=cap_in)
-        g = xp[rows]                                            # (cap_out, K, Cin)
-        y = torch.addmm(self.bias.to(x.dtype), g.reshape(g.shape[0], -1), self.weight.to(x.dtype))
-        if residual is not None:
-            y = y + residual
-        if relu:
-            y = torch.relu(y)
+        y = gather_gemm(x, kmap.rows, self.weight, self.bias, relu=relu, residual=residual)
         return masked(y, kmap.out.valid) if mask else y
+
+
+def gather_gemm(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool = False,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fused conv's torch path (its reference and the CPU implementation): gather(x, rows) @ weight + bias
+    [+ residual] [-> ReLU]; rows[m, k] >= len(x) is an absent tap. x (N, Cin), rows (M, K), weight (K*Cin, Cout)."""
+    xp = torch.cat([x, x.new_zeros((1, x.shape[1]))])
+    g = xp[torch.clamp(rows, max=x.shape[0])]                # (M, K, Cin)
+    y = torch.addmm(bias.to(x.dtype), g.reshape(g.shape[0], -1), weight.to(x.dtype))
+    if residual is not None:
+        y = y + residual
+    if relu:
+        y = torch.relu(y)
+    return y
 
 
 def bn_affine(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
