@@ -12,20 +12,12 @@
 #           host's Python 3.12 through scripts/setup.sh offline (rclpy, Fast DDS, the interfaces built here), the
 #           CUDA test of the static front across calibrations; B's NODE=1 then runs the real detector node.
 #   PART=C  AP of eager fp32 / graph fp32 / graph tf32 / graph bf16 on both sets (cmfiou_core.tools.evaluate).
-cd "$(dirname "$0")/../.."
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD CMFIOU_SHARE_DIR=$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-log() { echo "=== $(date +%T) $*"; }
-filt() { grep --line-buffered -v "Warn\|is_fx\|slices\|_warn_once\|ret\[\|^\[bench\] frame\|warm-up frame" ; }
-K=/tmp/kitti/training; S=/tmp/seed2027
-# run through -c with a stack dump after DUMP s (a hung run then says where it hangs)
+. "$(dirname "$0")/common.sh"
+S=/tmp/seed2027
+# run with a stack dump after DUMP s (a hung run then says where it hangs)
 # NOKERN=1 (set by B when A's kernel tests failed): the engine's Triton grid-pool and NMS kernels off (torch paths)
-P() { mod=$1; shift; timeout ${TO:-120} python3 -X faulthandler -c "import faulthandler, os, sys; faulthandler.dump_traceback_later(${DUMP:-100})
-sys.path.insert(0, 'bench')
-if os.environ.get('NOKERN'):
-    import cmfiou_core.engine.nms as n, cmfiou_core.engine.roi as r; n.USE_TRITON_NMS = r.USE_TRITON_POOL = False
-    print('Triton grid-pool / NMS kernels OFF', flush=True)
-import $mod as m; sys.exit(m.main(sys.argv[1:]))" "$@"; }
+P() { local mod=$1; shift; bench_with "import faulthandler; faulthandler.dump_traceback_later(${DUMP:-100})
+${NOKERN:+$NOKERN_PY}" $mod "$@"; }
 B() { P bench_pipeline --device cuda --no-messages --kitti $K --kitti $S/training "$@"; }
 scripts/gpu/job.sh setup
 case ${PART:-A} in

@@ -7,12 +7,8 @@
 #   CALL=2  carry .gpu_bundle/gpu_site.part00 + .gpu_data (real frames; the checkpoint moved out): setup,
 #           bench_sparse_conv (tile candidates on real frame 000000's convolutions), then the pipeline at the
 #           fastest tf32 / bf16 tiles (TILES set in the bench's process), 1 and 3 views.
-cd "$(dirname "$0")/../.."
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD CMFIOU_SHARE_DIR=$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-log() { echo "=== $(date +%T) $*"; }
-filt() { grep --line-buffered -v "Warn\|is_fx\|slices\|_warn_once\|ret\[\|^\[bench\] frame\|warm-up frame\|capacity overflow" ; }
-K=/tmp/kitti/training; J=scripts/gpu/job.sh; CK=models/cmfiou_synthetic_demo_fp16.pt
+. "$(dirname "$0")/common.sh"
+FILT_EXTRA="capacity overflow"
 case ${CALL:-1} in
 0)
   # one call, no checkpoint (random weights: the convolutions' speed depends on the frame's sites, not the weights):
@@ -26,22 +22,17 @@ case ${CALL:-1} in
   read T B < <(python3 -c "import json; f=json.load(open('$OUT/sparse_conv_tiles_000000_random_h200.json'))['fastest']; print(f['tf32'], f['bf16'])" 2>/dev/null)
   log "fastest tiles: tf32 ${T:-?} bf16 ${B:-?}"
   for t in current ${T:+$T/$B}; do log "backbone engine, tiles $t"
-    timeout 80 python3 -c "import sys, torch; sys.path.insert(0, 'bench'); import cmfiou_core.engine.triton_conv as tc
-t = '$t'
-if t != 'current':
-    a, b = t.split('/'); tc.TILES[torch.float32] = tuple(map(int, a.split(','))); tc.TILES[torch.bfloat16] = tuple(map(int, b.split(',')))
-print('TILES', tc.TILES, flush=True)
-sys.argv[0] = 'bench_engine.py'
-import runpy; runpy.run_path('bench/bench_engine.py', run_name='__main__')" --device cuda --checkpoint none --kitti $K0 \
+    a=""; b=""; [ $t = current ] || { a=${t%/*}; b=${t#*/}; }
+    TO=80 bench_with "$(tiles_py "$a" "$b")" bench_engine --device cuda --checkpoint none --kitti $K0 \
       --generated 0 --frames 6 --warmup 2 --dtypes fp32,tf32,bf16 \
       --json $OUT/bench_engine_tiles_${t//[,\/]/_}_random_h200.json 2>&1 | filt | tail -7
   done ;;
 1)
-  cp $CK /tmp/demo.pt && sha256sum /tmp/demo.pt
+  ckpt_stash
   FRESH_GEN=/tmp/fresh_v1 FRESH_SEED=2027 FRESH_N=40 FRESH_PROFILE=v1 $J gen_fresh ;;
 2)
   $J setup || exit 3
-  [ -f $CK ] || { mkdir -p models && cp /tmp/demo.pt $CK; }
+  ckpt_restore
   mkdir -p $K && cp -r .gpu_data/kitti/training/. $K/
   log "backbone engine vs eager spconv (Native), IEEE fp32, the real frames: index sets, feature difference"
   timeout 150 python3 bench/bench_engine.py --device cuda --checkpoint '' --kitti $K --generated 0 --frames 5 \
@@ -51,12 +42,10 @@ import runpy; runpy.run_path('bench/bench_engine.py', run_name='__main__')" --de
     --json $OUT/sparse_conv_tiles_000000_h200.json 2>&1 | filt | tail -24
   read T B < <(python3 -c "import json; f=json.load(open('$OUT/sparse_conv_tiles_000000_h200.json'))['fastest']; print(f['tf32'], f['bf16'])" 2>/dev/null)
   log "fastest tiles: tf32 ${T:-?} bf16 ${B:-?}"
-  for pv in tf32:1 bf16:1 tf32:3; do p=${pv%:*}; v=${pv#*:}; t=$T; [ $p = bf16 ] && t=$B; [ -n "$t" ] || continue
+  for pv in tf32:1 bf16:1 tf32:3; do p=${pv%:*}; v=${pv#*:}; a=$T; b=""; t=$T
+    [ $p = bf16 ] && { a=""; b=$B; t=$B; }; [ -n "$t" ] || continue
     log "pipeline graph $p, $v view(s), tile $t"
-    timeout 120 python3 -c "import sys, torch; sys.path.insert(0, 'bench'); import cmfiou_core.engine.triton_conv as tc
-tc.TILES[torch.bfloat16 if '$p' == 'bf16' else torch.float32] = tuple(int(v) for v in '$t'.split(','))
-print('TILES', tc.TILES, flush=True)
-import bench_pipeline as m; sys.exit(m.main(sys.argv[1:]))" --device cuda --no-messages --kitti $K \
+    bench_with "$(tiles_py "$a" "$b")" bench_pipeline --device cuda --no-messages --kitti $K \
       --kitti /tmp/fresh_v1/training --checkpoint '' --engine graph --precision $p --views $v --frames 100 --warmup 60 \
       --profile 3 --verbose --label "$v view(s) graph $p demo, conv tile $t" \
       --json $OUT/bench_${v}view_graph_${p}_tiles_demo_h200.json --md $OUT/bench_${v}view_graph_${p}_tiles_demo_h200.md \

@@ -13,16 +13,17 @@
 #           the real frames; frame 000000 with the Triton kernels off); then the export (15 MB parts), the real
 #           frames, both fresh sets (the trained run; the demo's numbers are in docs/results already).
 #   CALL=3  (optional) TF32=1: the graph tf32 bench (1 view; the default precision) with the demo checkpoint.
-cd "$(dirname "$0")/../.."
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD CMFIOU_SHARE_DIR=$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-log() { echo "=== $(date +%T) $*"; }
-filt() { grep --line-buffered -v "Warn\|is_fx\|slices\|_warn_once\|ret\[\|^\[bench\] frame\|warm-up frame" ; }
-K=/tmp/kitti/training; J=scripts/gpu/job.sh; CK=models/cmfiou_synthetic_demo_fp16.pt
+. "$(dirname "$0")/common.sh"
+# the graph tf32 bench (1 view; the default precision) with the demo checkpoint
+tf32_bench() { log "pipeline graph tf32, 1 view, demo checkpoint"
+  timeout 150 python3 bench/bench_pipeline.py --device cuda --no-messages --kitti $K $([ -d /tmp/fresh_v1/training ] && echo --kitti /tmp/fresh_v1/training) \
+    --checkpoint '' --engine graph --precision tf32 --views 1 --frames 100 --warmup 60 --profile 3 --verbose \
+    --label "1 view graph tf32 demo" --json $OUT/bench_1view_graph_tf32_demo_h200.json \
+    --md $OUT/bench_1view_graph_tf32_demo_h200.md 2>&1 | filt | tail -30; }
 export GEN=${GEN:-/tmp/gen_v2} MIN=${MIN:-5}
 case ${CALL:-1} in
 1)
-  cp $CK /tmp/demo.pt && sha256sum /tmp/demo.pt
+  ckpt_stash
   if [ "${NGEN:-520}" -gt 0 ]; then   # NGEN=0: the checkpoint and the 40 v1 scenes only (for CALL=2 NO_TRAIN=1)
     NGEN=${NGEN:-520} GEN_PROFILE=kitti_v2 GEN_SEED=${GEN_SEED:-101} GEN_VAL=${GEN_VAL:-0.05} GEN_MIX=${GEN_MIX:-0} \
       $J gen
@@ -31,7 +32,7 @@ case ${CALL:-1} in
   du -sh $GEN /tmp/fresh_v* 2>/dev/null ;;
 2)
   $J setup || exit 3
-  [ -f $CK ] || { mkdir -p models && cp /tmp/demo.pt $CK; }
+  ckpt_restore
   mkdir -p $K && cp -r .gpu_data/kitti/training/. $K/ && cp -r .gpu_real3/training/. $K/ && ls $K/velodyne | tr '\n' ' '
   tp=""; [ -n "${NO_TRAIN:-}" ] || { WORKERS=${WORKERS:-10} $J train_full > /tmp/train.log 2>&1 & tp=$!; }
   mkdir -p /tmp/ks/object && ln -sfn $K /tmp/ks/object/training
@@ -46,13 +47,11 @@ case ${CALL:-1} in
   mkdir -p /tmp/k0/training && for d in velodyne image_2 calib label_2; do mkdir -p /tmp/k0/training/$d
     ln -sf $K/$d/000000.* /tmp/k0/training/$d/; done
   log "engine agreement on 000000, Triton grid-pool / NMS off"
-  timeout 70 python3 -c "import sys; sys.path.insert(0, 'bench'); import cmfiou_core.engine.nms as n, cmfiou_core.engine.roi as r
-n.USE_TRITON_NMS = r.USE_TRITON_POOL = False
-import engine_agreement as m; sys.exit(m.main(sys.argv[1:]))" --device cuda --checkpoint '' --kitti /tmp/k0/training \
+  TO=70 bench_with "$NOKERN_PY" engine_agreement --device cuda --checkpoint '' --kitti /tmp/k0/training \
     --generated 0 --precision fp32 --compare eager:graph --json $OUT/engine_agreement_fp32_000000_nokern_demo_h200.json \
     2>&1 | filt | tail -4
   # NO_TRAIN=1: issue 16's checks, then the graph tf32 bench (no training ran beside it)
-  [ -n "$tp" ] || { TF32=1 CALL=3 bash $0; exit; }
+  [ -n "$tp" ] || { tf32_bench; log done; exit; }
   log "waiting for the training"; wait $tp; tail -16 /tmp/train.log
   $J split_ckpt
   log "evaluate real frames here (trained)"
@@ -62,10 +61,6 @@ import engine_agreement as m; sys.exit(m.main(sys.argv[1:]))" --device cuda --ch
   PY='timeout 100 python3' FRESH_DEMO= FRESH_GEN=/tmp/fresh_v2 FRESH_TAG=_seed2028_v2 $J eval_fresh
   PY='timeout 50 python3' FRESH_DEMO= FRESH_GEN=/tmp/fresh_v1 FRESH_TAG=_seed2027_v1 $J eval_fresh ;;
 3)
-  [ -n "${TF32:-}" ] && { log "pipeline graph tf32, 1 view, demo checkpoint"
-    timeout 150 python3 bench/bench_pipeline.py --device cuda --no-messages --kitti $K $([ -d /tmp/fresh_v1/training ] && echo --kitti /tmp/fresh_v1/training) \
-      --checkpoint '' --engine graph --precision tf32 --views 1 --frames 100 --warmup 60 --profile 3 --verbose \
-      --label "1 view graph tf32 demo" --json $OUT/bench_1view_graph_tf32_demo_h200.json \
-      --md $OUT/bench_1view_graph_tf32_demo_h200.md 2>&1 | filt | tail -30; } ;;
+  [ -z "${TF32:-}" ] || tf32_bench ;;
 esac
 log done
