@@ -19,10 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-# candidates beside the current TILES entry
-FP32_TILES = [(64, 64, 32, 4, 3), (64, 64, 16, 4, 3), (128, 64, 32, 8, 3), (32, 64, 32, 4, 3), (64, 64, 32, 4, 1),
-              (64, 32, 32, 4, 3)]
-HALF_TILES = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 64, 64, 4, 3)]
+# candidates beside the current TILES entry: (BM, BN, BK, warps, stages[, flags: 1 FLAT loop, 2 K-major weight])
+FP32_TILES = [(64, 64, 32, 4, 3), (64, 64, 32, 4, 3, 1), (64, 64, 32, 4, 3, 2), (64, 64, 32, 4, 3, 3),
+              (128, 64, 32, 8, 3, 3), (64, 64, 16, 4, 4, 3), (128, 64, 32, 8, 3), (64, 32, 32, 4, 3, 3)]
+HALF_TILES = [(64, 64, 32, 4, 3), (64, 64, 32, 4, 3, 1), (128, 64, 32, 8, 3, 1), (64, 64, 64, 4, 3, 1),
+              (128, 64, 64, 8, 3, 1)]
 
 
 def record(pipe, batch, dtype):
@@ -34,11 +35,12 @@ def record(pipe, batch, dtype):
                          dtype=dtype).to("cuda").eval()
     calls, real = [], triton_conv.sparse_conv
 
-    def rec(x, rows, weight, bias, relu=False, residual=None, count=None, tile=None):
+    def rec(x, rows, weight, bias, relu=False, residual=None, count=None, tile=None, weight_t=None):
         calls.append(dict(x=x.clone(), rows=rows.clone(), weight=weight, bias=bias, relu=relu,
+                          weight_t=(weight.t() if weight_t is None else weight_t).to(x.dtype).contiguous(),
                           residual=None if residual is None else residual.clone(),
                           count=None if count is None else count.clone()))
-        return real(x, rows, weight, bias, relu=relu, residual=residual, count=count, tile=tile)
+        return real(x, rows, weight, bias, relu=relu, residual=residual, count=count, tile=tile, weight_t=weight_t)
 
     triton_conv.sparse_conv = rec
     try:
@@ -54,7 +56,7 @@ def record(pipe, batch, dtype):
 def fused(c, tile):
     from cmfiou_core.engine import triton_conv
     return triton_conv.sparse_conv(c["x"], c["rows"], c["weight"], c["bias"], relu=c["relu"], residual=c["residual"],
-                                   count=c["count"], tile=tile)
+                                   count=c["count"], tile=tile, weight_t=c["weight_t"])
 
 
 def torch_path(c):

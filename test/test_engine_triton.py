@@ -38,7 +38,8 @@ def test_fused_conv_equals_gather_gemm(cin, cout, dtype, triton_device):
     assert torch.equal(got[-100:], torch.relu(b).to(dtype).double().expand(100, -1))
 
 
-@pytest.mark.parametrize("tile", [(32, 32, 16, 4, 1), (128, 64, 32, 8, 3), (64, 64, 64, 4, 2)])
+@pytest.mark.parametrize("tile", [(32, 32, 16, 4, 1), (128, 64, 32, 8, 3), (64, 64, 64, 4, 2), (32, 32, 16, 4, 2, 1),
+                                  (32, 32, 16, 4, 2, 2), (64, 32, 16, 4, 3, 3)])
 def test_every_tile_computes_the_same_conv(tile, monkeypatch, triton_device):
     """bench/bench_sparse_conv.py's candidate tiles (and TILES entries) change the blocking only: IEEE fp32 results
     equal gather + GEMM for Cin / Cout smaller and larger than the tile's blocks, with absent taps and a residual."""

@@ -312,6 +312,7 @@ class FoldedConv(nn.Module):
             wf = wf * scale[None]
             bias = bias * scale + shift
         self.register_buffer("weight", wf.contiguous())
+        self.register_buffer("weight_t", wf.t().contiguous())       # (Cout, K*Cin): the fused kernel's WT tiles
         self.register_buffer("bias", bias.contiguous())
         self.cin, self.cout = cin, cout
 
@@ -323,7 +324,7 @@ class FoldedConv(nn.Module):
 
             if triton_conv.supports(x):
                 return triton_conv.sparse_conv(x, kmap.rows, self.weight, self.bias, relu=relu, residual=residual,
-                                               count=kmap.out.count if mask else None)
+                                               count=kmap.out.count if mask else None, weight_t=self.weight_t)
         y = gather_gemm(x, kmap.rows, self.weight, self.bias, relu=relu, residual=residual)
         return masked(y, kmap.out.valid) if mask else y
 

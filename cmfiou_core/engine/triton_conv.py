@@ -45,7 +45,11 @@ if AVAILABLE:
     def _sparse_conv_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, res_ptr, count_ptr, M, n_in,
                             K: tl.constexpr, CIN: tl.constexpr, COUT: tl.constexpr, BM: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
-                            HAS_COUNT: tl.constexpr, IEEE: tl.constexpr):
+                            HAS_COUNT: tl.constexpr, IEEE: tl.constexpr, FLAT: tl.constexpr, WT: tl.constexpr):
+        # FLAT: one loop over (kernel offset, Cin chunk) pairs, which Triton's software pipeliner can overlap
+        # (num_stages); otherwise two nested loops, of which only the inner one (often a single Cin chunk) is
+        # pipelined. WT: the weight is given as (Cout, K*Cin), K-major, the operand order TF32 tensor-core
+        # products read from shared memory without a transpose.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BM + tl.arange(0, BM)
@@ -53,20 +57,19 @@ if AVAILABLE:
         m_ok = offs_m < M
         n_ok = offs_n < COUT
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(K):
-            r = tl.load(rows_ptr + offs_m.to(tl.int64) * K + k, mask=m_ok, other=n_in)
-            present = (r < n_in) & m_ok
-            for c0 in range(0, CIN, BK):
-                offs_c = c0 + tl.arange(0, BK)
-                c_ok = offs_c < CIN
-                a = tl.load(x_ptr + r[:, None].to(tl.int64) * CIN + offs_c[None, :],
-                            mask=present[:, None] & c_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + (k * CIN + offs_c[:, None]) * COUT + offs_n[None, :],
-                            mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                if IEEE:
-                    acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
-                else:
-                    acc += tl.dot(a, w.to(a.dtype))
+        NC: tl.constexpr = (CIN + BK - 1) // BK
+        if FLAT:
+            for i in range(K * NC):
+                k = i // NC
+                offs_c = (i % NC) * BK + tl.arange(0, BK)
+                acc = _conv_step(acc, x_ptr, rows_ptr, w_ptr, offs_m, offs_n, offs_c, m_ok, n_ok, k, n_in,
+                                 K, CIN, COUT, IEEE, WT)
+        else:
+            for k in range(K):
+                for c0 in range(0, CIN, BK):
+                    offs_c = c0 + tl.arange(0, BK)
+                    acc = _conv_step(acc, x_ptr, rows_ptr, w_ptr, offs_m, offs_n, offs_c, m_ok, n_ok, k, n_in,
+                                     K, CIN, COUT, IEEE, WT)
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
         acc += bias[None, :].to(tl.float32)
         out_off = offs_m[:, None].to(tl.int64) * COUT + offs_n[None, :]
@@ -78,25 +81,49 @@ if AVAILABLE:
             acc = tl.where((offs_m < tl.load(count_ptr))[:, None], acc, 0.0)
         tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
+    @triton.jit
+    def _conv_step(acc, x_ptr, rows_ptr, w_ptr, offs_m, offs_n, offs_c, m_ok, n_ok, k, n_in,
+                   K: tl.constexpr, CIN: tl.constexpr, COUT: tl.constexpr, IEEE: tl.constexpr, WT: tl.constexpr):
+        """acc += x[rows[:, k]][:, offs_c] @ W_k[offs_c, offs_n] (absent taps and columns past Cin / Cout masked)."""
+        r = tl.load(rows_ptr + offs_m.to(tl.int64) * K + k, mask=m_ok, other=n_in)
+        present = (r < n_in) & m_ok
+        c_ok = offs_c < CIN
+        a = tl.load(x_ptr + r[:, None].to(tl.int64) * CIN + offs_c[None, :],
+                    mask=present[:, None] & c_ok[None, :], other=0.0)
+        if WT:
+            w = tl.trans(tl.load(w_ptr + offs_n[:, None] * (K * CIN) + (k * CIN + offs_c[None, :]),
+                                 mask=n_ok[:, None] & c_ok[None, :], other=0.0))
+        else:
+            w = tl.load(w_ptr + (k * CIN + offs_c[:, None]) * COUT + offs_n[None, :],
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
+        else:
+            acc += tl.dot(a, w.to(a.dtype))
+        return acc
+
 # triton.jit returns an interpreted kernel when TRITON_INTERPRET=1 was set before triton's import (the choice is made
 # there, for triton's own library functions too, so one process is either compiled or interpreted)
 INTERPRETER = AVAILABLE and type(_sparse_conv_kernel).__name__ == "InterpretedFunction"
 
 
-# the tile per input dtype: (BM, BN at most, BK, num_warps, num_stages); fp32 covers TF32 and IEEE products.
+# the tile per input dtype: (BM, BN at most, BK, num_warps, num_stages[, flags]); fp32 covers TF32 and IEEE
+# products. flags (default 0): FLAT (one pipelined loop over offset x Cin chunk) | WT (K-major weight). The
 # bench/bench_sparse_conv.py times candidates on a real frame's convolutions (every call of one frame, replayed)
+FLAT, WT = 1, 2
 TILES = {torch.float32: (64, 64, 32, 4, 3), torch.bfloat16: (64, 64, 32, 4, 3), torch.float16: (64, 64, 32, 4, 3)}
 
 
 def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 relu: bool = False, residual: torch.Tensor = None, count: torch.Tensor = None,
-                tile=None) -> torch.Tensor:
+                tile=None, weight_t: torch.Tensor = None) -> torch.Tensor:
     """y[m] = sum_k x[rows[m, k]] @ weight[k*Cin:(k+1)*Cin] + bias (rows[m, k] >= len(x): absent) [+ residual[m]],
     optional ReLU, then rows m >= count (a device scalar) set to 0. fp32 x: TF32 products if
     ``torch.backends.cuda.matmul.allow_tf32``, IEEE otherwise.
 
     x (N, Cin), rows (M, K) int64, weight (K*Cin, Cout), bias (Cout,) -> (M, Cout) in x's dtype. ``tile``: a
-    (BM, BN, BK, num_warps, num_stages) instead of ``TILES[x.dtype]`` (the tile bench)."""
+    (BM, BN, BK, num_warps, num_stages[, flags]) instead of ``TILES[x.dtype]`` (the tile bench). ``weight_t``: the
+    weight's (Cout, K*Cin) contiguous copy, read by tiles with the WT flag (else transposed here, per call)."""
     if not supports(x):
         raise RuntimeError(f"sparse_conv: the fused kernel needs Triton and a CUDA tensor (or Triton's interpreter for "
                            f"a CPU tensor), got a {x.device.type} tensor with Triton "
@@ -105,16 +132,20 @@ def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias:
     cin = x.shape[1]
     cout = weight.shape[1]
     y = torch.empty((M, cout), dtype=x.dtype, device=x.device)
-    BM, bn, bk, warps, stages = TILES[x.dtype] if tile is None else tile
+    BM, bn, bk, warps, stages, *flags = TILES[x.dtype] if tile is None else tile
+    flags = flags[0] if flags else 0
     BN = bn if cout >= bn else max(16, triton.next_power_of_2(cout))
     BK = min(bk, max(16, triton.next_power_of_2(cin)))
     grid = (triton.cdiv(M, BM), triton.cdiv(cout, BN))
     res = residual.contiguous() if residual is not None else y
     cnt = count.reshape(1) if count is not None else rows
-    xc, rc, wc, bc = x.contiguous(), rows.contiguous(), weight.to(x.dtype).contiguous(), bias.float().contiguous()
+    wc = weight.to(x.dtype)
+    if flags & WT:
+        wc = (weight_t if weight_t is not None else wc.t()).to(x.dtype)
+    xc, rc, wc, bc = x.contiguous(), rows.contiguous(), wc.contiguous(), bias.float().contiguous()
     with launched("sparse_conv"):
         _sparse_conv_kernel[grid](xc, rc, wc, bc, y, res, cnt, M, x.shape[0], K=K, CIN=cin, COUT=cout, BM=BM,
                                   BN=BN, BK=BK, RELU=relu, HAS_RES=residual is not None, HAS_COUNT=count is not None,
                                   IEEE=x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
-                                  num_warps=warps, num_stages=stages)
+                                  FLAT=bool(flags & FLAT), WT=bool(flags & WT), num_warps=warps, num_stages=stages)
     return y

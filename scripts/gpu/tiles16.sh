@@ -4,9 +4,11 @@
 #   CALL=0  one call, no checkpoint: carry both bundle parts + .gpu_k0 (see the stage's comment).
 #   CALL=1  carry .gpu_bundle/gpu_site.part01 with the checkpoint in the tree: the checkpoint to /tmp/demo.pt,
 #           40 v1 scenes of seed 2027 (never trained on) to /tmp/fresh_v1.
-#   CALL=2  carry .gpu_bundle/gpu_site.part00 + .gpu_data (real frames; the checkpoint moved out): setup,
-#           bench_sparse_conv (tile candidates on real frame 000000's convolutions), then the pipeline at the
-#           fastest tf32 / bf16 tiles (TILES set in the bench's process), 1 and 3 views.
+#   CALL=2  carry .gpu_bundle/gpu_site.part00 + .gpu_data + .gpu_real3 (real frames; the checkpoint moved out):
+#           setup, bench_sparse_conv (tile candidates on real frame 000000's convolutions), then the pipeline (7 real
+#           + 40 v1 frames) at the current tf32 tile (this card's baseline) and at the fastest tf32 / bf16 tiles
+#           (TILES set in the bench's process). RUNS='tf32cur:1 tf32:1 bf16:1 tf32:3' picks them (PRECISION:VIEWS);
+#           ENGINE_CHECK=1 adds bench_engine's index-set check. (train19.sh CALL=1 also makes /tmp/fresh_v1.)
 . "$(dirname "$0")/common.sh"
 FILT_EXTRA="capacity overflow"
 case ${CALL:-1} in
@@ -33,23 +35,25 @@ case ${CALL:-1} in
 2)
   $J setup || exit 3
   ckpt_restore
-  mkdir -p $K && cp -r .gpu_data/kitti/training/. $K/
-  log "backbone engine vs eager spconv (Native), IEEE fp32, the real frames: index sets, feature difference"
-  timeout 150 python3 bench/bench_engine.py --device cuda --checkpoint '' --kitti $K --generated 0 --frames 5 \
-    --warmup 1 --dtypes fp32 --json $OUT/bench_engine_real5_fp32_h200.json 2>&1 | filt | tail -8
+  mkdir -p $K && cp -r .gpu_data/kitti/training/. $K/ && { [ -d .gpu_real3 ] && cp -r .gpu_real3/training/. $K/; true; }
+  if [ -n "${ENGINE_CHECK:-}" ]; then
+    log "backbone engine vs eager spconv (Native), IEEE fp32, the real frames: index sets, feature difference"
+    timeout 150 python3 bench/bench_engine.py --device cuda --checkpoint '' --kitti $K --generated 0 --frames 5 \
+      --warmup 1 --dtypes fp32 --json $OUT/bench_engine_real5_fp32_h200.json 2>&1 | filt | tail -8; fi
   log "tile candidates, frame 000000"
   timeout ${TILE_S:-200} python3 bench/bench_sparse_conv.py --kitti $K --frame 0 --reps 10 \
-    --json $OUT/sparse_conv_tiles_000000_h200.json 2>&1 | filt | tail -24
+    --json $OUT/sparse_conv_tiles_000000_h200.json 2>&1 | filt | tail -40
   read T B < <(python3 -c "import json; f=json.load(open('$OUT/sparse_conv_tiles_000000_h200.json'))['fastest']; print(f['tf32'], f['bf16'])" 2>/dev/null)
   log "fastest tiles: tf32 ${T:-?} bf16 ${B:-?}"
-  for pv in tf32:1 bf16:1 tf32:3; do p=${pv%:*}; v=${pv#*:}; a=$T; b=""; t=$T
-    [ $p = bf16 ] && { a=""; b=$B; t=$B; }; [ -n "$t" ] || continue
+  # the current tile's tf32 pipeline first (the baseline on this very card), then the fastest tiles
+  for pv in ${RUNS:-tf32cur:1 tf32:1 bf16:1}; do p=${pv%:*}; v=${pv#*:}; a=$T; b=""; t=$T
+    [ $p = bf16 ] && { a=""; b=$B; t=$B; }; [ $p = tf32cur ] && { p=tf32; a=""; t=current; }; [ -n "$t" ] || continue
+    tag=${p}_tile_${t//,/_}
     log "pipeline graph $p, $v view(s), tile $t"
-    bench_with "$(tiles_py "$a" "$b")" bench_pipeline --device cuda --no-messages --kitti $K \
-      --kitti /tmp/fresh_v1/training --checkpoint '' --engine graph --precision $p --views $v --frames 100 --warmup 60 \
-      --profile 3 --verbose --label "$v view(s) graph $p demo, conv tile $t" \
-      --json $OUT/bench_${v}view_graph_${p}_tiles_demo_h200.json --md $OUT/bench_${v}view_graph_${p}_tiles_demo_h200.md \
-      2>&1 | filt | tail -9
+    TO=${PIPE_TO:-110} bench_with "$(tiles_py "$a" "$b")" bench_pipeline --device cuda --no-messages --kitti $K \
+      --kitti /tmp/fresh_v1/training --checkpoint '' --engine graph --precision $p --views $v --frames 100 \
+      --warmup ${WARM:-40} --profile 3 --verbose --label "$v view(s) graph $p demo, conv tile $t" \
+      --json $OUT/bench_${v}view_graph_${tag}_demo.json 2>&1 | filt | tail -9
   done ;;
 esac
 log done
