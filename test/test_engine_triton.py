@@ -162,3 +162,29 @@ def test_triton_kernel_maps_equal_torch_maps(shape, batch, monkeypatch, triton_d
         for a, b in zip(got[True], got[False]):
             assert torch.equal(a.long(), b.long()), name
     assert int(got[True][2]) > 0
+
+
+def test_tiles_entry_torch_routes_foldedconv_to_gather_gemm(monkeypatch, triton_device):
+    """TILES[dtype] = "torch" (a bench_sparse_conv winner can be cuBLAS): FoldedConv launches no fused kernel for
+    that dtype and returns gather + GEMM; with the tile restored it launches one per call again."""
+    import spconv.pytorch as spconv
+
+    from cmfiou_core.engine import sparse as S
+
+    dev = triton_device
+    monkeypatch.setattr(S, "TRITON_ON_CPU", True)
+    torch.manual_seed(5)
+    conv = spconv.SubMConv3d(16, 32, 3, bias=False, indice_key="t")
+    fc = S.FoldedConv(conv).to(dev)
+    n, m = 120, 90
+    x = torch.randn(n, 16, device=dev)
+    rows = torch.randint(0, n + 1, (m, 27), device=dev)
+    km = S.KernelMap(rows, None)
+    xp = torch.cat([x, x.new_zeros((1, 16))]).double()
+    ref = xp[rows].reshape(m, -1) @ fc.weight.double() + fc.bias.double()
+    for entry, launches in (("torch", 0), (triton_conv.TILES[torch.float32], 1)):
+        monkeypatch.setitem(triton_conv.TILES, torch.float32, entry)
+        with OpCounter() as oc:
+            y = fc(x, km)
+        assert oc.op_names["main"]["triton.sparse_conv"] == launches, (entry, dict(oc.op_names["main"]))
+        assert (y.double() - ref).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max()))

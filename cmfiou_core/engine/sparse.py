@@ -322,7 +322,7 @@ class FoldedConv(nn.Module):
         if USE_TRITON and _triton_device(x.device):
             from . import triton_conv
 
-            if triton_conv.supports(x):
+            if triton_conv.supports(x) and triton_conv.TILES.get(x.dtype) != "torch":
                 return triton_conv.sparse_conv(x, kmap.rows, self.weight, self.bias, relu=relu, residual=residual,
                                                count=kmap.out.count if mask else None, weight_t=self.weight_t)
         y = gather_gemm(x, kmap.rows, self.weight, self.bias, relu=relu, residual=residual)

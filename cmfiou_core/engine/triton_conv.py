@@ -109,6 +109,7 @@ INTERPRETER = AVAILABLE and type(_sparse_conv_kernel).__name__ == "InterpretedFu
 
 # the tile per input dtype: (BM, BN at most, BK, num_warps, num_stages[, flags]); fp32 covers TF32 and IEEE
 # products. flags (default 0): FLAT (one pipelined loop over offset x Cin chunk) | WT (K-major weight). The
+# entry "torch": FoldedConv takes its torch path (gather -> one cuBLAS GEMM) for that dtype instead. The
 # bench/bench_sparse_conv.py times candidates on a real frame's convolutions (every call of one frame, replayed)
 FLAT, WT = 1, 2
 TILES = {torch.float32: (64, 64, 32, 4, 3), torch.bfloat16: (64, 64, 32, 4, 3), torch.float16: (64, 64, 32, 4, 3)}

@@ -16,10 +16,11 @@ import $mod as m; sys.exit(m.main(sys.argv[1:]))" "$@"; }
 # set-up code: the engine's Triton grid-pool and NMS kernels off (their torch paths)
 NOKERN_PY="import cmfiou_core.engine.nms as n, cmfiou_core.engine.roi as r; n.USE_TRITON_NMS = r.USE_TRITON_POOL = False
 print('Triton grid-pool / NMS kernels OFF', flush=True)"
-# set-up code: the fused conv's tile for fp32 ($1) and bf16 ($2), each 'BM,BN,BK,warps,stages' or '' (as it is)
+# set-up code: the fused conv's tile for fp32 ($1) and bf16 ($2), each 'BM,BN,BK,warps,stages[,flags]', 'torch'
+# (FoldedConv's gather + cuBLAS path) or '' (as it is)
 tiles_py() { echo "import cmfiou_core.engine.triton_conv as tc
 for dt, t in ((torch.float32, '$1'), (torch.bfloat16, '$2')):
-    if t: tc.TILES[dt] = tuple(map(int, t.split(',')))
+    if t: tc.TILES[dt] = 'torch' if t == 'torch' else tuple(map(int, t.split(',')))
 print('TILES', tc.TILES, flush=True)"; }
 # the demo checkpoint: to /tmp in the call that carries it, back into models/ in a later call that cannot
 ckpt_stash() { cp $CK /tmp/demo.pt && sha256sum /tmp/demo.pt; }
