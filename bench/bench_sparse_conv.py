@@ -19,9 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-# candidates beside the current TILES entry: (BM, BN, BK, warps, stages[, flags: 1 FLAT loop, 2 K-major weight])
+# candidates beside the current TILES entry: (BM, BN, BK, warps, stages[, flags: 1 FLAT loop, 2 K-major weight,
+# 4 fp32 as bf16 hi + lo pairs])
 FP32_TILES = [(64, 64, 32, 4, 3), (64, 64, 32, 4, 3, 1), (64, 64, 32, 4, 3, 2), (64, 64, 32, 4, 3, 3),
-              (128, 64, 32, 8, 3, 3), (64, 64, 16, 4, 4, 3), (128, 64, 32, 8, 3), (64, 32, 32, 4, 3, 3)]
+              (128, 64, 32, 8, 3, 3), (64, 64, 16, 4, 4, 3), (64, 64, 32, 4, 3, 5), (64, 64, 32, 4, 3, 7),
+              (128, 64, 32, 8, 3, 5)]
 HALF_TILES = [(64, 64, 32, 4, 3), (64, 64, 32, 4, 3, 1), (128, 64, 32, 8, 3, 1), (64, 64, 64, 4, 3, 1),
               (128, 64, 64, 8, 3, 1)]
 

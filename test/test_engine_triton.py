@@ -188,3 +188,23 @@ def test_tiles_entry_torch_routes_foldedconv_to_gather_gemm(monkeypatch, triton_
             y = fc(x, km)
         assert oc.op_names["main"]["triton.sparse_conv"] == launches, (entry, dict(oc.op_names["main"]))
         assert (y.double() - ref).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("tile", [(64, 64, 32, 4, 3, 5), (64, 64, 32, 4, 3, 7)])
+def test_split_tile_is_finer_than_tf32_on_cuda(tile, monkeypatch, triton_device):
+    """SPLIT tiles (fp32 as bf16 hi + lo pairs, three bf16 products) replace TF32 products at precision tf32: within
+    1e-4 of the float64 conv (TF32 is ~1e-3 off, see above), and IEEE products again when TF32 is switched off."""
+    if triton_device != "cuda":
+        pytest.skip("Triton's interpreter has no bf16 tl.dot (it multiplies the raw bits): CUDA only")
+    g = _gen("cuda", 4)
+    n, m, k, c = 4000, 4000, 27, 64
+    x = torch.randn(n, c, device="cuda", generator=g)
+    rows = torch.randint(0, n + 1, (m, k), device="cuda", generator=g)
+    w = torch.randn(k * c, c, device="cuda", generator=g) / (k * c) ** 0.5
+    b = torch.randn(c, device="cuda", generator=g)
+    xp = torch.cat([x, x.new_zeros((1, c))]).double()
+    ref = xp[rows].reshape(m, -1) @ w.double() + b.double()
+    for tf32, tol in ((True, 1e-4), (False, 1e-5)):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+        got = triton_conv.sparse_conv(x, rows, w, b, tile=tile).double()
+        assert float((got - ref).abs().max() / ref.abs().max()) <= tol, (tile, tf32)

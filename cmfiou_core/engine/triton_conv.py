@@ -45,11 +45,13 @@ if AVAILABLE:
     def _sparse_conv_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, res_ptr, count_ptr, M, n_in,
                             K: tl.constexpr, CIN: tl.constexpr, COUT: tl.constexpr, BM: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
-                            HAS_COUNT: tl.constexpr, IEEE: tl.constexpr, FLAT: tl.constexpr, WT: tl.constexpr):
+                            HAS_COUNT: tl.constexpr, IEEE: tl.constexpr, FLAT: tl.constexpr, WT: tl.constexpr,
+                            SPLIT: tl.constexpr):
         # FLAT: one loop over (kernel offset, Cin chunk) pairs, which Triton's software pipeliner can overlap
         # (num_stages); otherwise two nested loops, of which only the inner one (often a single Cin chunk) is
         # pipelined. WT: the weight is given as (Cout, K*Cin), K-major, the operand order TF32 tensor-core
-        # products read from shared memory without a transpose.
+        # products read from shared memory without a transpose. SPLIT (fp32 inputs): each operand as a bf16 pair
+        # hi + lo, and a.w = hi.hi + hi.lo + lo.hi on bf16 tensor cores (about 16 mantissa bits, finer than TF32's 10).
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BM + tl.arange(0, BM)
@@ -63,13 +65,13 @@ if AVAILABLE:
                 k = i // NC
                 offs_c = (i % NC) * BK + tl.arange(0, BK)
                 acc = _conv_step(acc, x_ptr, rows_ptr, w_ptr, offs_m, offs_n, offs_c, m_ok, n_ok, k, n_in,
-                                 K, CIN, COUT, IEEE, WT)
+                                 K, CIN, COUT, IEEE, WT, SPLIT)
         else:
             for k in range(K):
                 for c0 in range(0, CIN, BK):
                     offs_c = c0 + tl.arange(0, BK)
                     acc = _conv_step(acc, x_ptr, rows_ptr, w_ptr, offs_m, offs_n, offs_c, m_ok, n_ok, k, n_in,
-                                     K, CIN, COUT, IEEE, WT)
+                                     K, CIN, COUT, IEEE, WT, SPLIT)
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
         acc += bias[None, :].to(tl.float32)
         out_off = offs_m[:, None].to(tl.int64) * COUT + offs_n[None, :]
@@ -83,7 +85,8 @@ if AVAILABLE:
 
     @triton.jit
     def _conv_step(acc, x_ptr, rows_ptr, w_ptr, offs_m, offs_n, offs_c, m_ok, n_ok, k, n_in,
-                   K: tl.constexpr, CIN: tl.constexpr, COUT: tl.constexpr, IEEE: tl.constexpr, WT: tl.constexpr):
+                   K: tl.constexpr, CIN: tl.constexpr, COUT: tl.constexpr, IEEE: tl.constexpr, WT: tl.constexpr,
+                   SPLIT: tl.constexpr):
         """acc += x[rows[:, k]][:, offs_c] @ W_k[offs_c, offs_n] (absent taps and columns past Cin / Cout masked)."""
         r = tl.load(rows_ptr + offs_m.to(tl.int64) * K + k, mask=m_ok, other=n_in)
         present = (r < n_in) & m_ok
@@ -96,7 +99,16 @@ if AVAILABLE:
         else:
             w = tl.load(w_ptr + (k * CIN + offs_c[:, None]) * COUT + offs_n[None, :],
                         mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        if IEEE:
+        if SPLIT:
+            a_hi = a.to(tl.bfloat16)
+            a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+            w32 = w.to(tl.float32)
+            w_hi = w32.to(tl.bfloat16)
+            w_lo = (w32 - w_hi.to(tl.float32)).to(tl.bfloat16)
+            acc = tl.dot(a_hi, w_hi, acc)
+            acc = tl.dot(a_hi, w_lo, acc)
+            acc = tl.dot(a_lo, w_hi, acc)
+        elif IEEE:
             acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
         else:
             acc += tl.dot(a, w.to(a.dtype))
@@ -108,10 +120,11 @@ INTERPRETER = AVAILABLE and type(_sparse_conv_kernel).__name__ == "InterpretedFu
 
 
 # the tile per input dtype: (BM, BN at most, BK, num_warps, num_stages[, flags]); fp32 covers TF32 and IEEE
-# products. flags (default 0): FLAT (one pipelined loop over offset x Cin chunk) | WT (K-major weight). The
+# products. flags (default 0): FLAT (one pipelined loop over offset x Cin chunk) | WT (K-major weight) | SPLIT
+# (fp32 as bf16 hi + lo pairs, three bf16 products). The
 # entry "torch": FoldedConv takes its torch path (gather -> one cuBLAS GEMM) for that dtype instead. The
 # bench/bench_sparse_conv.py times candidates on a real frame's convolutions (every call of one frame, replayed)
-FLAT, WT = 1, 2
+FLAT, WT, SPLIT = 1, 2, 4
 TILES = {torch.float32: (64, 64, 32, 4, 3), torch.bfloat16: (64, 64, 32, 4, 3), torch.float16: (64, 64, 32, 4, 3)}
 
 
@@ -144,9 +157,12 @@ def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias:
     if flags & WT:
         wc = (weight_t if weight_t is not None else wc.t()).to(x.dtype)
     xc, rc, wc, bc = x.contiguous(), rows.contiguous(), wc.contiguous(), bias.float().contiguous()
+    ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     with launched("sparse_conv"):
         _sparse_conv_kernel[grid](xc, rc, wc, bc, y, res, cnt, M, x.shape[0], K=K, CIN=cin, COUT=cout, BM=BM,
                                   BN=BN, BK=BK, RELU=relu, HAS_RES=residual is not None, HAS_COUNT=count is not None,
-                                  IEEE=x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
-                                  FLAT=bool(flags & FLAT), WT=bool(flags & WT), num_warps=warps, num_stages=stages)
+                                  IEEE=ieee,
+                                  FLAT=bool(flags & FLAT), WT=bool(flags & WT),
+                                  SPLIT=bool(flags & SPLIT) and x.dtype == torch.float32 and not ieee, num_warps=warps,
+                                  num_stages=stages)
     return y
