@@ -40,6 +40,8 @@ case ${CALL:-1} in
     log "backbone engine vs eager spconv (Native), IEEE fp32, the real frames: index sets, feature difference"
     timeout 150 python3 bench/bench_engine.py --device cuda --checkpoint '' --kitti $K --generated 0 --frames 5 \
       --warmup 1 --dtypes fp32 --json $OUT/bench_engine_real5_fp32_h200.json 2>&1 | filt | tail -8; fi
+  log "the fused kernels' CUDA tests (tile flags, SPLIT accuracy)"
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -rfE test/test_engine_triton.py 2>&1 | filt | tail -5
   log "tile candidates, frame 000000"
   timeout ${TILE_S:-200} python3 bench/bench_sparse_conv.py --kitti $K --frame 0 --reps 10 \
     --json $OUT/sparse_conv_tiles_000000_h200.json 2>&1 | filt | tail -40
