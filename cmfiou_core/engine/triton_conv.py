@@ -125,7 +125,9 @@ INTERPRETER = AVAILABLE and type(_sparse_conv_kernel).__name__ == "InterpretedFu
 # entry "torch": FoldedConv takes its torch path (gather -> one cuBLAS GEMM) for that dtype instead. The
 # bench/bench_sparse_conv.py times candidates on a real frame's convolutions (every call of one frame, replayed)
 FLAT, WT, SPLIT = 1, 2, 4
-TILES = {torch.float32: (64, 64, 32, 4, 3), torch.bfloat16: (64, 64, 32, 4, 3), torch.float16: (64, 64, 32, 4, 3)}
+# fp32: the K-major weight (WT) halves the TF32 convolutions of a real frame (H100: 8.35 -> 3.39 ms a frame, and
+# below bf16's 3.96; docs/results/sparse_conv_tiles_000000_random_h100.json); bf16: the plain tile was fastest
+TILES = {torch.float32: (64, 64, 32, 4, 3, WT), torch.bfloat16: (64, 64, 32, 4, 3), torch.float16: (64, 64, 32, 4, 3)}
 
 
 def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
