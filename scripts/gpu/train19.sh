@@ -13,6 +13,11 @@
 #           the real frames; frame 000000 with the Triton kernels off); then the export (15 MB parts), the real
 #           frames, both fresh sets (the trained run; the demo's numbers are in docs/results already).
 #   CALL=3  (optional) TF32=1: the graph tf32 bench (1 view; the default precision) with the demo checkpoint.
+# Once the bundle is unpacked on the warm machine (an earlier call carried both parts, e.g. tiles16.sh CALL=0), both
+# calls fit one command: carry .gpu_data + .gpu_real3 with the checkpoint in the tree (63.8 MB) and run
+#   (CALL=1 NGEN=200 GEN_MIX=50 FRESH_N=60 bash scripts/gpu/train19.sh; CALL=2 MIN=3 BS=4 \
+#    TRAIN_EXTRA="--init models/cmfiou_synthetic_demo_fp16.pt --lr 0.001" bash scripts/gpu/train19.sh)
+# (2026-12-07, H100: 325 s wall, 203 steps; docs/results/ap_finetune_v2_3min_*.json).
 . "$(dirname "$0")/common.sh"
 # the graph tf32 bench (1 view; the default precision) with the demo checkpoint
 tf32_bench() { log "pipeline graph tf32, 1 view, demo checkpoint"
