@@ -155,10 +155,8 @@ def sparse_conv(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias:
     grid = (triton.cdiv(M, BM), triton.cdiv(cout, BN))
     res = residual.contiguous() if residual is not None else y
     cnt = count.reshape(1) if count is not None else rows
-    wc = weight.to(x.dtype)
-    if flags & WT:
-        wc = (weight_t if weight_t is not None else wc.t()).to(x.dtype)
-    xc, rc, wc, bc = x.contiguous(), rows.contiguous(), wc.contiguous(), bias.float().contiguous()
+    w = (weight_t if weight_t is not None else weight.t()) if flags & WT else weight
+    xc, rc, wc, bc = x.contiguous(), rows.contiguous(), w.to(x.dtype).contiguous(), bias.float().contiguous()
     ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     with launched("sparse_conv"):
         _sparse_conv_kernel[grid](xc, rc, wc, bc, y, res, cnt, M, x.shape[0], K=K, CIN=cin, COUT=cout, BM=BM,

@@ -1,18 +1,13 @@
 #!/usr/bin/env bash
-# Issue 16: the fused sparse conv's tile per dtype (TF32 ran 5x slower than bf16 in it: 11.7 vs 2.3 ms a frame).
-# Carry folders: scripts/gpu/carry_dirs.sh.
-#   CALL=0  no checkpoint: carry both bundle parts + .gpu_k0 (see the stage's comment); then CALL=3 on the warm
-#           machine: the checkpoint in the tree, carry .gpu_data + .gpu_real3: the pipeline at the current and fastest tiles.
-#   CALL=1  carry .gpu_bundle/gpu_site.part01 with the checkpoint in the tree: the checkpoint to /tmp/demo.pt,
-#           40 v1 scenes of seed 2027 (never trained on) to /tmp/fresh_v1.
-#   CALL=2  carry .gpu_bundle/gpu_site.part00 + .gpu_data + .gpu_real3 (real frames; the checkpoint moved out):
-#           setup, bench_sparse_conv (tile candidates on real frame 000000's convolutions), then the pipeline (7 real
-#           + 40 v1 frames) at the current tf32 tile (this card's baseline) and at the fastest tf32 / bf16 tiles
-#           (TILES set in the bench's process). RUNS='tf32cur:1 tf32:1 bf16:1 tf32:3' picks them (PRECISION:VIEWS);
-#           ENGINE_CHECK=1 adds bench_engine's index-set check. (train19.sh CALL=1 also makes /tmp/fresh_v1.)
+# Issue 16: the fused sparse conv's tile per dtype (TF32 ran 5x slower than bf16 in it, 11.7 vs 2.3 ms a frame, until
+# the K-major weight tile). Carry folders: scripts/gpu/carry_dirs.sh. Two calls on one warm machine:
+#   CALL=0  the checkpoint moved out of the tree; carry both bundle parts + .gpu_k0 (see the stage's comment).
+#   CALL=3  the checkpoint back in the tree; carry .gpu_data + .gpu_real3: the pipeline (7 real + 40 v1 frames) at
+#           this card's current tf32 tile and at CALL=0's fastest tf32 / bf16 tiles. RUNS (default
+#           'tf32cur:1 tf32:1 bf16:1') picks them as PRECISION:VIEWS, tf32cur = tf32 at the current tile.
 . "$(dirname "$0")/common.sh"
 FILT_EXTRA="capacity overflow"
-# the pipeline benches at tiles $T (tf32) / $B (bf16): RUNS of PRECISION:VIEWS, tf32cur = tf32 at the current tile
+# the pipeline benches at tiles $T (tf32) / $B (bf16)
 pipes() {
   # the current tile's tf32 pipeline first (the baseline on this very card), then the fastest tiles
   for pv in ${RUNS:-tf32cur:1 tf32:1 bf16:1}; do p=${pv%:*}; v=${pv#*:}; a=$T; b=""; t=$T
@@ -25,7 +20,7 @@ pipes() {
       --json $OUT/bench_${v}view_graph_${tag}_demo.json 2>&1 | filt | tail -9
   done
 }
-case ${CALL:-1} in
+case ${CALL:-0} in
 0)
   # one call, no checkpoint (random weights: the convolutions' speed depends on the frame's sites, not the weights):
   # carry both bundle parts + .gpu_k0 (real frames 000000, 000009). The fused kernels' CUDA tests, the tile
@@ -47,32 +42,12 @@ case ${CALL:-1} in
       --json $OUT/bench_engine_tiles_${t//[,\/]/_}_random.json 2>&1 | filt | tail -7
   done ;;
 3)
-  # after CALL=0 on the warm machine (bundle unpacked, /tmp/fastest): the checkpoint in the tree, carry .gpu_data
-  # (+ .gpu_real3 if it fits): the pipeline with the demo checkpoint at this card's current tf32 tile, then at the
+  # after CALL=0 on the warm machine (bundle unpacked, /tmp/fastest): the pipeline with the demo checkpoint at this card's current tf32 tile, then at the
   # fastest tf32 / bf16 tiles; 7 real + 40 generated v1 frames of seed 2027 (never trained on)
   $J setup || exit 3
   FRESH_GEN=/tmp/fresh_v1 FRESH_SEED=2027 FRESH_N=40 FRESH_PROFILE=v1 $J gen_fresh
-  mkdir -p $K && cp -r .gpu_data/kitti/training/. $K/ && { [ -d .gpu_real3 ] && cp -r .gpu_real3/training/. $K/; true; }
+  real_frames
   read T B < /tmp/fastest; log "fastest tiles: tf32 ${T:-?} bf16 ${B:-?}"
-  pipes ;;
-1)
-  ckpt_stash
-  FRESH_GEN=/tmp/fresh_v1 FRESH_SEED=2027 FRESH_N=40 FRESH_PROFILE=v1 $J gen_fresh ;;
-2)
-  $J setup || exit 3
-  ckpt_restore
-  mkdir -p $K && cp -r .gpu_data/kitti/training/. $K/ && { [ -d .gpu_real3 ] && cp -r .gpu_real3/training/. $K/; true; }
-  if [ -n "${ENGINE_CHECK:-}" ]; then
-    log "backbone engine vs eager spconv (Native), IEEE fp32, the real frames: index sets, feature difference"
-    timeout 150 python3 bench/bench_engine.py --device cuda --checkpoint '' --kitti $K --generated 0 --frames 5 \
-      --warmup 1 --dtypes fp32 --json $OUT/bench_engine_real5_fp32_h200.json 2>&1 | filt | tail -8; fi
-  log "the fused kernels' CUDA tests (tile flags, SPLIT accuracy)"
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -rfE test/test_engine_triton.py 2>&1 | filt | tail -5
-  log "tile candidates, frame 000000"
-  timeout ${TILE_S:-200} python3 bench/bench_sparse_conv.py --kitti $K --frame 0 --reps 10 \
-    --json $OUT/sparse_conv_tiles_000000_h200.json 2>&1 | filt | tail -40
-  read T B < <(python3 -c "import json; f=json.load(open('$OUT/sparse_conv_tiles_000000_h200.json'))['fastest']; print(f['tf32'], f['bf16'])" 2>/dev/null)
-  log "fastest tiles: tf32 ${T:-?} bf16 ${B:-?}"
   pipes ;;
 esac
 log done

@@ -38,7 +38,7 @@ case ${CALL:-1} in
 2)
   $J setup || exit 3
   ckpt_restore
-  mkdir -p $K && cp -r .gpu_data/kitti/training/. $K/ && cp -r .gpu_real3/training/. $K/ && ls $K/velodyne | tr '\n' ' '
+  real_frames
   tp=""; [ -n "${NO_TRAIN:-}" ] || { WORKERS=${WORKERS:-10} $J train_full > /tmp/train.log 2>&1 & tp=$!; }
   mkdir -p /tmp/ks/object && ln -sfn $K /tmp/ks/object/training
   log "CUDA test: the static front across calibrations"
