@@ -38,8 +38,30 @@ def match(a, b, max_dist=1.0):
     return pairs
 
 
-def compare(frames, pa, pb, score, rotated_iou_paired):
-    """Run pipelines pa and pb on every frame; -> (per-frame rows, worst values)."""
+def bev(boxes) -> np.ndarray:
+    """LiDAR boxes (M, 7) ``[x, y, z, dx, dy, dz, heading]`` (heading counter-clockwise from +x) -> (M, 5) float64 in
+    the convention of ``cmfiou_core.eval.rotated_iou`` (KITTI camera BEV, whose corner rotation turns the other way:
+    its angle is minus the LiDAR heading)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 7)
+    return np.stack([b[:, 0], b[:, 1], b[:, 3], b[:, 4], -b[:, 6]], 1)
+
+
+def within_bar(box, label, dets, rotated_iou_paired) -> bool:
+    """Does Detections ``dets`` hold a box of class ``label`` within the equivalence bar of ``box`` (centre within
+    1 cm or BEV IoU >= 0.99)?"""
+    same = np.nonzero(dets.labels == label)[0]
+    if not len(same):
+        return False
+    cand = dets.boxes[same]
+    if (np.abs(cand[:, :3] - box[None, :3]).max(1) <= 0.01).any():
+        return True
+    ref = np.repeat(bev(box), len(same), 0)
+    return bool((rotated_iou_paired(ref, bev(cand)) >= 0.99).any())
+
+
+def compare(frames, pa, pb, score, rotated_iou_paired, keep=None):
+    """Run pipelines pa and pb on every frame; -> (per-frame rows, worst values). ``keep``: a dict that receives
+    (fr, a, b) of every frame with a pair off the bar or an unmatched detection above ``score``."""
     rows, worst = [], {"centre_m": 0.0, "size_m": 0.0, "heading": 0.0, "score": 0.0, "unmatched": 0, "pairs_off": 0,
                        "min_bev_iou": 1.0}
     for name, fr in frames:
@@ -57,8 +79,7 @@ def compare(frames, pa, pb, score, rotated_iou_paired):
             r["max_size_m"] = float(np.abs(a.boxes[i, 3:6] - b.boxes[j, 3:6]).max())
             r["max_heading"] = float(np.abs(np.angle(np.exp(1j * (a.boxes[i, 6] - b.boxes[j, 6])))).max())
             r["max_score"] = float(np.abs(a.scores[i] - b.scores[j]).max())
-            iou = rotated_iou_paired(a.boxes[i][:, [0, 1, 3, 4, 6]].astype(np.float64),
-                                     b.boxes[j][:, [0, 1, 3, 4, 6]].astype(np.float64))
+            iou = rotated_iou_paired(bev(a.boxes[i]), bev(b.boxes[j]))
             r["min_bev_iou"] = float(iou.min())
             centre = np.abs(a.boxes[i, :3] - b.boxes[j, :3]).max(1)
             # the equivalence bar: every matched pair within 1 cm or at BEV IoU >= 0.99
@@ -67,14 +88,56 @@ def compare(frames, pa, pb, score, rotated_iou_paired):
             # each pair off the bar: scores of both sides, centre difference (m), BEV IoU
             r["off"] = [[round(float(a.scores[i[k]]), 4), round(float(b.scores[j[k]]), 4), round(float(centre[k]), 4),
                          round(float(iou[k]), 4)] for k in np.nonzero(off)[0]]
+            r["_off_pairs"] = [(int(i[k]), int(j[k])) for k in np.nonzero(off)[0]]
             worst["pairs_off"] += r["pairs_off"]
             worst["min_bev_iou"] = min(worst["min_bev_iou"], r["min_bev_iou"])
             for k, w in (("centre_m", "max_centre_m"), ("size_m", "max_size_m"), ("heading", "max_heading"),
                          ("score", "max_score")):
                 worst[k] = max(worst[k], r[w])
         worst["unmatched"] += un_a + un_b
+        r["_unmatched_a"] = [int(k) for k in range(len(a.scores)) if k not in ia and a.scores[k] >= score]
+        r["_unmatched_b"] = [int(k) for k in range(len(b.scores)) if k not in ib and b.scores[k] >= score]
+        if keep is not None and (r.get("pairs_off", 0) or un_a or un_b):
+            keep[name] = (fr, a, b)
         rows.append(r)
     return rows, worst
+
+
+def rounding_envelope(kept, rows, noisy, draws, score, rotated_iou_paired):
+    """For each frame in ``kept`` (A = the eager pipeline, B = the other side): is every difference of B from A one
+    that rounding-level noise on the eager model's own backbone output also makes? ``noisy`` (the eager pipeline with
+    ``_BackboneNoise``) runs up to ``draws`` seeds on the frame. A pair off the bar counts as inside the envelope when
+    some draw holds B's box within the bar; an unmatched B box likewise; an unmatched A box when some draw has no
+    box of its class within the bar of it. -> {"inside": n, "outside": n, "items": [...]}."""
+    out = {"draws_per_frame": draws, "inside": 0, "outside": 0, "items": []}
+    by_name = {r["frame"]: r for r in rows}
+    for name, (fr, a, b) in kept.items():
+        r = by_name[name]
+        todo = [("pair_off", i, j) for i, j in r.get("_off_pairs", [])]
+        todo += [("unmatched_b", None, j) for j in r.get("_unmatched_b", [])]
+        todo += [("unmatched_a", i, None) for i in r.get("_unmatched_a", [])]
+        found = {k: None for k in range(len(todo))}
+        for seed in range(draws):
+            if all(v is not None for v in found.values()):
+                break
+            noisy.stage_hooks[-1].seed = seed
+            d = noisy(fr)
+            for k, (kind, i, j) in enumerate(todo):
+                if found[k] is not None:
+                    continue
+                if kind == "unmatched_a":
+                    hit = not within_bar(a.boxes[i], a.labels[i], d, rotated_iou_paired)
+                else:
+                    hit = within_bar(b.boxes[j], b.labels[j], d, rotated_iou_paired)
+                if hit:
+                    found[k] = seed
+        for k, (kind, i, j) in enumerate(todo):
+            side, idx = (a, i) if kind == "unmatched_a" else (b, j)
+            item = {"frame": name, "kind": kind, "score_b" if side is b else "score_a": round(float(side.scores[idx]), 4),
+                    "box": [round(float(x), 3) for x in side.boxes[idx]], "reproduced_by_draw": found[k]}
+            out["items"].append(item)
+            out["inside" if found[k] is not None else "outside"] += 1
+    return out
 
 
 class _BackboneNoise:
@@ -136,6 +199,11 @@ def main(argv=None) -> int:
     ap.add_argument("--noise", type=float, default=1e-6,
                     help="eager_backbone_noise: relative size of the noise on the backbone's output features")
     ap.add_argument("--noise-seeds", type=int, default=8, help="eager_backbone_noise: draws (one comparison each)")
+    ap.add_argument("--envelope", type=int, default=0, metavar="DRAWS",
+                    help="for the first comparison (A = eager): check each pair off the bar and each unmatched "
+                         "detection against the eager model's own rounding envelope, up to DRAWS draws of "
+                         "eager_backbone_noise per such frame (a difference rounding noise also makes is a near-tie "
+                         "of the model, not an engine defect)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.deterministic:
@@ -199,26 +267,40 @@ def main(argv=None) -> int:
     # size of the engine's, move this frame's detections? (an engine-vs-eager pair off that the same noise also
     # makes is a near-tie downstream: proposal NMS, top-k or the RoI head's selection, not an engine defect)
     noisy = None
-    if "eager_backbone_noise" in args.compare:
+    if "eager_backbone_noise" in args.compare or args.envelope:
         noisy = Pipeline.from_config(args.config, args.checkpoint, args.device, engine="eager",
                                      precision=args.precision)
+        set_algorithm(noisy.model, args.eager_spconv_algo)
         noisy.stage_hooks.append(_BackboneNoise(args.noise))
+    if args.envelope and not args.compare.startswith("eager:"):
+        ap.error("--envelope: the first --compare pair must be eager:B")
     runs = {"eager": eager, "graph": graph, "graph_eager_front": graph_ef, "eager_perturbed": perturbed,
             "eager_engine_backbone": eager_eb, "eager_backbone_noise": noisy}
     report = {"what": "per-frame detections of pairs of pipelines (eager spconv / engine=graph)",
               "score_threshold_for_unmatched": args.score, "precision": args.precision,
               "deterministic_algorithms": bool(args.deterministic),
               "eager_spconv_algo": args.eager_spconv_algo, "comparisons": {}}
-    for comp in args.compare.split(","):
+    for n, comp in enumerate(args.compare.split(",")):
         an, bn = comp.split(":")
         for seed in range(args.noise_seeds) if "eager_backbone_noise" in (an, bn) else [None]:
             key = comp
             if seed is not None:
                 noisy.stage_hooks[-1].seed = seed
                 key = f"{comp}@seed{seed}"
-            rows, worst = compare(frames, runs[an], runs[bn], args.score, rotated_iou_paired)
-            report["comparisons"][key] = {"frames": rows, "worst": worst,
-                                          "matched_pairs": int(sum(r["matched"] for r in rows))}
+            kept = {} if (n == 0 and args.envelope) else None
+            rows, worst = compare(frames, runs[an], runs[bn], args.score, rotated_iou_paired, keep=kept)
+            entry = {"frames": rows, "worst": worst, "matched_pairs": int(sum(r["matched"] for r in rows))}
+            if kept is not None:
+                env = rounding_envelope(kept, rows, noisy, args.envelope, args.score, rotated_iou_paired)
+                env["noise"] = args.noise
+                entry["rounding_envelope"] = env
+                worst["outside_rounding_envelope"] = env["outside"]
+                print(key, "rounding envelope:", json.dumps({k: env[k] for k in ("inside", "outside")}),
+                      json.dumps(env["items"]), flush=True)
+            for r in rows:
+                for k in ("_off_pairs", "_unmatched_a", "_unmatched_b"):
+                    r.pop(k, None)
+            report["comparisons"][key] = entry
             print(key, "worst:", json.dumps(worst), flush=True)
     first = next(iter(report["comparisons"].values()))
     report.update(frames=first["frames"], worst=first["worst"])      # the headline comparison

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from rosutil import require  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +101,52 @@ def test_bench_node_load_smoke(tmp_path, kitti_samples):
     for ph in res["phases"]:
         assert ph["main_thread_cpu_pct"] >= 0 and ph["process_cpu_pct"] >= ph["main_thread_cpu_pct"] - 1.0
     assert res["provenance"]["git_commit"]
+
+
+def test_engine_agreement_bar_and_rounding_envelope(tmp_path):
+    """bench/engine_agreement.py's equivalence bar (centre within 1 cm or BEV IoU >= 0.99) and its rounding-envelope
+    check: comparing the eager pipeline with its own backbone-noise draw 0 (noise large enough to move boxes), every
+    difference must be found again by envelope draw 0 (the same draw), so none is outside; and the bar itself on
+    hand-made boxes."""
+    import numpy as np
+    import engine_agreement as ea
+
+    from cmfiou_core.eval.rotated_iou import rotated_iou_paired
+    from cmfiou_core.types import Detections
+
+    car = np.array([10.0, 2.0, -1.0, 3.9, 1.6, 1.5, 0.3], np.float32)
+
+    def dets(*boxes, labels=None):
+        b = np.array(boxes, np.float32).reshape(-1, 7)
+        n = len(b)
+        lab = np.array(labels if labels is not None else [1] * n, np.int64)
+        return Detections(boxes=b, labels=lab, cls_scores=np.ones(n, np.float32), iou_scores=np.ones(n, np.float32),
+                          scores=np.ones(n, np.float32))
+
+    def along(d):  # the car moved by d metres along its heading
+        return car + np.array([d * np.cos(0.3), d * np.sin(0.3), 0, 0, 0, 0, 0], np.float32)
+
+    assert ea.within_bar(car, 1, dets(along(0.009)), rotated_iou_paired)         # within 1 cm
+    assert ea.within_bar(car, 1, dets(along(0.015)), rotated_iou_paired)         # x by 1.4 cm, BEV IoU 0.992
+    assert not ea.within_bar(car, 1, dets(along(0.03)), rotated_iou_paired)      # BEV IoU 0.985
+    assert not ea.within_bar(car, 1, dets(car, labels=[2]), rotated_iou_paired)   # another class
+    # the LiDAR heading turns counter-clockwise: a car at 45 degrees moved 0.5 m along its length keeps
+    # (3.9 - 0.5) / (3.9 + 0.5) of the union
+    diag = np.array([[0, 0, 0, 3.9, 1.6, 1.5, np.pi / 4]])
+    moved = diag + np.array([[0.5 / np.sqrt(2), 0.5 / np.sqrt(2), 0, 0, 0, 0, 0]])
+    assert rotated_iou_paired(ea.bev(diag), ea.bev(moved))[0] == pytest.approx(3.4 / 4.4, abs=1e-9)
+    assert not ea.within_bar(car, 1, dets(), rotated_iou_paired)
+
+    out = tmp_path / "agree.json"
+    rc = ea.main(["--device", "cpu", "--generated", "1", "--gen-dir", str(tmp_path / "gen"), "--score", "0.1",
+                  "--compare", "eager:eager_backbone_noise", "--noise", "0.05", "--noise-seeds", "1",
+                  "--envelope", "1", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    c = res["comparisons"]["eager:eager_backbone_noise@seed0"]
+    env, worst = c["rounding_envelope"], c["worst"]
+    assert worst["pairs_off"] + worst["unmatched"] >= 1, "5% noise on the backbone moved no box: the check is idle"
+    assert len(env["items"]) == worst["pairs_off"] + worst["unmatched"] == env["inside"]
+    assert env["outside"] == worst["outside_rounding_envelope"] == 0
+    assert all(it["reproduced_by_draw"] == 0 for it in env["items"])
+    _check_provenance(res, checkpoint=True)

@@ -22,9 +22,9 @@ tiles_py() { echo "import cmfiou_core.engine.triton_conv as tc
 for dt, t in ((torch.float32, '$1'), (torch.bfloat16, '$2')):
     if t: tc.TILES[dt] = 'torch' if t == 'torch' else tuple(map(int, t.split(',')))
 print('TILES', tc.TILES, flush=True)"; }
-# the carried real frames (.gpu_data, and .gpu_real3 where carried) into $K, their ids listed
-real_frames() { mkdir -p $K && cp -r .gpu_data/kitti/training/. $K/ && { [ ! -d .gpu_real3 ] || cp -r .gpu_real3/training/. $K/; } \
-  && ls $K/velodyne | tr '\n' ' '; echo; }
+# the carried real frames (.gpu_data, and .gpu_real3 / .gpu_rest where carried) into $K, their ids listed
+real_frames() { mkdir -p $K && cp -r .gpu_data/kitti/training/. $K/ && for d in .gpu_real3 .gpu_rest; do
+  [ ! -d $d ] || cp -r $d/training/. $K/; done && ls $K/velodyne | tr '\n' ' '; echo; }
 # the demo checkpoint: to /tmp in the call that carries it, back into models/ in a later call that cannot
 ckpt_stash() { cp $CK /tmp/demo.pt && sha256sum /tmp/demo.pt; }
 ckpt_restore() { [ -f $CK ] || { mkdir -p models && cp /tmp/demo.pt $CK; }; }

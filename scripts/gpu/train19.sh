@@ -9,9 +9,10 @@
 #   CALL=2  carry .gpu_bundle/gpu_site.part00 + .gpu_data + .gpu_real3, the checkpoint moved out of the tree
 #           (55.7 MB): setup joins the bundle, the checkpoint goes back into models/ here, the real frames to
 #           /tmp/kitti; training (job.sh train_full, TRAIN_EXTRA, MIN minutes) in the background while issue 16's
-#           checks run beside it (the static front's CUDA test; eager vs graph / eager with the engine backbone on
-#           the real frames; frame 000000 with the Triton kernels off); then the export (15 MB parts), the real
-#           frames, both fresh sets (the trained run; the demo's numbers are in docs/results already).
+#           checks run beside it (the static front's CUDA test; eager vs graph on the real frames and the 40 v1
+#           scenes, each difference checked against the eager model's rounding envelope); then the export (15 MB
+#           parts), the real frames, both fresh sets (the trained run; the demo's numbers are in docs/results).
+#           Carrying .gpu_rest too (the other six real frames; the bundle already unpacked) gives all 13.
 #   CALL=3  (optional) TF32=1: the graph tf32 bench (1 view; the default precision) with the demo checkpoint.
 # Once the bundle is unpacked on the warm machine (an earlier call carried both parts, e.g. tiles16.sh CALL=0), both
 # calls fit one command: carry .gpu_data + .gpu_real3 with the checkpoint in the tree (63.8 MB) and run
@@ -44,24 +45,21 @@ case ${CALL:-1} in
   log "CUDA test: the static front across calibrations"
   CMFIOU_KITTI_SAMPLES=/tmp/ks timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE test/test_engine_prelude.py \
     -k on_cuda 2>&1 | filt | tail -6
-  log "engine agreement, IEEE fp32, real frames"
-  timeout 150 python3 bench/engine_agreement.py --device cuda --checkpoint '' --kitti $K --generated 0 --precision fp32 \
-    --compare eager:graph,eager:eager_engine_backbone --json $OUT/engine_agreement_fp32_real7_demo_h200.json 2>&1 \
-    | filt | tail -12
-  # frame 000000 (the one pair off in session 9) again with the Triton grid-pool / NMS kernels off: kernel or not?
-  mkdir -p /tmp/k0/training && for d in velodyne image_2 calib label_2; do mkdir -p /tmp/k0/training/$d
-    ln -sf $K/$d/000000.* /tmp/k0/training/$d/; done
-  log "engine agreement on 000000, Triton grid-pool / NMS off"
-  TO=70 bench_with "$NOKERN_PY" engine_agreement --device cuda --checkpoint '' --kitti /tmp/k0/training \
-    --generated 0 --precision fp32 --compare eager:graph --json $OUT/engine_agreement_fp32_000000_nokern_demo_h200.json \
-    2>&1 | filt | tail -4
+  # issue 16's bar: engine vs eager (IEEE fp32) on the carried real frames (all 13 with .gpu_rest) + the 40 v1
+  # scenes of seed 2027, each difference checked against the eager model's own rounding envelope
+  nreal=$(ls $K/velodyne | wc -l)
+  log "engine agreement, IEEE fp32, $nreal real frames + /tmp/fresh_v1, rounding envelope"
+  timeout ${AGREE_S:-240} python3 bench/engine_agreement.py --device cuda --checkpoint '' --kitti $K \
+    $([ -d /tmp/fresh_v1/training ] && echo --kitti /tmp/fresh_v1/training) --generated 0 --precision fp32 \
+    --compare eager:graph --envelope ${DRAWS:-16} --json $OUT/engine_agreement_fp32_envelope_real${nreal}_v1_40_demo.json \
+    2>&1 | filt | tail -6
   # NO_TRAIN=1: issue 16's checks, then the graph tf32 bench (no training ran beside it)
   [ -n "$tp" ] || { tf32_bench; log done; exit; }
   log "waiting for the training"; wait $tp; tail -16 /tmp/train.log
   $J split_ckpt
   log "evaluate real frames here (trained)"
   timeout 60 python3 -m cmfiou_core.tools.evaluate --data /tmp/kitti --split all --device cuda \
-    --checkpoint /tmp/run_full/export_fp16.pt --json $OUT/ap_real7_trained.json 2>&1 | filt \
+    --checkpoint /tmp/run_full/export_fp16.pt --json $OUT/ap_real${nreal}_trained.json 2>&1 | filt \
     | grep -i "car\|ped\|cyc\|unmatched" | head -8
   PY='timeout 100 python3' FRESH_DEMO= FRESH_GEN=/tmp/fresh_v2 FRESH_TAG=_seed2028_v2 $J eval_fresh
   PY='timeout 50 python3' FRESH_DEMO= FRESH_GEN=/tmp/fresh_v1 FRESH_TAG=_seed2027_v1 $J eval_fresh ;;
