@@ -25,6 +25,33 @@ def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
     return data
 
 
+def apply_overrides(data: Dict[str, Any], sets, source: str = "--set") -> Dict[str, Any]:
+    """``data`` (a parsed config mapping, changed in place and returned) with each ``KEY.PATH=VALUE`` of ``sets``
+    applied: the dotted path names nested mappings (created where missing), VALUE is read as one YAML scalar or flow
+    value (``true``, ``0.5``, ``[0.8, 1.2]``). The result is validated by whoever builds the config from it, so an
+    unknown key or a wrong type is reported there with its path."""
+    for item in sets or ():
+        key, eq, raw = str(item).partition("=")
+        parts = key.strip().split(".")
+        if not eq or not all(p.strip() for p in parts):
+            raise ConfigError(f"{source} {item!r}: expected KEY.PATH=VALUE, e.g. data.augment.photometric=true")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source} {item!r}: VALUE is not valid YAML: {e}") from None
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{source} {item!r}: '{'.'.join(parts[:i + 1])}' is a "
+                                  f"{type(nxt).__name__}, not a mapping")
+            node = nxt
+        node[parts[-1].strip()] = value
+    return data
+
+
 # While a list is installed here (``recording``), every typed read of a Section appends what it accepts: the config
 # schema as the validating code states it (``cmfiou_core.tools.config_doc`` turns it into docs/config_parameters.md).
 _RECORD: Optional[list] = None

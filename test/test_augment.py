@@ -317,3 +317,51 @@ def test_config_validation():
         A.AugmentConfig.from_dict({"pyramidd": True})
     with pytest.raises(ConfigError, match="sample_groups"):
         A.AugmentConfig.from_dict({"gt_sampling": {"sample_groups": [1, 2]}})
+
+
+def test_photometric_changes_only_pseudo_colours(samples):
+    """random_photometric on real frames: raw rows, geometry, flags and ids stay bit-identical; pseudo colours move by
+    a frame-wide camera response (brightness, grey, noise) and stay in the 8-bit range; off, no random draw is made."""
+    ds, _ = samples
+    d0 = _fresh(samples, 0)
+    ps = d0["points"][:, 7] == 1
+    assert ps.sum() > 1000 and (~ps).sum() > 1000
+    cfg = replace(A.AugmentConfig(), photometric=True)
+    means = []
+    for seed in range(6):
+        d = A.random_photometric(copy.deepcopy(d0), cfg, np.random.default_rng(seed))
+        p = d["points"]
+        np.testing.assert_array_equal(p[~ps], d0["points"][~ps])
+        np.testing.assert_array_equal(p[:, [0, 1, 2, 3, 7, 8]], d0["points"][:, [0, 1, 2, 3, 7, 8]])
+        assert p[ps, 4:7].min() >= 0.0 and p[ps, 4:7].max() <= 85.0
+        assert np.abs(p[ps, 4:7] - d0["points"][ps, 4:7]).mean() > 0.5   # more than the noise alone
+        means.append(p[ps, 4:7].mean())
+    assert np.ptp(means) > 2.0                                          # the frame's brightness varies with the seed
+    # brightness x 2, nothing else: colours double (clipped), channel ratios kept
+    flat = replace(cfg, photo_gain_range=(1.0, 1.0), photo_brightness_range=(2.0, 2.0),
+                   photo_contrast_range=(1.0, 1.0), photo_saturation_range=(1.0, 1.0), photo_gray_prob=0.0,
+                   photo_noise_std=0.0)
+    d = A.random_photometric(copy.deepcopy(d0), flat, np.random.default_rng(0))
+    np.testing.assert_allclose(d["points"][ps, 4:7], np.minimum(d0["points"][ps, 4:7] * 2.0, 85.0), atol=1e-9)
+    # grey image: the three channels equal
+    grey = replace(flat, photo_brightness_range=(1.0, 1.0), photo_gray_prob=1.0)
+    g = A.random_photometric(copy.deepcopy(d0), grey, np.random.default_rng(0))["points"][ps, 4:7]
+    np.testing.assert_allclose(g, g[:, :1].repeat(3, 1), atol=1e-9)
+    # wired into the chain: the frame's own pseudo points (id >= 0) keep their colours with it off, not with it on
+    for on in (False, True):
+        aug = A.Augmentor(replace(ds.augmentor.cfg, photometric=on), ds.augmentor.db)
+        out = aug(_fresh(samples, 0), np.random.default_rng(5))["points"]
+        own = (out[:, 8] >= 0) & (out[:, 7] == 1)
+        moved = np.abs(out[own, 4:7] - d0["points"][out[own, 8].astype(int), 4:7]).max()
+        assert (moved > 0.5) if on else (moved == 0.0)
+
+
+def test_photometric_config_validation():
+    from cmfiou_core.config import ConfigError
+
+    cfg = A.AugmentConfig.from_dict({"photometric": True, "photo_brightness_range": [0.5, 1.5]})
+    assert cfg.photometric and cfg.photo_brightness_range == (0.5, 1.5)
+    with pytest.raises(ConfigError, match="photo_gain_range"):
+        A.AugmentConfig.from_dict({"photo_gain_range": [1.2, 0.8]})
+    with pytest.raises(ConfigError, match="photo_gray_prob"):
+        A.AugmentConfig.from_dict({"photo_gray_prob": 1.5})

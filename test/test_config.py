@@ -114,3 +114,22 @@ def test_parameter_doc_is_generated_from_the_validating_code_and_up_to_date(tmp_
     stale = tmp_path / "stale.md"
     stale.write_text(text.replace("nms_type", "nms_kind"))
     assert config_doc.main(["--check", str(stale)]) == 1
+
+
+def test_overrides_are_applied_then_validated():
+    """load_config(..., overrides): KEY.PATH=VALUE (VALUE as YAML) before validation; malformed items are refused."""
+    from cmfiou_core.config import ConfigError, apply_overrides
+    from cmfiou_core.model.model_config import load_config
+    from cmfiou_core.resources import config as config_path
+
+    cfg = load_config(config_path("cmfiou_kitti.yaml"), ["data.augment.photometric=true", "data.augment.photo_noise_std=3.5",
+                                      "data.augment.photo_gain_range=[0.9, 1.1]"])
+    aug = cfg.dataset.augment
+    assert aug.photometric and aug.photo_noise_std == 3.5 and aug.photo_gain_range == (0.9, 1.1)
+    assert "--set data.augment.photometric=true" in cfg.source
+    for bad, match in (("data.augment.photometric", "KEY.PATH=VALUE"), ("data..x=1", "KEY.PATH=VALUE"),
+                       ("data.use_van.x=1", "'data.use_van' is a bool"), ("data.augment.photometric=[1,", "YAML")):
+        with pytest.raises(ConfigError, match=match):
+            apply_overrides({"data": {"use_van": True}}, [bad])
+    with pytest.raises(ConfigError, match="photo_noise_std"):
+        load_config(config_path("cmfiou_kitti.yaml"), ["data.augment.photo_noise_std=-1"])

@@ -20,11 +20,18 @@ def test_cmfiou_train_one_iteration_cpu(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cmfiou_core.tools.train", "--config", "config/cmfiou_kitti.yaml",
                         "--data", str(data), "--device", "cpu", "--max-iters", "2", "--batch-size", "1",
                         "--workers", "0", "--out", str(out), "--no-progress", "--no-tensorboard",
+                        "--set", "data.augment.photometric=true", "--set", "data.augment.photo_gray_prob=0.25",
                         "--export-fp16", str(out / "export.pt")], cwd=ROOT, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     ck = torch.load(out / "ckpt" / "latest.pth", map_location="cpu", weights_only=True)
     assert ck["it"] == 2
+    # --set overrides are validated with the rest and stored in the checkpoint's config
+    assert ck["config"]["data"]["augment"] == {"photometric": True, "photo_gray_prob": 0.25}
+    r = subprocess.run([sys.executable, "-m", "cmfiou_core.tools.train", "--data", str(data), "--device", "cpu",
+                        "--max-iters", "1", "--out", str(tmp_path / "run3"), "--set", "data.augment.photometricc=1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "photometricc" in r.stderr, r.stderr[-2000:]
     from cmfiou_core.model.checkpoint import load_checkpoint
     from cmfiou_core.model.detector import build_model
     from cmfiou_core.model.model_config import load_config

@@ -147,6 +147,18 @@ class AugmentConfig:
     pyramid_sparsify_points: int = 50
     pyramid_swap_prob: float = 0.1
     pyramid_swap_threshold: int = 50
+    # photometric domain randomisation of the pseudo points' colours (flag-1 rows, columns R/3, G/3, B/3), one draw
+    # per frame after GT sampling, so pasted objects share the frame's camera: per-channel gains (white balance),
+    # brightness, contrast about the frame's mean grey, saturation, grey images with photo_gray_prob, Gaussian noise
+    # (8-bit units), clipped to the 8-bit range. Off by default (the demo checkpoint's recipe); issue 19's sim2real
+    # runs turn it on (cmfiou-train --set data.augment.photometric=true). No random draw is made while it is off.
+    photometric: bool = False
+    photo_gain_range: Tuple[float, float] = (0.85, 1.15)
+    photo_brightness_range: Tuple[float, float] = (0.6, 1.4)
+    photo_contrast_range: Tuple[float, float] = (0.7, 1.3)
+    photo_saturation_range: Tuple[float, float] = (0.5, 1.5)
+    photo_gray_prob: float = 0.1
+    photo_noise_std: float = 2.0
 
     @classmethod
     def from_dict(cls, data: Optional[dict], source: str = "<config>", path: str = "augment") -> "AugmentConfig":
@@ -189,6 +201,11 @@ class AugmentConfig:
             else:
                 kw[f] = tuple(sec.floats(f, list(default), length=len(default)))
         sec.finish()
+        for f in ("photo_gain_range", "photo_brightness_range", "photo_contrast_range", "photo_saturation_range"):
+            if f in kw and not 0.0 <= kw[f][0] <= kw[f][1]:
+                raise ConfigError(f"{source}: '{path}.{f}' must be [low, high] with 0 <= low <= high, got {list(kw[f])}")
+        if kw.get("photo_gray_prob", 0.0) > 1.0:
+            raise ConfigError(f"{source}: '{path}.photo_gray_prob' must be in [0, 1], got {kw['photo_gray_prob']}")
         return cls(**{**d.__dict__, **kw})
 
 
@@ -365,6 +382,35 @@ def random_local_noise(d: dict, cfg: AugmentConfig, rng: np.random.Generator) ->
 
 
 # ----------------------------------------------------------------------------------------------- world
+_GREY = np.array([0.299, 0.587, 0.114])   # ITU-R BT.601 luma weights
+
+
+def random_photometric(d: dict, cfg: AugmentConfig, rng: np.random.Generator) -> dict:
+    """The frame's pseudo-point colours (rows with flag 1: columns 4:7 hold R/3, G/3, B/3) through one random camera
+    response (see ``AugmentConfig.photometric``); geometry, raw rows and flags are untouched."""
+    pts = d["points"]
+    ps = pts[:, 7] == 1
+    gains = rng.uniform(cfg.photo_gain_range[0], cfg.photo_gain_range[1], 3)
+    bright, contrast, sat = (rng.uniform(a, b) for a, b in (cfg.photo_brightness_range, cfg.photo_contrast_range,
+                                                            cfg.photo_saturation_range))
+    grey_img = rng.random() < cfg.photo_gray_prob
+    noise_seed = int(rng.integers(2 ** 62))
+    if not ps.any():
+        return d
+    c = pts[ps, 4:7] * 3.0                                 # 8-bit units
+    c = c * gains[None] * bright
+    grey = c @ _GREY
+    c = grey.mean() + contrast * (c - grey.mean())
+    grey = (c @ _GREY)[:, None]
+    c = grey + (0.0 if grey_img else sat) * (c - grey)
+    if cfg.photo_noise_std > 0:
+        c = c + np.random.default_rng(noise_seed).normal(0.0, cfg.photo_noise_std, c.shape)
+    pts = pts.copy()
+    pts[ps, 4:7] = np.clip(c, 0.0, 255.0) / 3.0
+    d["points"] = pts
+    return d
+
+
 def random_world(d: dict, cfg: AugmentConfig, rng: np.random.Generator) -> dict:
     rot = float(rng.uniform(*cfg.world_rot_range))
     flip = float(rng.random() < 0.5) if cfg.world_flip else 0.0
@@ -478,6 +524,8 @@ class Augmentor:
             d = gt_sampling(d, self.db, cfg.gt_sampling, rng, None, self._f1)
         if self.db is not None and cfg.da_sampling.enabled:
             d = gt_sampling(d, self.db, cfg.da_sampling, rng, cfg.da_sampling, self._f2)
+        if cfg.photometric:
+            d = random_photometric(d, cfg, rng)
         if cfg.local_noise:
             d = random_local_noise(d, cfg, rng)
         d = random_world(d, cfg, rng)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from ..config import ConfigError, Section, load_yaml
+from ..config import ConfigError, Section, apply_overrides, load_yaml
 from ..data.dataset_config import DatasetConfig
 from .iou_joint import DEFAULT_ALPHA, SCORE_MODES
 from .roi_head import RoIHeadConfig
@@ -542,11 +542,17 @@ def _plain_seq(v):
     return float(v)
 
 
-def load_config(path: Union[str, Path]) -> FullConfig:
+def load_config(path: Union[str, Path], overrides=()) -> FullConfig:
     """Load and validate a config YAML. Top-level keys: ``model`` (required), ``depth``, ``data``,
-    ``inference`` (:class:`InferenceConfig`)."""
+    ``inference`` (:class:`InferenceConfig`). ``overrides``: ``KEY.PATH=VALUE`` strings applied before validation
+    (:func:`cmfiou_core.config.apply_overrides`; e.g. ``cmfiou-train --set``)."""
     data = load_yaml(path)
-    return config_from_dict(data, str(data.get("_source", path)))
+    source = str(data.get("_source", path))
+    if overrides:
+        apply_overrides(data, overrides)
+        source += " with " + " ".join(f"--set {o}" for o in overrides)
+        data["_source"] = source
+    return config_from_dict(data, source)
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> FullConfig:

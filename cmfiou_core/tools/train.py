@@ -33,6 +33,7 @@ def default_config() -> str:
 
     return str(_default())
 
+from cmfiou_core.config import ConfigError  # noqa: E402
 from cmfiou_core.model.model_config import OPT_DEFAULTS, optimization_settings  # noqa: E402,F401  (re-exported)
 from cmfiou_core.model.spconv_compat import ALGORITHM_NAMES  # noqa: E402
 
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cmfiou-train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=None,
                     help="model YAML (model/depth/data sections; default: the installed config/cmfiou_kitti.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override one config value (repeatable; VALUE is YAML), validated with the rest, stored in "
+                         "the checkpoint's config: e.g. --set data.augment.photometric=true")
     ap.add_argument("--data", help="KITTI root (the folder holding object/training or training/)")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--batch-size", type=int, help="per process/GPU (official: 2 x 2 GPUs)")
@@ -209,7 +213,11 @@ def main(argv=None) -> int:
                 print("cmfiou-train: --data is required (or --toy)", file=sys.stderr)
                 return 2
             from cmfiou_core.model.model_config import load_config
-            full = load_config(args.config)
+            try:
+                full = load_config(args.config, args.overrides)
+            except ConfigError as e:
+                print(f"cmfiou-train: {e}", file=sys.stderr)
+                return 2
             tcfg = make_train_config(args, full.optimization)
             seed_everything(tcfg.seed)
             if dist_info.device.type == "cpu":
