@@ -279,3 +279,33 @@ def test_gt_database_records_raw_source_and_dataset_warns_on_mismatch(kitti_root
     with caplog.at_level(logging.WARNING, logger="cmfiou_core.data.kitti"):
         KittiDataset(kitti_root, "train", training=True, cfg=DatasetConfig(raw_points_from_bin=True))
     assert "rebuild it with create_infos --raw-from-bin" in caplog.text
+
+
+def test_pseudo_frame_drop(kitti_root):
+    """data.pseudo_frame_drop: that share of training frames gets no pseudo points (raw rows and boxes as without
+    it); 0 leaves every frame's sample bit-identical (no extra random draw)."""
+    from dataclasses import replace
+
+    base = KittiDataset(kitti_root, "train", training=True, seed=3, augment=False)
+    same = KittiDataset(kitti_root, "train", training=True, seed=3, augment=False,
+                        cfg=replace(DatasetConfig(), pseudo_frame_drop=0.0))
+    drop = KittiDataset(kitti_root, "train", training=True, seed=3, augment=False,
+                        cfg=replace(DatasetConfig(), pseudo_frame_drop=1.0))
+    for i in range(len(base)):
+        a, b, c = base[i], same[i], drop[i]
+        assert a["points_mm"].shape[0] > 100
+        for k in ("points", "points_mm", "gt_boxes"):
+            assert np.array_equal(a[k], b[k])
+        assert c["points_mm"].shape == (0, 8)
+        assert np.array_equal(a["points"], c["points"]) and np.array_equal(a["gt_boxes"], c["gt_boxes"])
+    half = KittiDataset(kitti_root, "train", training=True, seed=3, augment=False,
+                        cfg=replace(DatasetConfig(), pseudo_frame_drop=0.5))
+    empty = []
+    for epoch in range(8):
+        half.set_epoch(epoch)
+        empty += [half[i]["points_mm"].shape[0] == 0 for i in range(len(half))]
+    assert 0.2 < np.mean(empty) < 0.8
+    from cmfiou_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="pseudo_frame_drop"):
+        DatasetConfig.from_dict({"pseudo_frame_drop": 1.5})

@@ -19,6 +19,9 @@ class DatasetConfig:
     remove_outside_boxes: bool = True
     shuffle_points: bool = True
     pseudo_train_keep: float = 0.2  # training: keep a random 20 % of the pseudo points
+    # training: the share of frames that get no pseudo points at all (modality dropout: the camera withheld, so the
+    # LiDAR branch must carry the detection alone); 0 (default) draws nothing
+    pseudo_frame_drop: float = 0.0
     discard_rate: Optional[float] = None  # test: input_point_discard rate (None: depth.discard.rate, 0.8)
     discard_bin_num: int = 10
     discard_max_dis: float = 60.0
@@ -46,6 +49,7 @@ class DatasetConfig:
                   remove_outside_boxes=sec.bool("remove_outside_boxes", d.remove_outside_boxes),
                   shuffle_points=sec.bool("shuffle_points", d.shuffle_points),
                   pseudo_train_keep=sec.float("pseudo_train_keep", d.pseudo_train_keep, min=0.0, max=1.0),
+                  pseudo_frame_drop=sec.float("pseudo_frame_drop", d.pseudo_frame_drop, min=0.0, max=1.0),
                   discard_rate=sec.float("input_discard_rate", min=0.0, max=1.0) if sec.has("input_discard_rate")
                   else None,
                   discard_bin_num=sec.int("discard_bin_num", d.discard_bin_num, min=1),

@@ -381,6 +381,8 @@ class KittiDataset:
             n = ps.shape[0]
             perm = rng.permutation(n)
             ps = ps[perm[int(n * (1.0 - cfg.pseudo_train_keep)):]]
+            if cfg.pseudo_frame_drop > 0 and rng.random() < cfg.pseudo_frame_drop:
+                ps = ps[:0]            # modality dropout: this frame trains LiDAR-only
         elif ps.shape[0]:
             from ..depth.config import DiscardConfig
             from ..depth.io import input_point_discard

@@ -24,7 +24,8 @@
 #   CALL=2 MIN=16 STOP_S=480 BS=4 TRAIN_EXTRA="--init ... --lr 0.001" ...; then CALL=2 MIN=16 SKIP16=1 BS=4 ...
 # 2026-12-07 runs (H100; README, issue 19): CALL=1 NGEN=300 GEN_MIX=120 FRESH_N=60, then CALL=2 MIN=7 BS=4 with
 # --init demo --lr 0.001 (sha 5b90d8c3...), then job.sh train_full MIN=6.3 with --init that export --lr 0.0007
-# (202228c4...). Photometric randomisation of the pseudo colours: add --set data.augment.photometric=true.
+# (202228c4...). Photometric randomisation of the pseudo colours: add --set data.augment.photometric=true;
+# modality dropout (that share of frames LiDAR-only): --set data.pseudo_frame_drop=0.3.
 . "$(dirname "$0")/common.sh"
 # the graph tf32 bench (1 view; the default precision) with the demo checkpoint
 tf32_bench() { log "pipeline graph tf32, 1 view, demo checkpoint"
