@@ -133,7 +133,8 @@ def rounding_envelope(kept, rows, noisy, draws, score, rotated_iou_paired):
                     found[k] = seed
         for k, (kind, i, j) in enumerate(todo):
             side, idx = (a, i) if kind == "unmatched_a" else (b, j)
-            item = {"frame": name, "kind": kind, "score_b" if side is b else "score_a": round(float(side.scores[idx]), 4),
+            item = {"frame": name, "kind": kind,
+                    "score_b" if side is b else "score_a": round(float(side.scores[idx]), 4),
                     "box": [round(float(x), 3) for x in side.boxes[idx]], "reproduced_by_draw": found[k]}
             out["items"].append(item)
             out["inside" if found[k] is not None else "outside"] += 1

@@ -122,8 +122,9 @@ def test_overrides_are_applied_then_validated():
     from cmfiou_core.model.model_config import load_config
     from cmfiou_core.resources import config as config_path
 
-    cfg = load_config(config_path("cmfiou_kitti.yaml"), ["data.augment.photometric=true", "data.augment.photo_noise_std=3.5",
-                                      "data.augment.photo_gain_range=[0.9, 1.1]"])
+    cfg = load_config(config_path("cmfiou_kitti.yaml"), ["data.augment.photometric=true",
+                                                         "data.augment.photo_noise_std=3.5",
+                                                         "data.augment.photo_gain_range=[0.9, 1.1]"])
     aug = cfg.dataset.augment
     assert aug.photometric and aug.photo_noise_std == 3.5 and aug.photo_gain_range == (0.9, 1.1)
     assert "--set data.augment.photometric=true" in cfg.source

@@ -203,7 +203,8 @@ class AugmentConfig:
         sec.finish()
         for f in ("photo_gain_range", "photo_brightness_range", "photo_contrast_range", "photo_saturation_range"):
             if f in kw and not 0.0 <= kw[f][0] <= kw[f][1]:
-                raise ConfigError(f"{source}: '{path}.{f}' must be [low, high] with 0 <= low <= high, got {list(kw[f])}")
+                raise ConfigError(f"{source}: '{path}.{f}' must be [low, high] with 0 <= low <= high, "
+                                  f"got {list(kw[f])}")
         if kw.get("photo_gray_prob", 0.0) > 1.0:
             raise ConfigError(f"{source}: '{path}.photo_gray_prob' must be in [0, 1], got {kw['photo_gray_prob']}")
         return cls(**{**d.__dict__, **kw})
