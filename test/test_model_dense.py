@@ -166,7 +166,8 @@ def test_prepare_batch_reproduces_reference_voxels(ref):
 def test_full_detector_matches_official_roi(ref, shared_dir):
     """Assembly check: dense path + RoI head built from the official YAML, both reference state_dicts loaded with
     ``load_official(strict=True)``, eval forward -> proposals, stage-mean boxes / logits and final detections equal
-    ``official_roi/outputs.npz`` (boxes relative 1e-5: some random-weight RoIs are ~1e13 m wide)."""
+    ``official_roi/outputs.npz`` (boxes relative: some random-weight RoIs are ~1e13 m wide); the RoI head fed the
+    reference's proposals and stage inputs (see below)."""
     from cmfiou_core.model.checkpoint import load_official
 
     d = shared_dir / "official_roi"
@@ -183,11 +184,22 @@ def test_full_detector_matches_official_roi(ref, shared_dir):
     assert not rep.missing_iou_branch
     with torch.no_grad():
         b = m(_batch(inp))
-    # the same 50 proposals in the same order (labels exact, boxes to fp32 noise: their bits follow the dense head's
-    # host-dependent conv rounding)
+    # the same 50 proposals in the same order (labels exact; boxes to the tolerance of the dense head's box
+    # predictions they are selected from, test_dense_path_matches_official: their bits follow the host's conv
+    # kernels: measured 4.1e-5 relative on an AVX2 AMD EPYC host, 1.0e-4 there with ATen's default kernels and
+    # oneDNN capped at SSE4.1, below 1e-5 on the AVX-512 hosts the bound was first set on)
     assert np.array_equal(b["roi_labels"].numpy(), ro["roi_labels"])
-    assert (np.abs(b["rois"].numpy() - ro["rois"]) / np.maximum(np.abs(ro["rois"]), 1.0)).max() <= 1e-5
+    assert (np.abs(b["rois"].numpy() - ro["rois"]) / np.maximum(np.abs(ro["rois"]), 1.0)).max() <= TOL
     assert np.abs(b["roi_scores"].numpy() - ro["roi_scores"]).max() <= TOL
+    # From here the RoI head gets the reference's proposals and per-stage input RoIs (on our own backbone and BEV
+    # features): chained from our own proposals, its grid pooling (a grid point's voxel is the floor of its
+    # coordinates) turns their host-dependent fp32 noise into jumps of the pooled features, as in the official code
+    # (measured: final boxes of the physical RoIs 2.7e-2 relative apart on an AVX2 AMD EPYC host, 0.25 with ATen's
+    # default kernels; test_roi_head checks the chained stages from stored inputs).
+    with torch.no_grad():
+        b = m.run_stages(_batch(inp), skip=("roi_head",))
+        b.update({k: torch.from_numpy(ro[k]) for k in ("rois", "roi_scores", "roi_labels")})
+        b = m.roi_head(b, use_given_rois=True, stage_rois=[torch.from_numpy(ro[f"s{t}_rois_in"]) for t in range(3)])
     # final stage means on every RoI of physical size; the chained stages of the absurd random-weight RoIs are
     # float-rounding-dependent in the official code too (test_roi_head.test_stage_matches_official says why)
     rows = (np.abs(ro["rois"][0, :, 3:6]) < 10.0).all(1)
@@ -209,7 +221,8 @@ def test_full_detector_matches_official_roi(ref, shared_dir):
         j = int(err.argmin())
         assert err[j] <= 1e-6
         free[j] = False
-    # end to end: the detections of our own forward include every reference detection of a plausible RoI
+    # end to end: the detections of this forward (our features, the reference's RoIs) include every reference
+    # detection of a plausible RoI
     ours = m.post_process(b)[0].boxes.numpy().astype(np.float64)
     plausible_ref = want[(np.abs(want[:, 3:6]) < 10.0).all(1)]
     assert len(plausible_ref) >= 5
