@@ -46,17 +46,21 @@ def bev(boxes) -> np.ndarray:
     return np.stack([b[:, 0], b[:, 1], b[:, 3], b[:, 4], -b[:, 6]], 1)
 
 
+def off_bar(pa, pb, rotated_iou_paired):
+    """The equivalence bar on paired LiDAR boxes (M, 7): -> (off, centre, iou), off = neither centre within 1 cm
+    (max abs over x, y, z) nor BEV IoU >= 0.99."""
+    centre = np.abs(pa[:, :3] - pb[:, :3]).max(1)
+    iou = rotated_iou_paired(bev(pa), bev(pb))
+    return (centre > 0.01) & (iou < 0.99), centre, iou
+
+
 def within_bar(box, label, dets, rotated_iou_paired) -> bool:
-    """Does Detections ``dets`` hold a box of class ``label`` within the equivalence bar of ``box`` (centre within
-    1 cm or BEV IoU >= 0.99)?"""
-    same = np.nonzero(dets.labels == label)[0]
-    if not len(same):
+    """Does Detections ``dets`` hold a box of class ``label`` within the equivalence bar of ``box``?"""
+    cand = dets.boxes[dets.labels == label]
+    if not len(cand):
         return False
-    cand = dets.boxes[same]
-    if (np.abs(cand[:, :3] - box[None, :3]).max(1) <= 0.01).any():
-        return True
-    ref = np.repeat(bev(box), len(same), 0)
-    return bool((rotated_iou_paired(ref, bev(cand)) >= 0.99).any())
+    off, _, _ = off_bar(np.repeat(np.asarray(box)[None], len(cand), 0), cand, rotated_iou_paired)
+    return bool((~off).any())
 
 
 def compare(frames, pa, pb, score, rotated_iou_paired, keep=None):
@@ -69,21 +73,20 @@ def compare(frames, pa, pb, score, rotated_iou_paired, keep=None):
         pairs = match(a, b)
         ia = {i for i, _, _ in pairs}
         ib = {j for _, j, _ in pairs}
-        un_a = int(sum(1 for i in range(len(a.scores)) if i not in ia and a.scores[i] >= score))
-        un_b = int(sum(1 for j in range(len(b.scores)) if j not in ib and b.scores[j] >= score))
+        lone_a = [i for i in range(len(a.scores)) if i not in ia and a.scores[i] >= score]
+        lone_b = [j for j in range(len(b.scores)) if j not in ib and b.scores[j] >= score]
+        un_a, un_b = len(lone_a), len(lone_b)
         r = {"frame": name, "a": int(len(a.scores)), "b": int(len(b.scores)), "matched": len(pairs),
-             "unmatched_a": un_a, "unmatched_b": un_b}
+             "unmatched_a": un_a, "unmatched_b": un_b, "_unmatched_a": lone_a, "_unmatched_b": lone_b}
         if pairs:
             i, j = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
             r["max_centre_m"] = float(np.abs(a.boxes[i, :3] - b.boxes[j, :3]).max())
             r["max_size_m"] = float(np.abs(a.boxes[i, 3:6] - b.boxes[j, 3:6]).max())
             r["max_heading"] = float(np.abs(np.angle(np.exp(1j * (a.boxes[i, 6] - b.boxes[j, 6])))).max())
             r["max_score"] = float(np.abs(a.scores[i] - b.scores[j]).max())
-            iou = rotated_iou_paired(bev(a.boxes[i]), bev(b.boxes[j]))
-            r["min_bev_iou"] = float(iou.min())
-            centre = np.abs(a.boxes[i, :3] - b.boxes[j, :3]).max(1)
             # the equivalence bar: every matched pair within 1 cm or at BEV IoU >= 0.99
-            off = (centre > 0.01) & (iou < 0.99)
+            off, centre, iou = off_bar(a.boxes[i], b.boxes[j], rotated_iou_paired)
+            r["min_bev_iou"] = float(iou.min())
             r["pairs_off"] = int(off.sum())
             # each pair off the bar: scores of both sides, centre difference (m), BEV IoU
             r["off"] = [[round(float(a.scores[i[k]]), 4), round(float(b.scores[j[k]]), 4), round(float(centre[k]), 4),
@@ -95,8 +98,6 @@ def compare(frames, pa, pb, score, rotated_iou_paired, keep=None):
                          ("score", "max_score")):
                 worst[k] = max(worst[k], r[w])
         worst["unmatched"] += un_a + un_b
-        r["_unmatched_a"] = [int(k) for k in range(len(a.scores)) if k not in ia and a.scores[k] >= score]
-        r["_unmatched_b"] = [int(k) for k in range(len(b.scores)) if k not in ib and b.scores[k] >= score]
         if keep is not None and (r.get("pairs_off", 0) or un_a or un_b):
             keep[name] = (fr, a, b)
         rows.append(r)
